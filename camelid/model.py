@@ -1,0 +1,220 @@
+"""The LLaMA transformer in plain PyTorch: one small class per concept.
+
+Token embedding -> N x [RMSNorm -> causal self-attention with RoPE and grouped-query attention -> residual
+-> RMSNorm -> SwiGLU feed-forward -> residual] -> RMSNorm -> output head (optionally tied to the embedding).
+
+The same code covers LLaMA 1, 2, 3, 3.1, 3.2, SmolLM2 and TinyLlama; only `LlamaConfig` changes. Weights
+use the Hugging Face rotary layout (the two halves of each head are the rotated pairs), so HF checkpoints
+load without permutation; Meta's interleaved layout is converted in `camelid.interop.meta`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camelid.config import LlamaConfig
+from camelid.errors import CamelidError
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 whatever the input dtype (as Meta and HF do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None) -> Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama 3.1's wavelength-dependent scaling if configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_freq_wavelen = s.original_max_seq_len / s.high_freq_factor
+    # long wavelengths are divided by `factor`, short ones kept, the band between interpolated smoothly
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns positions into the cos/sin tables that rotate q and k; computed per call (cheap: T x d/2)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = torch.outer(positions.float(), self.inv_freq)  # [T, d/2], in fp32
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, d]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[i], x[i + d/2]) of every head by the position's angles. x: [B, H, T, d]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for incremental decoding: [batch, n_kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        batch = k.shape[0]
+        self.k[:batch].index_copy_(2, positions, k)
+        self.v[:batch].index_copy_(2, positions, v)
+        return self.k[:batch], self.v[:batch]
+
+
+class Attention(nn.Module):
+    """Causal self-attention. MHA, GQA and MQA are one code path: n_kv_heads divides n_heads."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and positions is not None:
+            k, v = self.kv_cache.update(positions, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). w1 is HF's gate_proj, w3 its up_proj, w2 its down_proj."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h))."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config)
+        self.tie_weights()
+        self.init_weights()
+        self.cache_len = 0  # positions the KV cache holds; 0 when there is none
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_weights(self) -> None:
+        """LLaMA-style init for training from scratch: N(0, 0.02), residual outputs scaled by 1/sqrt(2L)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.layers:
+            for proj in (block.attention.wo, block.feed_forward.w2):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache for `batch_size` sequences of up to `max_seq_len` positions."""
+        if max_seq_len > self.config.max_seq_len:
+            raise CamelidError(
+                f"requested {max_seq_len} positions but the model's context window is {self.config.max_seq_len}; "
+                "shorten the prompt or generate fewer tokens"
+            )
+        p = self.tok_embeddings.weight
+        for block in self.layers:
+            block.attention.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
+                                               self.config.head_dim, dtype or p.dtype, p.device)
+        self.cache_len = max_seq_len
+
+    def clear_cache(self) -> None:
+        for block in self.layers:
+            block.attention.kv_cache = None
+        self.cache_len = 0
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, *, last_only: bool = False) -> Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only).
+
+        Without `positions` this is a plain causal pass over the whole sequence (training, scoring). With
+        `positions` ([T], absolute positions of these tokens) keys and values go through the KV cache, and
+        the step has no data-dependent Python branches, so `torch.compile` can capture it whole.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            if T > self.config.max_seq_len:
+                raise CamelidError(f"sequence of {T} tokens exceeds the context window of {self.config.max_seq_len}")
+            positions_for_rope, mask, cache_positions = torch.arange(T, device=input_ids.device), None, None
+        else:
+            if self.cache_len == 0:
+                raise CamelidError("positions were given but no KV cache is set up; call model.setup_cache() first")
+            positions_for_rope, cache_positions = positions, positions
+            mask = positions[:, None] >= torch.arange(self.cache_len, device=input_ids.device)[None, :]
+        x = self.tok_embeddings(input_ids)
+        cos, sin = self.rope(positions_for_rope, x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, cache_positions, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
