@@ -50,7 +50,8 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfi
     if head_dim is None:
         if dim % n_heads:
             raise CamelidError(
-                f"{source}: hidden_size {dim} is not divisible by num_attention_heads {n_heads} and no head_dim is given"
+                f"{source}: hidden_size {dim} is not divisible by num_attention_heads {n_heads} "
+                "and no head_dim is given"
             )
         head_dim = dim // n_heads
     if n_heads % n_kv_heads:
@@ -65,7 +66,9 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfi
         raise CamelidError(f"{source}: sliding-window attention is not supported; set sliding_window to null")
 
     rope_theta = d.get("rope_theta")
-    scaling = d.get("rope_scaling") or (d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else None)
+    # transformers >= 5 may write rope settings under "rope_parameters"
+    params = d.get("rope_parameters")
+    scaling = d.get("rope_scaling") or (params if isinstance(params, dict) else None)
     if scaling and rope_theta is None:
         rope_theta = scaling.get("rope_theta")
     rope_scaling = None
@@ -81,24 +84,28 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfi
         elif kind != "default":
             raise CamelidError(f"{source}: rope_scaling type {kind!r} is not supported; camelid supports 'llama3'")
 
-    return LlamaConfig(
-        name=d.get("_name_or_path") or "custom",
-        vocab_size=int(need("vocab_size")),
-        dim=dim,
-        n_layers=int(need("num_hidden_layers")),
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        head_dim=int(head_dim),
-        intermediate_size=int(need("intermediate_size")),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-        rope_scaling=rope_scaling,
-        max_seq_len=int(d.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2",
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
-    )
+    try:
+        config = LlamaConfig(
+            name=d.get("_name_or_path") or "custom",
+            vocab_size=int(need("vocab_size")),
+            dim=dim,
+            n_layers=int(need("num_hidden_layers")),
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            intermediate_size=int(need("intermediate_size")),
+            norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            max_seq_len=int(d.get("max_position_embeddings", 2048)),
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+        )
+    except CamelidError as e:  # contradictions caught by LlamaConfig itself
+        raise CamelidError(f"{source}: {e}") from None
+    return config
 
 
 def config_to_hf(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -209,8 +216,8 @@ def build_model(
         if name is None:
             continue
         if name not in expected:
-            raise CamelidError(f"{source}: unexpected tensor {hf_name!r}; it does not belong to a {config.n_layers}-layer "
-                               "LlamaForCausalLM (is config.json for another model?)")
+            raise CamelidError(f"{source}: unexpected tensor {hf_name!r}; it does not belong to a "
+                               f"{config.n_layers}-layer LlamaForCausalLM (is config.json for another model?)")
         if tuple(t.shape) != tuple(expected[name]):
             raise CamelidError(f"{source}: tensor {hf_name!r} has shape {list(t.shape)} but config.json implies "
                                f"{list(expected[name])}; the weights and the config do not belong together")

@@ -1,0 +1,3 @@
+from camelid.cli import main
+
+main()

@@ -1,0 +1,150 @@
+"""The model against transformers.LlamaForCausalLM, same random weights: logits, KV cache, greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from camelid import Llama, LlamaConfig, generate
+from camelid.errors import CamelidError
+from camelid.interop.hf import build_model
+
+transformers = pytest.importorskip("transformers")
+
+# MHA / GQA / MQA, tied and untied heads, several rope_theta values, Llama 3.1 scaling, odd vocab sizes,
+# and a head_dim that is not dim // n_heads.
+CONFIGS = {
+    "mha-untied-theta1e4": LlamaConfig.from_name("tiny-mha"),
+    "gqa-tied-theta5e5": LlamaConfig.from_name("tiny-gqa", tie_embeddings=True, rope_theta=500000.0),
+    "mqa-untied-theta1e6-vocab317": LlamaConfig.from_name("tiny-mqa", rope_theta=1e6, vocab_size=317),
+    "llama31-scaling-tied-vocab331": LlamaConfig.from_name("tiny-llama3"),
+    "gqa-head_dim32": LlamaConfig.from_name("tiny-gqa", head_dim=32, norm_eps=1e-6),
+    "llama31-scaling-untied-mqa": LlamaConfig.from_name(
+        "tiny-llama3", n_kv_heads=1, tie_embeddings=False, rope_theta=10000.0
+    ),
+}
+
+
+def hf_twin(cfg: LlamaConfig) -> tuple[torch.nn.Module, Llama]:
+    """A random transformers model and a camelid model holding the very same weights."""
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).eval()
+    # spread the norms away from 1.0 so that a swapped norm would show
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    ours = build_model(cfg, dict(hf.state_dict()), source="test").eval()
+    return hf, ours
+
+
+@pytest.fixture(params=list(CONFIGS), scope="module")
+def twins(request: pytest.FixtureRequest) -> tuple[LlamaConfig, torch.nn.Module, Llama]:
+    torch.manual_seed(1234)
+    cfg = CONFIGS[request.param]
+    hf, ours = hf_twin(cfg)
+    return cfg, hf, ours
+
+
+def test_logits_match_transformers(twins) -> None:
+    cfg, hf, ours = twins
+    ids = torch.randint(0, cfg.vocab_size, (3, 77))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == (3, 77, cfg.vocab_size) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_decoding_equals_full_forward(twins) -> None:
+    cfg, _, ours = twins
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        full = ours(ids)
+        ours.setup_cache(2, 48)
+        steps = [ours(ids[:, :17], torch.arange(17))]
+        steps += [ours(ids[:, t : t + 1], torch.tensor([t])) for t in range(17, 40)]
+        ours.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_32_greedy_tokens_match_transformers_generate(twins) -> None:
+    cfg, hf, ours = twins
+    prompt = torch.randint(0, cfg.vocab_size, (1, 9))
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    mask = torch.ones_like(prompt)  # explicit: otherwise transformers masks prompt tokens equal to pad_token_id
+    expected = hf.generate(prompt, attention_mask=mask, max_new_tokens=32, do_sample=False)[0, 9:].tolist()
+    got = generate(ours, prompt[0].tolist(), max_new_tokens=32)
+    assert len(got) == 32
+    assert got == expected
+
+
+def test_last_only_matches_last_position() -> None:
+    model = Llama(LlamaConfig.from_name("tiny-gqa")).eval()
+    ids = torch.randint(0, 320, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, last_only=True), model(ids)[:, -1:])
+
+
+@settings(max_examples=15, deadline=None)
+@given(split=st.integers(1, 30), length=st.integers(2, 31), batch=st.integers(1, 3))
+def test_prefill_split_anywhere_gives_same_logits(split: int, length: int, batch: int) -> None:
+    torch.manual_seed(0)
+    model = _small_model()
+    split = min(split, length - 1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length))
+    with torch.no_grad():
+        full = model(ids)
+        model.setup_cache(batch, 32)
+        a = model(ids[:, :split], torch.arange(split))
+        b = model(ids[:, split:], torch.arange(split, length))
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat([a, b], dim=1), full, atol=1e-5, rtol=0)
+
+
+_CACHED: dict[str, Llama] = {}
+
+
+def _small_model() -> Llama:
+    if "m" not in _CACHED:
+        torch.manual_seed(0)
+        _CACHED["m"] = Llama(LlamaConfig.from_name("tiny-mqa")).eval()
+    return _CACHED["m"]
+
+
+def test_decode_step_compiles_without_graph_breaks() -> None:
+    model = Llama(LlamaConfig.from_name("tiny-gqa")).eval()
+    model.setup_cache(1, 16)
+    token, pos = torch.tensor([[5]]), torch.tensor([3])
+    explanation = torch._dynamo.explain(model)(token, pos)
+    model.clear_cache()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_init_is_llama_style() -> None:
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_name("tiny-mha", dim=256, n_layers=8, intermediate_size=512)
+    model = Llama(cfg)
+    assert model.layers[0].attention.wq.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[0].attention.wo.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert torch.all(model.norm.weight == 1)
+
+
+def test_tied_head_shares_storage_and_counts_once() -> None:
+    cfg = LlamaConfig.from_name("tiny-gqa", tie_embeddings=True)
+    model = Llama(cfg)
+    assert model.output.weight is model.tok_embeddings.weight
+    untied = Llama(cfg.replace(tie_embeddings=False))
+    assert untied.num_params() - model.num_params() == cfg.vocab_size * cfg.dim
+
+
+def test_too_long_input_and_missing_cache_are_clear_errors() -> None:
+    model = Llama(LlamaConfig.from_name("tiny-gqa", max_seq_len=16))
+    with pytest.raises(CamelidError, match="exceeds the context window of 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(CamelidError, match="setup_cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(CamelidError, match="12 tokens plus 8 new tokens exceeds the context window of 16"):
+        generate(model, list(range(12)), max_new_tokens=8)
