@@ -99,12 +99,27 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.wqkv: nn.Linear | None = None  # set by fuse(): one product instead of three for inference
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+        b = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias]) if self.wq.bias is not None else None
+        self.wqkv = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        self.wqkv.weight.copy_(w)
+        if b is not None:
+            self.wqkv.bias.copy_(b)
+        del self.wq, self.wk, self.wv
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2, -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and positions is not None:
             k, v = self.kv_cache.update(positions, k, v)
@@ -122,8 +137,19 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+        self.w13: nn.Linear | None = None  # set by fuse(): gate and up in one product
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        w = torch.cat([self.w1.weight, self.w3.weight])
+        self.w13 = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.w13.weight.copy_(w)
+        del self.w1, self.w3
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -183,17 +209,27 @@ class Llama(nn.Module):
                                                self.config.head_dim, dtype or p.dtype, p.device)
         self.cache_len = max_seq_len
 
+    def fuse(self) -> None:
+        """Inference only: concatenate wq/wk/wv and w1/w3 so each block does 4 products, not 7. Idempotent."""
+        for block in self.layers:
+            if block.attention.wqkv is None:
+                block.attention.fuse()
+            if block.feed_forward.w13 is None:
+                block.feed_forward.fuse()
+
     def clear_cache(self) -> None:
         for block in self.layers:
             block.attention.kv_cache = None
         self.cache_len = 0
 
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None, *, last_only: bool = False) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, *, last_only: bool = False,
+                key_mask: Tensor | None = None) -> Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only).
 
         Without `positions` this is a plain causal pass over the whole sequence (training, scoring). With
         `positions` ([T], absolute positions of these tokens) keys and values go through the KV cache, and
         the step has no data-dependent Python branches, so `torch.compile` can capture it whole.
+        `key_mask` ([B, cache_len] bool, False at left-padding slots) hides padding in batched generation.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -204,7 +240,11 @@ class Llama(nn.Module):
             if self.cache_len == 0:
                 raise CamelidError("positions were given but no KV cache is set up; call model.setup_cache() first")
             positions_for_rope, cache_positions = positions, positions
-            mask = positions[:, None] >= torch.arange(self.cache_len, device=input_ids.device)[None, :]
+            slots = torch.arange(self.cache_len, device=input_ids.device)
+            mask = positions[:, None] >= slots[None, :]
+            if key_mask is not None:
+                # a padding query may see itself, so no softmax row is empty (that would put NaN in the cache)
+                mask = mask & (key_mask[:, None, None, :] | (positions[:, None] == slots[None, :]))
         x = self.tok_embeddings(input_ids)
         cos, sin = self.rope(positions_for_rope, x.dtype)
         for block in self.layers:

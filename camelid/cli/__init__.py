@@ -14,6 +14,7 @@ from camelid.errors import CamelidError
 
 COMMAND_MODULES = [
     "camelid.cli.info",
+    "camelid.cli.bench",
 ]
 
 

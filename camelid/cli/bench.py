@@ -1,0 +1,193 @@
+"""`camelid bench` and `camelid quantize`.
+
+bench: camelid beside transformers (and llama-cpp-python when installed) on the same model shapes, prompt
+length and machine, in one run. Each (engine, round) runs in its own subprocess so peak RSS is the engine's
+own; rounds are interleaved across engines so machine noise hits all of them alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from camelid.cli.app import app
+from camelid.errors import CamelidError
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    import torch
+
+    from camelid.config import LlamaConfig
+    from camelid.model import Llama
+    from camelid.quantize import quantize_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_name(model_name)
+    model = Llama(cfg).eval()
+    if precision == "fp32-eager":
+        pass
+    else:
+        quantize_model(model, precision)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len))
+    with torch.inference_mode():
+        model.setup_cache(1, prompt_len + new_tokens)
+        model(ids[:, :8], torch.arange(8), last_only=True)  # warm-up (kernel load, allocator)
+        t0 = time.perf_counter()
+        logits = model(ids, torch.arange(prompt_len), last_only=True)
+        t1 = time.perf_counter()
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(new_tokens - 1):
+            tok = model(tok, torch.tensor([prompt_len + i]), last_only=True)[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+    return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
+
+
+def _time_transformers(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    import torch
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    from camelid.config import LlamaConfig
+    from camelid.interop.hf import config_to_hf
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = LlamaConfig.from_name(model_name)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = LlamaForCausalLM(HFConfig(**config_to_hf(cfg))).to(dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len))
+    with torch.inference_mode():
+        model(ids[:, :8])
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        t1 = time.perf_counter()
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(new_tokens - 1):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+    return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
+
+
+def _time_llamacpp(gguf: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    from llama_cpp import Llama as LlamaCpp
+
+    llm = LlamaCpp(model_path=gguf, n_ctx=prompt_len + new_tokens + 8, n_threads=threads, n_batch=prompt_len,
+                   verbose=False)
+    ids = [1 + (i * 7919) % 40000 for i in range(prompt_len)]
+    llm.eval(ids[:8])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval([1 + (llm.n_tokens * 31) % 40000])  # decode cost does not depend on which token
+    t2 = time.perf_counter()
+    return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
+
+
+def _worker(spec: dict) -> None:
+    engine = spec["engine"]
+    args = (spec["prompt_len"], spec["new_tokens"], spec["threads"])
+    if engine == "camelid":
+        res = _time_camelid(spec["model"], spec["precision"], *args)
+    elif engine == "transformers":
+        res = _time_transformers(spec["model"], spec["precision"], *args)
+    else:
+        res = _time_llamacpp(spec["gguf"], *args)
+    res["peak_rss_mib"] = _peak_rss_mib()
+    print("BENCH " + json.dumps(res), flush=True)
+
+
+def _run_one(spec: dict) -> dict:
+    code = f"import json; from camelid.cli.bench import _worker; _worker(json.loads({json.dumps(json.dumps(spec))}))"
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line[6:])
+    raise CamelidError(f"benchmark of {spec['engine']} {spec['precision']} failed: {proc.stderr.strip()[-300:]}")
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("smollm2-135m", help="config name; weights are random-init (same speed)"),
+    prompt_len: int = typer.Option(512, help="prompt tokens"),
+    new_tokens: int = typer.Option(128, help="greedy new tokens"),
+    rounds: int = typer.Option(3, help="interleaved rounds; medians are reported"),
+    threads: int = typer.Option(os.cpu_count() or 1, help="threads for every engine"),
+    engines: str = typer.Option("camelid:fp32-eager,camelid:fp32,camelid:int8,camelid:int4,transformers:fp32",
+                                help="comma-separated engine:precision list; llama.cpp:FILE.gguf adds llama.cpp"),
+    out: Path = typer.Option(Path("benchmarks/results"), help="folder for JSON and the PNG chart"),
+) -> None:
+    """Measure prefill/decode tok/s and peak RSS of camelid beside other engines, side by side."""
+    specs = []
+    for item in engines.split(","):
+        engine, _, precision = item.strip().partition(":")
+        spec = {"engine": engine, "precision": precision, "model": model, "prompt_len": prompt_len,
+                "new_tokens": new_tokens, "threads": threads}
+        if engine == "llama.cpp":
+            spec["gguf"], spec["precision"] = precision, Path(precision).stem.rsplit(".", 1)[-1]
+        specs.append(spec)
+    results: dict[str, list[dict]] = {f"{s['engine']} {s['precision']}": [] for s in specs}
+    for r in range(rounds):
+        for s in specs:
+            res = _run_one(s)
+            results[f"{s['engine']} {s['precision']}"].append(res)
+            print(f"round {r + 1}/{rounds} {s['engine']} {s['precision']}: {res}", file=sys.stderr, flush=True)
+    rows = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in results.items()}
+    base = rows.get("transformers fp32")
+    table = Table(title=f"{model}, batch 1, {prompt_len}-token prompt, {new_tokens} greedy tokens, {threads} threads")
+    for col in ("engine", "prefill tok/s", "decode tok/s", "peak RSS MiB", "decode vs transformers fp32"):
+        table.add_column(col)
+    for k, v in rows.items():
+        ratio = f"{v['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
+        table.add_row(k, f"{v['prefill_tok_s']:.0f}", f"{v['decode_tok_s']:.1f}", f"{v['peak_rss_mib']:.0f}", ratio)
+    Console().print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"settings": specs[0] | {"rounds": rounds}, "medians": rows,
+                                                "runs": results}, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+        ax.barh(list(rows), [v["decode_tok_s"] for v in rows.values()])
+        ax.set_xlabel("decode tok/s (batch 1)")
+        fig.tight_layout()
+        fig.savefig(out / "bench.png")
+    except ImportError:
+        print("matplotlib not installed; skipped the chart", file=sys.stderr)
+
+
+@app.command()
+def quantize(
+    source: str = typer.Argument(..., help="model to quantise (anything camelid.load accepts)"),
+    output: Path = typer.Argument(..., help="output .safetensors file"),
+    mode: str = typer.Option("int8", help="int8 or int4"),
+) -> None:
+    """Quantise a model's linear weights (int8 per row, int4 in groups of 32) and save them."""
+    import camelid.llm
+    from camelid.quantize import quantize_model, save_quantized
+
+    llm = camelid.llm.load(source)
+    save_quantized(quantize_model(llm.model, mode), output)
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {mode})")

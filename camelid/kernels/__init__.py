@@ -1,0 +1,65 @@
+"""Small C++ CPU kernels for batch-1 decode, JIT-built on first use; pure PyTorch is the fall-back.
+
+`load()` returns the compiled module or None (no compiler, build failure, or CAMELID_NO_KERNELS=1), with a
+one-line warning. Each kernel has a pure-PyTorch twin here that the tests compare it against.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+_module: ModuleType | None = None
+_tried = False
+
+
+def load() -> ModuleType | None:
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("CAMELID_NO_KERNELS") == "1":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        build_dir = Path(os.environ.get("CAMELID_KERNEL_CACHE", Path.home() / ".cache" / "camelid" / "kernels"))
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _module = cpp_extension.load(
+            name="camelid_gemv",
+            sources=[str(Path(__file__).with_name("gemv.cpp"))],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path
+        warnings.warn(f"camelid: C++ kernels unavailable ({type(e).__name__}); using pure PyTorch", stacklevel=2)
+        _module = None
+    return _module
+
+
+def gemv_int8_ref(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    return x @ (w.float() * scale[:, None]).T
+
+
+def unpack_int4(w: Tensor) -> Tensor:
+    """uint8 [N, K/2] (per group of 32: byte j = weight j | weight j+16 << 4) -> int codes [N, K]."""
+    N = w.shape[0]
+    b = w.view(N, -1, 16)
+    return torch.cat((b & 15, b >> 4), dim=-1).reshape(N, -1)
+
+
+def dequant_int4(w: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:
+    N = w.shape[0]
+    q = unpack_int4(w).view(N, -1, 32).float()
+    return (q * scale[..., None] + minimum[..., None]).view(N, -1)
+
+
+def gemv_int4_ref(x: Tensor, w: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:
+    return x @ dequant_int4(w, scale, minimum).T

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from camelid.cli import COMMAND_MODULES, app
+
+for _m in COMMAND_MODULES:
+    __import__(_m)
+
+runner = CliRunner()
+
+
+def test_bench_tiny_writes_json_and_chart(tmp_path) -> None:
+    result = runner.invoke(app, ["bench", "--model", "tiny-gqa", "--prompt-len", "16", "--new-tokens", "4",
+                                 "--rounds", "1", "--threads", "1", "--out", str(tmp_path),
+                                 "--engines", "camelid:fp32-eager,camelid:int8,transformers:fp32"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert set(data["medians"]) == {"camelid fp32-eager", "camelid int8", "transformers fp32"}
+    for row in data["medians"].values():
+        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mib"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_quantize_unknown_source_is_a_clean_error(tmp_path) -> None:
+    result = runner.invoke(app, ["quantize", str(tmp_path / "missing"), str(tmp_path / "q.safetensors")])
+    assert result.exit_code != 0

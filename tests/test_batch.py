@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from camelid.batch import generate_batch
+from camelid.config import LlamaConfig
+from camelid.generate import generate
+from camelid.model import Llama
+from camelid.quantize import quantize_model
+
+
+def peaked_model(name: str = "tiny-gqa") -> Llama:
+    """A random model whose logits are far from uniform, so greedy choices are not near-ties."""
+    model = Llama(LlamaConfig.from_name(name)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model
+
+PROMPTS = [[1, 5, 9], [1, 42, 7, 100, 3, 8, 11, 2], [1], [1, 200, 13, 14, 15]]
+
+
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-llama3"])
+def test_batch_equals_unbatched(name: str) -> None:
+    model = peaked_model(name)
+    got = generate_batch(model, PROMPTS, 16)
+    assert got == [generate(model, p, 16) for p in PROMPTS]
+
+
+def test_batch_with_stop_ids_and_fast_path() -> None:
+    model = quantize_model(peaked_model(), "fp32")
+    want = [generate(model, p, 12) for p in PROMPTS]
+    stop = want[1][3]
+    got = generate_batch(model, PROMPTS, 12, stop_ids=[stop])
+    for w, g in zip(want, got, strict=True):
+        assert g == (w[: w.index(stop) + 1] if stop in w else w)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from camelid.config import LlamaConfig
+from camelid.errors import CamelidError
+from camelid.generate import generate
+from camelid.model import Llama
+from camelid.quantize import load_quantized, quantize_model, save_quantized
+
+
+def peaked_model(name: str = "tiny-gqa") -> Llama:
+    """A random model whose logits are far from uniform, so greedy choices are not near-ties."""
+    model = Llama(LlamaConfig.from_name(name)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+def dequantised_copy(qmodel: torch.nn.Module, base: Llama) -> Llama:
+    """The fp32 model the quantised one stands for: every fused linear replaced by its dequantised weight."""
+    ref = copy.deepcopy(base)
+    ref.fuse()
+    qmods = dict(qmodel.named_modules())
+    for name, mod in list(ref.named_modules()):
+        if isinstance(mod, torch.nn.Linear):
+            mod.weight = torch.nn.Parameter(qmods[name].dequantize().clone())
+    return ref
+
+
+PROMPT = [1, 5, 9, 42, 7, 100, 3]
+
+
+def test_fuse_keeps_logits() -> None:
+    model = peaked_model()
+    ids = torch.tensor([PROMPT])
+    before = model(ids)
+    model.fuse()
+    torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_fp32_path_equals_plain_greedy() -> None:
+    model = peaked_model()
+    want = generate(model, PROMPT, 24)
+    assert generate(quantize_model(copy.deepcopy(model), "fp32"), PROMPT, 24) == want
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantised_equals_its_dequantised_model(mode: str) -> None:
+    base = peaked_model()
+    q = quantize_model(copy.deepcopy(base), mode)
+    ref = dequantised_copy(q, base)
+    ids = torch.tensor([PROMPT])
+    torch.testing.assert_close(q(ids), ref(ids), rtol=1e-4, atol=1e-4)
+    assert generate(q, PROMPT, 24) == generate(ref, PROMPT, 24)
+
+
+@pytest.mark.parametrize("mode,tol", [("int8", 0.05), ("int4", 0.5)])
+def test_quantisation_error_is_small(mode: str, tol: float) -> None:
+    base = peaked_model()
+    q = quantize_model(copy.deepcopy(base), mode)
+    ids = torch.tensor([PROMPT])
+    want = base(ids)
+    err = (q(ids) - want).abs().max() / want.abs().max()
+    assert err < tol
+
+
+def test_save_and_load_roundtrip(tmp_path) -> None:
+    base = peaked_model("tiny-llama3")
+    q = quantize_model(copy.deepcopy(base), "int4")
+    save_quantized(q, tmp_path / "m.safetensors")
+    loaded = load_quantized(Llama(base.config).eval(), tmp_path / "m.safetensors")
+    ids = torch.tensor([PROMPT])
+    torch.testing.assert_close(loaded(ids), q(ids))
+
+
+def test_bad_mode_is_a_camelid_error() -> None:
+    with pytest.raises(CamelidError, match="int8"):
+        quantize_model(peaked_model(), "int3")
