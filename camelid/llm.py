@@ -1,4 +1,9 @@
-"""`camelid.load`: one entry point for every checkpoint format, returning an `LLM` (model + config + tokenizer)."""
+"""`camelid.load`: one entry point for every checkpoint format, returning an `LLM` (model + config + tokenizer).
+
+Sources: a registered name (`camelid list`, default "smollm2-135m-instruct"), a Hugging Face Hub id
+(org/name), a Hugging Face directory (config.json + safetensors), a .gguf file, or a Meta directory
+(params.json + consolidated.*.pth).
+"""
 
 from __future__ import annotations
 
@@ -32,22 +37,56 @@ class LLM:
         return out
 
 
-def load(source: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LLM:
-    """Load a model from a Hugging Face directory (config.json + safetensors)."""
-    path = Path(source)
+def resolve(source: str | os.PathLike) -> Path:
+    """A name, Hub id or path -> a local path (fetching registered models into the cache)."""
+    from camelid import hub
+
+    text = str(source)
+    if text in hub.MODELS:
+        return hub.pull(text)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1:
+        return hub.pull_hf_hub(text)
+    raise CamelidError(
+        f"{source}: no such file or directory, and not a known model name (known: {', '.join(hub.MODELS)})"
+    )
+
+
+def _load_tokenizer(path: Path) -> Any:
+    try:
+        from camelid.tokenizer import Tokenizer
+    except ImportError:
+        return None
+    if path.suffix == ".gguf":
+        return Tokenizer.from_gguf(path)
+    return Tokenizer.from_dir(path)
+
+
+def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dtype | None = None,
+         device: str | torch.device = "cpu", tokenizer: bool = True) -> LLM:
+    """Load a model (see the module docstring for the accepted sources)."""
+    path = resolve(source)
     if path.is_dir() and (path / "config.json").is_file():
         from camelid.interop.hf import load_hf_dir
 
         config, model = load_hf_dir(path, dtype=dtype, device=device)
-        tokenizer = None
-        if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
-            try:
-                from camelid.tokenizer import Tokenizer
-            except ImportError:
-                Tokenizer = None  # noqa: N806
-            if Tokenizer is not None:
-                tokenizer = Tokenizer.from_dir(path)
-        return LLM(model=model.eval(), config=config, tokenizer=tokenizer, source=str(path))
-    if not path.exists():
-        raise CamelidError(f"{source}: no such file or directory, and not a known model name")
-    raise CamelidError(f"{source}: not a model camelid can load (expected a Hugging Face directory with config.json)")
+        has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+    elif path.is_file() and path.suffix == ".gguf":
+        from camelid.interop.gguf import load_gguf
+
+        config, model = load_gguf(path, dtype=dtype, device=device)
+        has_tok = True
+    elif path.is_dir() and (path / "params.json").is_file():
+        from camelid.interop.meta import load_meta_dir
+
+        config, model = load_meta_dir(path, dtype=dtype, device=device)
+        has_tok = (path / "tokenizer.model").is_file()
+    else:
+        raise CamelidError(
+            f"{source}: not a model camelid can load; expected a Hugging Face directory (config.json), "
+            "a .gguf file or a Meta directory (params.json + consolidated.*.pth)"
+        )
+    tok = _load_tokenizer(path) if tokenizer and has_tok else None
+    return LLM(model=model.eval(), config=config, tokenizer=tok, source=str(path))
