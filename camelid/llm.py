@@ -8,6 +8,8 @@ Sources: a registered name (`camelid list`, default "smollm2-135m-instruct"), a 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,10 @@ import torch
 
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
+from camelid.generate import SamplingParams, generate_tokens
 from camelid.model import Llama
+
+Message = dict[str, str]
 
 
 @dataclass
@@ -35,6 +40,105 @@ class LLM:
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(out)
         return out
+
+    # -- text in, text out -------------------------------------------------------------------------
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise CamelidError(f"{self.source or 'this model'} has no tokenizer; load one with the model "
+                               "(tokenizer.json / tokenizer.model beside it) or pass token ids to camelid.generate")
+        return self.tokenizer
+
+    def encode_prompt(self, prompt: str, add_bos: bool | None = None) -> list[int]:
+        tok = self._need_tokenizer()
+        if add_bos is None:
+            add_bos = bool(getattr(tok, "add_bos", False))
+        return tok.encode(prompt, add_bos=add_bos)
+
+    def stream(self, prompt: str | list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop: Iterable[str] = (), add_bos: bool | None = None,
+               stats: dict[str, float] | None = None) -> Iterator[str]:
+        """Yield the completion as text pieces while it decodes. Generation ends at the model's end-of-turn
+        or end-of-text token (not included) or at the first `stop` string (not included)."""
+        tok = self._need_tokenizer()
+        ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, add_bos)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition_penalty)
+        stop_ids = set(getattr(tok, "stop_ids", ()) or ())
+        tokens = generate_tokens(self.model, ids, max_new_tokens, params, stop_ids=stop_ids, seed=seed)
+        if stats is not None:
+            stats["start"] = time.perf_counter()
+        pieces = decode_stream(tok, (t for t in tokens if t not in stop_ids), stats)
+        yield from cut_at_stop_strings(pieces, list(stop))
+        if stats is not None:
+            stats["prompt_tokens"] = len(ids)
+
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> str:
+        """The completion of `prompt` as one string (see `stream` for the options; temperature 0 is greedy)."""
+        return "".join(self.stream(prompt, **kwargs))
+
+    def chat_prompt(self, messages: list[Message]) -> list[int]:
+        """Render `messages` with the model's chat template and tokenise them, ready for the reply."""
+        tok = self._need_tokenizer()
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        bos_text = tok.token_to_piece(tok.bos_id) if getattr(tok, "bos_id", None) is not None else None
+        starts_with_bos = bool(bos_text) and text.startswith(bos_text)
+        return tok.encode(text, add_bos=bool(getattr(tok, "add_bos", False)) and not starts_with_bos)
+
+    def chat_stream(self, messages: list[Message], **kwargs: Any) -> Iterator[str]:
+        return self.stream(self.chat_prompt(messages), **kwargs)
+
+    def chat(self, messages: list[Message], **kwargs: Any) -> str:
+        """The assistant's reply to a conversation given as [{"role": ..., "content": ...}, ...]."""
+        return "".join(self.chat_stream(messages, **kwargs))
+
+
+def decode_stream(tok: Any, tokens: Iterable[int], stats: dict[str, float] | None = None) -> Iterator[str]:
+    """Token ids -> text pieces, never splitting a multi-byte character and keeping word-initial spaces.
+
+    Each new piece is the difference between decoding the recent ids with and without the newest ones,
+    starting one token back so that tokenizers which drop a leading space on the first token still add it.
+    """
+    ids: list[int] = []
+    prefix = read = 0  # ids[prefix:read] were already emitted; decoding from `prefix` keeps the context
+    count = 0
+    for t in tokens:
+        ids.append(t)
+        count += 1
+        if stats is not None and count == 1:
+            stats["first_token"] = time.perf_counter()
+        before = tok.decode(ids[prefix:read])
+        after = tok.decode(ids[prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            yield after[len(before):]
+            prefix, read = read, len(ids)
+    rest = tok.decode(ids[prefix:])[len(tok.decode(ids[prefix:read])):]
+    if rest:
+        yield rest
+    if stats is not None:
+        stats["new_tokens"], stats["end"] = count, time.perf_counter()
+
+
+def cut_at_stop_strings(pieces: Iterable[str], stop: list[str]) -> Iterator[str]:
+    """Pass text through until a stop string appears; text that could begin a stop string is held back."""
+    stop = [s for s in stop if s]
+    if not stop:
+        yield from pieces
+        return
+    hold = max(len(s) for s in stop) - 1
+    buf = ""
+    for piece in pieces:
+        buf += piece
+        hits = [i for i in (buf.find(s) for s in stop) if i >= 0]
+        if hits:
+            if min(hits):
+                yield buf[: min(hits)]
+            return
+        if len(buf) > hold:
+            yield buf[: len(buf) - hold]
+            buf = buf[len(buf) - hold:]
+    if buf:
+        yield buf
 
 
 def resolve(source: str | os.PathLike) -> Path:

@@ -15,6 +15,8 @@ from camelid.errors import CamelidError
 COMMAND_MODULES = [
     "camelid.cli.info",
     "camelid.cli.bench",
+    "camelid.cli.generate",
+    "camelid.cli.models",
 ]
 
 

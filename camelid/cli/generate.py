@@ -1,0 +1,164 @@
+"""`camelid generate` (one completion, script-friendly) and `camelid chat` (an interactive conversation).
+
+stdout carries the model's text alone; loading, progress and timing go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Any
+
+import typer
+
+from camelid.cli.app import app
+from camelid.errors import CamelidError
+from camelid.hub import DEFAULT_MODEL
+
+ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="model name (camelid list), HF dir, .gguf or Meta dir")
+
+
+def _load(model: str, quiet: bool) -> Any:
+    import camelid
+
+    t0 = time.perf_counter()
+    llm = camelid.load(model)
+    if llm.tokenizer is None:
+        raise CamelidError(f"{model}: no tokenizer found beside the weights; text generation needs one")
+    if not quiet:
+        n = llm.model.num_params()
+        print(f"camelid: loaded {llm.config.name} ({n / 1e6:.1f}M parameters) from {llm.source} "
+              f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return llm
+
+
+def _report(stats: dict[str, float]) -> None:
+    if "first_token" not in stats:
+        return
+    prefill = stats["first_token"] - stats["start"]
+    n = int(stats.get("new_tokens", 0))
+    decode = stats["end"] - stats["first_token"]
+    rate = f", decode {(n - 1) / decode:.1f} tok/s" if n > 1 and decode > 0 else ""
+    print(f"camelid: prompt {int(stats.get('prompt_tokens', 0))} tokens, prefill {prefill:.2f}s; "
+          f"{n} new tokens{rate}", file=sys.stderr)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the prompt; '-' reads it from stdin"),
+    model: str = ModelOpt,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=1, max=32768),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 is greedy (deterministic)"),
+    top_k: int = typer.Option(0, min=0, help="keep the k most likely tokens (0: off)"),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="nucleus sampling mass (1: off)"),
+    min_p: float = typer.Option(0.0, min=0.0, max=1.0, help="drop tokens below min_p x the top probability"),
+    repetition_penalty: float = typer.Option(1.0, min=0.0),
+    seed: int | None = typer.Option(None, help="random seed for sampling"),
+    stop: list[str] = typer.Option([], "--stop", help="stop at this string (repeatable)"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt as a user message in the chat template"),
+    system: str | None = typer.Option(None, "--system", help="system prompt (with --chat)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="nothing on stderr"),
+) -> None:
+    """Complete PROMPT and print the completion alone on stdout."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    llm = _load(model, quiet)
+    stats: dict[str, float] = {}
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed, stop=stop, stats=stats)
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        pieces = llm.chat_stream(messages, **opts)
+    else:
+        pieces = llm.stream(prompt, **opts)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if not quiet:
+        _report(stats)
+
+
+CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /quit (or Ctrl-D)"
+
+
+def fit_history(llm: Any, messages: list[dict[str, str]], max_new_tokens: int) -> list[dict[str, str]]:
+    """Drop the oldest exchanges (never the system prompt or the last message) until the prompt fits."""
+    budget = llm.config.max_seq_len - max_new_tokens
+    msgs = list(messages)
+    while len(llm.chat_prompt(msgs)) > budget:
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if len(msgs) - first <= 1:
+            raise CamelidError(f"the last message alone is longer than the context window of "
+                               f"{llm.config.max_seq_len} tokens minus {max_new_tokens} for the reply; shorten it")
+        del msgs[first]
+    return msgs
+
+
+@app.command()
+def chat(
+    model: str = ModelOpt,
+    system: str | None = typer.Option(None, "--system", "-s", help="system prompt"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1, max=32768),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0),
+    min_p: float = typer.Option(0.0, min=0.0, max=1.0),
+    repetition_penalty: float = typer.Option(1.0, min=0.0),
+    seed: int | None = typer.Option(None),
+) -> None:
+    """Talk with a model: replies stream as they are generated; the conversation is kept as history."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401 - line editing and history for input()
+    llm = _load(model, quiet=False)
+    print(CHAT_HELP, file=sys.stderr)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    turn = 0
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit", "/bye"):
+            return
+        if text == "/reset":
+            messages = [m for m in messages if m["role"] == "system"]
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            new_system = text[len("/system"):].strip()
+            messages = [m for m in messages if m["role"] != "system"]
+            if new_system:
+                messages.insert(0, {"role": "system", "content": new_system})
+            print(f"(system prompt {'set' if new_system else 'removed'})", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]!r}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            messages = fit_history(llm, messages, max_new_tokens)
+        except CamelidError as e:
+            messages.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        reply: list[str] = []
+        turn += 1
+        try:
+            for piece in llm.chat_stream(messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                         seed=None if seed is None else seed + turn):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [interrupted]")
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
