@@ -374,7 +374,20 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
     unk = model.get("unk_token")
     unk_id = hf.token_to_id(unk) if unk else None
     pre = _guess_pre(spec) if kind == "bpe" else None
-    return Tokenizer(hf, kind=kind, pre=pre, unk_id=unk_id)
+    tok = Tokenizer(hf, kind=kind, pre=pre, unk_id=unk_id)
+    # BOS: the post-processor that adds it says which token and that it is added; EOS: by its usual name
+    # (a tokenizer_config.json beside the file, read by from_dir, overrides both)
+    single = (spec.get("post_processor") or {}).get("single") or []
+    first = single[0].get("SpecialToken", {}).get("id") if single and isinstance(single[0], dict) else None
+    if first in tok._ids:
+        tok.bos_id, tok.add_bos = tok._ids[first], True
+    else:
+        tok.bos_id = next((tok._ids[t] for t in ("<s>", "<|begin_of_text|>") if t in tok.special_tokens), None)
+    tok.eos_id = next((tok._ids[t] for t in ("</s>", "<|end_of_text|>", "<|endoftext|>")
+                       if t in tok.special_tokens), None)
+    if tok.eos_id is not None:
+        tok.stop_ids.add(tok.eos_id)
+    return tok
 
 
 def _guess_pre(spec: dict) -> str:

@@ -95,53 +95,87 @@ def build_bpe(tokens: list[str], types: list[int], merges: list[tuple[str, str]]
 # ---- GGUF ----------------------------------------------------------------------------------------------------
 
 
-def _strings(field: Any) -> list[str]:
-    return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 
 
-def _numbers(field: Any) -> list:
-    return [field.parts[i][0].item() for i in field.data]
+def read_gguf_metadata(path: Path, prefix: str = "") -> dict[str, Any]:
+    """The key/value metadata of a GGUF file (keys starting with `prefix`), without reading tensors.
 
+    gguf.GGUFReader parses every array element into its own numpy view, which takes seconds for a 150k-token
+    vocabulary; this reads the header sequentially (arrays of numbers in one numpy call)."""
+    import mmap
+    import struct
 
-def _scalar(fields: dict, key: str, default: Any = None) -> Any:
-    f = fields.get(key)
-    if f is None:
-        return default
-    value = f.parts[f.data[0]]
-    if key == "tokenizer.chat_template" or (len(f.types) == 1 and f.types[0].name == "STRING"):
-        return bytes(value).decode("utf-8", errors="replace")
-    return value[0].item()
+    import numpy as np
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise CamelidError(f"{path}: not a GGUF file (bad magic); pass a .gguf model or vocabulary")
+        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version < 2:
+            raise CamelidError(f"{path}: GGUF version {version} is too old; re-convert it with a current llama.cpp")
+        pos = 24
+
+        def string() -> str:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            pos += 8 + n
+            return buf[pos - n:pos].decode("utf-8", errors="replace")
+
+        def value(kind: int) -> Any:
+            nonlocal pos
+            if kind == 8:
+                return string()
+            if kind == 9:
+                elem, n = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if elem in _NUMPY:
+                    arr = np.frombuffer(buf, dtype=_NUMPY[elem], count=n, offset=pos).copy()
+                    pos += arr.nbytes
+                    return arr.tolist()
+                return [value(elem) for _ in range(n)]
+            fmt = _SCALARS[kind]
+            (v,) = struct.unpack_from(fmt, buf, pos)
+            pos += struct.calcsize(fmt)
+            return v
+
+        out: dict[str, Any] = {}
+        try:
+            for _ in range(n_kv):
+                key = string()
+                (kind,) = struct.unpack_from("<I", buf, pos)
+                pos += 4
+                v = value(kind)
+                if key.startswith(prefix):
+                    out[key] = v
+        except (struct.error, KeyError, ValueError) as e:
+            raise CamelidError(f"{path}: truncated or corrupt GGUF metadata ({type(e).__name__}); "
+                               "re-download or re-convert it") from e
+    return out
 
 
 def read_gguf_vocab(path: Path) -> dict[str, Any]:
     """The `tokenizer.*` keys of a GGUF file as plain Python values."""
-    import gguf
-
     if not path.is_file():
         raise CamelidError(f"{path}: no such GGUF file; check the path")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise CamelidError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
-                           "re-download or re-convert it") from e
-    f = reader.fields
+    f = read_gguf_metadata(path, "tokenizer.")
     if "tokenizer.ggml.model" not in f or "tokenizer.ggml.tokens" not in f:
         raise CamelidError(f"{path}: has no embedded vocabulary (tokenizer.ggml.* keys); pass the model's "
                            "tokenizer.json folder instead")
-    tokens = _strings(f["tokenizer.ggml.tokens"])
+    tokens = f["tokenizer.ggml.tokens"]
     out: dict[str, Any] = {
-        "model": _scalar(f, "tokenizer.ggml.model"),
-        "pre": _scalar(f, "tokenizer.ggml.pre", "default"),
+        "model": f["tokenizer.ggml.model"],
+        "pre": f.get("tokenizer.ggml.pre", "default"),
         "tokens": tokens,
-        "types": _numbers(f["tokenizer.ggml.token_type"]) if "tokenizer.ggml.token_type" in f
-        else [NORMAL] * len(tokens),
-        "scores": _numbers(f["tokenizer.ggml.scores"]) if "tokenizer.ggml.scores" in f else None,
-        "merges": _strings(f["tokenizer.ggml.merges"]) if "tokenizer.ggml.merges" in f else [],
-        "chat_template": _scalar(f, "tokenizer.chat_template"),
+        "types": f.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens)),
+        "scores": f.get("tokenizer.ggml.scores"),
+        "merges": f.get("tokenizer.ggml.merges", []),
+        "chat_template": f.get("tokenizer.chat_template"),
     }
     for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "add_bos_token",
                 "add_space_prefix"):
-        out[key] = _scalar(f, f"tokenizer.ggml.{key}")
+        out[key] = f.get(f"tokenizer.ggml.{key}")
     return out
 
 
