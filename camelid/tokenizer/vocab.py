@@ -14,7 +14,6 @@ from typing import Any
 from camelid.errors import CamelidError
 from camelid.tokenizer import (
     _IGNORE_MERGES,
-    BYTE,
     CONTROL,
     NORMAL,
     PRE_TOKENIZER_REGEXES,
@@ -34,9 +33,10 @@ def _vocab_dict(tokens: list[str]) -> dict[str, int]:
 def _add_specials(hf: Any, tokens: list[str], types: list[int]) -> None:
     from tokenizers import AddedToken
 
-    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
+    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True)
                if k in (CONTROL, UNKNOWN)]
-    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
+    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types, strict=True)
+            if k == USER_DEFINED]
     if special:
         hf.add_special_tokens(special)
     if user:
@@ -76,9 +76,8 @@ def build_spm(tokens: list[str], scores: list[float], types: list[int], *, add_s
 
 
 def build_bpe(tokens: list[str], types: list[int], merges: list[tuple[str, str]], *, pre: str) -> Any:
-    from tokenizers import Regex
+    from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
 
     if pre not in PRE_TOKENIZER_REGEXES:
         raise CamelidError(f"unknown byte-level BPE pre-tokenizer {pre!r} (tokenizer.ggml.pre); camelid knows "
