@@ -453,7 +453,8 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
         types[i] = USER_DEFINED
     from camelid.tokenizer.vocab import build_spm
 
-    hf = build_spm(tokens, scores, types, add_space_prefix=trainer.get("add_dummy_prefix", True))
+    hf = build_spm(tokens, scores, types, add_space_prefix=trainer.get("add_dummy_prefix", True),
+                   split_words=not trainer.get("allow_whitespace_only_pieces", False))
     bos, eos, unk = sp.bos_id(), sp.eos_id(), sp.unk_id()
     return Tokenizer(hf, kind="spm", bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None,
                      unk_id=unk if unk >= 0 else None, add_bos=bos >= 0, token_types=types, scores=scores)
@@ -494,7 +495,8 @@ def _varints(buf: bytes) -> Iterator[tuple[int, int, Any]]:
 
 
 def _sentencepiece_trainer_spec(data: bytes) -> dict[str, Any]:
-    """model_type (1 unigram, 2 BPE), add_dummy_prefix and user-defined piece ids from a ModelProto."""
+    """model_type (1 unigram, 2 BPE), allow_whitespace_only_pieces, add_dummy_prefix and user-defined piece ids
+    from a ModelProto (field numbers from sentencepiece_model.proto; protobuf itself is not needed)."""
     out: dict[str, Any] = {"user_defined_ids": []}
     piece_index = 0
     for field, _, value in _varints(data):
@@ -503,10 +505,12 @@ def _sentencepiece_trainer_spec(data: bytes) -> dict[str, Any]:
                 if f == 3 and v == 4:
                     out["user_defined_ids"].append(piece_index)
             piece_index += 1
-        elif field == 2:  # TrainerSpec: model_type = 3
+        elif field == 2:  # TrainerSpec: model_type = 3, allow_whitespace_only_pieces = 26
             for f, _, v in _varints(value):
                 if f == 3:
                     out["model_type"] = v
+                elif f == 26:
+                    out["allow_whitespace_only_pieces"] = bool(v)
         elif field == 3:  # NormalizerSpec: add_dummy_prefix = 3
             for f, _, v in _varints(value):
                 if f == 3:

@@ -57,16 +57,22 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
     return [(a, b) for a, b, _ in merges]
 
 
-def build_spm(tokens: list[str], scores: list[float], types: list[int], *, add_space_prefix: bool = True) -> Any:
+def build_spm(tokens: list[str], scores: list[float], types: list[int], *, add_space_prefix: bool = True,
+              split_words: bool = False) -> Any:
+    """`split_words`: SentencePiece models trained without allow_whitespace_only_pieces cut the text before
+    every ▁ before merging (Llama's allow them, and llama.cpp never cuts)."""
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, normalizers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
 
     unk = next((tokens[i] for i, t in enumerate(types) if t == UNKNOWN), None)
     hf = HFTokenizer(models.BPE(_vocab_dict(tokens), spm_merges(tokens, scores, types), unk_token=unk,
                                 fuse_unk=True, byte_fallback=True))
     replace = normalizers.Replace(" ", "▁")
-    # llama.cpp puts the space in front of every text fragment after a special token; so does Prepend
+    # Prepend puts the dummy space in front of every text fragment, also after a special token, as llama.cpp
+    # and HF's (legacy) Llama tokenizer do; SentencePiece itself does it at the start of the text only
     hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if add_space_prefix else replace
+    if split_words:
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_space_prefix:
         steps.append(decoders.Strip(" ", 1, 0))
