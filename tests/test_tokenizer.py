@@ -223,9 +223,9 @@ def _train_sentencepiece(tmp_path: Path, **options) -> Path:
              "  two spaces   three spaces\ttab", "Llamas and alpacas are camelids from South America."]
     corpus.write_text("\n".join(lines * 20), encoding="utf-8")
     prefix = tmp_path / "tiny"
+    options = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False, **options}
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(prefix), character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
+        input=str(corpus), model_prefix=str(prefix), character_coverage=1.0, byte_fallback=True,
         user_defined_symbols=["<tool>"], minloglevel=2, **options)
     return prefix.with_suffix(".model")
 
@@ -247,6 +247,12 @@ def test_sentencepiece_model_matches_sentencepiece(tmp_path, whitespace_pieces):
     for text in texts:
         assert tok.encode(text) == sp.encode(text), text
         assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+
+
+def test_sentencepiece_nfkc_is_refused(tmp_path):
+    path = _train_sentencepiece(tmp_path, model_type="bpe", vocab_size=400, normalization_rule_name="nmt_nfkc")
+    with pytest.raises(CamelidError, match="'nmt_nfkc' normalizer"):
+        Tokenizer.from_file(path)
 
 
 def test_sentencepiece_unigram_is_refused(tmp_path):

@@ -442,6 +442,13 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
     if trainer.get("model_type", 1) != 2:
         raise CamelidError(f"{path}: a SentencePiece {'unigram' if trainer.get('model_type', 1) == 1 else 'word/char'}"
                            " model; camelid supports SentencePiece BPE (Llama 1/2, Mistral)")
+    # Llama's models leave text as it is; NFKC-style rules or whitespace folding would silently change ids
+    normalizer = trainer.get("normalizer", "identity")
+    if normalizer != "identity" or trainer.get("remove_extra_whitespaces", True):
+        raise CamelidError(f"{path}: a SentencePiece model with the {normalizer!r} normalizer"
+                           f"{' and whitespace folding' if trainer.get('remove_extra_whitespaces', True) else ''};"
+                           " camelid reads identity-normalised models (Llama 1/2, Mistral): convert it to a "
+                           "tokenizer.json with transformers and pass that")
     tokens, scores, types = [], [], []
     for i in range(sp.GetPieceSize()):
         tokens.append(sp.IdToPiece(i))
@@ -511,10 +518,14 @@ def _sentencepiece_trainer_spec(data: bytes) -> dict[str, Any]:
                     out["model_type"] = v
                 elif f == 26:
                     out["allow_whitespace_only_pieces"] = bool(v)
-        elif field == 3:  # NormalizerSpec: add_dummy_prefix = 3
+        elif field == 3:  # NormalizerSpec: name = 1, add_dummy_prefix = 3, remove_extra_whitespaces = 4
             for f, _, v in _varints(value):
-                if f == 3:
+                if f == 1:
+                    out["normalizer"] = bytes(v).decode("utf-8", errors="replace")
+                elif f == 3:
                     out["add_dummy_prefix"] = bool(v)
+                elif f == 4:
+                    out["remove_extra_whitespaces"] = bool(v)
     return out
 
 
