@@ -295,16 +295,20 @@ def _write_vocab_gguf(tok: Tokenizer, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("source", ["smollm2", "llama-spm", "phi-3", "llama3-tiktoken"])
+@pytest.mark.parametrize("source", ["smollm2", "llama-spm", "phi-3", "llama3-tiktoken", "llama2-json"])
 def test_write_gguf_round_trip(tmp_path, source, smol, request):
+    """llama2-json has no scores (a tokenizer.json): write_gguf derives them, and llama.cpp's score-ordered
+    merging must still give the reference ids."""
     tok = {"smollm2": lambda: smol, "llama-spm": lambda: vocab("llama-spm"), "phi-3": lambda: vocab("phi-3"),
-           "llama3-tiktoken": lambda: request.getfixturevalue("llama3")}[source]()
+           "llama3-tiktoken": lambda: request.getfixturevalue("llama3"),
+           "llama2-json": lambda: request.getfixturevalue("llama2_json")}[source]()
     back = Tokenizer.from_gguf(_write_vocab_gguf(tok, tmp_path / "vocab.gguf"))
     assert back._pieces == tok._pieces and back._types == tok._types
     assert (back.kind, back.pre, back.bos_id, back.eos_id, back.add_bos, back.chat_template) == \
         (tok.kind, tok.pre, tok.bos_id, tok.eos_id, tok.add_bos, tok.chat_template)
     assert back.special_tokens == tok.special_tokens and back.stop_ids == tok.stop_ids
-    reference = {"llama-spm": "llama-spm", "phi-3": "phi-3", "llama3-tiktoken": "llama-bpe"}.get(source)
+    reference = {"llama-spm": "llama-spm", "phi-3": "phi-3", "llama3-tiktoken": "llama-bpe",
+                 "llama2-json": "llama-spm"}.get(source)
     cases = reference_cases(reference) if reference else [(t, tok.encode(t)) for t in MIXED]
     for text, ids in cases:
         assert back.encode(text) == ids, text

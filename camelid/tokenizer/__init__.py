@@ -268,8 +268,14 @@ class Tokenizer:
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
         if self._scores is not None:
             scores = list(self._scores)
-        else:  # SentencePiece BPE merges by score: the vocabulary order is the score order
-            scores = [0.0 if t != NORMAL else -float(i) for i, t in enumerate(self._types)]
+        else:
+            # llama.cpp's SentencePiece tokenizer merges the pair whose merged piece scores highest, so a piece's
+            # score is minus the rank of the first merge that makes it; pieces no merge makes score lowest
+            made_by: dict[str, int] = {}
+            for rank, m in enumerate(merges):
+                made_by.setdefault(m.replace(" ", "", 1), rank)
+            scores = [0.0 if t != NORMAL else -float(made_by.get(p, 1e9))
+                      for p, t in zip(self._pieces, self._types, strict=True)]
         return {"tokens": list(self._pieces), "token_type": list(self._types), "scores": scores, "merges": merges}
 
     def write_gguf(self, writer: Any) -> None:
