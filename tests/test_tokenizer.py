@@ -81,6 +81,23 @@ def hf_smol_digits(hf_smol):
     return hf
 
 
+def open_llama_cpp(path: Path):
+    """llama.cpp itself (llama-cpp-python), loading only the vocabulary of a GGUF file."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+def llama_cpp_encode(llm, text: str) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)  # specials parsed, as camelid does
+
+
+@pytest.fixture(scope="module")
+def smol_llama_cpp(smollm2_gguf):
+    llm = open_llama_cpp(smollm2_gguf)
+    yield llm
+    llm.close()
+
+
 @pytest.fixture(scope="module")
 def llama3() -> Tokenizer:
     return Tokenizer.from_file(pull_or_skip("llama3-tokenizer"))
@@ -152,11 +169,20 @@ def test_smollm2_matches_transformers(smol, hf_smol, text):
     assert smol.decode(ids, skip_special=True) == hf_smol.decode(ids, skip_special_tokens=True)
 
 
-def test_smollm2_digits_after_whitespace(smol, hf_smol, hf_smol_digits):
-    """The one place transformers' GGUF loading differs (see hf_smol_digits): whitespace before a digit."""
+@pytest.mark.parametrize("text", MIXED)
+def test_smollm2_matches_llama_cpp(smol, smol_llama_cpp, text):
+    ids = smol.encode(text)
+    assert ids == llama_cpp_encode(smol_llama_cpp, text)
+    assert smol.decode(ids).encode() == smol_llama_cpp.detokenize(ids, special=True)
+
+
+def test_smollm2_digits_after_whitespace(smol, hf_smol, hf_smol_digits, smol_llama_cpp):
+    """The one place transformers' GGUF loading differs (see hf_smol_digits): whitespace before a digit.
+    llama.cpp and the model's own pre-tokenizer agree with camelid."""
     text = "x  0\n\n3"
     assert [smol.token_to_piece(i) for i in smol.encode(text)] == ["x", "ĠĠ", "0", "ĊĊ", "3"]
     assert smol.encode(text) == hf_smol_digits.encode(text, add_special_tokens=False)
+    assert smol.encode(text) == llama_cpp_encode(smol_llama_cpp, text)
     assert hf_smol.convert_ids_to_tokens(hf_smol.encode(text, add_special_tokens=False)) == \
         ["x", "Ġ", "Ġ", "0", "Ċ", "Ċ", "3"]
 
@@ -168,9 +194,10 @@ _random_text = st.lists(_chunks, max_size=40).map("".join)
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(_random_text)
-def test_smollm2_matches_transformers_on_random_text(smol, hf_smol_digits, text):
+def test_smollm2_matches_transformers_on_random_text(smol, hf_smol_digits, smol_llama_cpp, text):
     ids = smol.encode(text)
     assert ids == hf_smol_digits.encode(text, add_special_tokens=False)
+    assert ids == llama_cpp_encode(smol_llama_cpp, text)
     # SmolLM2's vocabulary has no token for a few bytes (0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, 0xf1, 0xf2, ...:
     # some control characters and code points >= U+40000); text made of the other bytes comes back exactly
     if all(bytes_to_unicode()[b] in smol._ids for b in text.encode()):
@@ -287,7 +314,17 @@ def test_save_pretrained_loads_in_transformers(tmp_path, source, smol, request):
 
 
 def _write_vocab_gguf(tok: Tokenizer, path: Path) -> Path:
+    """A vocabulary-only GGUF, with the few hyper-parameters llama.cpp reads before it reads the vocabulary."""
     writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_name("camelid-vocab")
+    writer.add_block_count(1)
+    writer.add_context_length(2048)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(1)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(64)
     tok.write_gguf(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -320,6 +357,21 @@ def test_write_gguf_round_trip(tmp_path, source, smol, request):
         assert key in fields, key
     assert ("tokenizer.ggml.merges" in fields) == (tok.kind == "bpe")
     assert ("tokenizer.ggml.scores" in fields) == (tok.kind == "spm")
+
+
+@pytest.mark.parametrize("source", ["smollm2", "llama-spm", "llama3-tiktoken", "llama2-json"])
+def test_written_gguf_tokenises_the_same_in_llama_cpp(tmp_path, source, smol, request):
+    """llama.cpp loads the vocabulary write_gguf wrote and tokenises exactly as camelid does."""
+    tok = {"smollm2": lambda: smol, "llama-spm": lambda: vocab("llama-spm"),
+           "llama3-tiktoken": lambda: request.getfixturevalue("llama3"),
+           "llama2-json": lambda: request.getfixturevalue("llama2_json")}[source]()
+    llm = open_llama_cpp(_write_vocab_gguf(tok, tmp_path / "vocab.gguf"))
+    try:
+        for text in MIXED + [x for x, _ in reference_cases("llama-bpe")]:
+            assert llama_cpp_encode(llm, text) == tok.encode(text), text
+        assert llm.token_bos() == tok.bos_id and llm.token_eos() == tok.eos_id
+    finally:
+        llm.close()
 
 
 # ---- streaming -----------------------------------------------------------------------------------------------
