@@ -137,6 +137,9 @@ def render_chat(template: str, messages: Any, *, add_generation_prompt: bool = T
 
     messages = validate_messages(messages)
     template = BUILTIN_TEMPLATES.get(template, template)
+    # transformers passes these explicitly, so `tools is none` holds in templates that test for tools
+    kwargs.setdefault("tools", None)
+    kwargs.setdefault("documents", None)
     compiled = _compile(template)
     try:
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,

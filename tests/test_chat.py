@@ -119,6 +119,7 @@ def test_hf_helpers_match_transformers(smol, hf_smol):
         "  {% generation %}{{ m['content'] | length }}{% endgeneration %}\n"
         "{% endfor %}\n"
         "year={{ strftime_now('%Y') }} bos={{ bos_token }} eos={{ eos_token }} extra={{ extra }}\n"
+        "tools={{ tools is none }} documents={{ documents is none }} undefined={{ nothing is defined }}\n"
         "{% if add_generation_prompt %}>>>{% endif %}")
     messages = CONVERSATIONS["multi-turn"]
     ours = render_chat(template, messages, add_generation_prompt=True, bos_token="<|im_start|>",

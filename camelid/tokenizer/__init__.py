@@ -162,6 +162,10 @@ class Tokenizer:
         from camelid.chat import render_chat
 
         template = self.chat_template or _builtin_template_for(self)
+        # the special tokens transformers hands to templates
+        for name, id in (("unk_token", self.unk_id), ("pad_token", self.pad_id)):
+            if id is not None:
+                kwargs.setdefault(name, self._pieces[id])
         return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
                            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 
@@ -182,6 +186,19 @@ class Tokenizer:
                 f"bos_id={self.bos_id}, eos_id={self.eos_id}, backend={backend})")
 
     # ---- constructors --------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: str | os.PathLike) -> Tokenizer:
+        """A registered name (camelid.hub), a GGUF file, a tokenizer file or a model folder."""
+        from camelid import hub
+
+        text = str(source)
+        path = hub.pull(text) if text in hub.MODELS else Path(text).expanduser()
+        if path.is_dir():
+            return cls.from_dir(path)
+        if path.is_file():
+            return cls.from_gguf(path) if path.suffix == ".gguf" else cls.from_file(path)
+        raise CamelidError(f"{source}: no such file or folder, and not a known name (known: {', '.join(hub.MODELS)})")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
