@@ -3,6 +3,7 @@ tiktoken, sentencepiece and gguf-py."""
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import cache
 from pathlib import Path
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from camelid import hub
 from camelid.errors import CamelidError
-from camelid.tokenizer import StreamDecoder, Tokenizer, bytes_to_unicode
+from camelid.tokenizer import PRE_TOKENIZER_REGEXES, StreamDecoder, Tokenizer, bytes_to_unicode
 from camelid.tokenizer.vocab import read_gguf_metadata
 
 LLAMA_CPP = Path(__file__).parent / "data" / "tokenizers" / "llama.cpp"
@@ -370,6 +371,22 @@ def test_written_gguf_tokenises_the_same_in_llama_cpp(tmp_path, source, smol, re
         for text in MIXED + [x for x, _ in reference_cases("llama-bpe")]:
             assert llama_cpp_encode(llm, text) == tok.encode(text), text
         assert llm.token_bos() == tok.bos_id and llm.token_eos() == tok.eos_id
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZER_REGEXES))
+def test_every_pre_tokenizer_matches_llama_cpp(tmp_path, pre):
+    """GPT-2's vocabulary written with each `tokenizer.ggml.pre` we know: llama.cpp splits the text the same way."""
+    tok = copy.copy(vocab("gpt-2"))
+    tok.pre = pre
+    path = _write_vocab_gguf(tok, tmp_path / f"gpt2-{pre}.gguf")
+    ours = Tokenizer.from_gguf(path)
+    assert ours.pre == pre
+    llm = open_llama_cpp(path)
+    try:
+        for text in MIXED + [x for x, _ in reference_cases("gpt-2")]:
+            assert ours.encode(text) == llama_cpp_encode(llm, text), text
     finally:
         llm.close()
 
