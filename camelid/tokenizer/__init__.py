@@ -322,11 +322,12 @@ class Tokenizer:
     # ---- helpers -------------------------------------------------------------------------------------------
 
     def _add_space_prefix(self) -> bool:
-        if self._hf is None:
-            return False
-        spec = json.loads(self._hf.to_str())
-        return "Prepend" in json.dumps(spec.get("normalizer")) or '"prepend_scheme": "first"' in json.dumps(
-            spec.get("pre_tokenizer")) or '"prepend_scheme": "always"' in json.dumps(spec.get("pre_tokenizer"))
+        """Whether a space goes in front of the text (SentencePiece's dummy prefix): a Prepend normalizer, or
+        a Metaspace pre-tokenizer whose prepend scheme is not "never"."""
+        spec = json.loads(self.hf_tokenizer().to_str())
+        normalizer, pre = json.dumps(spec.get("normalizer")), json.dumps(spec.get("pre_tokenizer"))
+        metaspace_prepends = '"Metaspace"' in pre and '"prepend_scheme": "never"' not in pre
+        return '"Prepend"' in normalizer or metaspace_prepends
 
     def _infer_types(self) -> list[int]:
         types = [NORMAL] * len(self._pieces)
