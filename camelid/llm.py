@@ -147,6 +147,8 @@ def resolve(source: str | os.PathLike) -> Path:
 
     text = str(source)
     if text in hub.MODELS:
+        if hub.MODELS[text].kind == "tokenizer":
+            raise CamelidError(f"{text} is a tokenizer, not a model; use camelid.tokenizer.Tokenizer.load({text!r})")
         return hub.pull(text)
     path = Path(text).expanduser()
     if path.exists():
