@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -20,14 +22,16 @@ def _size(path) -> int:
 def list_models() -> None:
     """Models known by name, whether they are cached, and where."""
     table = Table(title=f"camelid models (cache: {hub.cache_dir()})")
-    for col in ("name", "kind", "cached", "size", "source", "license", "description"):
+    table.add_column("name", no_wrap=True)
+    for col in ("kind", "cached", "size", "source", "license", "description"):
         table.add_column(col)
     for m in hub.MODELS.values():
         cached = m.path.exists()
         size = f"{_size(m.path) / 2**20:.0f} MiB" if cached else "-"
         name = m.name + (" (default)" if m.name == hub.DEFAULT_MODEL else "")
         table.add_row(name, m.kind, "yes" if cached else "no", size, m.requirement, m.license, m.description)
-    Console().print(table)
+    # a pipe gets a wide table rather than names folded over lines
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 @app.command()
