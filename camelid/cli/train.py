@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -83,5 +84,7 @@ def pretrain(
 
     cfg = load_config(config, set_ or [])
     result = train(cfg, resume=resume, progress=progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one report is enough
+        return
     typer.echo(f"done: {result.steps} steps, train loss {result.final_loss:.4f}, val loss {result.val_loss:.4f}, "
                f"val {result.val_bpb:.4f} bits/byte; logs, plot and checkpoints in {result.out}")
