@@ -34,13 +34,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tied", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--compile", action="store_true", help="also time camelid under torch.compile")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time camelid as `camelid pretrain --set compile=true` runs it (torch.compile)")
     p.add_argument("--out", type=Path, default=Path("runs/train_speed"))
     return p.parse_args()
 

@@ -107,10 +107,19 @@ def sample_text(model: Llama, tokenizer: Any, eos: int, cfg: TrainConfig, step: 
 
 
 class CsvLog:
-    """One row per optimizer step; on resume, rows past the checkpoint (from the killed run) are dropped."""
+    """One row per optimizer step; on resume, rows past the checkpoint (from the killed run) are dropped.
+    When the `tensorboard` package is installed the same numbers also go to out/tensorboard."""
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+        except ImportError:  # tensorboard is optional: CSV alone then
+            pass
         rows: list[dict[str, str]] = []
         if resume_step is not None and path.is_file():
             with open(path, newline="") as fh:
@@ -124,9 +133,16 @@ class CsvLog:
     def write(self, row: dict[str, Any]) -> None:
         self.writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
         self.fh.flush()
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm", "val_loss", "val_bpb", "tokens_per_s", "mfu"):
+                if row.get(key, "") != "":
+                    self.tb.add_scalar(f"{'val' if key.startswith('val') else 'train'}/{key}", float(row[key]),
+                                       row["step"])
 
     def close(self) -> None:
         self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 @dataclass

@@ -33,9 +33,9 @@ def plot_log(log_csv: str | Path, png: str | Path, references: dict[str, float] 
         ax2.axhline(value, ls="--", color=f"C{i + 2}", label=f"{name} ({value:.3f})")
     ax1.set(xlabel="step", ylabel="loss (nats / token)", title="loss")
     ax2.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
-    for ax in (ax1, ax2):
+    for ax, where in ((ax1, "upper right"), (ax2, "lower left")):  # the curves fall from top left
         if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+            ax.legend(loc=where)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

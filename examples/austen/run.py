@@ -6,7 +6,7 @@
 2. `camelid prepare` all six, holding Persuasion out for validation
 3. `camelid pretrain examples/austen/config.yaml`
 4. references: `xz -9` and `gzip -9` of Persuasion, in bits per byte, next to the model's curve
-Everything lands in runs/austen/ (summary.json and loss.png are copied beside this script).
+Everything lands in runs/austen/ (summary.json, loss.png, log.csv and samples.txt are copied here).
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ def main() -> None:
         "last_sample": samples.split("---\n")[-1].strip() if samples else "",
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    for name in ("summary.json",):
-        shutil.copyfile(run / name, HERE / name)
-    shutil.copyfile(run / "out" / "loss.png", HERE / "loss.png")
-    shutil.copyfile(run / "out" / "log.csv", HERE / "log.csv")
+    shutil.copyfile(run / "summary.json", HERE / "summary.json")
+    for name in ("loss.png", "log.csv", "samples.txt"):
+        if (run / "out" / name).is_file():
+            shutil.copyfile(run / "out" / name, HERE / name)
     print(json.dumps(summary, indent=2))
 
 

@@ -109,3 +109,16 @@ def test_batches_depend_only_on_seed_step_and_index(small_data) -> None:
     windows = list(shards.val_windows(16))
     covered = sum(y.numel() for _, y in windows)
     assert covered == shards.meta["val_tokens"] - 1
+
+
+def test_hugging_face_dataset_from_local_files(tmp_path, small_tokenizer, monkeypatch) -> None:
+    """`datasets` (json builder on a local file) yields the same documents as reading the jsonl ourselves."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    lines = [json.dumps({"body": f"Chapter {i}. Anne Elliot walked to Uppercross."}) for i in range(12)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    ours = read_documents([tmp_path / "d.jsonl"], field="body")
+    theirs = data_mod.hf_documents("json", "train", "body", data_files=[str(tmp_path / "d.jsonl")])
+    assert [d.text for d in theirs] == [d.text for d in ours]
+    with pytest.raises(CamelidError, match="no column 'text'"):
+        data_mod.hf_documents("json", "train", "text", data_files=[str(tmp_path / "d.jsonl")])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -41,6 +42,13 @@ def test_training_learns_and_writes_everything(trained) -> None:
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "samples.txt").read_text().count("--- step") == 2
     assert ckpt.latest(out).name == "step-000030"
+    if importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("val/val_bpb")] == [10, 20, 30]
+        assert len(events.Scalars("train/loss")) == 30
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000020", "step-000030"]
 
 
