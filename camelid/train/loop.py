@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 
 from camelid.errors import CamelidError
+from camelid.interop.hf import atomic_write
 from camelid.model import Llama
 from camelid.train import checkpoint as ckpt
 from camelid.train import distributed as D
@@ -188,23 +189,19 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(out)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n"))
 
     # the model, identical on every process (same seed), then wrapped for DDP / FSDP2
     torch.manual_seed(cfg.seed)
     raw = Llama(mcfg).to(device)
     if cfg.activation_checkpointing:
         use_activation_checkpointing(raw)
-    optimizer_owner: nn.Module
-    if info.enabled and cfg.distributed == "fsdp":
-        model = optimizer_owner = D.wrap(raw, "fsdp", info)
-    else:
-        model = optimizer_owner = D.wrap(raw, "ddp", info)
-    optimizer = build_optimizer(optimizer_owner, cfg, device)
+    fsdp = info.enabled and cfg.distributed == "fsdp"
+    model = D.wrap(raw, cfg.distributed, info)  # `raw` itself when there is one process
+    optimizer = build_optimizer(model, cfg, device)
     schedule = functools.partial(lr_factor, warmup=cfg.warmup_steps, max_steps=cfg.max_steps,
                                  min_ratio=cfg.min_lr / cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    fsdp = info.enabled and cfg.distributed == "fsdp"
 
     start = 0
     if resume:

@@ -5,6 +5,7 @@ tolerance (1e-5 relative), not bitwise."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -52,4 +53,13 @@ def test_two_gloo_processes_match_one_process(mode, single, small_data, tmp_path
     assert w.keys() == w_ref.keys()
     for k in w:
         assert (w[k] - w_ref[k]).abs().max().item() < 1e-4, k
-    assert (out / "checkpoints" / "step-000008" / "state.pt").is_file()
+    # resuming the 2-process run from its step-4 checkpoint (sharded state gathered and re-sharded under FSDP)
+    # repeats steps 5-8 exactly
+    resumed = tmp_path / f"{mode}-resumed"
+    shutil.copytree(out, resumed)
+    (resumed / "checkpoints" / "latest").write_text("step-000004\n")
+    torchrun("pretrain", *tiny_settings(small_data, resumed, max_steps=STEPS, grad_accum=1, eval_interval=4,
+                                        checkpoint_interval=4, distributed=mode, export="false"), "--resume",
+             "--no-progress")
+    keys = ("step", "loss", "lr", "grad_norm", "val_loss", "val_bpb")
+    assert [[r[k] for k in keys] for r in read_log(resumed / "log.csv")] == [[r[k] for k in keys] for r in got]
