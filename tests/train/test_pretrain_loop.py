@@ -68,6 +68,13 @@ def test_export_loads_in_transformers_and_bits_per_byte_check_out(trained, small
             logits = hf(chunk[None, :-1]).logits[0]
             nll += F.cross_entropy(logits.float(), chunk[1:], reduction="sum").item()
     bpb = nll / math.log(2) / data.meta["val_bytes"]
+    # camelid reads its own export back and agrees with transformers on it
+    import camelid
+
+    llm = camelid.load(out / "hf", tokenizer=False)
+    x = val[None, :64]
+    with torch.no_grad():
+        assert torch.allclose(llm.model(x), hf(x).logits, atol=1e-4)
     assert result.val_bpb == pytest.approx(bpb, rel=1e-4)
     assert result.val_loss == pytest.approx(nll / (len(val) - 1), rel=1e-4)
 
