@@ -72,7 +72,7 @@ def test_export_loads_in_transformers_and_bits_per_byte_check_out(trained, small
     import camelid
 
     llm = camelid.load(out / "hf", tokenizer=False)
-    x = val[None, :64]
+    x = val[None, :cfg.block_size]
     with torch.no_grad():
         assert torch.allclose(llm.model(x), hf(x).logits, atol=1e-4)
     assert result.val_bpb == pytest.approx(bpb, rel=1e-4)
