@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "camelid.cli.generate",
     "camelid.cli.models",
     "camelid.cli.tokenize",
+    "camelid.cli.train",
 ]
 
 

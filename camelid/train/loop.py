@@ -1,0 +1,389 @@
+"""The pretraining loop, top to bottom (in the spirit of nanoGPT).
+
+One optimizer step = grad_accum micro-batches per process x world_size processes. Micro-batch g of step s
+(g counted across all processes) is drawn from (seed, s, g) alone, so a run split over 2 processes sees
+the same tokens as one process accumulating 2 micro-batches, and a resumed run sees what it would have
+seen had it never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute
+
+from camelid.errors import CamelidError
+from camelid.interop.hf import atomic_write
+from camelid.model import Llama
+from camelid.train import checkpoint as ckpt
+from camelid.train import distributed as D
+from camelid.train.config import TrainConfig
+from camelid.train.data import TokenShards
+from camelid.train.flops import flops_per_token, gpu_peak, measure_matmul_peak
+
+LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "val_loss", "val_bpb", "tokens", "elapsed_s", "tokens_per_s", "mfu"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# pieces
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup from 0, then cosine decay to min_ratio (the formula of transformers'
+    get_cosine_with_min_lr_schedule_with_warmup)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not norms or biases); fused kernels on GPU, foreach on CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kind)
+
+
+def use_activation_checkpointing(model: Llama) -> None:
+    """Recompute every block in the backward pass instead of keeping its activations (from the outside:
+    the block's forward is wrapped, its parameters and their names stay as they are)."""
+    for block in model.layers:
+        block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if name == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, name))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TokenShards, cfg: TrainConfig, device: torch.device,
+             full: bool = False) -> tuple[float, float]:
+    """(mean loss in nats/token, bits per byte) over the validation split (its first eval_tokens unless `full`).
+
+    Bits per byte = summed NLL / ln 2 / UTF-8 bytes, where the bytes are the share of the held-out text
+    that the scored tokens cover (all of it when eval_tokens is 0)."""
+    was_training = model.training
+    model.eval()
+    nll, count = torch.zeros((), dtype=torch.float64), 0
+    for x, y in data.val_windows(cfg.block_size, 0 if full else cfg.eval_tokens):
+        with autocast(cfg, device):
+            logits = model(x.to(device))
+        nll += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").double().cpu()
+        count += y.numel()
+    model.train(was_training)
+    if count == 0:
+        return float("nan"), float("nan")
+    predictable = max(1, data.meta["val_tokens"] - 1)
+    nbytes = data.meta["val_bytes"] * count / predictable
+    return float(nll / count), float(nll / math.log(2) / nbytes)
+
+
+def sample_text(model: Llama, tokenizer: Any, eos: int, cfg: TrainConfig, step: int) -> str:
+    from camelid.generate import SamplingParams, generate
+
+    prompt = tokenizer.encode(cfg.sample_prompt, add_special_tokens=False).ids if cfg.sample_prompt else []
+    prompt = [eos, *prompt]
+    n = max(1, min(cfg.sample_tokens, model.config.max_seq_len - len(prompt)))
+    params = SamplingParams(temperature=0.8, top_k=50)
+    ids = generate(model, prompt, n, params, stop_ids=[eos], seed=cfg.seed + step)
+    return cfg.sample_prompt + tokenizer.decode([i for i in ids if i != eos])
+
+
+class CsvLog:
+    """One row per optimizer step; on resume, rows past the checkpoint (from the killed run) are dropped.
+    When the `tensorboard` package is installed the same numbers also go to out/tensorboard."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+        except ImportError:  # tensorboard is optional: CSV alone then
+            pass
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        self.fh = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self.writer = csv.DictWriter(self.fh, fieldnames=LOG_FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.fh.flush()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
+        self.fh.flush()
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm", "val_loss", "val_bpb", "tokens_per_s", "mfu"):
+                if row.get(key, "") != "":
+                    self.tb.add_scalar(f"{'val' if key.startswith('val') else 'train'}/{key}", float(row[key]),
+                                       row["step"])
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    val_loss: float
+    val_bpb: float
+    tokens: int
+    seconds: float
+    out: Path
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    cfg.validate()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    info = D.setup(cfg.device)
+    try:
+        return _train(cfg, info, resume, progress)
+    finally:
+        D.teardown(info)
+
+
+def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> TrainResult:
+    from tqdm import tqdm
+
+    device, out = info.device, Path(cfg.out)
+    data = TokenShards(cfg.data)
+    mcfg = cfg.llama_config(vocab_size=data.vocab_size)
+    if mcfg.vocab_size < data.vocab_size:
+        raise CamelidError(f"model vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {data.vocab_size}; "
+                           "raise model.vocab_size or leave it out to use the tokenizer's")
+    if cfg.block_size > mcfg.max_seq_len:
+        raise CamelidError(f"block_size {cfg.block_size} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    if mcfg.bos_token_id != data.meta["eos_id"] and "bos_token_id" not in (cfg.model if isinstance(cfg.model, dict)
+                                                                            else {}):
+        mcfg = mcfg.replace(bos_token_id=data.meta["eos_id"], eos_token_id=data.meta["eos_id"])
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(out)
+        atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n"))
+
+    # the model, identical on every process (same seed), then wrapped for DDP / FSDP2
+    torch.manual_seed(cfg.seed)
+    raw = Llama(mcfg).to(device)
+    if cfg.activation_checkpointing:
+        use_activation_checkpointing(raw)
+    fsdp = info.enabled and cfg.distributed == "fsdp"
+    model = D.wrap(raw, cfg.distributed, info)  # `raw` itself when there is one process
+    optimizer = build_optimizer(model, cfg, device)
+    schedule = functools.partial(lr_factor, warmup=cfg.warmup_steps, max_steps=cfg.max_steps,
+                                 min_ratio=cfg.min_lr / cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    start = 0
+    if resume:
+        start = _restore(out, raw, model, optimizer, scheduler, fsdp)
+        if start >= cfg.max_steps:
+            raise CamelidError(f"the checkpoint is at step {start}, already at max_steps {cfg.max_steps}; "
+                               "raise max_steps to train further")
+    forward = torch.compile(model) if cfg.compile else model
+
+    tok_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * info.world_size
+    flops_tok = flops_per_token(mcfg, cfg.block_size)
+    peak = cfg.peak_flops or (gpu_peak(device) if device.type == "cuda" else None) or \
+        measure_matmul_peak(device) * info.world_size
+    tokenizer = None
+    if cfg.sample_interval and info.is_main and not fsdp:
+        from camelid.train.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer or data.dir / "tokenizer.json")
+    log = CsvLog(out / "log.csv", start if resume else None) if info.is_main else None
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=not (progress and info.is_main))
+    if info.is_main:
+        n_params = raw.num_params()
+        bar.write(f"model {n_params / 1e6:.2f}M parameters, {tok_per_step} tokens/step, "
+                  f"{info.world_size} process(es) on {device.type}" + (f" ({cfg.distributed})" if info.enabled else ""))
+
+    t_start = time.perf_counter()
+    loss_value, val_loss, val_bpb = float("nan"), float("nan"), float("nan")
+    model.train()
+    for step in range(start, cfg.max_steps):
+        t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            last = micro == cfg.grad_accum - 1
+            x, y = data.batch(cfg.seed, step, info.rank * cfg.grad_accum + micro, cfg.batch_size, cfg.block_size)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _sync(model, info, fsdp, last), autocast(cfg, device):
+                logits = forward(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            with _sync(model, info, fsdp, last):
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = D.all_mean(loss_sum / cfg.grad_accum, info).item()
+        if not math.isfinite(loss_value):
+            raise CamelidError(f"the loss became {loss_value} at step {step + 1}; lower lr or raise warmup_steps")
+        done = step + 1
+        dt = time.perf_counter() - t0
+        mfu = flops_tok * tok_per_step / dt / peak
+        # repr() writes the shortest string that reads back to the same float: resumed runs compare bitwise
+        row: dict[str, Any] = {"step": done, "loss": repr(loss_value), "lr": repr(lr),
+                               "grad_norm": repr(float(grad_norm)), "tokens": done * tok_per_step,
+                               "elapsed_s": f"{time.perf_counter() - t_start:.3f}",
+                               "tokens_per_s": f"{tok_per_step / dt:.1f}", "mfu": f"{mfu:.4f}"}
+
+        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
+            # the last evaluation always covers the whole validation split
+            val_loss, val_bpb = evaluate(raw, data, cfg, device, full=done == cfg.max_steps)
+            row.update(val_loss=repr(val_loss), val_bpb=repr(val_bpb))
+            if info.is_main:
+                bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, "
+                          f"val {val_bpb:.4f} bits/byte")
+        if tokenizer is not None and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.max_steps):
+            text = sample_text(raw, tokenizer, data.meta["eos_id"], cfg, done)
+            bar.write(f"--- sample at step {done} ---\n{text}\n---")
+            with open(out / "samples.txt", "a") as fh:
+                fh.write(f"--- step {done} ---\n{text}\n")
+        if log is not None:
+            log.write(row)
+        if done % max(1, cfg.log_interval) == 0 or done == cfg.max_steps:
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_per_step / dt:,.0f}",
+                            mfu=f"{100 * mfu:.1f}%", refresh=False)
+        bar.update(1)
+        if cfg.checkpoint_interval and (done % cfg.checkpoint_interval == 0 or done == cfg.max_steps):
+            _save(out, done, raw, model, optimizer, scheduler, cfg, info, fsdp)
+    bar.close()
+    seconds = time.perf_counter() - t_start
+    if info.is_main and log is not None:
+        log.close()
+        from camelid.train.plot import plot_log
+
+        plot_log(out / "log.csv", out / "loss.png", title=f"{mcfg.name}: {raw.num_params() / 1e6:.2f}M parameters")
+    if cfg.export:
+        _export(out, raw, model, cfg, data, info, fsdp)
+    return TrainResult(cfg.max_steps, loss_value, val_loss, val_bpb, cfg.max_steps * tok_per_step, seconds, out)
+
+
+def _sync(model: nn.Module, info: D.DistInfo, fsdp: bool, last: bool) -> contextlib.AbstractContextManager:
+    """Gradients are synchronised across processes only on the last micro-batch of a step."""
+    if not info.enabled or last:
+        if fsdp:
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if fsdp:
+        model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints and export
+
+
+def _full_states(raw: Llama, model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return raw.state_dict(), optimizer.state_dict()
+
+
+def _save(out: Path, step: int, raw: Llama, model: nn.Module, optimizer: torch.optim.Optimizer,
+          scheduler: Any, cfg: TrainConfig, info: D.DistInfo, fsdp: bool) -> None:
+    model_state, optim_state = _full_states(raw, model, optimizer, fsdp)  # every process takes part under FSDP
+    if info.is_main:
+        train_state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                       "rng": ckpt.rng_state(), "world_size": info.world_size}
+        meta = {"tokens": step * cfg.batch_size * cfg.block_size * cfg.grad_accum * info.world_size,
+                "config": cfg.to_dict()}
+        ckpt.save(out, step, model_state, train_state, meta, keep=cfg.keep_checkpoints)
+    D.barrier(info)
+
+
+def _restore(out: Path, raw: Llama, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             fsdp: bool) -> int:
+    path = ckpt.latest(out)
+    weights, state, _meta = ckpt.load(path)
+    expected = set(raw.state_dict())
+    missing = expected - set(weights) - ({"output.weight"} if raw.config.tie_embeddings else set())
+    if missing or set(weights) - expected:
+        raise CamelidError(f"{path}: its weights do not fit this model (missing {sorted(missing)[:3]}, unexpected "
+                           f"{sorted(set(weights) - expected)[:3]}); use the config that wrote it")
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        if raw.config.tie_embeddings:
+            weights["output.weight"] = weights["tok_embeddings.weight"]
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        device = next(raw.parameters()).device
+        raw.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
+        raw.tie_weights()
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CamelidError(f"{path}: optimizer state does not fit this run ({e}); resume with the same "
+                               "config and number of processes") from None
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _export(out: Path, raw: Llama, model: nn.Module, cfg: TrainConfig, data: TokenShards, info: D.DistInfo,
+            fsdp: bool) -> None:
+    """The final weights as a Hugging Face folder (out/hf), with the tokenizer beside them."""
+    from camelid.interop.hf import save_hf_dir
+
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
+    if info.is_main:
+        with torch.device("meta"):
+            plain = Llama(raw.config)
+        plain.load_state_dict(state, assign=True, strict=False)
+        plain.tie_weights()
+        plain.rope.inv_freq = raw.rope.inv_freq.detach().cpu()
+        save_hf_dir(plain, out / "hf")
+        tok = Path(cfg.tokenizer) if cfg.tokenizer else data.dir / "tokenizer.json"
+        if tok.is_dir():
+            tok = tok / "tokenizer.json"
+        shutil.copyfile(tok, out / "hf" / "tokenizer.json")
+        if (tok.parent / "tokenizer_config.json").is_file():
+            shutil.copyfile(tok.parent / "tokenizer_config.json", out / "hf" / "tokenizer_config.json")
+    D.barrier(info)

@@ -1,0 +1,108 @@
+"""Train a byte-level BPE tokenizer (the Hugging Face `tokenizers` library) on text files.
+
+Byte-level BPE (GPT-2 style) can encode any UTF-8 text without unknown tokens. The special tokens are
+those the ChatML chat format needs (`<|im_start|>`, `<|im_end|>`) plus `<|endoftext|>`, which separates
+documents in pretraining data and doubles as BOS/EOS. The output is a standard tokenizer.json, next to a
+tokenizer_config.json carrying the chat template, so Hugging Face and camelid both read it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from camelid.errors import CamelidError
+
+EOS = "<|endoftext|>"
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+DEFAULT_SPECIALS = [EOS, *CHAT_SPECIALS]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def text_files(paths: list[str | Path], suffixes: tuple[str, ...] = (".txt", ".md")) -> list[Path]:
+    """Files as given, directories expanded (recursively, sorted) to their text files."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
+            if not found:
+                raise CamelidError(f"{p}: no {'/'.join(suffixes)} files in this directory")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise CamelidError(f"{p}: no such file or directory")
+    return out
+
+
+def _lines(files: list[Path]) -> Iterator[str]:
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            yield from fh
+
+
+def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Path,
+                    special_tokens: list[str] | None = None, min_frequency: int = 2,
+                    show_progress: bool = True) -> Path:
+    """Train byte-level BPE on `files` and write out_dir/tokenizer.json (+ tokenizer_config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from camelid.interop.hf import atomic_write
+
+    specials = list(dict.fromkeys(special_tokens if special_tokens is not None else DEFAULT_SPECIALS))
+    if not specials:
+        raise CamelidError("at least one special token is needed (the end-of-text token that separates documents)")
+    floor = 256 + len(specials)
+    if vocab_size < floor:
+        raise CamelidError(f"vocab size {vocab_size} is below the {floor} that the 256 bytes and "
+                           f"{len(specials)} special tokens need; choose a larger --vocab-size")
+    paths = text_files(list(files))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+    )
+    tok.train_from_iterator(_lines(paths), trainer=trainer)
+    out = Path(out_dir)
+    atomic_write(out / "tokenizer.json", lambda p: tok.save(str(p)))
+    eos = specials[0]
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eos, "eos_token": eos, "unk_token": None, "pad_token": eos,
+        "model_max_length": 1 << 30, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+    }
+    if all(s in specials for s in CHAT_SPECIALS):
+        cfg["chat_template"] = CHATML_TEMPLATE
+    atomic_write(out / "tokenizer_config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+    return out / "tokenizer.json"
+
+
+def load_tokenizer(path: str | Path):
+    """A `tokenizers.Tokenizer` from tokenizer.json (or a folder holding one), with a clear error if absent."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise CamelidError(f"{p}: no tokenizer.json; train one with `camelid tokenizer train`")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # noqa: BLE001 - the Rust side raises a generic Exception
+        raise CamelidError(f"{p}: not a valid tokenizer.json ({' '.join(str(e).split())[:200]})") from None
+
+
+def eos_id(tok, path: str | Path = "tokenizer.json") -> int:
+    """The id of the document separator: <|endoftext|> if present, else </s> or <eos>."""
+    for name in (EOS, "</s>", "<eos>", "<|end_of_text|>"):
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    raise CamelidError(f"{path}: the tokenizer has no end-of-text token ({EOS}); retrain it with that special token")
