@@ -7,6 +7,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import torch
 import typer
@@ -29,6 +30,19 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _tokenizer_for(path: Path) -> Any:
+    """The source's tokenizer, to carry over; a checkpoint without one still converts (with a note)."""
+    try:
+        from camelid.tokenizer import Tokenizer
+    except ImportError:  # the tokenizer package is optional for conversion
+        return None
+    try:
+        return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_dir(path)
+    except CamelidError as e:
+        print(f"note: no tokenizer carried over ({e})", file=sys.stderr)
+        return None
+
+
 def convert_checkpoint(src: str, dst: Path, to: str, dtype: str | None = None, qtype: str = "f32",
                        shards: int = 1) -> Path:
     """Load `src` (name, HF dir, .gguf, Meta dir) and write it to `dst` in format `to`; returns what was written."""
@@ -43,8 +57,9 @@ def convert_checkpoint(src: str, dst: Path, to: str, dtype: str | None = None, q
     if to != "gguf" and dst.is_file():
         raise CamelidError(f"{dst}: is a file; {to} checkpoints are directories, give a directory path")
     torch_dtype = DTYPES[dtype] if dtype else None
-    llm = camelid.load(src, dtype=torch_dtype)
+    llm = camelid.load(src, dtype=torch_dtype, tokenizer=False)
     src_path = Path(llm.source)
+    llm.tokenizer = _tokenizer_for(src_path)
     if to == "hf":
         return llm.save_pretrained(dst, dtype=torch_dtype)
     if to == "gguf":

@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
@@ -168,10 +169,11 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> LlamaConfig:
         raise CamelidError(f"{source}: {e}") from None
     if "rope_freqs.weight" in tensors:
         given = None
-        if _value(reader, "camelid.rope.scaling.factor") is not None:
-            given = RopeScaling(*(_f32(_value(reader, f"camelid.rope.scaling.{k}"))
+        key = "camelid.rope.scaling"
+        if _value(reader, f"{key}.factor") is not None:
+            given = RopeScaling(*(_f32(_value(reader, f"{key}.{k}"))
                                   for k in ("factor", "low_freq_factor", "high_freq_factor")),
-                                original_max_seq_len=int(_value(reader, "camelid.rope.scaling.original_context_length")))
+                                original_max_seq_len=int(_value(reader, f"{key}.original_context_length")))
         config.rope_scaling = rope_scaling_from_freqs(_dequantize(tensors["rope_freqs.weight"], source), config,
                                                       source, given)
     return config
@@ -194,7 +196,8 @@ def _dequantize(t: Any, source: str) -> np.ndarray:
 
 def _gguf_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> Iterator[tuple[str, Tensor]]:
     permuted = not config.qkv_bias  # llama.cpp permutes llama's q/k rows (and biases), not Qwen2's
-    for t in reader.tensors:
+    # a progress bar on terminals only (disable=None): an 8B model takes a minute to dequantise
+    for t in tqdm(reader.tensors, desc=f"loading {Path(source).name}", unit="tensor", disable=None, leave=False):
         if t.name == "rope_freqs.weight":
             continue
         hf_name = gguf_to_hf_name(t.name)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
@@ -183,7 +184,7 @@ def _merge_dim(name: str, shard: Tensor, dim: int) -> int | None:
 
 def _meta_tensors(shards: list[dict[str, Tensor]], config: LlamaConfig, source: str) -> Iterator[tuple[str, Tensor]]:
     """Merge shards tensor by tensor, undo the rotary permutation, yield HF names for build_model."""
-    for name in shards[0]:
+    for name in tqdm(list(shards[0]), desc=f"loading {Path(source).name}", unit="tensor", disable=None, leave=False):
         if name == "rope.freqs":  # Llama 1/2 store the (unscaled) rotary table; camelid computes it
             continue
         parts = [s.get(name) for s in shards]
@@ -212,7 +213,8 @@ def load_meta_dir(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     try:
         params = json.loads(params_file.read_text())
     except json.JSONDecodeError as e:
-        raise CamelidError(f"{params_file}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it") from None
+        raise CamelidError(f"{params_file}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it") \
+            from None
     files = _shard_files(path)
     shards = [_load_shard(f) for f in files]
     emb = shards[0].get("tok_embeddings.weight")
@@ -238,10 +240,7 @@ def load_meta_dir(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
 
 
 def _split(name: str, t: Tensor, n: int, dim: int) -> list[Tensor]:
-    if name == "tok_embeddings.weight":
-        cat = 1  # Llama 2's ParallelEmbedding
-    else:
-        cat = _merge_dim(name, t, dim)
+    cat = 1 if name == "tok_embeddings.weight" else _merge_dim(name, t, dim)  # Llama 2's ParallelEmbedding
     if cat is None or n == 1:
         return [t] * n
     if t.shape[cat] % n:
@@ -250,7 +249,8 @@ def _split(name: str, t: Tensor, n: int, dim: int) -> list[Tensor]:
     return list(t.chunk(n, dim=cat))
 
 
-def save_meta_dir(model: Llama, path: str | os.PathLike, *, n_shards: int = 1, dtype: torch.dtype | None = None) -> Path:
+def save_meta_dir(model: Llama, path: str | os.PathLike, *, n_shards: int = 1,
+                  dtype: torch.dtype | None = None) -> Path:
     """Write params.json and consolidated.NN.pth (n_shards model-parallel shards) in Meta's layout, atomically."""
     path = Path(path)
     config = model.config
@@ -272,7 +272,7 @@ def save_meta_dir(model: Llama, path: str | os.PathLike, *, n_shards: int = 1, d
             t = to_interleaved(t, config.n_heads)
         elif name.endswith("attention.wk.weight"):
             t = to_interleaved(t, config.n_kv_heads)
-        for shard, part in zip(shards, _split(name, t, n_shards, config.dim)):
+        for shard, part in zip(shards, _split(name, t, n_shards, config.dim), strict=True):
             shard[name] = part.clone()  # own storage: torch.save would otherwise write the whole tensor
     for i, shard in enumerate(shards):
         atomic_write(path / f"consolidated.{i:02d}.pth", lambda p, s=shard: torch.save(s, p))

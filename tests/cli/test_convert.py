@@ -44,7 +44,8 @@ def test_hf_to_gguf_to_meta_to_hf_keeps_the_model(tmp_path: Path) -> None:
 
 def test_dtype_and_qtype(tmp_path: Path) -> None:
     save_hf_dir(Llama(LlamaConfig.from_name("tiny-mqa")), tmp_path / "hf")
-    result = runner.invoke(app, ["convert", str(tmp_path / "hf"), str(tmp_path / "bf"), "--to", "hf", "--dtype", "bf16"])
+    result = runner.invoke(app, ["convert", str(tmp_path / "hf"), str(tmp_path / "bf"), "--to", "hf",
+                                 "--dtype", "bf16"])
     assert result.exit_code == 0, result.output
     assert camelid.load(tmp_path / "bf", tokenizer=False).model.norm.weight.dtype == torch.bfloat16
     result = runner.invoke(app, ["convert", str(tmp_path / "hf"), str(tmp_path / "q.gguf"), "--to", "gguf",

@@ -129,7 +129,7 @@ def test_our_f32_gguf_loads_in_transformers_and_camelid(written: dict[str, Path]
     hf = transformers.AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, torch_dtype=torch.float32)
     _assert_agree(*_hf_logits_and_greedy(hf.eval(), prompt), *ours_out)
     back = load_gguf(f)[1]
-    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # f32 round trip is exact
 
 
@@ -145,20 +145,20 @@ def test_our_q8_0_gguf(written: dict[str, Path], prompt: list[int], ours_out) ->
     assert types == {"Q8_0", "F32"}
     assert f.stat().st_size < written["f32"].stat().st_size / 3
     q8 = camelid.load(f, tokenizer=False).model
-    q8_logits, q8_tokens = _hf_logits_and_greedy_camelid(q8, prompt)
+    q8_logits, q8_tokens = _camelid_logits_and_greedy(q8, prompt)
     # transformers dequantises the same blocks: agreement as tight as for f32
     hf = transformers.AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, torch_dtype=torch.float32)
     _assert_agree(*_hf_logits_and_greedy(hf.eval(), prompt), q8_logits, q8_tokens)
     # against the model it came from: a stated tolerance, and the first 16 greedy tokens identical
     ref_logits, ref_tokens = ours_out
     diff = (q8_logits - ref_logits).abs()
-    print(f"\nq8_0 vs f32 logits: max |diff| {diff.max():.3f}, mean {diff.mean():.4f}; "
-          f"greedy tokens equal for {next((i for i, (a, b) in enumerate(zip(q8_tokens, ref_tokens)) if a != b), 64)}")
+    same = next((i for i, (a, b) in enumerate(zip(q8_tokens, ref_tokens, strict=True)) if a != b), N_NEW)
+    print(f"\nq8_0 vs f32 logits: max |diff| {diff.max():.3f}, mean {diff.mean():.4f}; greedy equal for {same}")
     assert diff.max() < Q8_MAX and diff.mean() < Q8_MEAN, (diff.max(), diff.mean())
     assert q8_tokens[:16] == ref_tokens[:16]
 
 
-def _hf_logits_and_greedy_camelid(model: Llama, prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
+def _camelid_logits_and_greedy(model: Llama, prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
     with torch.no_grad():
         logits = model(torch.tensor([prompt]))[0]
     return logits, generate(model, prompt, N_NEW, SamplingParams())
@@ -205,13 +205,13 @@ def test_llama_cpp_runs_our_gguf(written: dict[str, Path], qtype: str, prompt: l
     if qtype == "f32":
         ref_logits, ref_tokens = ours_out
     else:
-        ref_logits, ref_tokens = _hf_logits_and_greedy_camelid(load_gguf(written[qtype])[1], prompt)
+        ref_logits, ref_tokens = _camelid_logits_and_greedy(load_gguf(written[qtype])[1], prompt)
     ref = ref_logits.numpy()
     diff = np.abs(cpp_logits - ref)
     rel, mean = diff.max() / np.abs(ref).max(), diff.mean()
     with capsys.disabled():
         print(f"\nllama.cpp vs camelid, {qtype}: max |diff| / max |logit| = {rel:.2e}, mean |diff| = {mean:.2e}, "
-              f"greedy {sum(a == b for a, b in zip(cpp_tokens, ref_tokens))}/{n_new} equal")
+              f"greedy {sum(a == b for a, b in zip(cpp_tokens, ref_tokens[:n_new], strict=True))}/{n_new} equal")
     if qtype == "f32":
         assert rel < 1e-4, rel  # same weights, f32 arithmetic (f32 KV cache): only summation order differs
     else:
