@@ -204,7 +204,10 @@ def _gguf_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> 
         if hf_name is None:
             raise CamelidError(f"{source}: unexpected tensor {t.name!r} for a {config.n_layers}-layer llama model; "
                                "the file holds another architecture's weights")
-        w = torch.from_numpy(np.array(_dequantize(t, source)))  # a copy: the reader's arrays map the file
+        w = _dequantize(t, source)
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            w = w.copy()  # F32 "dequantises" to a view of the memory-mapped file; the model must own its weights
+        w = torch.from_numpy(w)
         if permuted and ".q_proj." in hf_name:
             w = from_interleaved(w, config.n_heads)
         elif permuted and ".k_proj." in hf_name:
