@@ -65,11 +65,15 @@ def prompt(hf_tokenizer) -> list[int]:
     return ids[:N_PROMPT]
 
 
+def _camelid_logits_and_greedy(model: Llama, prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0]
+    return logits, generate(model, prompt, N_NEW, SamplingParams())
+
+
 @pytest.fixture(scope="module")
 def ours_out(ours: Llama, prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
-    with torch.no_grad():
-        logits = ours(torch.tensor([prompt]))[0]
-    return logits, generate(ours, prompt, N_NEW, SamplingParams())
+    return _camelid_logits_and_greedy(ours, prompt)
 
 
 @pytest.fixture(scope="module")
@@ -147,17 +151,23 @@ def test_our_f32_gguf_loads_in_transformers_and_camelid(written: dict[str, Path]
 Q8_MAX, Q8_MEAN = 4.0, 0.3
 
 
+@pytest.fixture(scope="module")
+def q8_out(written: dict[str, Path], prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
+    return _camelid_logits_and_greedy(camelid.load(written["q8_0"], tokenizer=False).model, prompt)
+
+
 @pytest.mark.slow
-def test_our_q8_0_gguf(written: dict[str, Path], prompt: list[int], ours_out) -> None:
+def test_our_q8_0_gguf(written: dict[str, Path], prompt: list[int], ours_out, q8_out) -> None:
     f = written["q8_0"]
     types = {t.tensor_type.name for t in gguf.GGUFReader(f).tensors}
     assert types == {"Q8_0", "F32"}
     assert f.stat().st_size < written["f32"].stat().st_size / 3
-    q8 = camelid.load(f, tokenizer=False).model
-    q8_logits, q8_tokens = _camelid_logits_and_greedy(q8, prompt)
-    # transformers dequantises the same blocks: agreement as tight as for f32
+    q8_logits, q8_tokens = q8_out
+    # transformers dequantises the same blocks: logits agree as tightly as for f32
     hf = transformers.AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, torch_dtype=torch.float32)
-    _assert_agree(*_hf_logits_and_greedy(hf.eval(), prompt), q8_logits, q8_tokens)
+    with torch.no_grad():
+        hf_logits = hf.eval()(torch.tensor([prompt])).logits[0]
+    assert (hf_logits - q8_logits).abs().max() < LOGIT_ATOL
     # against the model it came from: a stated tolerance, and the first 16 greedy tokens identical
     ref_logits, ref_tokens = ours_out
     diff = (q8_logits - ref_logits).abs()
@@ -165,12 +175,6 @@ def test_our_q8_0_gguf(written: dict[str, Path], prompt: list[int], ours_out) ->
     print(f"\nq8_0 vs f32 logits: max |diff| {diff.max():.3f}, mean {diff.mean():.4f}; greedy equal for {same}")
     assert diff.max() < Q8_MAX and diff.mean() < Q8_MEAN, (diff.max(), diff.mean())
     assert q8_tokens[:16] == ref_tokens[:16]
-
-
-def _camelid_logits_and_greedy(model: Llama, prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt]))[0]
-    return logits, generate(model, prompt, N_NEW, SamplingParams())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,15 +210,13 @@ def _llama_cpp_logits_and_greedy(path: Path, prompt: list[int], n_new: int,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("qtype", ["f32", "q8_0"])
-def test_llama_cpp_runs_our_gguf(written: dict[str, Path], qtype: str, prompt: list[int], ours_out,
-                                 capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_llama_cpp_runs_our_gguf(written: dict[str, Path], qtype: str, prompt: list[int],
+                                 request: pytest.FixtureRequest, capsys: pytest.CaptureFixture,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     n_new = 16
     cpp_logits, cpp_tokens = _llama_cpp_logits_and_greedy(written[qtype], prompt, n_new, monkeypatch)
-    if qtype == "f32":
-        ref_logits, ref_tokens = ours_out
-    else:
-        ref_logits, ref_tokens = _camelid_logits_and_greedy(load_gguf(written[qtype])[1], prompt)
+    ref_logits, ref_tokens = request.getfixturevalue("ours_out" if qtype == "f32" else "q8_out")
     ref = ref_logits.numpy()
     diff = np.abs(cpp_logits - ref)
     rel, mean = diff.max() / np.abs(ref).max(), diff.mean()
