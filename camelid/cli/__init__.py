@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "camelid.cli.models",
     "camelid.cli.tokenize",
     "camelid.cli.train",
+    "camelid.cli.convert",
 ]
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -201,17 +201,22 @@ def camelid_to_hf_name(name: str) -> str:
 
 def build_model(
     config: LlamaConfig,
-    tensors: dict[str, Tensor],
+    tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
     source: str,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> Llama:
-    """Assemble a Llama from HF-named tensors without allocating twice; every mismatch is a one-line error."""
+    """Assemble a Llama from HF-named tensors without allocating twice; every mismatch is a one-line error.
+
+    `tensors` may be a dict or a stream of (name, tensor) pairs: GGUF and Meta readers yield one converted
+    tensor at a time, so peak memory is the model plus one tensor in flight.
+    """
     with torch.device("meta"):
         model = Llama(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state: dict[str, Tensor] = {}
-    for hf_name, t in tensors.items():
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
+    for hf_name, t in pairs:
         name = hf_to_camelid_name(hf_name)
         if name is None:
             continue
