@@ -182,8 +182,10 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
     elif path.is_file() and path.suffix == ".gguf":
         from camelid.interop.gguf import load_gguf
 
+        from camelid.tokenizer.vocab import read_gguf_metadata
+
         config, model = load_gguf(path, dtype=dtype, device=device)
-        has_tok = True
+        has_tok = "tokenizer.ggml.model" in read_gguf_metadata(path, prefix="tokenizer.ggml.model")
     elif path.is_dir() and (path / "params.json").is_file():
         from camelid.interop.meta import load_meta_dir
 
