@@ -181,7 +181,6 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
         has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     elif path.is_file() and path.suffix == ".gguf":
         from camelid.interop.gguf import load_gguf
-
         from camelid.tokenizer.vocab import read_gguf_metadata
 
         config, model = load_gguf(path, dtype=dtype, device=device)
