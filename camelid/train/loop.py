@@ -167,7 +167,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
         torch.set_num_threads(cfg.threads)
     info = D.setup(cfg.device)
     try:
-        return _train(cfg, info, resume, progress)
+        result = _train(cfg, info, resume, progress)
+        D.barrier(info)  # no rank tears the process group down while another is still in a collective
+        return result
     finally:
         D.teardown(info)
 
