@@ -42,6 +42,8 @@ class WordPiece:
                                    f"{', '.join(SPECIAL_TOKENS)}")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
+        # marked special (ids unchanged): "[MASK]" in a text stays one token, decode can skip them
+        tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
         # [CLS] A [SEP] and [CLS] A [SEP] B [SEP], B's tokens (and its [SEP]) in segment 1
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
