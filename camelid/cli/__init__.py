@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "camelid.cli.info",
     "camelid.cli.bench",
     "camelid.cli.bert",
+    "camelid.cli.classify",
 ]
 
 

@@ -29,6 +29,15 @@ PLACES = ["mat", "field", "barn", "hill", "road", "river"]
 VERBS = ["sat on", "ran to", "slept by", "looked at"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine threads fight each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def synthetic_text(seed: int, n_docs: int = 6, n_sent: int = 40) -> str:
     """Documents in a tiny grammar: in each chapter one animal; sentences follow a fixed template."""
     rng = random.Random(seed)
