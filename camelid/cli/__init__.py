@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "camelid.cli.bench",
     "camelid.cli.bert",
     "camelid.cli.classify",
+    "camelid.cli.compare",
 ]
 
 
