@@ -459,6 +459,8 @@ def label_set(examples: Sequence[Example]) -> list[str]:
     return sorted(counts, key=lambda k: (-counts[k], k))
 
 
-__all__ = ["BertClassifier", "Example", "LlamaClassifier", "TextClassifier", "TrainArgs",
-           "classification_metrics", "evaluate_classifier", "load_classifier", "new_classifier", "read_jsonl",
-           "save_classifier", "train_classifier", "train_test_split"]
+__all__ = [
+    "BertClassifier", "Example", "HFTokenizer", "LlamaClassifier", "TextClassifier", "TrainArgs",
+    "classification_metrics", "evaluate_classifier", "label_set", "llama_hidden_states", "load_classifier",
+    "new_classifier", "read_jsonl", "save_classifier", "train_classifier", "train_test_split",
+]

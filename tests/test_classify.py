@@ -204,3 +204,21 @@ def test_cli_train_eval_predict(tiny_bert_dir, data, tmp_path, capsys):
     assert [x["label"] for x in lines] == ["pos", "neg"]
     assert cli("classify", "eval", "--model", str(tmp_path), "--data", str(f)) == 1
     assert "no classifier.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_minilm_probe_on_snips_intents(minilm_dir):
+    """The real all-MiniLM-L6-v2 with a frozen backbone: a linear head on [CLS] features finds the intents."""
+    from pathlib import Path
+
+    from camelid.compare import _stratified_head
+
+    examples = read_jsonl(Path(__file__).parents[1] / "data" / "classification" / "intent_snips.jsonl")
+    train, test = train_test_split(examples)
+    assert (len(train), len(test)) == (556, 68)  # the file's own split
+    clf = new_classifier(minilm_dir, label_set(examples))
+    stats = train_classifier(clf, _stratified_head(train, 140), TrainArgs(mode="probe", epochs=30), quiet=True)
+    assert stats["params_trainable"] == 384 * 7 + 7
+    result = evaluate_classifier(clf, test)
+    majority = max(sum(e.label == lab for e in test) for lab in clf.labels) / len(test)
+    assert result["accuracy"] > max(0.7, majority + 0.4), result
