@@ -393,11 +393,10 @@ def new_classifier(source: str | os.PathLike, labels: Sequence[str], max_len: in
         from camelid.interop.bert_hf import load_bert_hf_dir
 
         path = hub.pull(str(source)) if str(source) in hub.MODELS else Path(source)
-        _, model, _ = load_bert_hf_dir(path, task="classification", num_labels=len(labels))
-        # a fresh head (a checkpoint's own classifier would belong to other labels)
-        model.classifier.reset_parameters()
-        nn.init.normal_(model.classifier.weight, std=model.config.initializer_range)
-        nn.init.zeros_(model.classifier.bias)
+        # the encoder only: a checkpoint's own classifier would belong to other labels
+        config, encoder, raw = load_bert_hf_dir(path, task="base")
+        model = BertForClassification(config, len(labels), raw.get("classifier_dropout"))
+        model.bert = encoder
         return BertClassifier(model, WordPiece.from_dir(path), labels, max_len or 128)
     model, tok = _load_llm(source)
     return LlamaClassifier(model, tok, labels, max_len or 256)

@@ -189,7 +189,7 @@ def run_arm(arm: str, args: CompareArgs) -> dict[str, Any]:
     result: dict[str, Any] = {"arm": arm, "train_examples": 0, "test_examples": len(test), "train_seconds": 0.0}
     if arm in ("bert-finetune", "llm-probe", "llm-finetune"):
         source = args.bert if arm == "bert-finetune" else args.llm
-        clf = new_classifier(source, labels, args.max_len if arm != "bert-finetune" else min(args.max_len, 512))
+        clf = new_classifier(source, labels, args.max_len)
         mode = "probe" if arm == "llm-probe" else "finetune"
         lr = {"bert-finetune": args.bert_lr, "llm-probe": args.probe_lr, "llm-finetune": args.llm_lr}[arm]
         epochs = max(args.epochs, 20) if mode == "probe" else args.epochs  # the head alone is cheap to train

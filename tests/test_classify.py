@@ -148,6 +148,10 @@ def test_bert_finetune_learns_saves_and_loads_in_transformers(tiny_bert_dir, dat
     with torch.no_grad():
         assert (ref(**batch).logits - clf(batch)).abs().max() < 1e-5
     assert [ref.config.id2label[i] for i in range(3)] == clf.labels
+    # a fine-tuned classifier is a starting point for another label set: encoder kept, new head
+    other = new_classifier(out, ["yes", "no"])
+    assert other.head.out_features == 2
+    assert torch.equal(other.model.bert.layers[0].attention.wq.weight, clf.model.bert.layers[0].attention.wq.weight)
 
 
 def test_llama_probe_freezes_the_backbone(tiny_llama_dir, data, tmp_path):
