@@ -373,11 +373,17 @@ def model_family(source: str | os.PathLike) -> str:
 
 
 def _load_llm(source: str | os.PathLike) -> tuple[Llama, Any]:
+    """A LLaMA-family model and its tokenizer: camelid's own tokenizer where it reads the files, else (e.g. a
+    WordLevel tokenizer.json) the `tokenizers` library through `HFTokenizer`."""
     import camelid
+    from camelid.llm import _load_tokenizer
 
-    llm = camelid.load(source, tokenizer=True)
-    tok = llm.tokenizer
+    llm = camelid.load(source, tokenizer=False)
     path = Path(llm.source)
+    try:
+        tok = _load_tokenizer(path)
+    except CamelidError:
+        tok = None
     if tok is None and path.is_dir() and (path / "tokenizer.json").is_file():
         tok = HFTokenizer.from_file(path / "tokenizer.json", llm.config.bos_token_id, None)
     if tok is None:

@@ -21,6 +21,9 @@ def compare(
     max_train: int = typer.Option(0, help="Cap on training examples (0: all)."),
     max_test: int = typer.Option(200, help="Cap on test examples (0: all)."),
     epochs: int = typer.Option(3),
+    bert_lr: float = typer.Option(5e-5, help="Learning rate of the BERT fine-tuning arm."),
+    llm_lr: float = typer.Option(2e-5, help="Learning rate of the LLM fine-tuning arm."),
+    probe_lr: float = typer.Option(1e-2, help="Learning rate of the linear-probe head."),
     batch_size: int = typer.Option(16),
     max_len: int = typer.Option(256, help="Tokens per text for the classifiers."),
     seed: int = typer.Option(0),
@@ -29,7 +32,8 @@ def compare(
     from camelid.compare import CompareArgs, markdown_table, run_compare
 
     args = CompareArgs(data=str(data), bert=bert, llm=llm, arms=[a.strip() for a in arms.split(",") if a.strip()],
-                       k_shot=k_shot, max_train=max_train, max_test=max_test, epochs=epochs, batch_size=batch_size,
+                       k_shot=k_shot, max_train=max_train, max_test=max_test, epochs=epochs, bert_lr=bert_lr,
+                       llm_lr=llm_lr, probe_lr=probe_lr, batch_size=batch_size,
                        max_len=max_len, seed=seed)
     results = run_compare(args, out)
     print(markdown_table(results))
