@@ -135,21 +135,25 @@ class PromptClassifier:
 
     @torch.no_grad()
     def scores(self, text: str) -> torch.Tensor:
-        """Mean log-probability per token of each label's continuation: one batched pass over all labels."""
-        from camelid.classify import llama_hidden_states
-
+        """Mean log-probability per token of each label's continuation. The prompt goes through the model once,
+        into the KV cache; each label then costs a pass over its own few tokens only."""
+        model = self.model
         prompt = self.prompt_ids(text)
         longest = max(len(x) for x in self.label_ids)
         prompt = prompt[-(self.max_len - longest):]  # keep the end: the question and "Category:"
-        seqs = [prompt + lab for lab in self.label_ids]
-        T = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
-        logits = self.model.output(llama_hidden_states(self.model, ids)).float()
-        logp = F.log_softmax(logits, dim=-1)
-        out = []
-        for i, lab in enumerate(self.label_ids):
-            pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(lab))
-            out.append(logp[i, pos, torch.tensor(lab)].mean())
+        P = len(prompt)
+        model.setup_cache(1, P + longest)
+        try:
+            first = F.log_softmax(model(torch.tensor([prompt]), torch.arange(P), last_only=True)[0, -1], -1)
+            out = []
+            for lab in self.label_ids:
+                total = first[lab[0]]
+                if len(lab) > 1:  # later label tokens, after the earlier ones (stale cache slots are masked)
+                    logits = model(torch.tensor([lab[:-1]]), torch.arange(P, P + len(lab) - 1))[0]
+                    total = total + F.log_softmax(logits, -1)[torch.arange(len(lab) - 1), torch.tensor(lab[1:])].sum()
+                out.append(total / len(lab))
+        finally:
+            model.clear_cache()
         return torch.stack(out)
 
     def predict(self, texts: Sequence[str], batch_size: int = 1) -> list[int]:
@@ -236,7 +240,9 @@ def run_compare(args: CompareArgs, out: str | os.PathLike | None = None, in_proc
             err = (proc.stderr or "").strip().splitlines()
             raise CamelidError(f"arm {arm} failed: {err[-1] if err else 'see the messages above'}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    if out is not None:
+        if out is not None:  # after every arm, so a long run that is stopped keeps what it measured
+            write_report(results, args, Path(out))
+    if out is not None and in_process:
         write_report(results, args, Path(out))
     return results
 
