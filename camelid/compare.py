@@ -287,9 +287,14 @@ def plot(results: Sequence[dict[str, Any]], path: Path, title: str = "") -> None
     axes[1].bar(x, [r["latency_ms"] for r in results], color="tab:orange")
     axes[1].set_yscale("log")
     axes[1].set_title("latency per example, batch 1 (ms, log)")
-    axes[2].bar(x, [max(r["train_seconds"], 1e-3) for r in results], color="tab:green")
-    axes[2].set_yscale("log")
-    axes[2].set_title("training time (s, log)")
+    trained = [r["train_seconds"] for r in results]
+    axes[2].bar(x, trained, color="tab:green")
+    for i, t in enumerate(trained):
+        if t <= 0:
+            axes[2].text(i, 0, "none", ha="center", va="bottom")
+    if any(t > 0 for t in trained):
+        axes[2].set_yscale("symlog", linthresh=1.0)
+    axes[2].set_title("training time (s)")
     for ax in axes:
         ax.set_xticks(list(x))
         ax.set_xticklabels(arms, rotation=30, ha="right")
