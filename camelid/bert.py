@@ -284,11 +284,4 @@ class BertForClassification(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-def count_params(config: BertConfig) -> int:
-    """Parameters of the encoder + pooler, computed on the meta device (bert-large costs nothing)."""
-    with torch.device("meta"):
-        model = Bert(config)
-    return model.num_params()
-
-
 __all__ = ["Bert", "BertConfig", "BertForClassification", "BertForPreTraining", "MLMHead"]
