@@ -1,5 +1,6 @@
 """camelid: the LLaMA family, whole, in one readable PyTorch codebase."""
 
+from camelid.bert import Bert, BertConfig
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
 from camelid.generate import SamplingParams, generate, generate_tokens
@@ -9,6 +10,8 @@ from camelid.model import Llama
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bert",
+    "BertConfig",
     "LLM",
     "CamelidError",
     "Llama",

@@ -20,6 +20,9 @@ COMMAND_MODULES = [
     "camelid.cli.tokenize",
     "camelid.cli.train",
     "camelid.cli.convert",
+    "camelid.cli.bert",
+    "camelid.cli.classify",
+    "camelid.cli.compare",
 ]
 
 

@@ -1,0 +1,471 @@
+"""Text classification with a head on either family: BERT ([CLS] -> pooler -> linear) or LLaMA (the last
+token's final hidden state -> linear), trained fully ("finetune") or with a frozen backbone ("probe").
+
+Data is jsonl, one `{"text": ..., "label": ...}` per line; an optional `"split"` field ("train", "dev",
+"test") fixes the split, otherwise a seeded stratified 80/20 split is made. A trained classifier is a
+folder: for BERT a Hugging Face BertForSequenceClassification (transformers loads it) plus the tokenizer;
+for LLaMA the head (and, when fine-tuned, the backbone as a Hugging Face directory). `classifier.json`
+beside them says which.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from camelid.bert import BertForClassification
+from camelid.errors import CamelidError
+from camelid.model import Llama
+from camelid.wordpiece import WordPiece
+
+MODES = ("finetune", "probe")
+
+# ---------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Example:
+    text: str
+    label: str
+    split: str | None = None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Example]:
+    """Read `{"text", "label"[, "split"]}` lines; any bad line is a one-line error naming its number."""
+    path = Path(path)
+    if not path.is_file():
+        raise CamelidError(f"{path}: no such file; pass a jsonl file of {{\"text\", \"label\"}} lines")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CamelidError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(d, dict) or not isinstance(d.get("text"), str) or "label" not in d:
+                raise CamelidError(f"{path}:{n}: each line needs a string \"text\" and a \"label\"")
+            out.append(Example(d["text"], str(d["label"]), d.get("split")))
+    if not out:
+        raise CamelidError(f"{path}: no examples; the file is empty")
+    return out
+
+
+def train_test_split(examples: Sequence[Example], test_fraction: float = 0.2,
+                     seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """The file's own `split` field when present (dev counts as test only if there is no test), else a seeded
+    stratified split, so every model sees the same examples."""
+    if all(e.split for e in examples):
+        train = [e for e in examples if e.split == "train"]
+        test = [e for e in examples if e.split == "test"] or [e for e in examples if e.split in ("dev", "validation")]
+        if train and test:
+            return train, test
+    by_label: dict[str, list[Example]] = {}
+    for e in examples:
+        by_label.setdefault(e.label, []).append(e)
+    rng = random.Random(seed)
+    train, test = [], []
+    for items in by_label.values():
+        items = items[:]
+        rng.shuffle(items)
+        k = max(1, round(len(items) * test_fraction)) if len(items) > 1 else 0
+        test += items[:k]
+        train += items[k:]
+    if not train or not test:
+        raise CamelidError("too few examples to split into train and test; give at least two per label")
+    return train, test
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (F1 per class, unweighted mean over classes, 0 for a class never predicted nor true)."""
+    if not y_true:
+        raise CamelidError("no examples to score")
+    acc = sum(int(t == p) for t, p in zip(y_true, y_pred, strict=True)) / len(y_true)
+    f1s = []
+    for c in range(n_labels):
+        tp = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == c and p == c)
+        fp = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t != c and p == c)
+        fn = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == c and p != c)
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": acc, "macro_f1": sum(f1s) / n_labels}
+
+
+# ---------------------------------------------------------------------------------------------------
+# a tokenizers.Tokenizer with the small interface the LLaMA side needs (until camelid.tokenizer is merged)
+
+
+class HFTokenizer:
+    """encode(text, add_bos) / decode / eos_id over a `tokenizers.Tokenizer` (tokenizer.json)."""
+
+    def __init__(self, tokenizer: Any, bos_id: int | None = None, eos_id: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.bos_id, self.eos_id = bos_id, eos_id
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, bos_id: int | None = None,
+                  eos_id: int | None = None) -> HFTokenizer:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)), bos_id, eos_id)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        from camelid.interop.hf import atomic_write
+
+        atomic_write(Path(path) / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the two families behind one interface
+
+
+def llama_hidden_states(model: Llama, input_ids: Tensor) -> Tensor:
+    """The final-norm hidden states [B, T, dim] of a causal pass (what the LM head reads)."""
+    T = input_ids.shape[1]
+    if T > model.config.max_seq_len:
+        raise CamelidError(f"sequence of {T} tokens exceeds the context window of {model.config.max_seq_len}")
+    x = model.tok_embeddings(input_ids)
+    cos, sin = model.rope(torch.arange(T, device=input_ids.device), x.dtype)
+    for block in model.layers:
+        x = block(x, cos, sin, None, None)
+    return model.norm(x)
+
+
+class TextClassifier(nn.Module):
+    """A backbone that turns a batch of texts into one vector each, and a linear head over those vectors."""
+
+    family: str = ""
+
+    def __init__(self, labels: Sequence[str], dim: int, max_len: int) -> None:
+        super().__init__()
+        self.labels = list(labels)
+        self.max_len = max_len
+        self.head = nn.Linear(dim, len(self.labels))
+
+    @property
+    def backbone(self) -> nn.Module:
+        raise NotImplementedError
+
+    def batch(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def features(self, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.head(self.dropout(self.features(batch)))
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[int]:
+        self.eval()
+        out: list[int] = []
+        for i in range(0, len(texts), batch_size):
+            out += self(self.batch(texts[i:i + batch_size])).argmax(-1).tolist()
+        return out
+
+    def param_counts(self) -> dict[str, int]:
+        params = {id(p): p for p in self.parameters()}.values()  # tied weights once
+        return {"total": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+class BertClassifier(TextClassifier):
+    """BERT: [CLS] -> pooler -> dropout -> linear; the head is `BertForClassification.classifier`."""
+
+    family = "bert"
+
+    def __init__(self, model: BertForClassification, tokenizer: WordPiece, labels: Sequence[str],
+                 max_len: int = 128) -> None:
+        super().__init__(labels, model.config.dim, max_len)
+        if model.num_labels != len(self.labels):
+            raise CamelidError(f"the model has {model.num_labels} outputs but {len(self.labels)} labels were given")
+        self.model, self.tokenizer = model, tokenizer
+        self.head = model.classifier
+        self.dropout = model.dropout
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.bert
+
+    def batch(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        return self.tokenizer(list(texts), max_len=self.max_len)
+
+    def features(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model.bert(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])[1]
+
+
+class LlamaClassifier(TextClassifier):
+    """LLaMA: the final hidden state of each text's last token (it has read the whole text) -> linear head."""
+
+    family = "llama"
+
+    def __init__(self, model: Llama, tokenizer: Any, labels: Sequence[str], max_len: int = 256,
+                 dropout: float = 0.0) -> None:
+        super().__init__(labels, model.config.dim, max_len)
+        self.model, self.tokenizer = model, tokenizer
+        self.dropout = nn.Dropout(dropout)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model
+
+    def batch(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        seqs = [self.tokenizer.encode(t, add_bos=True)[:self.max_len] or [0] for t in texts]
+        T = max(len(s) for s in seqs)
+        # right padding: with causal attention no real token ever sees a pad, so no mask is needed
+        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], dtype=torch.long)
+        return {"input_ids": ids, "last": torch.tensor([len(s) - 1 for s in seqs])}
+
+    def features(self, batch: dict[str, Tensor]) -> Tensor:
+        hidden = llama_hidden_states(self.model, batch["input_ids"])
+        return hidden[torch.arange(hidden.shape[0]), batch["last"]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+@dataclass
+class TrainArgs:
+    mode: str = "finetune"  # or "probe": backbone frozen, only the head learns
+    epochs: int = 3
+    lr: float | None = None  # default: 5e-5 (BERT finetune), 2e-5 (LLaMA finetune), 1e-2 (probe)
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def _default_lr(clf: TextClassifier, mode: str) -> float:
+    if mode == "probe":
+        return 1e-2
+    return 5e-5 if clf.family == "bert" else 2e-5
+
+
+@torch.no_grad()
+def extract_features(clf: TextClassifier, texts: Sequence[str], batch_size: int = 32,
+                     desc: str = "features") -> Tensor:
+    clf.eval()
+    chunks = []
+    for i in tqdm(range(0, len(texts), batch_size), desc=desc, file=sys.stderr, leave=False):
+        chunks.append(clf.features(clf.batch(texts[i:i + batch_size])).float())
+    return torch.cat(chunks)
+
+
+def train_classifier(clf: TextClassifier, train: Sequence[Example], args: TrainArgs | None = None,
+                     quiet: bool = False) -> dict[str, Any]:
+    """Fit the classifier in place. 'probe' freezes the backbone and computes its features once (the head is
+    all that learns, so re-running the backbone every epoch would change nothing); 'finetune' trains all."""
+    args = args or TrainArgs()
+    if args.mode not in MODES:
+        raise CamelidError(f"unknown mode {args.mode!r}; use one of {', '.join(MODES)}")
+    index = {name: i for i, name in enumerate(clf.labels)}
+    unknown = sorted({e.label for e in train} - set(index))
+    if unknown:
+        raise CamelidError(f"training labels {unknown[:3]} are not among the classifier's labels {clf.labels}")
+    texts = [e.text for e in train]
+    y = torch.tensor([index[e.label] for e in train])
+    lr = args.lr or _default_lr(clf, args.mode)
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    clf.backbone.requires_grad_(args.mode == "finetune")
+    losses: list[float] = []
+    if args.mode == "probe":
+        feats = extract_features(clf, texts, desc="probe: backbone features")
+        opt = torch.optim.AdamW(clf.head.parameters(), lr=lr, weight_decay=args.weight_decay)
+        steps = args.epochs * max(1, len(texts) // args.batch_size)
+        clf.train()
+        for _ in tqdm(range(steps), desc="probe: head", file=sys.stderr, disable=quiet):
+            idx = torch.randint(len(texts), (args.batch_size,), generator=g)
+            loss = F.cross_entropy(clf.head(clf.dropout(feats[idx])), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    else:
+        params = [p for p in clf.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+        n_batches = (len(texts) + args.batch_size - 1) // args.batch_size
+        total = args.epochs * n_batches
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))  # linear decay
+        clf.train()
+        bar = tqdm(total=total, desc=f"finetune {clf.family}", file=sys.stderr, disable=quiet)
+        for _ in range(args.epochs):
+            order = torch.randperm(len(texts), generator=g).tolist()
+            for i in range(0, len(order), args.batch_size):
+                idx = order[i:i + args.batch_size]
+                logits = clf(clf.batch([texts[j] for j in idx]))
+                loss = F.cross_entropy(logits.float(), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                bar.update()
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        bar.close()
+    clf.eval()
+    return {"train_seconds": time.perf_counter() - t0, "train_examples": len(texts), "mode": args.mode,
+            "lr": lr, "epochs": args.epochs, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+            **{f"params_{k}": v for k, v in clf.param_counts().items()}}
+
+
+def evaluate_classifier(clf: TextClassifier, examples: Sequence[Example], batch_size: int = 32) -> dict[str, Any]:
+    """Accuracy, macro-F1 and timing: per-example latency (batch of 1) on a sample, and batched throughput."""
+    index = {name: i for i, name in enumerate(clf.labels)}
+    unknown = sorted({e.label for e in examples} - set(index))
+    if unknown:
+        raise CamelidError(f"labels {unknown[:3]} in the data are not among the classifier's labels {clf.labels}")
+    texts = [e.text for e in examples]
+    t0 = time.perf_counter()
+    pred = clf.predict(texts, batch_size)
+    batched = time.perf_counter() - t0
+    sample = texts[: min(20, len(texts))]
+    t0 = time.perf_counter()
+    clf.predict(sample, batch_size=1)
+    latency = (time.perf_counter() - t0) / len(sample)
+    out = classification_metrics([index[e.label] for e in examples], pred, len(clf.labels))
+    return {**out, "n": len(texts), "latency_ms": latency * 1000, "throughput_per_s": len(texts) / batched,
+            "predictions": [clf.labels[p] for p in pred]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# building, saving and loading
+
+
+def model_family(source: str | os.PathLike) -> str:
+    """'bert' or 'llama' for a model name, a Hugging Face folder or a GGUF file."""
+    from camelid import hub
+
+    text = str(source)
+    if text in hub.MODELS:
+        return "bert" if hub.MODELS[text].kind == "bert" else "llama"
+    path = Path(text)
+    if (path / "classifier.json").is_file():
+        return json.loads((path / "classifier.json").read_text())["family"]
+    if (path / "config.json").is_file():
+        return "bert" if json.loads((path / "config.json").read_text()).get("model_type") == "bert" else "llama"
+    return "llama"
+
+
+def _load_llm(source: str | os.PathLike) -> tuple[Llama, Any]:
+    """A LLaMA-family model and its tokenizer: camelid's own tokenizer where it reads the files, else (e.g. a
+    WordLevel tokenizer.json) the `tokenizers` library through `HFTokenizer`."""
+    import camelid
+    from camelid.llm import _load_tokenizer
+
+    llm = camelid.load(source, tokenizer=False)
+    path = Path(llm.source)
+    try:
+        tok = _load_tokenizer(path)
+    except CamelidError:
+        tok = None
+    if tok is None and path.is_dir() and (path / "tokenizer.json").is_file():
+        tok = HFTokenizer.from_file(path / "tokenizer.json", llm.config.bos_token_id, None)
+    if tok is None:
+        raise CamelidError(f"{source}: no tokenizer found beside the model; a LLaMA classifier needs one")
+    return llm.model.float(), tok
+
+
+def new_classifier(source: str | os.PathLike, labels: Sequence[str], max_len: int | None = None) -> TextClassifier:
+    """A classifier with a fresh head on a pretrained backbone (a name, a HF folder or a GGUF file)."""
+    from camelid import hub
+
+    if model_family(source) == "bert":
+        from camelid.interop.bert_hf import load_bert_hf_dir
+
+        path = hub.pull(str(source)) if str(source) in hub.MODELS else Path(source)
+        # the encoder only: a checkpoint's own classifier would belong to other labels
+        config, encoder, raw = load_bert_hf_dir(path, task="base")
+        model = BertForClassification(config, len(labels), raw.get("classifier_dropout"))
+        model.bert = encoder
+        return BertClassifier(model, WordPiece.from_dir(path), labels, max_len or 128)
+    model, tok = _load_llm(source)
+    return LlamaClassifier(model, tok, labels, max_len or 256)
+
+
+def save_classifier(clf: TextClassifier, path: str | os.PathLike, backbone_source: str | None = None,
+                    mode: str = "finetune", extra: dict[str, Any] | None = None) -> Path:
+    """A folder `load_classifier` reads back. A probed LLaMA keeps only its head and names its backbone."""
+    from camelid.interop.hf import atomic_write
+
+    path = Path(path)
+    meta: dict[str, Any] = {"family": clf.family, "labels": clf.labels, "max_len": clf.max_len, "mode": mode,
+                            **(extra or {})}
+    if isinstance(clf, BertClassifier):
+        from camelid.interop.bert_hf import save_bert_hf_dir
+
+        save_bert_hf_dir(clf.model, path, labels=clf.labels)
+        clf.tokenizer.save(path)
+    elif isinstance(clf, LlamaClassifier):
+        head = {k: v.detach().contiguous() for k, v in clf.head.state_dict().items()}
+        atomic_write(path / "head.safetensors", lambda p: save_file(head, str(p)))
+        if mode == "probe" and backbone_source is not None:
+            meta["backbone"] = str(backbone_source)
+        else:
+            from camelid.interop.hf import save_hf_dir
+
+            save_hf_dir(clf.model, path / "backbone")
+            if hasattr(clf.tokenizer, "save_pretrained"):
+                clf.tokenizer.save_pretrained(path / "backbone")
+            meta["backbone"] = "backbone"
+    else:
+        raise CamelidError(f"cannot save a {type(clf).__name__}")
+    atomic_write(path / "classifier.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return path
+
+
+def load_classifier(path: str | os.PathLike) -> TextClassifier:
+    path = Path(path)
+    meta_file = path / "classifier.json"
+    if not meta_file.is_file():
+        raise CamelidError(f"{path}: no classifier.json; train one with `camelid classify train`")
+    meta = json.loads(meta_file.read_text())
+    if meta["family"] == "bert":
+        from camelid.interop.bert_hf import load_bert_hf_dir
+
+        _, model, _ = load_bert_hf_dir(path, task="classification")
+        return BertClassifier(model, WordPiece.from_dir(path), meta["labels"], meta["max_len"]).eval()
+    backbone = meta["backbone"]
+    source = path / backbone if backbone == "backbone" else backbone
+    model, tok = _load_llm(source)
+    clf = LlamaClassifier(model, tok, meta["labels"], meta["max_len"])
+    clf.head.load_state_dict(load_file(str(path / "head.safetensors")))
+    return clf.eval()
+
+
+def label_set(examples: Sequence[Example]) -> list[str]:
+    """Labels in a stable order: by frequency, then name."""
+    counts = Counter(e.label for e in examples)
+    return sorted(counts, key=lambda k: (-counts[k], k))
+
+
+__all__ = [
+    "BertClassifier", "Example", "HFTokenizer", "LlamaClassifier", "TextClassifier", "TrainArgs",
+    "classification_metrics", "evaluate_classifier", "label_set", "llama_hidden_states", "load_classifier",
+    "new_classifier", "read_jsonl", "save_classifier", "train_classifier", "train_test_split",
+]

@@ -1,0 +1,228 @@
+"""Classification heads on both families: pooling against transformers, training, probe vs finetune, save/load, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from camelid import BertConfig, CamelidError, LlamaConfig
+from camelid.bert import BertForClassification
+from camelid.classify import (
+    BertClassifier,
+    Example,
+    HFTokenizer,
+    LlamaClassifier,
+    TrainArgs,
+    classification_metrics,
+    evaluate_classifier,
+    label_set,
+    load_classifier,
+    new_classifier,
+    read_jsonl,
+    save_classifier,
+    train_classifier,
+    train_test_split,
+)
+from camelid.cli import main
+from camelid.interop.bert_hf import save_bert_hf_dir
+from camelid.interop.hf import save_hf_dir
+from camelid.model import Llama
+from camelid.wordpiece import WordPiece
+
+CUES = {"pos": ["good", "great", "lovely"], "neg": ["bad", "awful", "poor"], "neu": ["okay", "average", "fine"]}
+FILLER = ["the", "room", "was", "food", "and", "staff", "really", "quite", "very", "hotel", "service", "overall"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine threads fight each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def synthetic_examples(n: int, seed: int) -> list[Example]:
+    """The label is given by one cue word hidden among filler words."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = list(CUES)[i % 3]
+        words = [rng.choice(FILLER) for _ in range(rng.randint(4, 9))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(CUES[label]))
+        out.append(Example(" ".join(words), label))
+    return out
+
+
+def word_tokenizer(texts: list[str]) -> HFTokenizer:
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>"]))
+    return HFTokenizer(tok, bos_id=2)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_examples(90, 0), synthetic_examples(30, 1)
+
+
+@pytest.fixture()
+def tiny_llama_dir(tmp_path, data):
+    tok = word_tokenizer([e.text for e in data[0] + data[1]] + ["<unk>"])
+    model = Llama(LlamaConfig.from_name("tiny-mha", vocab_size=tok.tokenizer.get_vocab_size(), bos_token_id=2))
+    save_hf_dir(model, tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+@pytest.fixture()
+def tiny_bert_dir(tmp_path, data):
+    wp = WordPiece.train([e.text for e in data[0]], vocab_size=200, min_frequency=1)  # whole words
+    config = BertConfig.from_name("bert-test", vocab_size=wp.vocab_size, dim=64, intermediate_size=128, dropout=0.0,
+                                  attention_dropout=0.0)
+    save_bert_hf_dir(BertForClassification(config, 2).bert, tmp_path / "bert")
+    wp.save(tmp_path / "bert")
+    return tmp_path / "bert"
+
+
+def test_read_jsonl_and_split(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a", "label": "x", "split": "train"}\n{"text": "b", "label": "y", "split": "test"}\n')
+    train, test = train_test_split(read_jsonl(f))
+    assert [e.text for e in train] == ["a"] and [e.text for e in test] == ["b"]
+    examples = synthetic_examples(60, 3)
+    train, test = train_test_split(examples, test_fraction=0.2)
+    assert len(test) == 12 and {e.label for e in test} == set(CUES)  # stratified
+    assert not {id(e) for e in train} & {id(e) for e in test}
+    f.write_text('{"text": "a", "label": "x"}\n{"text": "b"\n')
+    with pytest.raises(CamelidError, match=r"d.jsonl:2: not valid JSON"):
+        read_jsonl(f)
+    f.write_text('{"txt": "a", "label": "x"}\n')
+    with pytest.raises(CamelidError, match=r"d.jsonl:1: each line needs"):
+        read_jsonl(f)
+
+
+def test_metrics_by_hand():
+    # class 0: tp 2 fp 1 fn 0 -> F1 0.8; class 1: tp 1 fp 0 fn 1 -> 2/3; class 2: never seen -> 0
+    m = classification_metrics([0, 0, 1, 1], [0, 0, 1, 0], 3)
+    assert m["accuracy"] == 0.75 and abs(m["macro_f1"] - (0.8 + 2 / 3 + 0) / 3) < 1e-12
+
+
+def test_llama_last_token_pooling_matches_transformers(tiny_llama_dir):
+    """Our head on the last real token = transformers' LlamaForSequenceClassification (right padding)."""
+    clf = new_classifier(tiny_llama_dir, ["a", "b", "c"])
+    assert isinstance(clf, LlamaClassifier)
+    with torch.no_grad():
+        clf.head.bias.zero_()  # HF's score layer has no bias
+    ref = transformers.LlamaForSequenceClassification.from_pretrained(str(tiny_llama_dir), num_labels=3,
+                                                                      pad_token_id=0).eval()
+    with torch.no_grad():
+        ref.score.weight.copy_(clf.head.weight)
+        batch = clf.batch(["the room was good", "bad", "the food and staff were really quite average overall"])
+        assert (batch["input_ids"] == 0).any()  # padded
+        expected = ref(input_ids=batch["input_ids"]).logits
+        got = clf.eval()(batch)
+    assert (got - expected).abs().max() < 1e-5
+
+
+def test_bert_finetune_learns_saves_and_loads_in_transformers(tiny_bert_dir, data, tmp_path):
+    train, test = data
+    clf = new_classifier(tiny_bert_dir, label_set(train))
+    assert isinstance(clf, BertClassifier)
+    stats = train_classifier(clf, train, TrainArgs(mode="finetune", epochs=12, lr=1e-3, batch_size=8), quiet=True)
+    assert stats["params_trainable"] == stats["params_total"]
+    result = evaluate_classifier(clf, test)
+    assert result["accuracy"] >= 0.9, result
+    assert result["latency_ms"] > 0 and result["throughput_per_s"] > 0
+    out = save_classifier(clf, tmp_path / "clf")
+    again = load_classifier(out)
+    assert again.predict([e.text for e in test]) == clf.predict([e.text for e in test])
+    # the folder is a transformers BertForSequenceClassification with our labels
+    ref = transformers.BertForSequenceClassification.from_pretrained(str(out)).eval()
+    batch = clf.batch([e.text for e in test])
+    with torch.no_grad():
+        assert (ref(**batch).logits - clf(batch)).abs().max() < 1e-5
+    assert [ref.config.id2label[i] for i in range(3)] == clf.labels
+    # a fine-tuned classifier is a starting point for another label set: encoder kept, new head
+    other = new_classifier(out, ["yes", "no"])
+    assert other.head.out_features == 2
+    assert torch.equal(other.model.bert.layers[0].attention.wq.weight, clf.model.bert.layers[0].attention.wq.weight)
+
+
+def test_llama_probe_freezes_the_backbone(tiny_llama_dir, data, tmp_path):
+    train, test = data
+    clf = new_classifier(tiny_llama_dir, label_set(train))
+    before = {k: v.clone() for k, v in clf.model.state_dict().items()}
+    head_before = clf.head.weight.clone()
+    stats = train_classifier(clf, train, TrainArgs(mode="probe", epochs=30, batch_size=16), quiet=True)
+    assert stats["params_trainable"] == clf.head.weight.numel() + clf.head.bias.numel()
+    assert all(torch.equal(v, clf.model.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(head_before, clf.head.weight)
+    acc = evaluate_classifier(clf, train)["accuracy"]
+    assert acc > 0.5  # a random 2-layer backbone still separates the cue words linearly, if imperfectly
+    # a probed classifier stores only its head and points at its backbone
+    out = save_classifier(clf, tmp_path / "probe", backbone_source=str(tiny_llama_dir), mode="probe")
+    assert not (out / "backbone").exists()
+    assert load_classifier(out).predict([e.text for e in test]) == clf.predict([e.text for e in test])
+
+
+def test_llama_finetune_learns_and_round_trips(tiny_llama_dir, data, tmp_path):
+    train, test = data
+    clf = new_classifier(tiny_llama_dir, label_set(train))
+    train_classifier(clf, train, TrainArgs(mode="finetune", epochs=15, lr=3e-3, batch_size=8), quiet=True)
+    result = evaluate_classifier(clf, test)
+    assert result["accuracy"] >= 0.9, result
+    out = save_classifier(clf, tmp_path / "ft", mode="finetune")
+    assert (out / "backbone" / "config.json").is_file()
+    again = load_classifier(out)
+    assert [again.labels[i] for i in again.predict([e.text for e in test])] == result["predictions"]
+
+
+def cli(*args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def test_cli_train_eval_predict(tiny_bert_dir, data, tmp_path, capsys):
+    f = tmp_path / "d.jsonl"
+    rows = [{"text": e.text, "label": e.label, "split": "train"} for e in data[0]]
+    rows += [{"text": e.text, "label": e.label, "split": "test"} for e in data[1]]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "clf"
+    assert cli("classify", "train", "--data", str(f), "--model", str(tiny_bert_dir), "--out", str(out),
+               "--epochs", "12", "--lr", "1e-3", "--batch-size", "8") == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert cli("classify", "eval", "--model", str(out), "--data", str(f)) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 30 and result["accuracy"] >= 0.9
+    assert cli("classify", "predict", "--model", str(out), "a lovely room", "an awful hotel") == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["label"] for x in lines] == ["pos", "neg"]
+    assert cli("classify", "eval", "--model", str(tmp_path), "--data", str(f)) == 1
+    assert "no classifier.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_minilm_probe_on_snips_intents(minilm_dir):
+    """The real all-MiniLM-L6-v2 with a frozen backbone: a linear head on [CLS] features finds the intents."""
+    from pathlib import Path
+
+    from camelid.compare import _stratified_head
+
+    examples = read_jsonl(Path(__file__).parents[1] / "data" / "classification" / "intent_snips.jsonl")
+    train, test = train_test_split(examples)
+    assert (len(train), len(test)) == (556, 68)  # the file's own split
+    clf = new_classifier(minilm_dir, label_set(examples))
+    stats = train_classifier(clf, _stratified_head(train, 140), TrainArgs(mode="probe", epochs=30), quiet=True)
+    assert stats["params_trainable"] == 384 * 7 + 7
+    result = evaluate_classifier(clf, test)
+    majority = max(sum(e.label == lab for e in test) for lab in clf.labels) / len(test)
+    assert result["accuracy"] > max(0.7, majority + 0.4), result
