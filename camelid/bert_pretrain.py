@@ -199,8 +199,8 @@ def pretrain_bert(train_texts: Sequence[str], heldout_texts: Sequence[str], out:
     Writes to `out`: a Hugging Face BertForPreTraining directory (config.json, model.safetensors, vocab.txt,
     tokenizer.json), metrics.json and loss.png. Returns the metrics.
     """
+    from camelid.fileio import atomic_write
     from camelid.interop.bert_hf import save_bert_hf_dir
-    from camelid.interop.hf import atomic_write
 
     args = args or PretrainArgs()
     out = Path(out)
@@ -265,7 +265,7 @@ def _plot_losses(losses: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from camelid.interop.hf import atomic_write
+    from camelid.fileio import atomic_write
 
     k = max(1, len(losses) // 100)
     smooth = [sum(losses[i:i + k]) / len(losses[i:i + k]) for i in range(0, len(losses), k)]

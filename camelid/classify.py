@@ -132,7 +132,7 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        from camelid.interop.hf import atomic_write
+        from camelid.fileio import atomic_write
 
         atomic_write(Path(path) / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
 
@@ -411,7 +411,7 @@ def new_classifier(source: str | os.PathLike, labels: Sequence[str], max_len: in
 def save_classifier(clf: TextClassifier, path: str | os.PathLike, backbone_source: str | None = None,
                     mode: str = "finetune", extra: dict[str, Any] | None = None) -> Path:
     """A folder `load_classifier` reads back. A probed LLaMA keeps only its head and names its backbone."""
-    from camelid.interop.hf import atomic_write
+    from camelid.fileio import atomic_write
 
     path = Path(path)
     meta: dict[str, Any] = {"family": clf.family, "labels": clf.labels, "max_len": clf.max_len, "mode": mode,

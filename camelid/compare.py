@@ -259,7 +259,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def write_report(results: Sequence[dict[str, Any]], args: CompareArgs, out: Path) -> None:
-    from camelid.interop.hf import atomic_write
+    from camelid.fileio import atomic_write
 
     table = markdown_table(results)
     atomic_write(out / "compare.md", lambda p: p.write_text(f"Data: `{args.data}`\n\n{table}\n"))
@@ -274,7 +274,7 @@ def plot(results: Sequence[dict[str, Any]], path: Path, title: str = "") -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from camelid.interop.hf import atomic_write
+    from camelid.fileio import atomic_write
 
     arms = [r["arm"] for r in results]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))

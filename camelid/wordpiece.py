@@ -105,7 +105,7 @@ class WordPiece:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write tokenizer.json and vocab.txt into the folder `path` (atomically)."""
-        from camelid.interop.hf import atomic_write
+        from camelid.fileio import atomic_write
 
         path = Path(path)
         vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])

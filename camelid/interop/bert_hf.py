@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from camelid.bert import Bert, BertConfig, BertForClassification, BertForPreTraining
 from camelid.errors import CamelidError
-from camelid.interop.hf import _weight_files, atomic_write, iter_tensors, read_config
+from camelid.fileio import atomic_write
+from camelid.interop.hf import _weight_files, iter_tensors, read_config
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}

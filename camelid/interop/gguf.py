@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
-from camelid.interop.hf import atomic_write, build_model, hf_state_dict
+from camelid.fileio import atomic_write
+from camelid.interop.hf import build_model, hf_state_dict
 from camelid.interop.meta import from_interleaved, to_interleaved
 from camelid.model import Llama, rope_inv_freq
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
+from camelid.fileio import atomic_write  # noqa: F401 - re-exported for the other interop modules
 from camelid.model import Llama, rope_inv_freq
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -315,19 +315,6 @@ def hf_state_dict(model: Llama) -> dict[str, Tensor]:
             continue
         out[camelid_to_hf_name(name)] = t.detach().contiguous()
     return out
-
-
-def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, then rename: readers never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_hf_dir(model: Llama, path: str | os.PathLike, dtype: torch.dtype | None = None,

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
-from camelid.interop.hf import atomic_write, build_model, camelid_to_hf_name
+from camelid.fileio import atomic_write
+from camelid.interop.hf import build_model, camelid_to_hf_name
 from camelid.model import Llama
 
 # Meta's reference implementations hard-code these for `use_scaled_rope` (Llama 3.1); Llama 3.2's

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from camelid.errors import CamelidError
-from camelid.interop.hf import atomic_write
+from camelid.fileio import atomic_write
 
 
 def checkpoint_dir(out: str | Path) -> Path:

@@ -190,7 +190,7 @@ def prepare(docs: list[Document], tokenizer_path: str | Path, out_dir: str | Pat
     """Encode `docs` into out_dir/{train,val}.bin; returns the metadata (also written to meta.json)."""
     from tqdm import tqdm
 
-    from camelid.interop.hf import atomic_write
+    from camelid.fileio import atomic_write
     from camelid.train.tokenizer import eos_id, load_tokenizer
 
     if not docs:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 
 from camelid.errors import CamelidError
-from camelid.interop.hf import atomic_write
+from camelid.fileio import atomic_write
 from camelid.model import Llama
 from camelid.train import checkpoint as ckpt
 from camelid.train import distributed as D

@@ -18,7 +18,7 @@ def plot_log(log_csv: str | Path, png: str | Path, references: dict[str, float] 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from camelid.interop.hf import atomic_write
+    from camelid.fileio import atomic_write
 
     rows = read_log(log_csv)
     steps = [int(r["step"]) for r in rows]

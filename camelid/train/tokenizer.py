@@ -51,7 +51,7 @@ def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Pat
     """Train byte-level BPE on `files` and write out_dir/tokenizer.json (+ tokenizer_config.json)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from camelid.interop.hf import atomic_write
+    from camelid.fileio import atomic_write
 
     specials = list(dict.fromkeys(special_tokens if special_tokens is not None else DEFAULT_SPECIALS))
     if not specials:
