@@ -10,14 +10,15 @@ needs_kernels = pytest.mark.skipif(k is None, reason="C++ kernels could not be b
 
 
 @needs_kernels
-@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (1, 1536, 576), (3, 40, 96)])
+# N not a multiple of 4 and K not a multiple of 8 exercise the plain-loop tails beside the AVX2 blocks
+@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (1, 1536, 576), (3, 40, 96), (2, 37, 100)])
 def test_gemv_f32_matches_torch(M: int, N: int, K: int) -> None:
     x, w = torch.randn(M, K), torch.randn(N, K)
     torch.testing.assert_close(k.gemv_f32(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
 
 
 @needs_kernels
-@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (2, 1536, 576)])
+@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (2, 1536, 576), (1, 39, 72)])
 def test_gemv_int8_matches_dequantised(M: int, N: int, K: int) -> None:
     x = torch.randn(M, K)
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
@@ -26,7 +27,7 @@ def test_gemv_int8_matches_dequantised(M: int, N: int, K: int) -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (2, 576, 1536)])
+@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (2, 576, 1536), (3, 43, 96)])
 def test_gemv_int4_matches_dequantised(M: int, N: int, K: int) -> None:
     x = torch.randn(M, K)
     w = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
