@@ -9,6 +9,7 @@ GEMM, which keeps prefill at fp32 speed. Without the kernels everything runs the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from camelid import kernels
+from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
+from camelid.model import Llama, rope_inv_freq
 
 MODES = ("int8", "int4")
 GROUP = 32
@@ -89,23 +92,29 @@ class FastLinear(nn.Module):
 LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp32": FastLinear}
 
 
-def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if isinstance(child, nn.Linear) and child.bias is None]
+def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    return [(f"{pname}.{name}".lstrip("."), parent, name, child) for pname, parent in model.named_modules()
+            for name, child in parent.named_children() if isinstance(child, nn.Linear) and child.bias is None]
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
-    """Replace every bias-free nn.Linear in place by its weight-only quantised twin ("int8", "int4") or by
-    the fp32 fast-GEMV linear ("fp32"). The embedding stays fp32 (a tied output head gets its own copy).
-    In int4 mode a layer whose input width is not a multiple of 32 is quantised to int8 instead."""
+def quantize_model(model: nn.Module, mode: str, head: str | None = None) -> nn.Module:
+    """Replace every bias-free nn.Linear in place, one at a time, by its weight-only quantised twin ("int8",
+    "int4") or by the fp32 fast-GEMV linear ("fp32"); each fp32 weight is freed as soon as it is replaced,
+    so peak memory is the fp32 model plus one layer. The embedding stays fp32 (a tied output head gets its
+    own quantised copy). The output head uses `head` (default: int8 in int4 mode, because the head's error
+    shows directly in every logit, and the same mode otherwise). In int4 mode a layer whose input width is
+    not a multiple of 32 is quantised to int8."""
     if mode not in LINEARS:
         raise CamelidError(f"unknown quantize mode {mode!r}; choose one of int8, int4, fp32")
+    head = head or ("int8" if mode == "int4" else mode)
+    if head not in LINEARS:
+        raise CamelidError(f"unknown head mode {head!r}; choose one of int8, int4, fp32")
     if hasattr(model, "fuse"):
         model.fuse()  # fewer, larger GEMVs: QKV and gate+up read x once
-    for parent, name, lin in _linears(model):
-        kind = LINEARS[mode]
-        if mode == "int4" and lin.in_features % GROUP:
+    for path, parent, name, lin in _linears(model):
+        kind = LINEARS[head if path == "output" else mode]
+        if kind is Int4Linear and lin.in_features % GROUP:
             kind = Int8Linear  # groups of 32 do not tile this row; int8 keeps it exact enough
         setattr(parent, name, kind(lin.weight))
     model.quantized = mode  # type: ignore[assignment]
@@ -113,28 +122,56 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> None:
-    """Write the quantised state dict as safetensors (atomically) with the mode in the metadata."""
+    """Write the quantised weights as safetensors (atomically), with the mode and the model's config in the
+    metadata so that `load_quantized(path)` needs nothing else."""
     from camelid.interop.hf import atomic_write
 
     mode = getattr(model, "quantized", None)
-    if mode is None:
+    if mode not in ("int8", "int4"):
         raise CamelidError("model is not quantised; call quantize_model(model, 'int8'|'int4') first")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_embeddings", False):
-        state.pop("output.weight", None)
-    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata={"camelid_quantize": mode}))
+    meta = {"camelid_quantize": mode, "camelid_config": json.dumps(model.config.to_dict())}
+    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
-def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a file written by save_quantized into a fresh model of the same config (no unpickling)."""
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of `path` (a one-line CamelidError if it is not a safetensors file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
+        raise CamelidError(f"{path}: not a readable safetensors file ({e}); write one with `camelid quantize`") from e
+
+
+@torch.no_grad()
+def load_quantized(path: str | Path) -> Llama:
+    """Build the model described in a file written by `save_quantized`/`camelid quantize` and load its
+    quantised weights. The model is built on the meta device, so no fp32 copy is ever allocated: peak
+    memory is the quantised weights. safetensors only, nothing is unpickled."""
+    meta = read_metadata(path)
+    mode = meta.get("camelid_quantize")
+    if mode not in ("int8", "int4") or "camelid_config" not in meta:
+        raise CamelidError(f"{path}: no camelid quantisation metadata; write it with `camelid quantize`")
+    config = LlamaConfig(**json.loads(meta["camelid_config"]))
+    with torch.device("meta"):
+        model = Llama(config)
+        quantize_model(model, mode, head=_head_mode(meta, path))
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise CamelidError(f"{path}: weights do not match the config (missing {missing[:3]}, extra {unexpected[:3]})")
+    model.rope.inv_freq = rope_inv_freq(config)  # a non-persistent buffer: not in the file
+    return model.eval()
+
+
+def _head_mode(meta: dict[str, str], path: str | Path) -> str:
+    # the file's own tensors say which kind the head is: int4 heads carry a `minimum`
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        mode = (f.metadata() or {}).get("camelid_quantize")
-    if mode not in LINEARS:
-        raise CamelidError(f"{path}: no camelid quantisation metadata; write it with `camelid quantize`")
-    quantize_model(model, mode)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    if unexpected or [m for m in missing if m != "output.weight"]:
-        raise CamelidError(f"{path}: weights do not match the model (missing {missing[:3]}, extra {unexpected[:3]})")
-    return model
+        keys = set(f.keys())
+    if "output.minimum" in keys:
+        return "int4"
+    return "int8" if "output.scale" in keys else meta["camelid_quantize"]

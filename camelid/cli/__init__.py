@@ -15,6 +15,7 @@ from camelid.errors import CamelidError
 COMMAND_MODULES = [
     "camelid.cli.info",
     "camelid.cli.bench",
+    "camelid.cli.quantize",
 ]
 
 

@@ -1,6 +1,4 @@
-"""`camelid bench` and `camelid quantize`.
-
-bench: camelid beside transformers (and llama-cpp-python when installed) on the same model shapes, prompt
+"""`camelid bench`: camelid beside transformers (and llama-cpp-python when installed) on the same model shapes, prompt
 length and machine, in one run. Each (engine, round) runs in its own subprocess so peak RSS is the engine's
 own; rounds are interleaved across engines so machine noise hits all of them alike; medians are reported.
 """
@@ -176,18 +174,3 @@ def bench(
         fig.savefig(out / "bench.png")
     except ImportError:
         print("matplotlib not installed; skipped the chart", file=sys.stderr)
-
-
-@app.command()
-def quantize(
-    source: str = typer.Argument(..., help="model to quantise (anything camelid.load accepts)"),
-    output: Path = typer.Argument(..., help="output .safetensors file"),
-    mode: str = typer.Option("int8", help="int8 or int4"),
-) -> None:
-    """Quantise a model's linear weights (int8 per row, int4 in groups of 32) and save them."""
-    import camelid.llm
-    from camelid.quantize import quantize_model, save_quantized
-
-    llm = camelid.llm.load(source)
-    save_quantized(quantize_model(llm.model, mode), output)
-    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {mode})")

@@ -22,8 +22,3 @@ def test_bench_tiny_writes_json_and_chart(tmp_path) -> None:
     for row in data["medians"].values():
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mib"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 0
-
-
-def test_quantize_unknown_source_is_a_clean_error(tmp_path) -> None:
-    result = runner.invoke(app, ["quantize", str(tmp_path / "missing"), str(tmp_path / "q.safetensors")])
-    assert result.exit_code != 0
