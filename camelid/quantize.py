@@ -25,10 +25,6 @@ MODES = ("int8", "int4")
 GROUP = 32
 
 
-def _use_kernel(x2d: Tensor) -> bool:
-    return x2d.shape[0] <= 4 and x2d.device.type == "cpu" and x2d.dtype == torch.float32
-
-
 class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
@@ -43,8 +39,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2d = x.reshape(-1, x.shape[-1])
-        k = kernels.load() if _use_kernel(x2d) else None
-        y = k.gemv_int8(x2d, self.qweight, self.scale) if k else x2d @ self.dequantize().to(x.dtype).T
+        y = kernels.gemv("gemv_int8", x2d, self.qweight, self.scale)
+        if y is None:
+            y = x2d @ self.dequantize().to(x.dtype).T
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -69,8 +66,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2d = x.reshape(-1, x.shape[-1])
-        k = kernels.load() if _use_kernel(x2d) else None
-        y = k.gemv_int4(x2d, self.qweight, self.scale, self.minimum) if k else x2d @ self.dequantize().to(x.dtype).T
+        y = kernels.gemv("gemv_int4", x2d, self.qweight, self.scale, self.minimum)
+        if y is None:
+            y = x2d @ self.dequantize().to(x.dtype).T
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -84,8 +82,9 @@ class FastLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2d = x.reshape(-1, x.shape[-1])
-        k = kernels.load() if _use_kernel(x2d) else None
-        y = k.gemv_f32(x2d, self.weight) if k else x2d @ self.weight.T
+        y = kernels.gemv("gemv_f32", x2d, self.weight)
+        if y is None:
+            y = x2d @ self.weight.T
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -110,6 +109,7 @@ def quantize_model(model: nn.Module, mode: str, head: str | None = None) -> nn.M
     head = head or ("int8" if mode == "int4" else mode)
     if head not in LINEARS:
         raise CamelidError(f"unknown head mode {head!r}; choose one of int8, int4, fp32")
+    kernels.load()  # build (or find) the kernels now, not inside the first (possibly compiled) forward
     if hasattr(model, "fuse"):
         model.fuse()  # fewer, larger GEMVs: QKV and gate+up read x once
     for path, parent, name, lin in _linears(model):

@@ -104,3 +104,18 @@ def test_loading_a_file_without_metadata_is_a_clean_error(tmp_path) -> None:
 def test_bad_mode_is_a_camelid_error() -> None:
     with pytest.raises(CamelidError, match="int8"):
         quantize_model(peaked_model(), "int3")
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8", "int4"])
+def test_fast_decode_step_compiles_without_graph_breaks(mode: str) -> None:
+    model = quantize_model(peaked_model(), mode)
+    model.setup_cache(1, 16)
+    explanation = torch._dynamo.explain(model)(torch.tensor([[5]]), torch.tensor([3]))
+    model.clear_cache()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.slow
+def test_compiled_int4_decode_gives_the_eager_greedy_tokens() -> None:
+    q = quantize_model(peaked_model(), "int4")
+    assert generate(q, PROMPT, 16, compile=True) == generate(q, PROMPT, 16)

@@ -5,11 +5,13 @@ own; rounds are interleaved across engines so machine noise hits all of them ali
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from rich.table import Table
 
 from camelid.cli.app import app
 from camelid.errors import CamelidError
+from camelid.interop.hf import atomic_write
 
 
 def _peak_rss_mib() -> float:
@@ -27,33 +30,46 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
+def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int,
+                  checkpoint: str | None = None) -> dict:
+    """precision: fp32-eager (the plain model), fp32 (fused + C++ GEMV), int8 or int4 (loaded from a quantised
+    checkpoint, as a user would, so peak RSS never includes an fp32 copy); a "-compile" suffix runs the decode
+    steps through torch.compile and reports the one-off compile time."""
     import torch
 
     from camelid.config import LlamaConfig
     from camelid.model import Llama
-    from camelid.quantize import quantize_model
+    from camelid.quantize import load_quantized, quantize_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    base, compiled = precision.removesuffix("-compile"), precision.endswith("-compile")
     cfg = LlamaConfig.from_name(model_name)
-    model = Llama(cfg).eval()
-    if precision == "fp32-eager":
-        pass
+    if checkpoint:
+        model = load_quantized(checkpoint)
     else:
-        quantize_model(model, precision)
+        model = Llama(cfg).eval()
+        if base != "fp32-eager":
+            quantize_model(model, base)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len))
+    extra = {}
     with torch.inference_mode():
         model.setup_cache(1, prompt_len + new_tokens)
         model(ids[:, :8], torch.arange(8), last_only=True)  # warm-up (kernel load, allocator)
+        step = model
+        if compiled:
+            step = torch.compile(model, dynamic=False)
+            t = time.perf_counter()
+            step(ids[:, :1], torch.tensor([8]), last_only=True)
+            extra["compile_s"] = time.perf_counter() - t
         t0 = time.perf_counter()
         logits = model(ids, torch.arange(prompt_len), last_only=True)
         t1 = time.perf_counter()
         tok = logits[:, -1].argmax(-1, keepdim=True)
         for i in range(new_tokens - 1):
-            tok = model(tok, torch.tensor([prompt_len + i]), last_only=True)[:, -1].argmax(-1, keepdim=True)
+            tok = step(tok, torch.tensor([prompt_len + i]), last_only=True)[:, -1].argmax(-1, keepdim=True)
         t2 = time.perf_counter()
-    return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
+    return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1), **extra}
 
 
 def _time_transformers(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
@@ -100,11 +116,14 @@ def _time_llamacpp(gguf: str, prompt_len: int, new_tokens: int, threads: int) ->
     return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
 
 
+CAMELID_PRECISIONS = ("fp32-eager", "fp32", "int8", "int4")
+
+
 def _worker(spec: dict) -> None:
     engine = spec["engine"]
     args = (spec["prompt_len"], spec["new_tokens"], spec["threads"])
     if engine == "camelid":
-        res = _time_camelid(spec["model"], spec["precision"], *args)
+        res = _time_camelid(spec["model"], spec["precision"], *args, checkpoint=spec.get("checkpoint"))
     elif engine == "transformers":
         res = _time_transformers(spec["model"], spec["precision"], *args)
     else:
@@ -141,26 +160,71 @@ def bench(
         spec = {"engine": engine, "precision": precision, "model": model, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "threads": threads}
         if engine == "llama.cpp":
+            if importlib.util.find_spec("llama_cpp") is None:
+                print("llama-cpp-python is not installed; skipping the llama.cpp engine", file=sys.stderr)
+                continue
+            if not Path(precision).is_file():
+                raise CamelidError(f"llama.cpp engine: {precision!r} is not a file; give llama.cpp:PATH.gguf")
             spec["gguf"], spec["precision"] = precision, Path(precision).stem.rsplit(".", 1)[-1]
+        elif engine == "camelid" and precision.removesuffix("-compile") not in CAMELID_PRECISIONS:
+            raise CamelidError(f"camelid engine: unknown precision {precision!r}; choose one of "
+                               f"{', '.join(CAMELID_PRECISIONS)} (optionally with -compile)")
+        elif engine == "transformers" and precision not in ("fp32", "bf16"):
+            raise CamelidError(f"transformers engine: unknown precision {precision!r}; choose fp32 or bf16")
+        elif engine not in ("camelid", "transformers", "llama.cpp"):
+            raise CamelidError(f"unknown engine {engine!r}; use camelid:P, transformers:P or llama.cpp:FILE.gguf")
         specs.append(spec)
     results: dict[str, list[dict]] = {f"{s['engine']} {s['precision']}": [] for s in specs}
+    with tempfile.TemporaryDirectory(prefix="camelid-bench-") as tmp:
+        _write_checkpoints(specs, Path(tmp))
+        _run_rounds(specs, rounds, results)
+    _report(model, prompt_len, new_tokens, threads, rounds, specs, results, out)
+
+
+def _write_checkpoints(specs: list[dict], folder: Path) -> None:
+    """int8/int4 engines load a quantised checkpoint of the random model (written here, once per mode)."""
+    import torch
+
+    from camelid.config import LlamaConfig
+    from camelid.model import Llama
+    from camelid.quantize import quantize_model, save_quantized
+
+    for s in specs:
+        mode = s["precision"].removesuffix("-compile")
+        if s["engine"] != "camelid" or mode not in ("int8", "int4"):
+            continue
+        path = folder / f"{s['model']}-{mode}.safetensors"
+        if not path.exists():
+            torch.manual_seed(0)
+            save_quantized(quantize_model(Llama(LlamaConfig.from_name(s["model"])).eval(), mode), path)
+        s["checkpoint"] = str(path)
+
+
+def _run_rounds(specs: list[dict], rounds: int, results: dict[str, list[dict]]) -> None:
     for r in range(rounds):
         for s in specs:
             res = _run_one(s)
             results[f"{s['engine']} {s['precision']}"].append(res)
             print(f"round {r + 1}/{rounds} {s['engine']} {s['precision']}: {res}", file=sys.stderr, flush=True)
+
+
+def _report(model: str, prompt_len: int, new_tokens: int, threads: int, rounds: int, specs: list[dict],
+            results: dict[str, list[dict]], out: Path) -> None:
     rows = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in results.items()}
     base = rows.get("transformers fp32")
     table = Table(title=f"{model}, batch 1, {prompt_len}-token prompt, {new_tokens} greedy tokens, {threads} threads")
-    for col in ("engine", "prefill tok/s", "decode tok/s", "peak RSS MiB", "decode vs transformers fp32"):
+    for col in ("engine", "prefill tok/s", "decode tok/s", "peak RSS MiB", "decode vs transformers fp32",
+                "compile s"):
         table.add_column(col)
     for k, v in rows.items():
         ratio = f"{v['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
-        table.add_row(k, f"{v['prefill_tok_s']:.0f}", f"{v['decode_tok_s']:.1f}", f"{v['peak_rss_mib']:.0f}", ratio)
+        table.add_row(k, f"{v['prefill_tok_s']:.0f}", f"{v['decode_tok_s']:.1f}", f"{v['peak_rss_mib']:.0f}", ratio,
+                      f"{v['compile_s']:.0f}" if "compile_s" in v else "-")
     Console().print(table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"settings": specs[0] | {"rounds": rounds}, "medians": rows,
-                                                "runs": results}, indent=2))
+    settings = {k: specs[0][k] for k in ("model", "prompt_len", "new_tokens", "threads")} | {"rounds": rounds}
+    body = json.dumps({"settings": settings, "medians": rows, "runs": results}, indent=2)
+    atomic_write(out / "bench.json", lambda tmp: tmp.write_text(body))
     try:
         import matplotlib
 
@@ -171,6 +235,6 @@ def bench(
         ax.barh(list(rows), [v["decode_tok_s"] for v in rows.values()])
         ax.set_xlabel("decode tok/s (batch 1)")
         fig.tight_layout()
-        fig.savefig(out / "bench.png")
+        atomic_write(out / "bench.png", lambda tmp: fig.savefig(tmp, format="png"))
     except ImportError:
         print("matplotlib not installed; skipped the chart", file=sys.stderr)

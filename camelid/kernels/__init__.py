@@ -38,10 +38,43 @@ def load() -> ModuleType | None:
             build_directory=str(build_dir),
             verbose=False,
         )
+        _register_ops(_module)
     except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path
         warnings.warn(f"camelid: C++ kernels unavailable ({type(e).__name__}); using pure PyTorch", stacklevel=2)
         _module = None
     return _module
+
+
+def _register_ops(mod: ModuleType) -> None:
+    """Expose the kernels as torch custom ops (camelid::gemv_*) so `torch.compile` can put them in its graph.
+    Eager code calls the pybind functions directly: the custom-op wrapper costs microseconds per call."""
+    if hasattr(torch.ops.camelid, "gemv_f32"):
+        return
+
+    @torch.library.custom_op("camelid::gemv_f32", mutates_args=())
+    def gemv_f32(x: Tensor, w: Tensor) -> Tensor:
+        return mod.gemv_f32(x, w)
+
+    @torch.library.custom_op("camelid::gemv_int8", mutates_args=())
+    def gemv_int8(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+        return mod.gemv_int8(x, w, scale)
+
+    @torch.library.custom_op("camelid::gemv_int4", mutates_args=())
+    def gemv_int4(x: Tensor, w: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:
+        return mod.gemv_int4(x, w, scale, minimum)
+
+    for op in (gemv_f32, gemv_int8, gemv_int4):
+        op.register_fake(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[0]))
+
+
+def gemv(name: str, x2d: Tensor, *args: Tensor) -> Tensor | None:
+    """Run kernel `name` ("gemv_f32" | "gemv_int8" | "gemv_int4") on a few fp32 CPU rows, or return None when
+    the kernels are unavailable or the input is not a decode-sized fp32 CPU batch (callers then use torch)."""
+    if x2d.shape[0] > 4 or x2d.device.type != "cpu" or x2d.dtype != torch.float32:
+        return None
+    if torch.compiler.is_compiling():  # the build cannot be traced: use the kernels only if already loaded
+        return getattr(torch.ops.camelid, name)(x2d, *args) if _module is not None else None
+    return getattr(_module, name)(x2d, *args) if load() is not None else None
 
 
 def gemv_int8_ref(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:

@@ -22,3 +22,10 @@ def test_bench_tiny_writes_json_and_chart(tmp_path) -> None:
     for row in data["medians"].values():
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mib"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_bench_rejects_unknown_engines_in_one_line(tmp_path) -> None:
+    for engines, message in [("camelid:int3", "unknown precision 'int3'"), ("vllm:fp32", "unknown engine 'vllm'")]:
+        result = runner.invoke(app, ["bench", "--engines", engines, "--out", str(tmp_path)])
+        assert result.exit_code != 0
+        assert message in str(result.exception)
