@@ -117,6 +117,9 @@ def quantize_model(model: nn.Module, mode: str, head: str | None = None) -> nn.M
         if kind is Int4Linear and lin.in_features % GROUP:
             kind = Int8Linear  # groups of 32 do not tile this row; int8 keeps it exact enough
         setattr(parent, name, kind(lin.weight))
+    from camelid.kernels.layers import accelerate
+
+    accelerate(model)  # fused RMSNorm and decode attention (C++), same parameters
     model.quantized = mode  # type: ignore[assignment]
     return model
 

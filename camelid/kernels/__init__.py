@@ -31,8 +31,8 @@ def load() -> ModuleType | None:
         build_dir = Path(os.environ.get("CAMELID_KERNEL_CACHE", Path.home() / ".cache" / "camelid" / "kernels"))
         build_dir.mkdir(parents=True, exist_ok=True)
         _module = cpp_extension.load(
-            name="camelid_gemv",
-            sources=[str(Path(__file__).with_name("gemv.cpp"))],
+            name="camelid_kernels",
+            sources=[str(Path(__file__).with_name(f)) for f in ("gemv.cpp", "decode.cpp")],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),

@@ -175,7 +175,15 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
   return y;
 }
 
+// decode.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor attend_cached(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
+                            torch::Tensor cache_k, torch::Tensor cache_v, torch::Tensor mask, int64_t H,
+                            int64_t KV);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm);
+  m.def("attend_cached", &attend_cached);
   m.def("gemv_f32", &gemv_f32);
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
