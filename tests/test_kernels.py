@@ -40,3 +40,44 @@ def test_int4_unpack_layout() -> None:
     q = torch.arange(32, dtype=torch.uint8).remainder(16)[None]
     packed = q[:, :16] | (q[:, 16:] << 4)
     assert torch.equal(kernels.unpack_int4(packed), q)
+
+
+@needs_kernels
+def test_rms_norm_matches_the_module() -> None:
+    from camelid.model import RMSNorm
+
+    norm = RMSNorm(96, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 96) * 3
+    torch.testing.assert_close(k.rms_norm(x, norm.weight, norm.eps), norm(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_attention_layers_match_the_plain_model(padded: bool) -> None:
+    """Prompt (SDPA in both), then single tokens and a 3-token chunk (fused C++ attention in one model)."""
+    import copy
+
+    from camelid.config import LlamaConfig
+    from camelid.kernels.layers import FastAttention, accelerate
+    from camelid.model import Llama
+
+    torch.manual_seed(0)
+    plain = Llama(LlamaConfig.from_name("tiny-gqa")).eval()
+    plain.fuse()
+    fast = accelerate(copy.deepcopy(plain))
+    assert isinstance(fast.layers[0].attention, FastAttention)
+    ids = torch.randint(0, 320, (2, 20))
+    key_mask = torch.ones(2, 24, dtype=torch.bool)
+    if padded:
+        key_mask[0, :4] = False  # sequence 0 is left-padded by 4
+    chunks = [(0, 10)] + [(t, t + 1) for t in range(10, 17)] + [(17, 20)]
+    with torch.no_grad():
+        outs = []
+        for m in (plain, fast):
+            m.setup_cache(2, 24)
+            kw = {"key_mask": key_mask} if padded else {}
+            outs.append(torch.cat([m(ids[:, a:b], torch.arange(a, b), **kw) for a, b in chunks], dim=1))
+            m.clear_cache()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
