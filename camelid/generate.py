@@ -102,7 +102,7 @@ def generate_tokens(
     bad = [t for t in prompt if not 0 <= t < model.config.vocab_size]
     if bad:
         raise CamelidError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

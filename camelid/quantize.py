@@ -35,7 +35,8 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = w.shape
 
     def dequantize(self) -> Tensor:
-        return self.qweight.float() * self.scale[:, None]
+        w = kernels.dequantize("dequant_int8", self.qweight, self.scale)
+        return w if w is not None else self.qweight.float() * self.scale[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
         x2d = x.reshape(-1, x.shape[-1])
@@ -62,7 +63,8 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = N, K
 
     def dequantize(self) -> Tensor:
-        return kernels.dequant_int4(self.qweight, self.scale, self.minimum)
+        w = kernels.dequantize("dequant_int4", self.qweight, self.scale, self.minimum)
+        return w if w is not None else kernels.dequant_int4(self.qweight, self.scale, self.minimum)
 
     def forward(self, x: Tensor) -> Tensor:
         x2d = x.reshape(-1, x.shape[-1])
@@ -70,6 +72,25 @@ class Int4Linear(nn.Module):
         if y is None:
             y = x2d @ self.dequantize().to(x.dtype).T
         return y.view(*x.shape[:-1], self.out_features)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows as int8 with one scale per row: Int8Linear's format, so a tied int8 output head and the
+    embedding share one matrix (for SmolLM2 that saves the 113 MB fp32 table)."""
+
+    def __init__(self, weight: Tensor | None = None, shared: Int8Linear | None = None) -> None:
+        super().__init__()
+        if shared is not None:
+            self.__dict__["table"] = shared  # not registered: its tensors are saved once, under output.*
+        else:
+            self.table = Int8Linear(weight)
+
+    def dequantize(self) -> Tensor:
+        return self.table.dequantize()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = self.table
+        return t.qweight[ids].float() * t.scale[ids].unsqueeze(-1)
 
 
 class FastLinear(nn.Module):
@@ -100,10 +121,10 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
 def quantize_model(model: nn.Module, mode: str, head: str | None = None) -> nn.Module:
     """Replace every bias-free nn.Linear in place, one at a time, by its weight-only quantised twin ("int8",
     "int4") or by the fp32 fast-GEMV linear ("fp32"); each fp32 weight is freed as soon as it is replaced,
-    so peak memory is the fp32 model plus one layer. The embedding stays fp32 (a tied output head gets its
-    own quantised copy). The output head uses `head` (default: int8 in int4 mode, because the head's error
-    shows directly in every logit, and the same mode otherwise). In int4 mode a layer whose input width is
-    not a multiple of 32 is quantised to int8."""
+    so peak memory is the fp32 model plus one layer. In int8/int4 mode the embedding becomes int8 too
+    (sharing the head's matrix when they are tied and the head is int8). The output head uses `head`
+    (default: int8 in int4 mode, because the head's error shows directly in every logit; else `mode`).
+    In int4 mode a layer whose input width is not a multiple of 32 is quantised to int8."""
     if mode not in LINEARS:
         raise CamelidError(f"unknown quantize mode {mode!r}; choose one of int8, int4, fp32")
     head = head or ("int8" if mode == "int4" else mode)
@@ -117,6 +138,10 @@ def quantize_model(model: nn.Module, mode: str, head: str | None = None) -> nn.M
         if kind is Int4Linear and lin.in_features % GROUP:
             kind = Int8Linear  # groups of 32 do not tile this row; int8 keeps it exact enough
         setattr(parent, name, kind(lin.weight))
+    emb = getattr(model, "tok_embeddings", None)
+    if mode in ("int8", "int4") and isinstance(emb, nn.Embedding):
+        tied = getattr(model.config, "tie_embeddings", False) and isinstance(model.output, Int8Linear)
+        model.tok_embeddings = Int8Embedding(shared=model.output) if tied else Int8Embedding(emb.weight)
     from camelid.kernels.layers import accelerate
 
     accelerate(model)  # fused RMSNorm and decode attention (C++), same parameters

@@ -47,6 +47,7 @@ def _dequantised(q: torch.nn.Module, base: torch.nn.Module) -> torch.nn.Module:
     for name, mod in list(ref.named_modules()):
         if isinstance(mod, torch.nn.Linear):
             mod.weight = torch.nn.Parameter(qmods[name].dequantize().clone())
+    ref.tok_embeddings.weight = torch.nn.Parameter(q.tok_embeddings.dequantize().clone())
     return ref
 
 

@@ -11,7 +11,7 @@ needs_kernels = pytest.mark.skipif(k is None, reason="C++ kernels could not be b
 
 @needs_kernels
 # N not a multiple of 4 and K not a multiple of 8 exercise the plain-loop tails beside the AVX2 blocks
-@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (1, 1536, 576), (3, 40, 96), (2, 37, 100)])
+@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (1, 1536, 576), (3, 40, 96), (2, 37, 100), (8, 64, 64)])
 def test_gemv_f32_matches_torch(M: int, N: int, K: int) -> None:
     x, w = torch.randn(M, K), torch.randn(N, K)
     torch.testing.assert_close(k.gemv_f32(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
@@ -27,7 +27,7 @@ def test_gemv_int8_matches_dequantised(M: int, N: int, K: int) -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (2, 576, 1536), (3, 43, 96)])
+@pytest.mark.parametrize("M,N,K", [(1, 96, 64), (2, 576, 1536), (3, 43, 96), (7, 40, 64)])
 def test_gemv_int4_matches_dequantised(M: int, N: int, K: int) -> None:
     x = torch.randn(M, K)
     w = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
@@ -81,3 +81,12 @@ def test_fused_attention_layers_match_the_plain_model(padded: bool) -> None:
             outs.append(torch.cat([m(ids[:, a:b], torch.arange(a, b), **kw) for a, b in chunks], dim=1))
             m.clear_cache()
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_cpp_dequantisation_matches_pytorch() -> None:
+    w8, s8 = torch.randint(-127, 128, (37, 96), dtype=torch.int8), torch.rand(37)
+    assert torch.equal(k.dequant_int8(w8, s8), w8.float() * s8[:, None])
+    w4 = torch.randint(0, 256, (37, 48), dtype=torch.uint8)
+    s4, m4 = torch.rand(37, 3), torch.randn(37, 3)
+    torch.testing.assert_close(k.dequant_int4(w4, s4, m4), kernels.dequant_int4(w4, s4, m4), rtol=1e-6, atol=1e-6)

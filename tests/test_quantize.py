@@ -9,7 +9,7 @@ from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 from camelid.generate import generate
 from camelid.model import Llama
-from camelid.quantize import Int4Linear, Int8Linear, load_quantized, quantize_model, save_quantized
+from camelid.quantize import Int4Linear, Int8Embedding, Int8Linear, load_quantized, quantize_model, save_quantized
 
 
 def peaked_model(name: str = "tiny-gqa") -> Llama:
@@ -30,6 +30,8 @@ def dequantised_copy(qmodel: torch.nn.Module, base: Llama) -> Llama:
     for name, mod in list(ref.named_modules()):
         if isinstance(mod, torch.nn.Linear):
             mod.weight = torch.nn.Parameter(qmods[name].dequantize().clone())
+    if hasattr(qmodel.tok_embeddings, "dequantize"):
+        ref.tok_embeddings.weight = torch.nn.Parameter(qmodel.tok_embeddings.dequantize().clone())
     return ref
 
 
@@ -81,6 +83,17 @@ def test_save_and_load_roundtrip_never_builds_fp32(tmp_path, mode: str) -> None:
     ids = torch.tensor([PROMPT])
     assert torch.equal(loaded(ids), q(ids))
     assert generate(loaded, PROMPT, 12) == generate(q, PROMPT, 12)
+
+
+def test_tied_int8_embedding_shares_the_head_matrix(tmp_path) -> None:
+    base = peaked_model("tiny-llama3")  # tied embeddings
+    q = quantize_model(copy.deepcopy(base), "int4")
+    assert isinstance(q.tok_embeddings, Int8Embedding) and q.tok_embeddings.table is q.output
+    assert not [k for k in q.state_dict() if k.startswith("tok_embeddings")]
+    ids = torch.tensor([[3, 1, 4]])
+    torch.testing.assert_close(q.tok_embeddings(ids)[0], q.output.dequantize()[ids[0]])
+    untied = quantize_model(peaked_model("tiny-gqa"), "int8")
+    assert isinstance(untied.tok_embeddings, Int8Embedding) and untied.tok_embeddings.table is not untied.output
 
 
 def test_int4_keeps_the_output_head_in_int8_unless_asked() -> None:

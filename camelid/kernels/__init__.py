@@ -67,14 +67,24 @@ def _register_ops(mod: ModuleType) -> None:
         op.register_fake(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[0]))
 
 
+MAX_GEMV_ROWS = 8  # decode, small batches, speculative verification: each weight row is streamed from RAM once
+
+
 def gemv(name: str, x2d: Tensor, *args: Tensor) -> Tensor | None:
     """Run kernel `name` ("gemv_f32" | "gemv_int8" | "gemv_int4") on a few fp32 CPU rows, or return None when
     the kernels are unavailable or the input is not a decode-sized fp32 CPU batch (callers then use torch)."""
-    if x2d.shape[0] > 4 or x2d.device.type != "cpu" or x2d.dtype != torch.float32:
+    if x2d.shape[0] > MAX_GEMV_ROWS or x2d.device.type != "cpu" or x2d.dtype != torch.float32:
         return None
     if torch.compiler.is_compiling():  # the build cannot be traced: use the kernels only if already loaded
         return getattr(torch.ops.camelid, name)(x2d, *args) if _module is not None else None
     return getattr(_module, name)(x2d, *args) if load() is not None else None
+
+
+def dequantize(name: str, *args: Tensor) -> Tensor | None:
+    """C++ "dequant_int8" / "dequant_int4" when available (fp32 CPU tensors), else None."""
+    if args[0].device.type != "cpu" or torch.compiler.is_compiling() or load() is None:
+        return None
+    return getattr(_module, name)(*args)
 
 
 def gemv_int8_ref(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:

@@ -175,6 +175,37 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
   return y;
 }
 
+// Whole-matrix dequantisation for prompt passes (then torch's GEMM): one parallel pass instead of ~8 tensor ops.
+torch::Tensor dequant_int8(torch::Tensor w, torch::Tensor scale) {
+  w = w.contiguous(); scale = scale.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto out = torch::empty({N, K}, scale.options());
+  const int8_t* wp = w.data_ptr<int8_t>(); const float* sp = scale.data_ptr<float>(); float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) op[n * K + k] = (float)wp[n * K + k] * sp[n];
+  });
+  return out;
+}
+
+torch::Tensor dequant_int4(torch::Tensor w, torch::Tensor scale, torch::Tensor minimum) {
+  w = w.contiguous(); scale = scale.contiguous(); minimum = minimum.contiguous();
+  const int64_t N = w.size(0), K = w.size(1) * 2, G = K / 32;
+  auto out = torch::empty({N, K}, scale.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>(); const float* sp = scale.data_ptr<float>();
+  const float* mp = minimum.data_ptr<float>(); float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* b = wp + n * (K / 2) + g * 16;
+        float* o = op + n * K + g * 32;
+        const float s = sp[n * G + g], m = mp[n * G + g];
+        for (int j = 0; j < 16; ++j) { o[j] = (float)(b[j] & 15) * s + m; o[j + 16] = (float)(b[j] >> 4) * s + m; }
+      }
+  });
+  return out;
+}
+
 // decode.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor attend_cached(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
@@ -182,6 +213,8 @@ torch::Tensor attend_cached(torch::Tensor qkv, torch::Tensor cos, torch::Tensor 
                             int64_t KV);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequant_int8", &dequant_int8);
+  m.def("dequant_int4", &dequant_int4);
   m.def("rms_norm", &rms_norm);
   m.def("attend_cached", &attend_cached);
   m.def("gemv_f32", &gemv_f32);
