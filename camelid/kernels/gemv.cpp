@@ -57,6 +57,39 @@ static void dot_f32(const float* x, const float* w, int64_t K, int64_t n0, int64
   }
 }
 
+#ifdef CAMELID_AVX2
+// A few activation rows at once (speculative verification, small batches): each weight vector is loaded
+// once and multiplied into M accumulators, so the weights are streamed once, not M times.
+template <int M>
+static void dot_f32_rows(const float* x, const float* w, int64_t K, int64_t N, int64_t n0, int64_t n1, float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* row = w + n * K;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 wv = _mm256_loadu_ps(row + k);
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m]);
+    }
+    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]);
+  }
+}
+
+static bool dot_f32_multi(int64_t M, const float* x, const float* w, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                          float* y) {
+  if (K % 8) return false;
+  switch (M) {
+    case 2: dot_f32_rows<2>(x, w, K, N, n0, n1, y); return true;
+    case 3: dot_f32_rows<3>(x, w, K, N, n0, n1, y); return true;
+    case 4: dot_f32_rows<4>(x, w, K, N, n0, n1, y); return true;
+    case 5: dot_f32_rows<5>(x, w, K, N, n0, n1, y); return true;
+    case 6: dot_f32_rows<6>(x, w, K, N, n0, n1, y); return true;
+    case 7: dot_f32_rows<7>(x, w, K, N, n0, n1, y); return true;
+    case 8: dot_f32_rows<8>(x, w, K, N, n0, n1, y); return true;
+    default: return false;
+  }
+}
+#endif
+
 // ---- int8, one scale per row ----
 static void dot_int8(const float* x, const int8_t* w, const float* s, int64_t K, int64_t n0, int64_t n1, float* y) {
   int64_t n = n0;
@@ -141,6 +174,9 @@ torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>(); float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+#ifdef CAMELID_AVX2
+    if (M > 1 && dot_f32_multi(M, xp, wp, K, N, n0, n1, yp)) return;
+#endif
     for (int64_t m = 0; m < M; ++m) dot_f32(xp + m * K, wp, K, n0, n1, yp + m * N);
   });
   return y;
