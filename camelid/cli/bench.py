@@ -25,6 +25,14 @@ from camelid.interop.hf import atomic_write
 
 
 def _peak_rss_mib() -> float:
+    """Peak resident memory of this process. /proc's VmHWM belongs to this program alone; getrusage's maxrss
+    can carry the parent's peak over fork + exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -55,12 +63,14 @@ def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: 
     extra = {}
     with torch.inference_mode():
         model.setup_cache(1, prompt_len + new_tokens)
-        model(ids[:, :8], torch.arange(8), last_only=True)  # warm-up (kernel load, allocator)
+        # warm-up (kernel load, allocator); the token is made exactly as in the timed loop below, so the
+        # compiled step sees the same strides and does not recompile
+        tok = model(ids[:, :8], torch.arange(8), last_only=True)[:, -1].argmax(-1, keepdim=True)
         step = model
         if compiled:
             step = torch.compile(model, dynamic=False)
             t = time.perf_counter()
-            step(ids[:, :1], torch.tensor([8]), last_only=True)
+            step(tok, torch.tensor([8]), last_only=True)
             extra["compile_s"] = time.perf_counter() - t
         t0 = time.perf_counter()
         logits = model(ids, torch.arange(prompt_len), last_only=True)
@@ -176,12 +186,25 @@ def bench(
         specs.append(spec)
     results: dict[str, list[dict]] = {f"{s['engine']} {s['precision']}": [] for s in specs}
     with tempfile.TemporaryDirectory(prefix="camelid-bench-") as tmp:
-        _write_checkpoints(specs, Path(tmp))
+        _in_child(_write_checkpoints, specs, tmp)
         _run_rounds(specs, rounds, results)
     _report(model, prompt_len, new_tokens, threads, rounds, specs, results, out)
 
 
-def _write_checkpoints(specs: list[dict], folder: Path) -> None:
+def _in_child(fn, specs: list[dict], folder: str) -> None:  # noqa: ANN001
+    """Run fn(specs, folder) in a fresh interpreter (keeps this process, the parent of every measured run,
+    small) and take back the specs it filled in."""
+    code = (f"import json, sys; from camelid.cli.bench import {fn.__name__} as f; s = json.loads(sys.argv[1]); "
+            f"f(s, sys.argv[2]); print('SPECS ' + json.dumps(s))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(specs), folder], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("SPECS "):
+            specs[:] = json.loads(line[6:])
+            return
+    raise CamelidError(f"writing the quantised benchmark checkpoints failed: {proc.stderr.strip()[-300:]}")
+
+
+def _write_checkpoints(specs: list[dict], folder: str) -> None:
     """int8/int4 engines load a quantised checkpoint of the random model (written here, once per mode)."""
     import torch
 
@@ -193,7 +216,7 @@ def _write_checkpoints(specs: list[dict], folder: Path) -> None:
         mode = s["precision"].removesuffix("-compile")
         if s["engine"] != "camelid" or mode not in ("int8", "int4"):
             continue
-        path = folder / f"{s['model']}-{mode}.safetensors"
+        path = Path(folder) / f"{s['model']}-{mode}.safetensors"
         if not path.exists():
             torch.manual_seed(0)
             save_quantized(quantize_model(Llama(LlamaConfig.from_name(s["model"])).eval(), mode), path)
