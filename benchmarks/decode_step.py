@@ -1,6 +1,6 @@
 """CPU time of one decode step, camelid's variants side by side in one process (robust on a busy machine).
 
-Usage: python benchmarks/decode_step.py [--threads 1] [--context 512] [--model smollm2-135m]
+Usage: python benchmarks/decode_step.py [--threads 1] [--context 512] [--model smollm2-135m] [--compile int4,...]
 
 Wall-clock timings on a shared machine swing by 2-5x; the CPU time of a single-threaded process does not
 (it still feels other jobs' memory traffic). Variants are interleaved round by round; min and median of the
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--compile", default="", help="comma-separated variants to add under torch.compile too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
@@ -39,14 +40,20 @@ def main() -> None:
         models[mode] = quantize_model(copy.deepcopy(base), mode)
     P = args.context
     ids = torch.randint(0, cfg.vocab_size, (1, P))
-    times: dict[str, list[float]] = {k: [] for k in models}
+    steps = dict(models)
     with torch.inference_mode():
         for m in models.values():
             m.setup_cache(1, P + args.steps + 1)
             m(ids, torch.arange(P), last_only=True)
         tok = torch.tensor([[5]])
+        for name in filter(None, args.compile.split(",")):
+            steps[name + "-compile"] = torch.compile(models[name], dynamic=False)
+            t = time.perf_counter()
+            steps[name + "-compile"](tok, torch.tensor([P]), last_only=True)
+            print(f"compiling {name}: {time.perf_counter() - t:.0f} s", flush=True)
+        times: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(args.rounds):
-            for name, m in models.items():
+            for name, m in steps.items():
                 t = clock()
                 for i in range(args.steps):
                     m(tok, torch.tensor([P + i]), last_only=True)
