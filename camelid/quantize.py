@@ -1,10 +1,12 @@
 """Weight-only quantisation for inference: int8 (one scale per output row) and int4 (groups of 32 with a
 scale and a minimum, like llama.cpp's Q4_1). Activations stay fp32.
 
-Decode (one row of activations) goes through camelid's C++ GEMV kernels, which stream the packed weights;
-PyTorch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were measured 5-25x slower than an fp32
-GEMV on this class of CPU, so they are not used. Prefill (many rows) dequantises the layer and uses torch's
-GEMM, which keeps prefill at fp32 speed. Without the kernels everything runs the dequantise path.
+Decode (1-8 rows of activations) goes through camelid's C++ GEMV kernels, which stream the packed
+weights; PyTorch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were measured 5-25x slower than
+an fp32 GEMV on this class of CPU, so they are not used. Prompts (many rows) dequantise the layer and use
+torch's GEMM. Without the kernels everything runs the dequantise path. `quantize_model` also fuses the
+projections and swaps in the fused RMSNorm/attention layers (camelid.kernels.layers); mode "fp32" does only
+that, keeping fp32 weights.
 """
 
 from __future__ import annotations
