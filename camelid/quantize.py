@@ -1,5 +1,5 @@
-"""Weight-only quantisation for inference: int8 (one scale per output row) and int4 (groups of 32 with a
-scale and a minimum, like llama.cpp's Q4_1). Activations stay fp32.
+"""Weight-only quantisation for inference: int8 (one scale per output row) and int4 (groups of 32 with an
+fp16 scale and minimum, like llama.cpp's Q4_1). Activations stay fp32.
 
 Decode (1-8 rows of activations) goes through camelid's C++ GEMV kernels, which stream the packed
 weights; PyTorch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were measured 5-25x slower than
@@ -56,9 +56,11 @@ class Int4Linear(nn.Module):
         if K % GROUP:
             raise CamelidError(f"int4 needs in_features divisible by {GROUP}, got {K}; use quantize='int8'")
         g = w.view(N, K // GROUP, GROUP)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+        # scale and minimum are stored in fp16 (as in Q4_1: 0.5625 bytes per weight); the codes are computed
+        # from the rounded values so that dequantisation reproduces them exactly
+        lo = g.amin(-1).clamp(-65504, 65504).half()
+        scale = ((g.amax(-1) - lo.float()) / 15).clamp(min=1e-7, max=65504).half()
+        q = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
         self.register_buffer("qweight", (q[..., :16] | (q[..., 16:] << 4)).reshape(N, K // 2))
         self.register_buffer("scale", scale)
         self.register_buffer("minimum", lo)

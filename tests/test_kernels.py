@@ -31,7 +31,7 @@ def test_gemv_int8_matches_dequantised(M: int, N: int, K: int) -> None:
 def test_gemv_int4_matches_dequantised(M: int, N: int, K: int) -> None:
     x = torch.randn(M, K)
     w = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
-    s, mn = torch.rand(N, K // 32) / 10, torch.randn(N, K // 32) / 10
+    s, mn = (torch.rand(N, K // 32) / 10).half(), (torch.randn(N, K // 32) / 10).half()
     torch.testing.assert_close(k.gemv_int4(x, w, s, mn), kernels.gemv_int4_ref(x, w, s, mn), rtol=1e-4, atol=1e-3)
 
 
@@ -88,5 +88,5 @@ def test_cpp_dequantisation_matches_pytorch() -> None:
     w8, s8 = torch.randint(-127, 128, (37, 96), dtype=torch.int8), torch.rand(37)
     assert torch.equal(k.dequant_int8(w8, s8), w8.float() * s8[:, None])
     w4 = torch.randint(0, 256, (37, 48), dtype=torch.uint8)
-    s4, m4 = torch.rand(37, 3), torch.randn(37, 3)
+    s4, m4 = torch.rand(37, 3).half(), torch.randn(37, 3).half()
     torch.testing.assert_close(k.dequant_int4(w4, s4, m4), kernels.dequant_int4(w4, s4, m4), rtol=1e-6, atol=1e-6)

@@ -99,9 +99,10 @@ def unpack_int4(w: Tensor) -> Tensor:
 
 
 def dequant_int4(w: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:
+    """scale, minimum: [N, K/32] (fp16 as stored; computed in fp32)."""
     N = w.shape[0]
     q = unpack_int4(w).view(N, -1, 32).float()
-    return (q * scale[..., None] + minimum[..., None]).view(N, -1)
+    return (q * scale.float()[..., None] + minimum.float()[..., None]).view(N, -1)
 
 
 def gemv_int4_ref(x: Tensor, w: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 // Matrix-vector products for batch-1 decode on CPU. Decode is memory bound: each kernel streams every
 // weight row once, rows split across threads with at::parallel_for. Activations stay fp32; weights may be
-// fp32, int8 with one scale per row, or int4 in groups of 32 (Q4_1-like: scale and min per group).
+// fp32, int8 with one scale per row, or int4 in groups of 32 (Q4_1's layout: fp16 scale and min per group).
 //
 // With AVX2 + FMA (x86-64-v3 and later) the inner loops are written with intrinsics: FOUR rows at a time, so
 // each activation vector loaded from cache feeds four independent FMA chains (one chain per row would wait on
@@ -9,7 +9,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define CAMELID_AVX2 1
 #endif
@@ -29,6 +29,14 @@ static inline __m256 i8x8(const int8_t* p) {
 }
 static inline __m256 u8x8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
 #endif
+
+static inline float h2f(const at::Half& h) {
+#ifdef CAMELID_AVX2
+  return _cvtsh_ss(h.x);  // one F16C instruction
+#else
+  return static_cast<float>(h);
+#endif
+}
 
 // ---- fp32: y[m, n] = sum_k x[m, k] * w[n, k] ----
 static void dot_f32(const float* x, const float* w, int64_t K, int64_t n0, int64_t n1, float* y) {
@@ -119,9 +127,9 @@ static void dot_int8(const float* x, const int8_t* w, const float* s, int64_t K,
 }
 
 // ---- int4: w uint8 [N, K/2]; in each group of 32 weights byte j holds weight j (low nibble) and weight
-// j + 16 (high nibble); weight = q * scale + minimum, scale/minimum fp32 [N, K/32]. xs[g] = sum of x over
+// j + 16 (high nibble); weight = q * scale + minimum, scale/minimum fp16 [N, K/32]. xs[g] = sum of x over
 // group g, so the minimum costs one multiply-add per group. ----
-static void dot_int4(const float* x, const float* xs, const uint8_t* w, const float* sc, const float* mn,
+static void dot_int4(const float* x, const float* xs, const uint8_t* w, const at::Half* sc, const at::Half* mn,
                      int64_t K, int64_t n0, int64_t n1, float* y) {
   const int64_t G = K / 32;
   int64_t n = n0;
@@ -142,13 +150,13 @@ static void dot_int4(const float* x, const float* xs, const uint8_t* w, const fl
         d = _mm256_fmadd_ps(u8x8(hi), x2, d);
         d = _mm256_fmadd_ps(u8x8(_mm_srli_si128(hi, 8)), x3, d);
         // scale the group's partial sums and keep them in a vector: one horizontal sum per row, not per group
-        acc[r] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(sc + row * G + g), acc[r]);
+        acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(h2f(sc[row * G + g])), acc[r]);
       }
     }
     for (int r = 0; r < 4; ++r) {
-      const float* m = mn + (n + r) * G;
+      const at::Half* m = mn + (n + r) * G;
       float bias = 0.f;
-      for (int64_t g = 0; g < G; ++g) bias += m[g] * xs[g];
+      for (int64_t g = 0; g < G; ++g) bias += h2f(m[g]) * xs[g];
       y[n + r] = hsum(acc[r]) + bias;
     }
   }
@@ -161,7 +169,7 @@ static void dot_int4(const float* x, const float* xs, const uint8_t* w, const fl
       const float* xg = x + g * 32;
       float dot = 0.f;
       for (int j = 0; j < 16; ++j) dot += xg[j] * (float)(b[j] & 15) + xg[j + 16] * (float)(b[j] >> 4);
-      acc += dot * sc[n * G + g] + mn[n * G + g] * xs[g];
+      acc += dot * h2f(sc[n * G + g]) + h2f(mn[n * G + g]) * xs[g];
     }
     y[n] = acc;
   }
@@ -197,14 +205,15 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
 
 torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor minimum) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kUInt8, "fp32 x and uint8 w expected");
+  TORCH_CHECK(scale.dtype() == torch::kHalf && minimum.dtype() == torch::kHalf, "fp16 scale and minimum expected");
   x = x.contiguous(); w = w.contiguous(); scale = scale.contiguous(); minimum = minimum.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / 32;
   TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
   auto y = torch::empty({M, N}, x.options());
   auto xsum = x.view({M, G, 32}).sum(-1).contiguous();
   const float* xp = x.data_ptr<float>(); const float* xs = xsum.data_ptr<float>();
-  const uint8_t* wp = w.data_ptr<uint8_t>(); const float* sp = scale.data_ptr<float>();
-  const float* mp = minimum.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>(); const at::Half* sp = scale.data_ptr<at::Half>();
+  const at::Half* mp = minimum.data_ptr<at::Half>(); float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M; ++m) dot_int4(xp + m * K, xs + m * G, wp, sp, mp, K, n0, n1, yp + m * N);
   });
@@ -225,17 +234,18 @@ torch::Tensor dequant_int8(torch::Tensor w, torch::Tensor scale) {
 }
 
 torch::Tensor dequant_int4(torch::Tensor w, torch::Tensor scale, torch::Tensor minimum) {
+  TORCH_CHECK(scale.dtype() == torch::kHalf && minimum.dtype() == torch::kHalf, "fp16 scale and minimum expected");
   w = w.contiguous(); scale = scale.contiguous(); minimum = minimum.contiguous();
   const int64_t N = w.size(0), K = w.size(1) * 2, G = K / 32;
-  auto out = torch::empty({N, K}, scale.options());
-  const uint8_t* wp = w.data_ptr<uint8_t>(); const float* sp = scale.data_ptr<float>();
-  const float* mp = minimum.data_ptr<float>(); float* op = out.data_ptr<float>();
+  auto out = torch::empty({N, K}, scale.options().dtype(torch::kFloat32));
+  const uint8_t* wp = w.data_ptr<uint8_t>(); const at::Half* sp = scale.data_ptr<at::Half>();
+  const at::Half* mp = minimum.data_ptr<at::Half>(); float* op = out.data_ptr<float>();
   at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* b = wp + n * (K / 2) + g * 16;
         float* o = op + n * K + g * 32;
-        const float s = sp[n * G + g], m = mp[n * G + g];
+        const float s = h2f(sp[n * G + g]), m = h2f(mp[n * G + g]);
         for (int j = 0; j < 16; ++j) { o[j] = (float)(b[j] & 15) * s + m; o[j + 16] = (float)(b[j] >> 4) * s + m; }
       }
   });
