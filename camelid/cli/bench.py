@@ -149,7 +149,8 @@ def _run_one(spec: dict) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH "):
             return json.loads(line[6:])
-    raise CamelidError(f"benchmark of {spec['engine']} {spec['precision']} failed: {proc.stderr.strip()[-300:]}")
+    why = proc.stderr.strip()[-300:] or f"exit status {proc.returncode}"  # a crash can leave stderr empty
+    raise CamelidError(f"benchmark of {spec['engine']} {spec['precision']} failed: {why}")
 
 
 @app.command()
@@ -224,11 +225,24 @@ def _write_checkpoints(specs: list[dict], folder: str) -> None:
 
 
 def _run_rounds(specs: list[dict], rounds: int, results: dict[str, list[dict]]) -> None:
+    """Interleave the engines round by round; an engine that fails is reported once and dropped."""
+    failed: set[str] = set()
     for r in range(rounds):
         for s in specs:
-            res = _run_one(s)
-            results[f"{s['engine']} {s['precision']}"].append(res)
-            print(f"round {r + 1}/{rounds} {s['engine']} {s['precision']}: {res}", file=sys.stderr, flush=True)
+            key = f"{s['engine']} {s['precision']}"
+            if key in failed:
+                continue
+            try:
+                res = _run_one(s)
+            except CamelidError as e:
+                print(f"skipping {key}: {e}", file=sys.stderr, flush=True)
+                failed.add(key)
+                del results[key]
+                continue
+            results[key].append(res)
+            print(f"round {r + 1}/{rounds} {key}: {res}", file=sys.stderr, flush=True)
+    if not results:
+        raise CamelidError("every engine failed; see the messages above")
 
 
 def _report(model: str, prompt_len: int, new_tokens: int, threads: int, rounds: int, specs: list[dict],
