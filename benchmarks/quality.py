@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def main() -> None:
     from camelid.generate import generate
 
     gguf_path = sys.argv[1]
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     tok = AutoTokenizer.from_pretrained(str(gguf_path).rsplit("/", 1)[0], gguf_file=gguf_path.rsplit("/", 1)[1])
     text_path = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).with_name("heldout.txt")
     text = text_path.read_text()
@@ -92,14 +93,15 @@ def main() -> None:
     prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
     ref_out = [generate(base, p, 64) for p in prompts]
     report = {"fp32": {"ppl": perplexity(base, ids)}}
-    for mode in ("int8", "int4"):
-        q = quantize_model(copy.deepcopy(base), mode)
+    for label, mode, head in (("int8", "int8", None), ("int4 (int8 head)", "int4", "int8"),
+                              ("int4 (int4 head)", "int4", "int4")):
+        q = quantize_model(copy.deepcopy(base), mode, head=head)
         outs = [generate(q, p, 64) for p in prompts]
         agree = []
         for a, b in zip(ref_out, outs, strict=True):
             same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
             agree.append(same)
-        report[mode] = {"ppl": perplexity(q, ids), "greedy_prefix_agreement_tokens": agree,
+        report[label] = {"ppl": perplexity(q, ids), "greedy_prefix_agreement_tokens": agree,
                         "exact_outputs": sum(a == b for a, b in zip(ref_out, outs, strict=True))}
     report["eval_tokens"] = int(ids.numel())
     print(tok.decode(ref_out[0]))

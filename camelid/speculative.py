@@ -49,7 +49,7 @@ def speculative_generate(target: Llama, draft: Llama, prompt: list[int], max_new
     total = len(prompt) + max_new_tokens + k + 1
     if total > min(target.config.max_seq_len, draft.config.max_seq_len):
         raise CamelidError(f"prompt + {max_new_tokens} new tokens + {k + 1} draft slots exceeds the context window")
-    device = target.tok_embeddings.weight.device
+    device = target.norm.weight.device
     stop, stats = set(stop_ids), SpecStats()
     target.setup_cache(1, total)
     draft.setup_cache(1, total)

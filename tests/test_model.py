@@ -148,3 +148,17 @@ def test_too_long_input_and_missing_cache_are_clear_errors() -> None:
         model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
     with pytest.raises(CamelidError, match="12 tokens plus 8 new tokens exceeds the context window of 16"):
         generate(model, list(range(12)), max_new_tokens=8)
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_greedy_tokens() -> None:
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("tiny-gqa")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)  # peaked logits: no near-ties for float rounding to flip
+    prompt = [1, 5, 9, 42, 7]
+    want = generate(model, prompt, 20)
+    assert generate(model, prompt, 20, compile=True) == want
+    assert generate(model, prompt[:3], 20, compile=True) == generate(model, prompt[:3], 20)  # reuses the compile

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "camelid.cli.bert",
     "camelid.cli.classify",
     "camelid.cli.compare",
+    "camelid.cli.quantize",
 ]
 
 

@@ -1,17 +1,17 @@
-"""`camelid bench` and `camelid quantize`.
-
-bench: camelid beside transformers (and llama-cpp-python when installed) on the same model shapes, prompt
+"""`camelid bench`: camelid beside transformers (and llama-cpp-python when installed) on the same model shapes, prompt
 length and machine, in one run. Each (engine, round) runs in its own subprocess so peak RSS is the engine's
 own; rounds are interleaved across engines so machine noise hits all of them alike; medians are reported.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,41 +21,65 @@ from rich.table import Table
 
 from camelid.cli.app import app
 from camelid.errors import CamelidError
+from camelid.interop.hf import atomic_write
 
 
 def _peak_rss_mib() -> float:
+    """Peak resident memory of this process. /proc's VmHWM belongs to this program alone; getrusage's maxrss
+    can carry the parent's peak over fork + exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
+def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int,
+                  checkpoint: str | None = None) -> dict:
+    """precision: fp32-eager (the plain model), fp32 (fused + C++ GEMV), int8 or int4 (loaded from a quantised
+    checkpoint, as a user would, so peak RSS never includes an fp32 copy); a "-compile" suffix runs the decode
+    steps through torch.compile and reports the one-off compile time."""
     import torch
 
     from camelid.config import LlamaConfig
     from camelid.model import Llama
-    from camelid.quantize import quantize_model
+    from camelid.quantize import load_quantized, quantize_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    base, compiled = precision.removesuffix("-compile"), precision.endswith("-compile")
     cfg = LlamaConfig.from_name(model_name)
-    model = Llama(cfg).eval()
-    if precision == "fp32-eager":
-        pass
+    if checkpoint:
+        model = load_quantized(checkpoint)
     else:
-        quantize_model(model, precision)
+        model = Llama(cfg).eval()
+        if base != "fp32-eager":
+            quantize_model(model, base)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len))
+    extra = {}
     with torch.inference_mode():
         model.setup_cache(1, prompt_len + new_tokens)
-        model(ids[:, :8], torch.arange(8), last_only=True)  # warm-up (kernel load, allocator)
+        # warm-up (kernel load, allocator); the token is made exactly as in the timed loop below, so the
+        # compiled step sees the same strides and does not recompile
+        tok = model(ids[:, :8], torch.arange(8), last_only=True)[:, -1].argmax(-1, keepdim=True)
+        step = model
+        if compiled:
+            step = torch.compile(model, dynamic=False)
+            t = time.perf_counter()
+            step(tok, torch.tensor([8]), last_only=True)
+            extra["compile_s"] = time.perf_counter() - t
         t0 = time.perf_counter()
         logits = model(ids, torch.arange(prompt_len), last_only=True)
         t1 = time.perf_counter()
         tok = logits[:, -1].argmax(-1, keepdim=True)
         for i in range(new_tokens - 1):
-            tok = model(tok, torch.tensor([prompt_len + i]), last_only=True)[:, -1].argmax(-1, keepdim=True)
+            tok = step(tok, torch.tensor([prompt_len + i]), last_only=True)[:, -1].argmax(-1, keepdim=True)
         t2 = time.perf_counter()
-    return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
+    return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1), **extra}
 
 
 def _time_transformers(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
@@ -102,11 +126,14 @@ def _time_llamacpp(gguf: str, prompt_len: int, new_tokens: int, threads: int) ->
     return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
 
 
+CAMELID_PRECISIONS = ("fp32-eager", "fp32", "int8", "int4")
+
+
 def _worker(spec: dict) -> None:
     engine = spec["engine"]
     args = (spec["prompt_len"], spec["new_tokens"], spec["threads"])
     if engine == "camelid":
-        res = _time_camelid(spec["model"], spec["precision"], *args)
+        res = _time_camelid(spec["model"], spec["precision"], *args, checkpoint=spec.get("checkpoint"))
     elif engine == "transformers":
         res = _time_transformers(spec["model"], spec["precision"], *args)
     else:
@@ -122,7 +149,8 @@ def _run_one(spec: dict) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH "):
             return json.loads(line[6:])
-    raise CamelidError(f"benchmark of {spec['engine']} {spec['precision']} failed: {proc.stderr.strip()[-300:]}")
+    why = proc.stderr.strip()[-300:] or f"exit status {proc.returncode}"  # a crash can leave stderr empty
+    raise CamelidError(f"benchmark of {spec['engine']} {spec['precision']} failed: {why}")
 
 
 @app.command()
@@ -143,26 +171,97 @@ def bench(
         spec = {"engine": engine, "precision": precision, "model": model, "prompt_len": prompt_len,
                 "new_tokens": new_tokens, "threads": threads}
         if engine == "llama.cpp":
+            if importlib.util.find_spec("llama_cpp") is None:
+                print("llama-cpp-python is not installed; skipping the llama.cpp engine", file=sys.stderr)
+                continue
+            if not Path(precision).is_file():
+                raise CamelidError(f"llama.cpp engine: {precision!r} is not a file; give llama.cpp:PATH.gguf")
             spec["gguf"], spec["precision"] = precision, Path(precision).stem.rsplit(".", 1)[-1]
+        elif engine == "camelid" and precision.removesuffix("-compile") not in CAMELID_PRECISIONS:
+            raise CamelidError(f"camelid engine: unknown precision {precision!r}; choose one of "
+                               f"{', '.join(CAMELID_PRECISIONS)} (optionally with -compile)")
+        elif engine == "transformers" and precision not in ("fp32", "bf16"):
+            raise CamelidError(f"transformers engine: unknown precision {precision!r}; choose fp32 or bf16")
+        elif engine not in ("camelid", "transformers", "llama.cpp"):
+            raise CamelidError(f"unknown engine {engine!r}; use camelid:P, transformers:P or llama.cpp:FILE.gguf")
         specs.append(spec)
     results: dict[str, list[dict]] = {f"{s['engine']} {s['precision']}": [] for s in specs}
+    with tempfile.TemporaryDirectory(prefix="camelid-bench-") as tmp:
+        _in_child(_write_checkpoints, specs, tmp)
+        _run_rounds(specs, rounds, results)
+    _report(model, prompt_len, new_tokens, threads, rounds, specs, results, out)
+
+
+def _in_child(fn, specs: list[dict], folder: str) -> None:  # noqa: ANN001
+    """Run fn(specs, folder) in a fresh interpreter (keeps this process, the parent of every measured run,
+    small) and take back the specs it filled in."""
+    code = (f"import json, sys; from camelid.cli.bench import {fn.__name__} as f; s = json.loads(sys.argv[1]); "
+            f"f(s, sys.argv[2]); print('SPECS ' + json.dumps(s))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(specs), folder], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("SPECS "):
+            specs[:] = json.loads(line[6:])
+            return
+    raise CamelidError(f"writing the quantised benchmark checkpoints failed: {proc.stderr.strip()[-300:]}")
+
+
+def _write_checkpoints(specs: list[dict], folder: str) -> None:
+    """int8/int4 engines load a quantised checkpoint of the random model (written here, once per mode)."""
+    import torch
+
+    from camelid.config import LlamaConfig
+    from camelid.model import Llama
+    from camelid.quantize import quantize_model, save_quantized
+
+    for s in specs:
+        mode = s["precision"].removesuffix("-compile")
+        if s["engine"] != "camelid" or mode not in ("int8", "int4"):
+            continue
+        path = Path(folder) / f"{s['model']}-{mode}.safetensors"
+        if not path.exists():
+            torch.manual_seed(0)
+            save_quantized(quantize_model(Llama(LlamaConfig.from_name(s["model"])).eval(), mode), path)
+        s["checkpoint"] = str(path)
+
+
+def _run_rounds(specs: list[dict], rounds: int, results: dict[str, list[dict]]) -> None:
+    """Interleave the engines round by round; an engine that fails is reported once and dropped."""
+    failed: set[str] = set()
     for r in range(rounds):
         for s in specs:
-            res = _run_one(s)
-            results[f"{s['engine']} {s['precision']}"].append(res)
-            print(f"round {r + 1}/{rounds} {s['engine']} {s['precision']}: {res}", file=sys.stderr, flush=True)
+            key = f"{s['engine']} {s['precision']}"
+            if key in failed:
+                continue
+            try:
+                res = _run_one(s)
+            except CamelidError as e:
+                print(f"skipping {key}: {e}", file=sys.stderr, flush=True)
+                failed.add(key)
+                del results[key]
+                continue
+            results[key].append(res)
+            print(f"round {r + 1}/{rounds} {key}: {res}", file=sys.stderr, flush=True)
+    if not results:
+        raise CamelidError("every engine failed; see the messages above")
+
+
+def _report(model: str, prompt_len: int, new_tokens: int, threads: int, rounds: int, specs: list[dict],
+            results: dict[str, list[dict]], out: Path) -> None:
     rows = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in results.items()}
     base = rows.get("transformers fp32")
     table = Table(title=f"{model}, batch 1, {prompt_len}-token prompt, {new_tokens} greedy tokens, {threads} threads")
-    for col in ("engine", "prefill tok/s", "decode tok/s", "peak RSS MiB", "decode vs transformers fp32"):
+    for col in ("engine", "prefill tok/s", "decode tok/s", "peak RSS MiB", "decode vs transformers fp32",
+                "compile s"):
         table.add_column(col)
     for k, v in rows.items():
         ratio = f"{v['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
-        table.add_row(k, f"{v['prefill_tok_s']:.0f}", f"{v['decode_tok_s']:.1f}", f"{v['peak_rss_mib']:.0f}", ratio)
+        table.add_row(k, f"{v['prefill_tok_s']:.0f}", f"{v['decode_tok_s']:.1f}", f"{v['peak_rss_mib']:.0f}", ratio,
+                      f"{v['compile_s']:.0f}" if "compile_s" in v else "-")
     Console().print(table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"settings": specs[0] | {"rounds": rounds}, "medians": rows,
-                                                "runs": results}, indent=2))
+    settings = {k: specs[0][k] for k in ("model", "prompt_len", "new_tokens", "threads")} | {"rounds": rounds}
+    body = json.dumps({"settings": settings, "medians": rows, "runs": results}, indent=2)
+    atomic_write(out / "bench.json", lambda tmp: tmp.write_text(body))
     try:
         import matplotlib
 
@@ -173,21 +272,6 @@ def bench(
         ax.barh(list(rows), [v["decode_tok_s"] for v in rows.values()])
         ax.set_xlabel("decode tok/s (batch 1)")
         fig.tight_layout()
-        fig.savefig(out / "bench.png")
+        atomic_write(out / "bench.png", lambda tmp: fig.savefig(tmp, format="png"))
     except ImportError:
         print("matplotlib not installed; skipped the chart", file=sys.stderr)
-
-
-@app.command()
-def quantize(
-    source: str = typer.Argument(..., help="model to quantise (anything camelid.load accepts)"),
-    output: Path = typer.Argument(..., help="output .safetensors file"),
-    mode: str = typer.Option("int8", help="int8 or int4"),
-) -> None:
-    """Quantise a model's linear weights (int8 per row, int4 in groups of 32) and save them."""
-    import camelid.llm
-    from camelid.quantize import quantize_model, save_quantized
-
-    llm = camelid.llm.load(source)
-    save_quantized(quantize_model(llm.model, mode), output)
-    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {mode})")

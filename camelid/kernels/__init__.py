@@ -31,17 +31,60 @@ def load() -> ModuleType | None:
         build_dir = Path(os.environ.get("CAMELID_KERNEL_CACHE", Path.home() / ".cache" / "camelid" / "kernels"))
         build_dir.mkdir(parents=True, exist_ok=True)
         _module = cpp_extension.load(
-            name="camelid_gemv",
-            sources=[str(Path(__file__).with_name("gemv.cpp"))],
+            name="camelid_kernels",
+            sources=[str(Path(__file__).with_name(f)) for f in ("gemv.cpp", "decode.cpp")],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             verbose=False,
         )
+        _register_ops(_module)
     except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path
         warnings.warn(f"camelid: C++ kernels unavailable ({type(e).__name__}); using pure PyTorch", stacklevel=2)
         _module = None
     return _module
+
+
+def _register_ops(mod: ModuleType) -> None:
+    """Expose the kernels as torch custom ops (camelid::gemv_*) so `torch.compile` can put them in its graph.
+    Eager code calls the pybind functions directly: the custom-op wrapper costs microseconds per call."""
+    if hasattr(torch.ops.camelid, "gemv_f32"):
+        return
+
+    @torch.library.custom_op("camelid::gemv_f32", mutates_args=())
+    def gemv_f32(x: Tensor, w: Tensor) -> Tensor:
+        return mod.gemv_f32(x, w)
+
+    @torch.library.custom_op("camelid::gemv_int8", mutates_args=())
+    def gemv_int8(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+        return mod.gemv_int8(x, w, scale)
+
+    @torch.library.custom_op("camelid::gemv_int4", mutates_args=())
+    def gemv_int4(x: Tensor, w: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:
+        return mod.gemv_int4(x, w, scale, minimum)
+
+    for op in (gemv_f32, gemv_int8, gemv_int4):
+        op.register_fake(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[0]))
+
+
+MAX_GEMV_ROWS = 8  # decode, small batches, speculative verification: each weight row is streamed from RAM once
+
+
+def gemv(name: str, x2d: Tensor, *args: Tensor) -> Tensor | None:
+    """Run kernel `name` ("gemv_f32" | "gemv_int8" | "gemv_int4") on a few fp32 CPU rows, or return None when
+    the kernels are unavailable or the input is not a decode-sized fp32 CPU batch (callers then use torch)."""
+    if x2d.shape[0] > MAX_GEMV_ROWS or x2d.device.type != "cpu" or x2d.dtype != torch.float32:
+        return None
+    if torch.compiler.is_compiling():  # the build cannot be traced: use the kernels only if already loaded
+        return getattr(torch.ops.camelid, name)(x2d, *args) if _module is not None else None
+    return getattr(_module, name)(x2d, *args) if load() is not None else None
+
+
+def dequantize(name: str, *args: Tensor) -> Tensor | None:
+    """C++ "dequant_int8" / "dequant_int4" when available (fp32 CPU tensors), else None."""
+    if args[0].device.type != "cpu" or torch.compiler.is_compiling() or load() is None:
+        return None
+    return getattr(_module, name)(*args)
 
 
 def gemv_int8_ref(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
@@ -56,9 +99,10 @@ def unpack_int4(w: Tensor) -> Tensor:
 
 
 def dequant_int4(w: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:
+    """scale, minimum: [N, K/32] (fp16 as stored; computed in fp32)."""
     N = w.shape[0]
     q = unpack_int4(w).view(N, -1, 32).float()
-    return (q * scale[..., None] + minimum[..., None]).view(N, -1)
+    return (q * scale.float()[..., None] + minimum.float()[..., None]).view(N, -1)
 
 
 def gemv_int4_ref(x: Tensor, w: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:

@@ -24,6 +24,27 @@ def test_bench_tiny_writes_json_and_chart(tmp_path) -> None:
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
-def test_quantize_unknown_source_is_a_clean_error(tmp_path) -> None:
-    result = runner.invoke(app, ["quantize", str(tmp_path / "missing"), str(tmp_path / "q.safetensors")])
-    assert result.exit_code != 0
+def test_bench_rejects_unknown_engines_in_one_line(tmp_path) -> None:
+    for engines, message in [("camelid:int3", "unknown precision 'int3'"), ("vllm:fp32", "unknown engine 'vllm'")]:
+        result = runner.invoke(app, ["bench", "--engines", engines, "--out", str(tmp_path)])
+        assert result.exit_code != 0
+        assert message in str(result.exception)
+
+
+def test_a_failing_engine_is_reported_and_skipped(tmp_path, monkeypatch) -> None:
+    import camelid.cli.bench as bench
+    from camelid.errors import CamelidError
+
+    real = bench._run_one
+
+    def flaky(spec: dict) -> dict:
+        if spec["engine"] == "transformers":
+            raise CamelidError("benchmark of transformers fp32 failed: exit status -11")
+        return real(spec)
+
+    monkeypatch.setattr(bench, "_run_one", flaky)
+    result = runner.invoke(app, ["bench", "--model", "tiny-gqa", "--prompt-len", "8", "--new-tokens", "2",
+                                 "--rounds", "2", "--threads", "1", "--out", str(tmp_path),
+                                 "--engines", "camelid:fp32-eager,transformers:fp32"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads((tmp_path / "bench.json").read_text())["medians"]) == {"camelid fp32-eager"}
