@@ -37,9 +37,8 @@ PROMPTS = {  # SmolLM2 ChatML prompts (system prompt included), tokenised with t
 
 def load(path: str) -> torch.nn.Module:
     try:
-        import camelid.interop.gguf  # noqa: F401 - the real loader, once merged
-
         import camelid
+        import camelid.interop.gguf  # noqa: F401 - the real loader, once merged
 
         return camelid.load(path, tokenizer=False).model.eval()
     except ImportError:

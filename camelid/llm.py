@@ -171,9 +171,20 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dtype | None = None,
-         device: str | torch.device = "cpu", tokenizer: bool = True) -> LLM:
-    """Load a model (see the module docstring for the accepted sources)."""
+         device: str | torch.device = "cpu", tokenizer: bool = True, quantize: str | None = None) -> LLM:
+    """Load a model (see the module docstring for the accepted sources).
+
+    `quantize="int8"|"int4"` makes the linear layers weight-only quantised (C++ kernels for decode on CPU);
+    `"fp32"` keeps fp32 weights but takes the same fused fast path. A `.safetensors` file written by
+    `camelid quantize` loads quantised directly, without an fp32 copy.
+    """
     path = resolve(source)
+    if path.is_file() and path.suffix == ".safetensors":
+        from camelid.quantize import load_quantized
+
+        model = load_quantized(path)
+        tok = _load_tokenizer(path.parent) if tokenizer and (path.parent / "tokenizer.json").is_file() else None
+        return LLM(model=model, config=model.config, tokenizer=tok, source=str(path))
     if path.is_dir() and (path / "config.json").is_file():
         from camelid.interop.hf import load_hf_dir
 
@@ -196,4 +207,8 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
             "a .gguf file or a Meta directory (params.json + consolidated.*.pth)"
         )
     tok = _load_tokenizer(path) if tokenizer and has_tok else None
+    if quantize:
+        from camelid.quantize import quantize_model
+
+        quantize_model(model, quantize)
     return LLM(model=model.eval(), config=config, tokenizer=tok, source=str(path))
