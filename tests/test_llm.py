@@ -88,3 +88,12 @@ def test_prompt_longer_than_context_names_both_numbers(llm: camelid.LLM) -> None
     with pytest.raises(CamelidError, match=r"(?s)8192.*shorten|shorten.*8192") as e:
         llm.generate("word " * 9000, max_new_tokens=8)
     assert str(len(llm.encode_prompt("word " * 9000))) in str(e.value)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantised_load_answers_like_the_fp32_model(llm: camelid.LLM, mode: str) -> None:
+    q = camelid.load("smollm2-135m-instruct", quantize=mode)
+    assert q.model.quantized == mode
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = q.chat(messages, max_new_tokens=20)
+    assert reply == llm.chat(messages, max_new_tokens=20) == "The capital of France is Paris."
