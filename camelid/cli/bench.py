@@ -109,8 +109,28 @@ def _time_transformers(model_name: str, precision: str, prompt_len: int, new_tok
     return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def _time_llamacpp(gguf: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    import llama_cpp
     from llama_cpp import Llama as LlamaCpp
+
+    if _cpu_has_amx():
+        # llama.cpp's AMX/repacked weight buffers crash (general protection fault) on VMs that report AMX
+        # without enabling it; its plain CPU buffers are the AVX2/AVX-512 path the figures describe
+        default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+        def plain_buffers():  # noqa: ANN202 - returns llama.cpp's ctypes struct
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = plain_buffers
 
     llm = LlamaCpp(model_path=gguf, n_ctx=prompt_len + new_tokens + 8, n_threads=threads, n_batch=prompt_len,
                    verbose=False)
