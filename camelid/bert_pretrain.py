@@ -7,9 +7,11 @@ Data (Devlin et al. 2019, section 3.1 and appendix A.1):
   stay as they are; the loss is read only at the chosen positions.
 The loss is the sum of the two cross-entropies (what `transformers.BertForPreTraining` computes).
 
-`pretrain_bert` is a small self-contained training loop (AdamW, linear warmup and decay) kept here so that
-BERT does not depend on the LLaMA training loop; `camelid pretrain --objective mlm+nsp` can call
-`PretrainingData.batch` for its batches and `pretraining_loss` for its loss.
+Two ways to train: `camelid pretrain --objective mlm+nsp` runs BERT through the full training loop
+(camelid/train: checkpoints with exact resume, validation, logs, DDP), reading a folder written by
+`prepare_pairs` (`camelid prepare --objective mlm+nsp`) and drawing its batches with
+`PretrainingData.batch_at`; `pretrain_bert` (`camelid bert pretrain`) is a small self-contained loop (AdamW,
+linear warmup and decay, a time budget) that goes from text files to a model in one call.
 """
 
 from __future__ import annotations
