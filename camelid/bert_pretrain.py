@@ -90,6 +90,11 @@ def pretraining_loss(mlm_logits: Tensor, nsp_logits: Tensor, mlm_labels: Tensor,
     return mlm + F.cross_entropy(nsp_logits.float(), nsp_labels)
 
 
+def batch_seed(seed: int, step: int, index: int) -> int:
+    """A 63-bit seed for micro-batch `index` of step `step`, mixed from the three (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0]) >> 1
+
+
 @dataclass
 class PretrainingData:
     """Sentence pairs for NSP, tokenized and masked on the fly."""
@@ -150,10 +155,10 @@ class PretrainingData:
     def batch_at(self, seed: int, step: int, index: int, batch_size: int) -> dict[str, Tensor]:
         """Micro-batch `index` of optimizer step `step`, drawn from (seed, step, index) alone: a resumed run,
         or the same global batch split over more processes, sees the very same pairs and masks."""
-        s = int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0])
+        s = batch_seed(seed, step, index)
         rng = random.Random(s)
         pairs = [self.pair(rng) for _ in range(batch_size)]
-        return self.encode(pairs, torch.Generator().manual_seed(s >> 1))
+        return self.encode(pairs, torch.Generator().manual_seed(s))
 
     def heldout_batches(self, seed: int, batch_size: int, max_pairs: int = 0) -> Iterator[dict[str, Tensor]]:
         """Every sentence of every document (but its last) as sentence A once, in order, with its true next

@@ -198,7 +198,12 @@ class MaskedLM:
         return 6.0 * (encoder + head) + 12.0 * c.n_layers * c.dim * T
 
     def batch(self, step: int, index: int) -> Batch:
+        from camelid.bert_pretrain import batch_seed
+
         b = self.train_data.batch_at(self.cfg.seed, step, index, self.cfg.batch_size)
+        # dropout, too, is drawn from (seed, step, index) alone: a resumed run, or the same global batch split
+        # over more processes, drops the same units
+        torch.manual_seed(batch_seed(self.cfg.seed + 1, step, index))
         return {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
 
     @staticmethod

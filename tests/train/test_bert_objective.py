@@ -171,3 +171,21 @@ def test_errors_are_one_line(pairs, tmp_path) -> None:
         train(load_config(None, [f"data={pairs}", f"out={tmp_path / 'o'}", "threads=1"]), progress=False)
     r = run_camelid("prepare", "x.txt", "--objective", "mlm+nsp", check=False, cwd=tmp_path)
     assert r.returncode == 1 and "no such file" in r.stderr
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(pairs, tmp_path) -> None:
+    """DDP: 2 processes x 1 micro-batch follow 1 process x 2 micro-batches (pairs, masks and dropout included)."""
+    from test_distributed import torchrun
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(max_steps=6, eval_interval=3, checkpoint_interval=0, batch_size=8)
+    run_camelid("pretrain", *settings(pairs, one, grad_accum=2, **common))
+    torchrun("pretrain", *settings(pairs, two, grad_accum=1, **common))
+    ref, got = read_log(one / "log.csv"), read_log(two / "log.csv")
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]
+    for key in ("loss", "grad_norm", "val_loss", "val_mlm_acc"):
+        a, b = [float(r[key]) for r in ref if r[key]], [float(r[key]) for r in got if r[key]]
+        assert len(a) == len(b) > 0 and b == pytest.approx(a, rel=1e-5), key
+    w = [load_file(o / "hf" / "model.safetensors") for o in (one, two)]
+    assert all((w[0][k] - w[1][k]).abs().max().item() < 1e-4 for k in w[0])
