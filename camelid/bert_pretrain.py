@@ -349,6 +349,10 @@ def prepare_pairs(texts: Sequence[tuple[str, bool]], out: str | Path, vocab_size
 
     out = Path(out)
     h = hashlib.sha256(f"{PAIRS_OBJECTIVE} {vocab_size} {tokenizer}".encode())
+    if tokenizer is not None:  # a vocabulary changed in place is a new input
+        for f in [Path(tokenizer)] if Path(tokenizer).is_file() else sorted(Path(tokenizer).glob("*")):
+            if f.is_file():
+                h.update(f.read_bytes())
     for text, val in texts:
         h.update(b"V" if val else b"T")
         h.update(hashlib.sha256(text.encode("utf-8")).digest())

@@ -11,6 +11,7 @@ folder. The loop (camelid/train/loop.py) does everything else the same way for b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections.abc import Callable
@@ -27,9 +28,7 @@ from camelid.train.config import OBJECTIVES, TrainConfig
 Batch = Any  # whatever an objective's batch() returns and its loss() reads
 
 
-def autocast(cfg: TrainConfig, device: torch.device):
-    import contextlib
-
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     if name == "float32":
         return contextlib.nullcontext()
