@@ -261,9 +261,11 @@ class BertForPreTraining(nn.Module):
         self.mlm.decoder.weight = self.bert.embeddings.tok_embeddings.weight
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                attention_mask: Tensor | None = None, masked: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """masked: bool [B, T]; when given, the MLM logits are computed only there ([n_masked, vocab]): the
+        vocabulary projection is the costliest layer, and pre-training reads ~15% of its outputs."""
         hidden, pooled = self.bert(input_ids, token_type_ids, attention_mask)
-        return self.mlm(hidden), self.nsp(pooled)
+        return self.mlm(hidden if masked is None else hidden[masked]), self.nsp(pooled)
 
 
 class BertForClassification(nn.Module):

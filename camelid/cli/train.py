@@ -44,7 +44,8 @@ def tokenizer_train(
 @app.command()
 def prepare(
     sources: list[str] = typer.Argument(None, help="Text files, directories or .jsonl files."),
-    tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json (or its folder)."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", "-t", help="tokenizer.json (or its folder); for mlm+nsp "
+                                   "optional: a BERT vocabulary (vocab.txt, tokenizer.json or a model folder)."),
     out: Path = typer.Option(Path("data"), "--out", "-o", help="Folder for train.bin, val.bin and meta.json."),
     field: str = typer.Option("text", help="The text field of jsonl records or dataset rows."),
     val_files: list[str] = typer.Option(None, "--val-files", help="Hold these files out for validation "
@@ -55,9 +56,20 @@ def prepare(
     hf_split: str = typer.Option("train", "--hf-split", help="The dataset split to read."),
     workers: int = typer.Option(0, help="Encoding processes (0: one per core)."),
     seed: int = typer.Option(0, help="Seed of the random validation split."),
+    objective: str = typer.Option("clm", "--objective", help="clm: token shards for a LLaMA; mlm+nsp: "
+                                  "sentence-split documents and a WordPiece vocabulary for BERT pre-training."),
+    vocab_size: int = typer.Option(8000, "--vocab-size", help="mlm+nsp without --tokenizer: the WordPiece "
+                                   "vocabulary to train on the training files."),
 ) -> None:
-    """Turn text into token shards (numpy memmaps) with a held-out validation split."""
+    """Turn text into token shards (numpy memmaps) with a held-out validation split (or, with --objective
+    mlm+nsp, into sentence-split documents and a WordPiece vocabulary for BERT)."""
+    from camelid.train.config import OBJECTIVES
     from camelid.train.data import hf_documents, prepare, read_documents
+
+    if objective not in OBJECTIVES:
+        raise CamelidError(f"--objective {objective}: choose one of {', '.join(OBJECTIVES)}")
+    if tokenizer is None and objective == "clm":
+        raise CamelidError("--tokenizer is required: a tokenizer.json (train one with `camelid tokenizer train`)")
 
     if hf_dataset:
         docs = hf_documents(hf_dataset, hf_split, field, data_files=list(sources) or None,
@@ -66,6 +78,14 @@ def prepare(
         raise CamelidError("no input given; pass text files, directories or .jsonl files (or --hf-dataset)")
     else:
         docs = read_documents(sources, field=field, val_files=val_files, val_fraction=val_fraction, seed=seed)
+    if objective == "mlm+nsp":
+        from camelid.bert_pretrain import prepare_pairs
+
+        meta = prepare_pairs([(d.text, d.val) for d in docs], out, vocab_size=vocab_size, tokenizer=tokenizer)
+        typer.echo(f"{out}: train {meta['train_sentences']:,} sentences ({meta['train_docs']} documents), "
+                   f"val {meta['val_sentences']:,} sentences ({meta['val_docs']} documents), "
+                   f"WordPiece vocabulary of {meta['vocab_size']}")
+        return
     meta = prepare(docs, tokenizer, out, workers=workers or None)
     typer.echo(f"{out}: train {meta['train_tokens']:,} tokens ({meta['train_docs']} documents), "
                f"val {meta['val_tokens']:,} tokens ({meta['val_docs']} documents), {meta['dtype']}")
@@ -78,13 +98,18 @@ def pretrain(
                                    "model fields as model.dim=256."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the out folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    objective: str = typer.Option(None, "--objective", help="clm (a LLaMA, next-token prediction; the default) "
+                                  "or mlm+nsp (a BERT: masked-LM + next-sentence prediction); = --set objective=..."),
 ) -> None:
-    """Pretrain a LLaMA from scratch; under torchrun, on many processes (DDP, or FSDP2 with distributed=fsdp)."""
+    """Pretrain a LLaMA (or, with --objective mlm+nsp, a BERT) from scratch; under torchrun, on many processes
+    (DDP, or FSDP2 with distributed=fsdp)."""
     from camelid.train import load_config, train
+    from camelid.train.objectives import describe
 
-    cfg = load_config(config, set_ or [])
+    overrides = [*(set_ or []), *([f"objective={objective}"] if objective is not None else [])]
+    cfg = load_config(config, overrides)
     result = train(cfg, resume=resume, progress=progress)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one report is enough
         return
-    typer.echo(f"done: {result.steps} steps, train loss {result.final_loss:.4f}, val loss {result.val_loss:.4f}, "
-               f"val {result.val_bpb:.4f} bits/byte; logs, plot and checkpoints in {result.out}")
+    typer.echo(f"done: {result.steps} steps, train loss {result.final_loss:.4f}, "
+               f"{describe(cfg, result.val_metrics)}; logs, plot and checkpoints in {result.out}")

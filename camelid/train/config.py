@@ -1,7 +1,8 @@
 """TrainConfig: every knob of a pretraining run in one dataclass, loaded from YAML or TOML plus overrides.
 
 A config file is a flat mapping of TrainConfig fields; `model` is either a preset name (see
-`camelid info --list`) or a mapping of LlamaConfig fields (optionally with `preset:` to start from one).
+`camelid info --list`) or a mapping of LlamaConfig fields (optionally with `preset:` to start from one);
+with objective mlm+nsp, a BERT preset name (bert-mini, ...) or a mapping of BertConfig fields.
 Overrides are `key=value` strings; the value is parsed as YAML, so `lr=3e-4`, `compile=true` and
 `model.dim=128` all do what they look like.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from camelid.bert import BertConfig
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 
@@ -25,17 +27,22 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
+OBJECTIVES = ("clm", "mlm+nsp")  # next-token prediction (LLaMA); masked-LM + next-sentence prediction (BERT)
+
+
 @dataclass
 class TrainConfig:
+    # what is trained: clm (a LLaMA, next-token prediction) or mlm+nsp (a BERT: masked-LM + next sentence)
+    objective: str = "clm"
     # where things are
-    data: str = "data"  # a folder written by `camelid prepare` (train.bin, val.bin, meta.json)
+    data: str = "data"  # a folder written by `camelid prepare` (with the same --objective)
     out: str = "out"  # checkpoints, logs, plots and the final Hugging Face export go here
     tokenizer: str | None = None  # tokenizer.json for samples and the export; default: the one `prepare` recorded
-    # the model: a preset name or a mapping of LlamaConfig fields
+    # the model: a preset name or a mapping of LlamaConfig fields (BertConfig fields for mlm+nsp)
     model: Any = field(default_factory=lambda: {"preset": "tiny-mha"})
     # batch: tokens per optimizer step = batch_size * block_size * grad_accum * world_size
     batch_size: int = 8  # sequences per micro-batch, per process
-    block_size: int = 256  # tokens per sequence
+    block_size: int = 256  # tokens per sequence (mlm+nsp: the most tokens of a sentence pair)
     grad_accum: int = 1  # micro-batches per optimizer step, per process
     max_steps: int = 1000
     # AdamW with linear warmup then cosine decay to min_lr
@@ -90,7 +97,34 @@ class TrainConfig:
             base.pop("name")
         return LlamaConfig(**{**base, "name": spec.pop("name", preset or "custom"), **spec})
 
+    def bert_config(self, vocab_size: int, pad_token_id: int = 0) -> BertConfig:
+        """The model's BertConfig (objective mlm+nsp): a BERT preset name or a mapping of BertConfig fields;
+        vocab_size (from the WordPiece vocabulary) and max_seq_len (block_size) fill in missing ones."""
+        spec = self.model
+        if isinstance(spec, str):
+            spec = {"preset": spec}
+        if not isinstance(spec, dict):
+            raise CamelidError(f"model must be a BERT preset name or a mapping of BertConfig fields, not {spec!r}")
+        spec = dict(spec)
+        preset = spec.pop("preset", None)
+        if preset is not None and str(preset).lower() not in BertConfig.names():
+            raise CamelidError(f"model: {preset!r} is not a BERT config; objective mlm+nsp trains a BERT, set model "
+                               f"to one of {', '.join(BertConfig.names())} (e.g. --set model=bert-mini)")
+        known = {f.name for f in dataclasses.fields(BertConfig)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise CamelidError(f"model: unknown field(s) {', '.join(unknown)}; BertConfig fields are "
+                               f"{', '.join(sorted(known))}")
+        spec.setdefault("vocab_size", vocab_size)
+        spec.setdefault("max_seq_len", self.block_size)
+        spec.setdefault("pad_token_id", pad_token_id)
+        if preset is not None:
+            return BertConfig.from_name(str(preset), **spec)
+        return BertConfig(**spec)
+
     def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise CamelidError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for name in ("batch_size", "block_size", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise CamelidError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -274,6 +274,9 @@ class TokenShards:
     def __init__(self, data_dir: str | Path) -> None:
         self.dir = Path(data_dir)
         self.meta = read_meta(self.dir)
+        if self.meta.get("objective", "clm") != "clm":
+            raise CamelidError(f"{self.dir}: prepared for objective {self.meta['objective']}; train on it with "
+                               f"objective={self.meta['objective']}, or prepare token shards for clm elsewhere")
         dtype = np.dtype(self.meta["dtype"])
         self.streams: dict[str, np.ndarray] = {}
         for split in ("train", "val"):

@@ -33,8 +33,9 @@ def gpu_peak(device: torch.device) -> float | None:
 def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                         n: int = 1024, seconds: float = 0.5) -> float:
     """The best FLOP/s of square matmuls on this device and dtype, measured now (the MFU denominator)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(0)  # its own: the global RNG (dropout's) is left as it was
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b

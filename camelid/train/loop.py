@@ -1,4 +1,5 @@
-"""The pretraining loop, top to bottom (in the spirit of nanoGPT).
+"""The pretraining loop, top to bottom (in the spirit of nanoGPT), for every objective (camelid/train/objectives.py:
+a LLaMA's next-token prediction, or BERT's masked-LM + next-sentence prediction).
 
 One optimizer step = grad_accum micro-batches per process x world_size processes. Micro-batch g of step s
 (g counted across all processes) is drawn from (seed, s, g) alone, so a run split over 2 processes sees
@@ -13,27 +14,29 @@ import csv
 import functools
 import json
 import math
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
-from camelid.model import Llama
 from camelid.train import checkpoint as ckpt
 from camelid.train import distributed as D
 from camelid.train.config import TrainConfig
-from camelid.train.data import TokenShards
-from camelid.train.flops import flops_per_token, gpu_peak, measure_matmul_peak
+from camelid.train.flops import gpu_peak, measure_matmul_peak
+from camelid.train.objectives import autocast, get_objective
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "val_loss", "val_bpb", "tokens", "elapsed_s", "tokens_per_s", "mfu"]
+
+
+def log_fields(val_fields: list[str]) -> list[str]:
+    """The CSV columns: the objective's validation metrics between grad_norm and tokens."""
+    return LOG_FIELDS[:4] + val_fields + LOG_FIELDS[6:]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,60 +62,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kind)
 
 
-def use_activation_checkpointing(model: Llama) -> None:
+def use_activation_checkpointing(blocks: nn.ModuleList) -> None:
     """Recompute every block in the backward pass instead of keeping its activations (from the outside:
     the block's forward is wrapped, its parameters and their names stay as they are)."""
-    for block in model.layers:
+    for block in blocks:
         block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
-
-
-def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if name == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, name))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: TokenShards, cfg: TrainConfig, device: torch.device,
-             full: bool = False) -> tuple[float, float]:
-    """(mean loss in nats/token, bits per byte) over the validation split (its first eval_tokens unless `full`).
-
-    Bits per byte = summed NLL / ln 2 / UTF-8 bytes, where the bytes are the share of the held-out text
-    that the scored tokens cover (all of it when eval_tokens is 0)."""
-    was_training = model.training
-    model.eval()
-    nll, count = torch.zeros((), dtype=torch.float64), 0
-    for x, y in data.val_windows(cfg.block_size, 0 if full else cfg.eval_tokens):
-        with autocast(cfg, device):
-            logits = model(x.to(device))
-        nll += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").double().cpu()
-        count += y.numel()
-    model.train(was_training)
-    if count == 0:
-        return float("nan"), float("nan")
-    predictable = max(1, data.meta["val_tokens"] - 1)
-    nbytes = data.meta["val_bytes"] * count / predictable
-    return float(nll / count), float(nll / math.log(2) / nbytes)
-
-
-def sample_text(model: Llama, tokenizer: Any, eos: int, cfg: TrainConfig, step: int) -> str:
-    from camelid.generate import SamplingParams, generate
-
-    prompt = tokenizer.encode(cfg.sample_prompt, add_special_tokens=False).ids if cfg.sample_prompt else []
-    prompt = [eos, *prompt]
-    n = max(1, min(cfg.sample_tokens, model.config.max_seq_len - len(prompt)))
-    params = SamplingParams(temperature=0.8, top_k=50)
-    ids = generate(model, prompt, n, params, stop_ids=[eos], seed=cfg.seed + step)
-    return cfg.sample_prompt + tokenizer.decode([i for i in ids if i != eos])
 
 
 class CsvLog:
     """One row per optimizer step; on resume, rows past the checkpoint (from the killed run) are dropped.
     When the `tensorboard` package is installed the same numbers also go to out/tensorboard."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, fields: list[str] = LOG_FIELDS) -> None:
         self.path = path
+        self.fields = fields
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -126,16 +89,16 @@ class CsvLog:
             with open(path, newline="") as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
         self.fh = open(path, "w", newline="")  # noqa: SIM115 - closed in close()
-        self.writer = csv.DictWriter(self.fh, fieldnames=LOG_FIELDS)
+        self.writer = csv.DictWriter(self.fh, fieldnames=fields)
         self.writer.writeheader()
         self.writer.writerows(rows)
         self.fh.flush()
 
     def write(self, row: dict[str, Any]) -> None:
-        self.writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
+        self.writer.writerow({k: row.get(k, "") for k in self.fields})
         self.fh.flush()
         if self.tb is not None:
-            for key in ("loss", "lr", "grad_norm", "val_loss", "val_bpb", "tokens_per_s", "mfu"):
+            for key in (k for k in self.fields if k not in ("step", "tokens", "elapsed_s")):
                 if row.get(key, "") != "":
                     self.tb.add_scalar(f"{'val' if key.startswith('val') else 'train'}/{key}", float(row[key]),
                                        row["step"])
@@ -151,10 +114,11 @@ class TrainResult:
     steps: int
     final_loss: float
     val_loss: float
-    val_bpb: float
+    val_bpb: float  # nan for mlm+nsp
     tokens: int
     seconds: float
     out: Path
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation, as the objective names it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,16 +142,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
     from tqdm import tqdm
 
     device, out = info.device, Path(cfg.out)
-    data = TokenShards(cfg.data)
-    mcfg = cfg.llama_config(vocab_size=data.vocab_size)
-    if mcfg.vocab_size < data.vocab_size:
-        raise CamelidError(f"model vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {data.vocab_size}; "
-                           "raise model.vocab_size or leave it out to use the tokenizer's")
-    if cfg.block_size > mcfg.max_seq_len:
-        raise CamelidError(f"block_size {cfg.block_size} exceeds the model's max_seq_len {mcfg.max_seq_len}")
-    if mcfg.bos_token_id != data.meta["eos_id"] and "bos_token_id" not in (cfg.model if isinstance(cfg.model, dict)
-                                                                            else {}):
-        mcfg = mcfg.replace(bos_token_id=data.meta["eos_id"], eos_token_id=data.meta["eos_id"])
+    objective = get_objective(cfg, device)  # the data, and what is trained on it
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(out)
@@ -195,9 +150,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
 
     # the model, identical on every process (same seed), then wrapped for DDP / FSDP2
     torch.manual_seed(cfg.seed)
-    raw = Llama(mcfg).to(device)
+    raw = objective.build_model().to(device)
     if cfg.activation_checkpointing:
-        use_activation_checkpointing(raw)
+        use_activation_checkpointing(objective.blocks(raw))
     fsdp = info.enabled and cfg.distributed == "fsdp"
     model = D.wrap(raw, cfg.distributed, info)  # `raw` itself when there is one process
     optimizer = build_optimizer(model, cfg, device)
@@ -214,24 +169,23 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
     forward = torch.compile(model) if cfg.compile else model
 
     tok_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * info.world_size
-    flops_tok = flops_per_token(mcfg, cfg.block_size)
+    flops_tok = objective.flops_per_token()
     peak = cfg.peak_flops or (gpu_peak(device) if device.type == "cuda" else None) or \
         measure_matmul_peak(device) * info.world_size
-    tokenizer = None
-    if cfg.sample_interval and info.is_main and not fsdp:
-        from camelid.train.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.tokenizer or data.dir / "tokenizer.json")
-    log = CsvLog(out / "log.csv", start if resume else None) if info.is_main else None
+    sampler = objective.sampler() if cfg.sample_interval and info.is_main and not fsdp else None
+    fields = log_fields(objective.log_fields)
+    log = CsvLog(out / "log.csv", start if resume else None, fields) if info.is_main else None
     bar = tqdm(total=cfg.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not (progress and info.is_main))
     if info.is_main:
-        n_params = raw.num_params()
+        n_params = sum(p.numel() for p in raw.parameters())  # tied weights are counted once
         bar.write(f"model {n_params / 1e6:.2f}M parameters, {tok_per_step} tokens/step, "
                   f"{info.world_size} process(es) on {device.type}" + (f" ({cfg.distributed})" if info.enabled else ""))
+        if cfg.eval_interval and (intro := objective.intro()):
+            bar.write(intro)
 
     t_start = time.perf_counter()
-    loss_value, val_loss, val_bpb = float("nan"), float("nan"), float("nan")
+    loss_value, val_metrics = float("nan"), {}
     model.train()
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
@@ -239,11 +193,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             last = micro == cfg.grad_accum - 1
-            x, y = data.batch(cfg.seed, step, info.rank * cfg.grad_accum + micro, cfg.batch_size, cfg.block_size)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            batch = objective.batch(step, info.rank * cfg.grad_accum + micro)
             with _sync(model, info, fsdp, last), autocast(cfg, device):
-                logits = forward(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = objective.loss(forward, batch)
             with _sync(model, info, fsdp, last):
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
@@ -268,13 +220,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
 
         if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
             # the last evaluation always covers the whole validation split
-            val_loss, val_bpb = evaluate(raw, data, cfg, device, full=done == cfg.max_steps)
-            row.update(val_loss=repr(val_loss), val_bpb=repr(val_bpb))
+            val_metrics = objective.evaluate(raw, full=done == cfg.max_steps)
+            row.update({k: repr(v) for k, v in val_metrics.items()})
             if info.is_main:
-                bar.write(f"step {done}: train loss {loss_value:.4f}, val loss {val_loss:.4f}, "
-                          f"val {val_bpb:.4f} bits/byte")
-        if tokenizer is not None and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.max_steps):
-            text = sample_text(raw, tokenizer, data.meta["eos_id"], cfg, done)
+                bar.write(f"step {done}: train loss {loss_value:.4f}, {objective.describe(val_metrics)}")
+        if sampler is not None and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.max_steps):
+            text = sampler(raw, done)
             bar.write(f"--- sample at step {done} ---\n{text}\n---")
             with open(out / "samples.txt", "a") as fh:
                 fh.write(f"--- step {done} ---\n{text}\n")
@@ -292,10 +243,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
         log.close()
         from camelid.train.plot import plot_log
 
-        plot_log(out / "log.csv", out / "loss.png", title=f"{mcfg.name}: {raw.num_params() / 1e6:.2f}M parameters")
+        plot_log(out / "log.csv", out / "loss.png", title=f"{raw.config.name}: {n_params / 1e6:.2f}M parameters")
     if cfg.export:
-        _export(out, raw, model, cfg, data, info, fsdp)
-    return TrainResult(cfg.max_steps, loss_value, val_loss, val_bpb, cfg.max_steps * tok_per_step, seconds, out)
+        _export(out, raw, model, objective, info, fsdp)
+    nan = float("nan")
+    return TrainResult(cfg.max_steps, loss_value, val_metrics.get("val_loss", nan), val_metrics.get("val_bpb", nan),
+                       cfg.max_steps * tok_per_step, seconds, out, val_metrics)
 
 
 def _sync(model: nn.Module, info: D.DistInfo, fsdp: bool, last: bool) -> contextlib.AbstractContextManager:
@@ -314,7 +267,7 @@ def _sync(model: nn.Module, info: D.DistInfo, fsdp: bool, last: bool) -> context
 # checkpoints and export
 
 
-def _full_states(raw: Llama, model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+def _full_states(raw: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -322,7 +275,7 @@ def _full_states(raw: Llama, model: nn.Module, optimizer: torch.optim.Optimizer,
     return raw.state_dict(), optimizer.state_dict()
 
 
-def _save(out: Path, step: int, raw: Llama, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _save(out: Path, step: int, raw: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: Any, cfg: TrainConfig, info: D.DistInfo, fsdp: bool) -> None:
     model_state, optim_state = _full_states(raw, model, optimizer, fsdp)  # every process takes part under FSDP
     if info.is_main:
@@ -334,12 +287,12 @@ def _save(out: Path, step: int, raw: Llama, model: nn.Module, optimizer: torch.o
     D.barrier(info)
 
 
-def _restore(out: Path, raw: Llama, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def _restore(out: Path, raw: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
              fsdp: bool) -> int:
     path = ckpt.latest(out)
     weights, state, _meta = ckpt.load(path)
     expected = set(raw.state_dict())
-    missing = expected - set(weights) - ({"output.weight"} if raw.config.tie_embeddings else set())
+    missing = expected - set(weights) - _tied_names(raw)
     if missing or set(weights) - expected:
         raise CamelidError(f"{path}: its weights do not fit this model (missing {sorted(missing)[:3]}, unexpected "
                            f"{sorted(set(weights) - expected)[:3]}); use the config that wrote it")
@@ -364,11 +317,18 @@ def _restore(out: Path, raw: Llama, model: nn.Module, optimizer: torch.optim.Opt
     return int(state["step"])
 
 
-def _export(out: Path, raw: Llama, model: nn.Module, cfg: TrainConfig, data: TokenShards, info: D.DistInfo,
-            fsdp: bool) -> None:
-    """The final weights as a Hugging Face folder (out/hf), with the tokenizer beside them."""
-    from camelid.interop.hf import save_hf_dir
+def _tied_names(raw: nn.Module) -> set[str]:
+    """Names of tensors that are another's (a tied output head): checkpoints store each tensor once."""
+    seen, tied = set(), set()
+    for name, t in raw.state_dict().items():
+        if t.data_ptr() in seen and t.numel():
+            tied.add(name)
+        seen.add(t.data_ptr())
+    return tied
 
+
+def _export(out: Path, raw: nn.Module, model: nn.Module, objective: Any, info: D.DistInfo, fsdp: bool) -> None:
+    """The final weights as a Hugging Face folder (out/hf), with the tokenizer beside them."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -376,16 +336,5 @@ def _export(out: Path, raw: Llama, model: nn.Module, cfg: TrainConfig, data: Tok
     else:
         state = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
     if info.is_main:
-        with torch.device("meta"):
-            plain = Llama(raw.config)
-        plain.load_state_dict(state, assign=True, strict=False)
-        plain.tie_weights()
-        plain.rope.inv_freq = raw.rope.inv_freq.detach().cpu()
-        save_hf_dir(plain, out / "hf")
-        tok = Path(cfg.tokenizer) if cfg.tokenizer else data.dir / "tokenizer.json"
-        if tok.is_dir():
-            tok = tok / "tokenizer.json"
-        shutil.copyfile(tok, out / "hf" / "tokenizer.json")
-        if (tok.parent / "tokenizer_config.json").is_file():
-            shutil.copyfile(tok.parent / "tokenizer_config.json", out / "hf" / "tokenizer_config.json")
+        objective.export(raw, state, out / "hf")
     D.barrier(info)

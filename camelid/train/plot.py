@@ -1,4 +1,5 @@
-"""The loss-curve PNG: training loss and validation loss, and validation bits per byte with references."""
+"""The loss-curve PNG: training loss and validation loss, and validation bits per byte with references
+(MLM accuracy for a BERT run)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,17 @@ def plot_log(log_csv: str | Path, png: str | Path, references: dict[str, float] 
     steps = [int(r["step"]) for r in rows]
     loss = [float(r["loss"]) for r in rows]
     evals = [r for r in rows if r.get("val_loss")]
+    key, label = ("val_bpb", "bits per byte") if "val_bpb" in (rows[0] if rows else {}) else \
+        ("val_mlm_acc", "MLM accuracy")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot(steps, loss, lw=0.8, alpha=0.7, label="train")
     if evals:
         ax1.plot([int(r["step"]) for r in evals], [float(r["val_loss"]) for r in evals], "o-", label="validation")
-        ax2.plot([int(r["step"]) for r in evals], [float(r["val_bpb"]) for r in evals], "o-", label="model")
+        ax2.plot([int(r["step"]) for r in evals], [float(r[key]) for r in evals], "o-", label="model")
     for i, (name, value) in enumerate((references or {}).items()):
         ax2.axhline(value, ls="--", color=f"C{i + 2}", label=f"{name} ({value:.3f})")
     ax1.set(xlabel="step", ylabel="loss (nats / token)", title="loss")
-    ax2.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
+    ax2.set(xlabel="step", ylabel=label, title=f"validation {label}")
     for ax, where in ((ax1, "upper right"), (ax2, "lower left")):  # the curves fall from top left
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc=where)
