@@ -1,23 +1,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from helpers import peaked_model
 
 from camelid.batch import generate_batch
-from camelid.config import LlamaConfig
 from camelid.generate import generate
-from camelid.model import Llama
 from camelid.quantize import quantize_model
-
-
-def peaked_model(name: str = "tiny-gqa") -> Llama:
-    """A random model whose logits are far from uniform, so greedy choices are not near-ties."""
-    model = Llama(LlamaConfig.from_name(name)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return model
 
 PROMPTS = [[1, 5, 9], [1, 42, 7, 100, 3, 8, 11, 2], [1], [1, 200, 13, 14, 15]]
 

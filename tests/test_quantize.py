@@ -4,22 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers import peaked_model
 
-from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 from camelid.generate import generate
 from camelid.model import Llama
 from camelid.quantize import Int4Linear, Int8Embedding, Int8Linear, load_quantized, quantize_model, save_quantized
-
-
-def peaked_model(name: str = "tiny-gqa") -> Llama:
-    """A random model whose logits are far from uniform, so greedy choices are not near-ties."""
-    model = Llama(LlamaConfig.from_name(name)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return model
 
 
 def dequantised_copy(qmodel: torch.nn.Module, base: Llama) -> Llama:

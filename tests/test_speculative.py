@@ -3,24 +3,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
+from helpers import peaked_model
 
-from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 from camelid.generate import generate
-from camelid.model import Llama
 from camelid.quantize import quantize_model
 from camelid.speculative import speculative_generate
-
-
-def peaked_model(name: str = "tiny-gqa") -> Llama:
-    """A random model whose logits are far from uniform, so greedy choices are not near-ties."""
-    model = Llama(LlamaConfig.from_name(name)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-    return model
 
 PROMPT = [1, 5, 9, 42, 7, 100, 3]
 
