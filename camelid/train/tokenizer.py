@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from camelid.errors import CamelidError
+from camelid.train.data import text_files
 
 EOS = "<|endoftext|>"
 CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
@@ -21,22 +22,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-def text_files(paths: list[str | Path], suffixes: tuple[str, ...] = (".txt", ".md")) -> list[Path]:
-    """Files as given, directories expanded (recursively, sorted) to their text files."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
-            if not found:
-                raise CamelidError(f"{p}: no {'/'.join(suffixes)} files in this directory")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise CamelidError(f"{p}: no such file or directory")
-    return out
 
 
 def _lines(files: list[Path]) -> Iterator[str]:
