@@ -50,9 +50,7 @@ class LLM:
 
     def encode_prompt(self, prompt: str, add_bos: bool | None = None) -> list[int]:
         tok = self._need_tokenizer()
-        if add_bos is None:
-            add_bos = bool(getattr(tok, "add_bos", False))
-        return tok.encode(prompt, add_bos=add_bos)
+        return tok.encode(prompt, add_bos=tok.add_bos if add_bos is None else add_bos)
 
     def stream(self, prompt: str | list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -64,14 +62,28 @@ class LLM:
         ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, add_bos)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty)
-        stop_ids = set(getattr(tok, "stop_ids", ()) or ())
+        stop_ids = tok.stop_ids
         tokens = generate_tokens(self.model, ids, max_new_tokens, params, stop_ids=stop_ids, seed=seed)
-        if stats is not None:
-            stats["start"] = time.perf_counter()
-        pieces = decode_stream(tok, (t for t in tokens if t not in stop_ids), stats)
-        yield from cut_at_stop_strings(pieces, list(stop))
-        if stats is not None:
-            stats["prompt_tokens"] = len(ids)
+        stats = {} if stats is None else stats
+        stats.update(prompt_tokens=len(ids), new_tokens=0, start=time.perf_counter())
+
+        def until_stop_id(tokens: Iterator[int]) -> Iterator[int]:
+            try:
+                for t in tokens:
+                    if t in stop_ids:
+                        return
+                    stats["new_tokens"] += 1
+                    if stats["new_tokens"] == 1:
+                        stats["first_token"] = time.perf_counter()
+                    yield t
+            finally:  # also when a stop string ends the reply early
+                stats["end"] = time.perf_counter()
+
+        pieces = tok.stream(until_stop_id(tokens))
+        try:
+            yield from cut_at_stop_strings(pieces, list(stop))
+        finally:
+            pieces.close()  # closes the token generator too: the KV cache is freed, the end time recorded
 
     def generate(self, prompt: str | list[int], **kwargs: Any) -> str:
         """The completion of `prompt` as one string (see `stream` for the options; temperature 0 is greedy)."""
@@ -81,9 +93,8 @@ class LLM:
         """Render `messages` with the model's chat template and tokenise them, ready for the reply."""
         tok = self._need_tokenizer()
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
-        bos_text = tok.token_to_piece(tok.bos_id) if getattr(tok, "bos_id", None) is not None else None
-        starts_with_bos = bool(bos_text) and text.startswith(bos_text)
-        return tok.encode(text, add_bos=bool(getattr(tok, "add_bos", False)) and not starts_with_bos)
+        starts_with_bos = bool(tok.bos_token) and text.startswith(tok.bos_token)
+        return tok.encode(text, add_bos=tok.add_bos and not starts_with_bos)
 
     def chat_stream(self, messages: list[Message], **kwargs: Any) -> Iterator[str]:
         return self.stream(self.chat_prompt(messages), **kwargs)
@@ -91,32 +102,6 @@ class LLM:
     def chat(self, messages: list[Message], **kwargs: Any) -> str:
         """The assistant's reply to a conversation given as [{"role": ..., "content": ...}, ...]."""
         return "".join(self.chat_stream(messages, **kwargs))
-
-
-def decode_stream(tok: Any, tokens: Iterable[int], stats: dict[str, float] | None = None) -> Iterator[str]:
-    """Token ids -> text pieces, never splitting a multi-byte character and keeping word-initial spaces.
-
-    Each new piece is the difference between decoding the recent ids with and without the newest ones,
-    starting one token back so that tokenizers which drop a leading space on the first token still add it.
-    """
-    ids: list[int] = []
-    prefix = read = 0  # ids[prefix:read] were already emitted; decoding from `prefix` keeps the context
-    count = 0
-    for t in tokens:
-        ids.append(t)
-        count += 1
-        if stats is not None and count == 1:
-            stats["first_token"] = time.perf_counter()
-        before = tok.decode(ids[prefix:read])
-        after = tok.decode(ids[prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            yield after[len(before):]
-            prefix, read = read, len(ids)
-    rest = tok.decode(ids[prefix:])[len(tok.decode(ids[prefix:read])):]
-    if rest:
-        yield rest
-    if stats is not None:
-        stats["new_tokens"], stats["end"] = count, time.perf_counter()
 
 
 def cut_at_stop_strings(pieces: Iterable[str], stop: list[str]) -> Iterator[str]:
@@ -161,10 +146,8 @@ def resolve(source: str | os.PathLike) -> Path:
 
 
 def _load_tokenizer(path: Path) -> Any:
-    try:
-        from camelid.tokenizer import Tokenizer
-    except ImportError:
-        return None
+    from camelid.tokenizer import Tokenizer
+
     if path.suffix == ".gguf":
         return Tokenizer.from_gguf(path)
     return Tokenizer.from_dir(path)

@@ -7,7 +7,7 @@ import torch
 
 import camelid
 from camelid.errors import CamelidError
-from camelid.llm import cut_at_stop_strings, decode_stream
+from camelid.llm import cut_at_stop_strings
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,7 +42,7 @@ def hf(smollm2_gguf):
 def test_stream_never_splits_characters(llm: camelid.LLM) -> None:
     text = "Tea 🍵 and 你好, naïve café — ok 👍🏽!\n\tdone"
     ids = llm.tokenizer.encode(text)
-    pieces = list(decode_stream(llm.tokenizer, iter(ids)))
+    pieces = list(llm.tokenizer.stream(iter(ids)))
     assert len(pieces) > 5
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
@@ -74,8 +74,11 @@ def test_generate_equals_stream_and_stop_strings(llm: camelid.LLM) -> None:
     full = llm.generate(prompt, max_new_tokens=24)
     assert full == "".join(llm.stream(prompt, max_new_tokens=24))
     assert "," in full
-    cut = llm.generate(prompt, max_new_tokens=24, stop=[","])
+    stats: dict[str, float] = {}
+    cut = llm.generate(prompt, max_new_tokens=24, stop=[","], stats=stats)
     assert cut == full[: full.index(",")]
+    # a stop string ends the reply early, and the timing is still complete
+    assert 0 < stats["new_tokens"] < 24 and stats["start"] <= stats["first_token"] <= stats["end"]
 
 
 def test_sampling_is_seeded(llm: camelid.LLM) -> None:

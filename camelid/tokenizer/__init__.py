@@ -104,11 +104,14 @@ class Tokenizer:
         self.special_tokens: dict[str, int] = {
             p: i for i, p in enumerate(self._pieces) if self._types[i] in (CONTROL, USER_DEFINED, UNKNOWN)}
         self._control = {i for i, t in enumerate(self._types) if t in (CONTROL, UNKNOWN)}
-        self.stop_ids: set[int] = {i for p, i in self.special_tokens.items() if p in END_OF_TURN_TOKENS}
-        if eos_id is not None:
-            self.stop_ids.add(eos_id)
+        self._end_of_turn = {i for p, i in self.special_tokens.items() if p in END_OF_TURN_TOKENS}
 
     # ---- the interface -------------------------------------------------------------------------------------
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Ids that end a reply: the end-of-turn tokens of the vocabulary and EOS."""
+        return self._end_of_turn | ({self.eos_id} if self.eos_id is not None else set())
 
     @property
     def vocab_size(self) -> int:
@@ -409,8 +412,6 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
         tok.bos_id = next((tok._ids[t] for t in ("<s>", "<|begin_of_text|>") if t in tok.special_tokens), None)
     tok.eos_id = next((tok._ids[t] for t in ("</s>", "<|end_of_text|>", "<|endoftext|>")
                        if t in tok.special_tokens), None)
-    if tok.eos_id is not None:
-        tok.stop_ids.add(tok.eos_id)
     return tok
 
 
@@ -446,8 +447,6 @@ def _apply_tokenizer_config(tok: Tokenizer, cfg: dict) -> None:
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if isinstance(template, str):
         tok.chat_template = template
-    if tok.eos_id is not None:
-        tok.stop_ids.add(tok.eos_id)
 
 
 # ---- SentencePiece -------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ def test_generate_prints_the_completion_alone(llm: camelid.LLM) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout == llm.generate(prompt, max_new_tokens=12) + "\n"
     assert "loaded" in r.stderr and "tok/s" in r.stderr
+    r = run_cli("generate", prompt, "-n", "12", "--stop", ",")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == llm.generate(prompt, max_new_tokens=12, stop=[","]) + "\n" and "new tokens" in r.stderr
 
 
 def test_generate_chat_mode_and_stdin(llm: camelid.LLM) -> None:
