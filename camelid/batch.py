@@ -29,6 +29,8 @@ def generate_batch(
 ) -> list[list[int]]:
     """New token ids for each prompt; a sequence ends after its first stop id (included) or max_new_tokens."""
     params = params or SamplingParams()
+    if params.repetition_penalty != 1.0:
+        raise CamelidError("repetition_penalty is not supported in batched generation; use generate() per prompt")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise CamelidError("every prompt needs at least one token (e.g. BOS)")
     B, L = len(prompts), max(len(p) for p in prompts)

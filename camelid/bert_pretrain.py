@@ -278,11 +278,9 @@ def pretrain_bert(train_texts: Sequence[str], heldout_texts: Sequence[str], out:
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * (1 - progress)
         b = train.batch(args.batch_size)
-        hidden, pooled = model.bert(b["input_ids"], b["token_type_ids"], b["attention_mask"])
         chosen = b["mlm_labels"] != IGNORE
-        # the vocabulary projection only where there is a loss to read: ~15% of the positions
-        mlm_logits = model.mlm(hidden[chosen])
-        loss = pretraining_loss(mlm_logits, model.nsp(pooled), b["mlm_labels"][chosen], b["nsp_labels"])
+        mlm_logits, nsp_logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"], masked=chosen)
+        loss = pretraining_loss(mlm_logits, nsp_logits, b["mlm_labels"][chosen], b["nsp_labels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -121,7 +121,8 @@ def generate_tokens(
             yield token_id
             if token_id in stop or i == max_new_tokens - 1:
                 return
-            seen = torch.cat([seen, next_token[:, None]], dim=1)
+            if params.repetition_penalty != 1.0:  # only the penalty needs the history
+                seen = torch.cat([seen, next_token[:, None]], dim=1)
             pos = torch.tensor([len(prompt) + i], device=device)
             logits = step(next_token[:, None], pos)[:, -1]
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,12 +165,3 @@ def pull_hf_hub(repo_id: str) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise CamelidError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}); "
                            "check the id and your network, or download it and pass its folder") from e
-
-
-def remove(name: str) -> bool:
-    """Delete a cached model; True if there was one."""
-    if name not in MODELS or not MODELS[name].path.exists():
-        return False
-    p = MODELS[name].path
-    shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return True

@@ -30,10 +30,10 @@ class SpecStats:
         return self.accepted / max(self.drafted, 1)
 
 
-def _argmax(model: Llama, tokens: list[int], start: int, device: torch.device) -> list[int]:
-    """Feed tokens at positions start.. and return the greedy next token after each."""
+def _argmax(model: Llama, tokens: list[int], start: int, device: torch.device, last_only: bool = False) -> list[int]:
+    """Feed tokens at positions start.. and return the greedy next token after each (or after the last)."""
     ids = torch.tensor([tokens], device=device)
-    logits = model(ids, torch.arange(start, start + len(tokens), device=device))
+    logits = model(ids, torch.arange(start, start + len(tokens), device=device), last_only=last_only)
     return logits[0].argmax(-1).tolist()
 
 
@@ -55,13 +55,13 @@ def speculative_generate(target: Llama, draft: Llama, prompt: list[int], max_new
     draft.setup_cache(1, total)
     try:
         seq = list(prompt)
-        seq.append(_argmax(target, seq, 0, device)[-1])
+        seq.append(_argmax(target, seq, 0, device, last_only=True)[-1])
         target_valid, draft_valid = len(prompt), 0  # how many of seq's tokens each cache holds
         while not (len(seq) - len(prompt) >= max_new_tokens or seq[-1] in stop):
             n = len(seq)
-            drafts = [_argmax(draft, seq[draft_valid:], draft_valid, device)[-1]]
+            drafts = [_argmax(draft, seq[draft_valid:], draft_valid, device, last_only=True)[-1]]
             for j in range(1, k):
-                drafts.append(_argmax(draft, drafts[-1:], n + j - 1, device)[-1])
+                drafts.append(_argmax(draft, drafts[-1:], n + j - 1, device, last_only=True)[-1])
             greedy = _argmax(target, seq[target_valid:] + drafts, target_valid, device)[n - 1 - target_valid:]
             a = 0
             while a < k and drafts[a] == greedy[a]:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from camelid.cli.app import app
 from camelid.errors import CamelidError
-from camelid.interop.hf import atomic_write
+from camelid.fileio import atomic_write
 
 
 def _peak_rss_mib() -> float:

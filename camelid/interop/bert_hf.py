@@ -263,11 +263,6 @@ def load_bert_hf_dir(path: str | os.PathLike, task: str = "auto", num_labels: in
     return config, model.eval(), raw
 
 
-def load_bert(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Bert:
-    """The encoder of any BERT checkpoint directory."""
-    return load_bert_hf_dir(path, task="base", dtype=dtype)[1]
-
-
 def bert_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
     prefix = "" if isinstance(model, Bert) else "bert."
     out = {}

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
-from camelid.fileio import atomic_write  # noqa: F401 - re-exported for the other interop modules
+from camelid.fileio import atomic_write
 from camelid.model import Llama, rope_inv_freq
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -299,11 +299,9 @@ def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype | None = None,
     path = Path(path)
     config = config_from_hf(read_config(path), str(path / "config.json"))
     config.name = path.name
-    tensors: dict[str, Tensor] = {}
     files = _weight_files(path)
-    for file in files:
-        tensors.update(iter_tensors(file))
     source = str(files[0]) if len(files) == 1 else f"{path} (safetensors shards)"
+    tensors = (pair for file in files for pair in iter_tensors(file))  # streamed: one tensor in flight
     return config, build_model(config, tensors, source, dtype=dtype, device=device)
 
 

@@ -71,7 +71,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     export: bool = True  # write a Hugging Face folder (out/hf) at the end
     seed: int = 1337
-    peak_flops: float = 0.0  # for MFU; 0: a table for known GPUs, a measured fp32 matmul peak on CPU
+    peak_flops: float = 0.0  # per device, for MFU; 0: a table for known GPUs, a measured fp32 matmul peak on CPU
 
     def llama_config(self, vocab_size: int | None = None) -> LlamaConfig:
         """The model's LlamaConfig; `vocab_size` (from the data) fills in a missing one."""

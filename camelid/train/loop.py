@@ -170,8 +170,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
 
     tok_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * info.world_size
     flops_tok = objective.flops_per_token()
-    peak = cfg.peak_flops or (gpu_peak(device) if device.type == "cuda" else None) or \
-        measure_matmul_peak(device) * info.world_size
+    # per-device peak times the processes, as tok_per_step counts the tokens of all of them
+    peak = (cfg.peak_flops or (gpu_peak(device) if device.type == "cuda" else None) or
+            measure_matmul_peak(device)) * info.world_size
     sampler = objective.sampler() if cfg.sample_interval and info.is_main and not fsdp else None
     fields = log_fields(objective.log_fields)
     log = CsvLog(out / "log.csv", start if resume else None, fields) if info.is_main else None
