@@ -289,9 +289,7 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, q
         raise CamelidError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(QTYPES)}")
     path = Path(path)
     config = model.config
-    state = model.state_dict()
-    if "layers.0.attention.wqkv.weight" in state or "layers.0.feed_forward.w13.weight" in state:
-        raise CamelidError("the model has fused projections (model.fuse()); save it before fusing")
+    tensors = hf_state_dict(model)  # refuses a fused model before anything is written
     arch = "qwen2" if config.qkv_bias else "llama"
     writer = gguf.GGUFWriter(path=None, arch=arch)
     writer.add_name(config.name)
@@ -328,7 +326,7 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, q
         writer.add_float32("camelid.rope.scaling.low_freq_factor", sc.low_freq_factor)
         writer.add_float32("camelid.rope.scaling.high_freq_factor", sc.high_freq_factor)
         writer.add_uint32("camelid.rope.scaling.original_context_length", sc.original_max_seq_len)
-    for hf_name, t in hf_state_dict(model).items():
+    for hf_name, t in tensors.items():
         w = _to_numpy(t)
         if permuted and ".q_proj." in hf_name:
             w = to_interleaved(torch.from_numpy(w), config.n_heads).numpy()

@@ -305,10 +305,19 @@ def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype | None = None,
     return config, build_model(config, tensors, source, dtype=dtype, device=device)
 
 
+def plain_state_dict(model: Llama) -> dict[str, Tensor]:
+    """The model's state dict, refusing a model whose projections were fused for inference: no checkpoint
+    format has wqkv / w13 tensors."""
+    state = model.state_dict()
+    if "layers.0.attention.wqkv.weight" in state or "layers.0.feed_forward.w13.weight" in state:
+        raise CamelidError("the model has fused projections (model.fuse()); save it before fusing")
+    return state
+
+
 def hf_state_dict(model: Llama) -> dict[str, Tensor]:
     """The model's tensors under HF names (tied output head omitted, as HF does)."""
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in plain_state_dict(model).items():
         if name == "output.weight" and model.config.tie_embeddings:
             continue
         out[camelid_to_hf_name(name)] = t.detach().contiguous()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
-from camelid.interop.hf import build_model, camelid_to_hf_name
+from camelid.interop.hf import build_model, camelid_to_hf_name, plain_state_dict
 from camelid.model import Llama
 
 # Meta's reference implementations hard-code these for `use_scaled_rope` (Llama 3.1); Llama 3.2's
@@ -261,9 +261,7 @@ def save_meta_dir(model: Llama, path: str | os.PathLike, *, n_shards: int = 1,
     for what, n in (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads)):
         if n % n_shards:
             raise CamelidError(f"{what} {n} is not divisible by {n_shards} shards; choose n_shards dividing {n}")
-    state = model.state_dict()
-    if "layers.0.attention.wqkv.weight" in state or "layers.0.feed_forward.w13.weight" in state:
-        raise CamelidError("the model has fused projections (model.fuse()); save it before fusing")
+    state = plain_state_dict(model)
     shards: list[dict[str, Tensor]] = [{} for _ in range(n_shards)]
     for name, t in state.items():
         t = t.detach()

@@ -145,3 +145,11 @@ def test_unsupported_architecture(saved: Path) -> None:
     cfg.update(architectures=["MixtralForCausalLM"], model_type="mixtral")
     (saved / "config.json").write_text(json.dumps(cfg))
     _one_line_error(saved, "architecture 'MixtralForCausalLM' is not supported")
+
+
+def test_a_fused_model_is_refused_with_one_line(tmp_path: Path) -> None:
+    model = Llama(LlamaConfig.from_name("tiny-gqa")).eval()
+    model.fuse()
+    with pytest.raises(CamelidError, match="fused projections"):
+        save_hf_dir(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
