@@ -141,18 +141,6 @@ class HFTokenizer:
 # the two families behind one interface
 
 
-def llama_hidden_states(model: Llama, input_ids: Tensor) -> Tensor:
-    """The final-norm hidden states [B, T, dim] of a causal pass (what the LM head reads)."""
-    T = input_ids.shape[1]
-    if T > model.config.max_seq_len:
-        raise CamelidError(f"sequence of {T} tokens exceeds the context window of {model.config.max_seq_len}")
-    x = model.tok_embeddings(input_ids)
-    cos, sin = model.rope(torch.arange(T, device=input_ids.device), x.dtype)
-    for block in model.layers:
-        x = block(x, cos, sin, None, None)
-    return model.norm(x)
-
-
 class TextClassifier(nn.Module):
     """A backbone that turns a batch of texts into one vector each, and a linear head over those vectors."""
 
@@ -241,7 +229,7 @@ class LlamaClassifier(TextClassifier):
         return {"input_ids": ids, "last": torch.tensor([len(s) - 1 for s in seqs])}
 
     def features(self, batch: dict[str, Tensor]) -> Tensor:
-        hidden = llama_hidden_states(self.model, batch["input_ids"])
+        hidden = self.model.hidden_states(batch["input_ids"])
         return hidden[torch.arange(hidden.shape[0]), batch["last"]]
 
 
@@ -466,6 +454,6 @@ def label_set(examples: Sequence[Example]) -> list[str]:
 
 __all__ = [
     "BertClassifier", "Example", "HFTokenizer", "LlamaClassifier", "TextClassifier", "TrainArgs",
-    "classification_metrics", "evaluate_classifier", "label_set", "llama_hidden_states", "load_classifier",
+    "classification_metrics", "evaluate_classifier", "label_set", "load_classifier",
     "new_classifier", "read_jsonl", "save_classifier", "train_classifier", "train_test_split",
 ]

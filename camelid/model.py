@@ -224,7 +224,15 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, *, last_only: bool = False,
                 key_mask: Tensor | None = None) -> Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only).
+        """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only); see hidden_states."""
+        x = self.hidden_states(input_ids, positions, key_mask=key_mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(x).float()
+
+    def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None, *,
+                      key_mask: Tensor | None = None) -> Tensor:
+        """input_ids [B, T] -> the final-norm hidden states [B, T, dim] that the output head reads.
 
         Without `positions` this is a plain causal pass over the whole sequence (training, scoring). With
         `positions` ([T], absolute positions of these tokens) keys and values go through the KV cache, and
@@ -249,9 +257,7 @@ class Llama(nn.Module):
         cos, sin = self.rope(positions_for_rope, x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, cache_positions, mask)
-        if last_only:
-            x = x[:, -1:]
-        return self.output(self.norm(x)).float()
+        return self.norm(x)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
