@@ -1,69 +1,11 @@
 // Matrix-vector products for batch-1 decode on CPU. Decode is memory bound: each kernel streams every
 // weight row once, rows split across threads with at::parallel_for. Activations stay fp32; weights may be
 // fp32, int8 with one scale per row, or int4 in groups of 32 (Q4_1's layout: fp16 scale and min per group).
-//
-// With AVX2 + FMA (x86-64-v3 and later) the inner loops are written with intrinsics: FOUR rows at a time, so
-// each activation vector loaded from cache feeds four independent FMA chains (one chain per row would wait on
-// FMA latency and could not keep up with memory). Elsewhere a plain loop is compiled; both give the same
-// result up to float summation order, which tests/test_kernels.py checks against the PyTorch twins.
-#include <torch/extension.h>
+// The inner loops live in dot.h (shared with step.cpp).
+#include "dot.h"
 #include <ATen/Parallel.h>
-#include <cstdint>
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define CAMELID_AVX2 1
-#endif
 
 static constexpr int64_t GRAIN = 32;  // rows per task: enough work to amortise scheduling
-
-#ifdef CAMELID_AVX2
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-// 8 int8 / uint8 codes -> 8 floats
-static inline __m256 i8x8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-static inline __m256 u8x8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
-#endif
-
-static inline float h2f(const at::Half& h) {
-#ifdef CAMELID_AVX2
-  return _cvtsh_ss(h.x);  // one F16C instruction
-#else
-  return static_cast<float>(h);
-#endif
-}
-
-// ---- fp32: y[m, n] = sum_k x[m, k] * w[n, k] ----
-static void dot_f32(const float* x, const float* w, int64_t K, int64_t n0, int64_t n1, float* y) {
-  int64_t n = n0;
-#ifdef CAMELID_AVX2
-  if (K % 8 == 0) {
-    for (; n + 4 <= n1; n += 4) {
-      const float *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < K; k += 8) {
-        __m256 xv = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k), xv, a3);
-      }
-      y[n] = hsum(a0); y[n + 1] = hsum(a1); y[n + 2] = hsum(a2); y[n + 3] = hsum(a3);
-    }
-  }
-#endif
-  for (; n < n1; ++n) {
-    const float* row = w + n * K;
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += x[k] * row[k];
-    y[n] = acc;
-  }
-}
 
 #ifdef CAMELID_AVX2
 // A few activation rows at once (speculative verification, small batches): each weight vector is loaded
@@ -97,83 +39,6 @@ static bool dot_f32_multi(int64_t M, const float* x, const float* w, int64_t K, 
   }
 }
 #endif
-
-// ---- int8, one scale per row ----
-static void dot_int8(const float* x, const int8_t* w, const float* s, int64_t K, int64_t n0, int64_t n1, float* y) {
-  int64_t n = n0;
-#ifdef CAMELID_AVX2
-  if (K % 8 == 0) {
-    for (; n + 4 <= n1; n += 4) {
-      const int8_t *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < K; k += 8) {
-        __m256 xv = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(i8x8(r0 + k), xv, a0);
-        a1 = _mm256_fmadd_ps(i8x8(r1 + k), xv, a1);
-        a2 = _mm256_fmadd_ps(i8x8(r2 + k), xv, a2);
-        a3 = _mm256_fmadd_ps(i8x8(r3 + k), xv, a3);
-      }
-      y[n] = hsum(a0) * s[n]; y[n + 1] = hsum(a1) * s[n + 1];
-      y[n + 2] = hsum(a2) * s[n + 2]; y[n + 3] = hsum(a3) * s[n + 3];
-    }
-  }
-#endif
-  for (; n < n1; ++n) {
-    const int8_t* row = w + n * K;
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += x[k] * (float)row[k];
-    y[n] = acc * s[n];
-  }
-}
-
-// ---- int4: w uint8 [N, K/2]; in each group of 32 weights byte j holds weight j (low nibble) and weight
-// j + 16 (high nibble); weight = q * scale + minimum, scale/minimum fp16 [N, K/32]. xs[g] = sum of x over
-// group g, so the minimum costs one multiply-add per group. ----
-static void dot_int4(const float* x, const float* xs, const uint8_t* w, const at::Half* sc, const at::Half* mn,
-                     int64_t K, int64_t n0, int64_t n1, float* y) {
-  const int64_t G = K / 32;
-  int64_t n = n0;
-#ifdef CAMELID_AVX2
-  const __m128i low = _mm_set1_epi8(15);
-  for (; n + 4 <= n1; n += 4) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t g = 0; g < G; ++g) {
-      const float* xg = x + g * 32;
-      const __m256 x0 = _mm256_loadu_ps(xg), x1 = _mm256_loadu_ps(xg + 8);
-      const __m256 x2 = _mm256_loadu_ps(xg + 16), x3 = _mm256_loadu_ps(xg + 24);
-      for (int r = 0; r < 4; ++r) {
-        const int64_t row = n + r;
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + row * (K / 2) + g * 16));
-        const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-        __m256 d = _mm256_mul_ps(u8x8(lo), x0);
-        d = _mm256_fmadd_ps(u8x8(_mm_srli_si128(lo, 8)), x1, d);
-        d = _mm256_fmadd_ps(u8x8(hi), x2, d);
-        d = _mm256_fmadd_ps(u8x8(_mm_srli_si128(hi, 8)), x3, d);
-        // scale the group's partial sums and keep them in a vector: one horizontal sum per row, not per group
-        acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(h2f(sc[row * G + g])), acc[r]);
-      }
-    }
-    for (int r = 0; r < 4; ++r) {
-      const at::Half* m = mn + (n + r) * G;
-      float bias = 0.f;
-      for (int64_t g = 0; g < G; ++g) bias += h2f(m[g]) * xs[g];
-      y[n + r] = hsum(acc[r]) + bias;
-    }
-  }
-#endif
-  for (; n < n1; ++n) {
-    const uint8_t* row = w + n * (K / 2);
-    float acc = 0.f;
-    for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* b = row + g * 16;
-      const float* xg = x + g * 32;
-      float dot = 0.f;
-      for (int j = 0; j < 16; ++j) dot += xg[j] * (float)(b[j] & 15) + xg[j + 16] * (float)(b[j] >> 4);
-      acc += dot * h2f(sc[n * G + g]) + h2f(mn[n * G + g]) * xs[g];
-    }
-    y[n] = acc;
-  }
-}
 
 torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "fp32 expected");
@@ -257,6 +122,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor attend_cached(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
                             torch::Tensor cache_k, torch::Tensor cache_v, torch::Tensor mask, int64_t H,
                             int64_t KV);
+// step.cpp
+void register_step(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_int8", &dequant_int8);
@@ -266,4 +133,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_f32", &gemv_f32);
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
+  register_step(m);
 }
