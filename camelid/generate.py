@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from camelid.errors import CamelidError
+from camelid.kernels.step import decode_step
 from camelid.model import Llama
 
 
@@ -109,6 +110,7 @@ def generate_tokens(
     stop = set(stop_ids)
     cache_len = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_seq_len) if compile else total
     step = compiled_decode_step(model) if compile else model
+    fast = None if compile else decode_step(model)  # the whole step in one C++ call (fused fp32 CPU models)
     model.setup_cache(1, cache_len)
     try:
         tokens = torch.tensor([prompt], device=device)
@@ -123,8 +125,11 @@ def generate_tokens(
                 return
             if params.repetition_penalty != 1.0:  # only the penalty needs the history
                 seen = torch.cat([seen, next_token[:, None]], dim=1)
-            pos = torch.tensor([len(prompt) + i], device=device)
-            logits = step(next_token[:, None], pos)[:, -1]
+            position = len(prompt) + i
+            if fast is not None:
+                logits = fast(token_id, position)[:, -1]
+            else:
+                logits = step(next_token[:, None], torch.tensor([position], device=device))[:, -1]
     finally:
         model.clear_cache()
 

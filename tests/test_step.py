@@ -1,0 +1,144 @@
+"""The whole-model C++ decode step (camelid/kernels/step.cpp) against the PyTorch path of the same model."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+from camelid import kernels
+from camelid.config import LlamaConfig
+from camelid.generate import generate
+from camelid.kernels.step import decode_step
+from camelid.model import Llama
+from camelid.quantize import quantize_model
+
+needs_kernels = pytest.mark.skipif(kernels.load() is None, reason="C++ kernels could not be built here")
+PROMPT = [1, 5, 9, 42, 7, 100, 3]
+
+
+def _model(name: str, mode: str, tied: bool, **overrides: int) -> Llama:
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name(name, tie_embeddings=tied, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)  # peaked logits: greedy choices are not near-ties
+    if mode == "fused":
+        model.fuse()  # plain nn.Linear weights, fused: the step reads them too
+        return model
+    return quantize_model(model, mode)
+
+
+def _plain_generate(model: Llama, prompt: list[int], n: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    with monkeypatch.context() as m:
+        m.setattr(sys.modules["camelid.generate"], "decode_step", lambda _model: None)
+        return generate(model, prompt, n)
+
+
+CASES = [("tiny-mha", False), ("tiny-gqa", False), ("tiny-gqa", True), ("tiny-mqa", True), ("tiny-llama3", True)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["fused", "fp32", "int8", "int4"])
+@pytest.mark.parametrize("name,tied", CASES)
+def test_step_logits_and_greedy_tokens_match_the_torch_path(name: str, tied: bool, mode: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # intermediate 192 (a multiple of 32) keeps the int4 down projection int4; the presets' 176 makes it int8
+    model = _model(name, mode, tied, intermediate_size=192 if name == "tiny-gqa" else 176)
+    twin = copy.deepcopy(model)
+    step = decode_step(model)
+    assert step is not None
+    with torch.inference_mode():
+        for m in (model, twin):
+            m.setup_cache(1, 40)
+            m(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
+        tok = 11
+        for pos in range(len(PROMPT), len(PROMPT) + 12):
+            want = twin(torch.tensor([[tok]]), torch.tensor([pos]), last_only=True)
+            got = step(tok, pos)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            tok = int(want.argmax())
+        for a, b in zip(model.layers, twin.layers, strict=True):  # the caches hold the same keys and values
+            torch.testing.assert_close(a.attention.kv_cache.k, b.attention.kv_cache.k, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.attention.kv_cache.v, b.attention.kv_cache.v, rtol=1e-4, atol=1e-5)
+    assert generate(model, PROMPT, 20) == _plain_generate(model, PROMPT, 20, monkeypatch)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 3, 5])  # more threads than heads' fair share, fewer rows than threads
+def test_step_is_right_at_any_thread_count(threads: int) -> None:
+    model = _model("tiny-gqa", "int4", False, intermediate_size=192)
+    twin = copy.deepcopy(model)
+    step = decode_step(model)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for m in (model, twin):
+                m.setup_cache(1, 16)
+                m(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
+            for pos in range(len(PROMPT), 16):
+                want = twin(torch.tensor([[pos]]), torch.tensor([pos]), last_only=True)
+                torch.testing.assert_close(step(pos, pos), want, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["fp32", "int4"])
+def test_torch_prompt_cpp_steps_torch_chunk_interleave(mode: str) -> None:
+    """Prefill through torch, 5 C++ steps, a 3-token torch step, 5 more C++ steps: the same greedy tokens and
+    logits as the torch path alone (both write the same KV cache)."""
+    model = _model("tiny-gqa", mode, False)
+    twin = copy.deepcopy(model)
+    step = decode_step(model)
+    chunk = [17, 23, 5]
+
+    def run(m: Llama, fast: bool) -> tuple[list[int], list[torch.Tensor]]:
+        toks, logits = [], []
+        m.setup_cache(1, 40)
+        last = m(torch.tensor([PROMPT]), torch.arange(len(PROMPT)), last_only=True)
+        pos = len(PROMPT)
+        for phase in range(2):
+            for _ in range(5):
+                tok = int(last.argmax())
+                toks.append(tok)
+                last = step(tok, pos) if fast else m(torch.tensor([[tok]]), torch.tensor([pos]), last_only=True)
+                logits.append(last)
+                pos += 1
+            if phase == 0:
+                last = m(torch.tensor([chunk]), torch.arange(pos, pos + 3), last_only=True)
+                pos += 3
+        m.clear_cache()
+        return toks, logits
+
+    with torch.inference_mode():
+        got_toks, got = run(model, True)
+        want_toks, want = run(twin, False)
+    assert got_toks == want_toks
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_step_rebinds_to_a_new_cache() -> None:
+    model = _model("tiny-gqa", "int8", False)
+    step = decode_step(model)
+    with torch.inference_mode():
+        for length in (16, 24):  # setup_cache makes new tensors: the step must follow them
+            model.setup_cache(1, length)
+            model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
+            want = copy.deepcopy(model)(torch.tensor([[3]]), torch.tensor([len(PROMPT)]), last_only=True)
+            torch.testing.assert_close(step(3, len(PROMPT)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_and_unsupported_models_keep_the_torch_path() -> None:
+    plain = Llama(LlamaConfig.from_name("tiny-gqa")).eval()
+    assert decode_step(plain) is None  # not fused: the readable reference path
+    biased = Llama(LlamaConfig.from_name("tiny-gqa", qkv_bias=True)).eval()
+    biased.fuse()
+    assert decode_step(biased) is None  # a bias in the QKV product: the kernel has none
+    half = copy.deepcopy(biased).to(torch.bfloat16)
+    assert decode_step(half) is None
