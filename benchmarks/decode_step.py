@@ -17,6 +17,7 @@ import time
 import torch
 
 from camelid.config import LlamaConfig
+from camelid.kernels.step import decode_step
 from camelid.model import Llama
 from camelid.quantize import quantize_model
 
@@ -46,6 +47,10 @@ def main() -> None:
             m.setup_cache(1, P + args.steps + 1)
             m(ids, torch.arange(P), last_only=True)
         tok = torch.tensor([[5]])
+        for mode in ("fp32", "int8", "int4"):  # the whole step in one C++ call (camelid/kernels/step.cpp)
+            fast = decode_step(models[mode])
+            if fast is not None:
+                steps[mode + "-step"] = lambda t, p, last_only, f=fast: f(int(t), int(p))
         for name in filter(None, args.compile.split(",")):
             steps[name + "-compile"] = torch.compile(models[name], dynamic=False)
             t = time.perf_counter()
@@ -63,7 +68,7 @@ def main() -> None:
     print(f"{args.model}, {P}-token context, {args.threads} thread(s), {unit} ms/step")
     for name, v in times.items():
         med = statistics.median(v)
-        print(f"{name:>10}: min {min(v):6.1f}  median {med:6.1f}  ({ref / med:.2f}x fp32-eager)")
+        print(f"{name:>12}: min {min(v):6.1f}  median {med:6.1f}  ({ref / med:.2f}x fp32-eager)")
 
 
 if __name__ == "__main__":
