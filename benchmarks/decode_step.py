@@ -51,6 +51,9 @@ def main() -> None:
             fast = decode_step(models[mode])
             if fast is not None:
                 steps[mode + "-step"] = lambda t, p, last_only, f=fast: f(int(t), int(p))
+            fast = decode_step(models[mode], int8_activations=True) if mode != "fp32" else None
+            if fast is not None:
+                steps[mode + "-step-q8"] = lambda t, p, last_only, f=fast: f(int(t), int(p))
         for name in filter(None, args.compile.split(",")):
             steps[name + "-compile"] = torch.compile(models[name], dynamic=False)
             t = time.perf_counter()

@@ -10,6 +10,7 @@ import torch
 
 from camelid.batch import generate_batch
 from camelid.generate import generate
+from camelid.kernels.step import decode_step
 from camelid.quantize import quantize_model
 from camelid.speculative import speculative_generate
 
@@ -57,12 +58,46 @@ def test_fused_cpp_fp32_path_equals_plain_model(smollm2, reference) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_weight_only_model_equals_its_dequantised_twin(smollm2, reference, mode: str) -> None:
+def test_weight_only_model_equals_its_dequantised_twin(smollm2, reference, mode: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMELID_INT8_ACTIVATIONS", "0")  # decode steps with fp32 activations: the same products
     q = quantize_model(copy.deepcopy(smollm2), mode)
     got = generate(q, FRANCE, N)
     assert got == generate(_dequantised(q, smollm2), FRANCE, N)
     if mode == "int8":  # int8 is close to fp32: the answer starts the same way (benchmarks/quality.py measures more)
         assert got[:4] == reference["france"][:4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp32", "int8", "int4"])
+def test_cpp_decode_step_matches_the_torch_path(smollm2, mode: str) -> None:
+    """The whole-model C++ step (fp32 activations) against the same fused/quantised model through torch."""
+    model = quantize_model(copy.deepcopy(smollm2), mode)
+    twin = copy.deepcopy(model)
+    step = decode_step(model, int8_activations=False)
+    assert step is not None
+    with torch.inference_mode():
+        for m in (model, twin):
+            m.setup_cache(1, len(FRANCE) + N)
+            m(torch.tensor([FRANCE]), torch.arange(len(FRANCE)))
+        tok = 520
+        for pos in range(len(FRANCE), len(FRANCE) + N):
+            want = twin(torch.tensor([[tok]]), torch.tensor([pos]), last_only=True)
+            got = step(tok, pos)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+            assert int(got.argmax()) == int(want.argmax())
+            tok = int(want.argmax())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_int8_activations_keep_the_answer(smollm2, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default int8-activation step starts the answer as the fp32-activation step does (quality.py
+    measures perplexity and longer agreement)."""
+    q = quantize_model(copy.deepcopy(smollm2), mode)
+    got = generate(q, FRANCE, N)
+    monkeypatch.setenv("CAMELID_INT8_ACTIVATIONS", "0")
+    assert got[:4] == generate(q, FRANCE, N)[:4]
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def test_step_logits_and_greedy_tokens_match_the_torch_path(name: str, tied: boo
     # intermediate 192 (a multiple of 32) keeps the int4 down projection int4; the presets' 176 makes it int8
     model = _model(name, mode, tied, intermediate_size=192 if name == "tiny-gqa" else 176)
     twin = copy.deepcopy(model)
-    step = decode_step(model)
+    step = decode_step(model, int8_activations=False)
     assert step is not None
     with torch.inference_mode():
         for m in (model, twin):
@@ -64,7 +64,27 @@ def test_step_logits_and_greedy_tokens_match_the_torch_path(name: str, tied: boo
         for a, b in zip(model.layers, twin.layers, strict=True):  # the caches hold the same keys and values
             torch.testing.assert_close(a.attention.kv_cache.k, b.attention.kv_cache.k, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(a.attention.kv_cache.v, b.attention.kv_cache.v, rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv("CAMELID_INT8_ACTIVATIONS", "0")  # generate's step: exact, like the one above
     assert generate(model, PROMPT, 20) == _plain_generate(model, PROMPT, 20, monkeypatch)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-llama3"])  # tiny-llama3: 331 rows, the kernels' tail loop
+def test_int8_activations_stay_close_to_the_exact_step(name: str, mode: str) -> None:
+    model = _model(name, mode, True, intermediate_size=192)
+    exact, q8 = decode_step(model, int8_activations=False), decode_step(model, int8_activations=True)
+    with torch.inference_mode():
+        model.setup_cache(1, 40)
+        model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
+        tok = 11
+        for pos in range(len(PROMPT), len(PROMPT) + 12):
+            want = exact(tok, pos)
+            got = q8(tok, pos)  # writes the same cache slot again, with its own (slightly different) k and v
+            err = (got - want).abs().max() / want.abs().max()
+            assert 0 < err < 0.02  # quantised activations: close, but not the float path
+            assert int(got.argmax()) == int(want.argmax())
+            tok = int(want.argmax())
 
 
 @needs_kernels
@@ -72,7 +92,7 @@ def test_step_logits_and_greedy_tokens_match_the_torch_path(name: str, tied: boo
 def test_step_is_right_at_any_thread_count(threads: int) -> None:
     model = _model("tiny-gqa", "int4", False, intermediate_size=192)
     twin = copy.deepcopy(model)
-    step = decode_step(model)
+    step = decode_step(model, int8_activations=False)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -94,7 +114,7 @@ def test_torch_prompt_cpp_steps_torch_chunk_interleave(mode: str) -> None:
     logits as the torch path alone (both write the same KV cache)."""
     model = _model("tiny-gqa", mode, False)
     twin = copy.deepcopy(model)
-    step = decode_step(model)
+    step = decode_step(model, int8_activations=False)
     chunk = [17, 23, 5]
 
     def run(m: Llama, fast: bool) -> tuple[list[int], list[torch.Tensor]]:
@@ -125,7 +145,7 @@ def test_torch_prompt_cpp_steps_torch_chunk_interleave(mode: str) -> None:
 @needs_kernels
 def test_step_rebinds_to_a_new_cache() -> None:
     model = _model("tiny-gqa", "int8", False)
-    step = decode_step(model)
+    step = decode_step(model, int8_activations=False)
     with torch.inference_mode():
         for length in (16, 24):  # setup_cache makes new tensors: the step must follow them
             model.setup_cache(1, length)

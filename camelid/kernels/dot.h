@@ -7,6 +7,8 @@
 // result up to float summation order, which tests/test_kernels.py checks against the PyTorch twins.
 #pragma once
 #include <torch/extension.h>
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -135,6 +137,104 @@ static inline void dot_int4(const float* x, const float* xs, const uint8_t* w, c
       float dot = 0.f;
       for (int j = 0; j < 16; ++j) dot += xg[j] * (float)(b[j] & 15) + xg[j + 16] * (float)(b[j] >> 4);
       acc += dot * h2f(sc[n * G + g]) + h2f(mn[n * G + g]) * xs[g];
+    }
+    y[n] = acc;
+  }
+}
+
+// ---- int8 activations (llama.cpp's Q8_0 activations): x[k] ~= q[k] * d[k / 32]. The products of int8/int4
+// weights with them are integer dot products per group of 32 (AVX2: vpmaddubsw + vpmaddwd), one float
+// multiply-add per group instead of per weight. K must be a multiple of 32. ----
+static inline void quantize_q8(const float* x, int64_t K, int8_t* q, float* d) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    const float* xg = x + g * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xg[j]));
+    const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    d[g] = s;
+    for (int j = 0; j < 32; ++j) q[g * 32 + j] = static_cast<int8_t>(std::nearbyint(xg[j] * inv));
+  }
+}
+
+#ifdef CAMELID_AVX2
+// 32 signed int8 x 32 signed int8 -> 8 int32 partial sums -> float. vpmaddubsw wants one unsigned operand:
+// |w| times q with w's sign moved onto q (|w|, |q| <= 127, so the pairwise int16 sums cannot overflow).
+static inline __m256 dot_i8x32(__m256i w, __m256i q) {
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+// 32 unsigned codes 0..15 x 32 signed int8 -> 8 floats
+static inline __m256 dot_u4x32(__m256i w, __m256i q) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, q), _mm256_set1_epi16(1)));
+}
+#endif
+
+static inline void dot_int8_q8(const int8_t* q, const float* dq, const int8_t* w, const float* s, int64_t K,
+                               int64_t n0, int64_t n1, float* y) {
+  const int64_t G = K / 32;
+  int64_t n = n0;
+#ifdef CAMELID_AVX2
+  for (; n + 4 <= n1; n += 4) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 32));
+      const __m256 dv = _mm256_set1_ps(dq[g]);
+      for (int r = 0; r < 4; ++r) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * K + g * 32));
+        acc[r] = _mm256_fmadd_ps(dot_i8x32(wv, qv), dv, acc[r]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) y[n + r] = hsum(acc[r]) * s[n + r];
+  }
+#endif
+  for (; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    float acc = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t dot = 0;
+      for (int j = 0; j < 32; ++j) dot += (int32_t)row[g * 32 + j] * (int32_t)q[g * 32 + j];
+      acc += (float)dot * dq[g];
+    }
+    y[n] = acc * s[n];
+  }
+}
+
+// int4 codes (dot_int4's layout) x int8 activations; the minimum uses xs, the exact fp32 group sums of x
+static inline void dot_int4_q8(const int8_t* q, const float* dq, const float* xs, const uint8_t* w,
+                               const at::Half* sc, const at::Half* mn, int64_t K, int64_t n0, int64_t n1, float* y) {
+  const int64_t G = K / 32;
+  int64_t n = n0;
+#ifdef CAMELID_AVX2
+  const __m128i low = _mm_set1_epi8(15);
+  for (; n + 4 <= n1; n += 4) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * 32));
+      for (int r = 0; r < 4; ++r) {
+        const int64_t row = n + r;
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + row * (K / 2) + g * 16));
+        // low nibbles are weights 0..15 of the group, high nibbles 16..31: the same order as q
+        const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
+        acc[r] = _mm256_fmadd_ps(dot_u4x32(wv, qv), _mm256_set1_ps(h2f(sc[row * G + g]) * dq[g]), acc[r]);
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      const at::Half* m = mn + (n + r) * G;
+      float bias = 0.f;
+      for (int64_t g = 0; g < G; ++g) bias += h2f(m[g]) * xs[g];
+      y[n + r] = hsum(acc[r]) + bias;
+    }
+  }
+#endif
+  for (; n < n1; ++n) {
+    const uint8_t* row = w + n * (K / 2);
+    float acc = 0.f;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* b = row + g * 16;
+      const int8_t* qg = q + g * 32;
+      int32_t dot = 0;
+      for (int j = 0; j < 16; ++j) dot += (int32_t)(b[j] & 15) * qg[j] + (int32_t)(b[j] >> 4) * qg[j + 16];
+      acc += (float)dot * h2f(sc[n * G + g]) * dq[g] + h2f(mn[n * G + g]) * xs[g];
     }
     y[n] = acc;
   }

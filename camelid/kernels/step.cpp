@@ -18,7 +18,32 @@
 
 namespace {
 
+inline void group_sums(const float* x, int64_t K, float* xs) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    float s = 0.f;
+    for (int j = 0; j < 32; ++j) s += x[g * 32 + j];
+    xs[g] = s;
+  }
+}
+
 enum Kind : int64_t { F32 = 0, INT8 = 1, INT4 = 2 };
+
+// An activation vector as the kernels read it: fp32, its sums over groups of 32 (int4's minimum), and
+// optionally an int8 copy in blocks of 32 (q8: the integer dot-product kernels).
+struct Act {
+  const float* x = nullptr;
+  float* xs = nullptr;
+  int8_t* q = nullptr;
+  float* dq = nullptr;
+  bool q8 = false;
+
+  void set(const float* v, int64_t K, bool int8_activations) {
+    x = v;
+    group_sums(v, K, xs);
+    q8 = int8_activations && K % 32 == 0;
+    if (q8) quantize_q8(v, K, q, dq);
+  }
+};
 
 // One linear layer y = W x, W [N, K], in one of the three weight formats (quantize.py's layouts).
 struct Linear {
@@ -29,13 +54,19 @@ struct Linear {
   const at::Half* min4 = nullptr;
   int64_t N = 0, K = 0;
 
-  // rows [n0, n1) of y; xs = sums of x over groups of 32 (int4 only)
-  void rows(const float* x, const float* xs, int64_t n0, int64_t n1, float* y) const {
+  // rows [n0, n1) of y = W x; int8/int4 weights use the int8 copy of x when there is one
+  void rows(const Act& a, int64_t n0, int64_t n1, float* y) const {
     if (n0 >= n1) return;
     switch (kind) {
-      case F32: dot_f32(x, static_cast<const float*>(w), K, n0, n1, y); break;
-      case INT8: dot_int8(x, static_cast<const int8_t*>(w), scale8, K, n0, n1, y); break;
-      case INT4: dot_int4(x, xs, static_cast<const uint8_t*>(w), scale4, min4, K, n0, n1, y); break;
+      case F32: dot_f32(a.x, static_cast<const float*>(w), K, n0, n1, y); break;
+      case INT8:
+        if (a.q8) dot_int8_q8(a.q, a.dq, static_cast<const int8_t*>(w), scale8, K, n0, n1, y);
+        else dot_int8(a.x, static_cast<const int8_t*>(w), scale8, K, n0, n1, y);
+        break;
+      case INT4:
+        if (a.q8) dot_int4_q8(a.q, a.dq, a.xs, static_cast<const uint8_t*>(w), scale4, min4, K, n0, n1, y);
+        else dot_int4(a.x, a.xs, static_cast<const uint8_t*>(w), scale4, min4, K, n0, n1, y);
+        break;
     }
   }
 };
@@ -53,14 +84,6 @@ inline void share(int64_t N, int t, int T, int64_t& n0, int64_t& n1) {
   const int64_t per = ((N + T - 1) / T + 3) / 4 * 4;
   n0 = std::min(N, t * per);
   n1 = std::min(N, n0 + per);
-}
-
-inline void group_sums(const float* x, int64_t K, float* xs) {
-  for (int64_t g = 0; g < K / 32; ++g) {
-    float s = 0.f;
-    for (int j = 0; j < 32; ++j) s += x[g * 32 + j];
-    xs[g] = s;
-  }
 }
 
 inline void rms_norm(const float* x, const float* w, int64_t D, float eps, float* y) {
@@ -107,8 +130,9 @@ Linear make_linear(int64_t kind, const std::vector<torch::Tensor>& t, std::vecto
 
 class DecodeStep {
  public:
-  DecodeStep(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn, double eps)
-      : D(dim), H(n_heads), KV(n_kv_heads), d(head_dim), F(ffn), eps((float)eps) {
+  DecodeStep(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn, double eps,
+             bool int8_activations)
+      : D(dim), H(n_heads), KV(n_kv_heads), d(head_dim), F(ffn), eps((float)eps), q8(int8_activations) {
     TORCH_CHECK(H % KV == 0, "n_heads must be a multiple of n_kv_heads");
   }
 
@@ -180,14 +204,18 @@ class DecodeStep {
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
       // private scratch: each thread normalises x itself (576 floats: cheaper than a barrier)
-      std::vector<float> xn(D), xs(std::max({D, H * d, F}) / 32 + 1), q(d), kcur(d), p(pos + 1);
+      const int64_t maxK = std::max({D, H * d, F});
+      std::vector<float> xn(D), xs(maxK / 32 + 1), dq(maxK / 32 + 1), q(d), kcur(d), p(pos + 1);
+      std::vector<int8_t> xq(maxK);
+      Act a;
+      a.xs = xs.data(); a.q = xq.data(); a.dq = dq.data();
       int64_t n0, n1;
       for (const Layer& L : layers) {
         // -- attention: x += wo(attend(rope(wqkv(norm(x)))))
         rms_norm(x.data(), L.attn_norm, D, eps, xn.data());
-        group_sums(xn.data(), D, xs.data());
+        a.set(xn.data(), D, q8);
         share(W, t, nt, n0, n1);
-        L.wqkv.rows(xn.data(), xs.data(), n0, n1, qkv.data());
+        L.wqkv.rows(a, n0, n1, qkv.data());
 #pragma omp barrier
         n0 = H * t / nt; n1 = H * (t + 1) / nt;  // heads are few: split them evenly, not in blocks of 4
         for (int64_t h = n0; h < n1; ++h) {
@@ -223,33 +251,33 @@ class DecodeStep {
           }
         }
 #pragma omp barrier
-        group_sums(att.data(), H * d, xs.data());
+        a.set(att.data(), H * d, q8);
         share(D, t, nt, n0, n1);
-        L.wo.rows(att.data(), xs.data(), n0, n1, tmp.data());
+        L.wo.rows(a, n0, n1, tmp.data());
         for (int64_t n = n0; n < n1; ++n) x[n] += tmp[n];
 #pragma omp barrier
         // -- feed-forward: x += w2(silu(gate) * up), gate and up = w13(norm(x)); a thread computes the gate
         // and up rows of the same features, so it can apply SiLU * up without waiting
         rms_norm(x.data(), L.ffn_norm, D, eps, xn.data());
-        group_sums(xn.data(), D, xs.data());
+        a.set(xn.data(), D, q8);
         share(F, t, nt, n0, n1);
-        L.w13.rows(xn.data(), xs.data(), n0, n1, gu.data());
-        L.w13.rows(xn.data(), xs.data(), F + n0, F + n1, gu.data());
+        L.w13.rows(a, n0, n1, gu.data());
+        L.w13.rows(a, F + n0, F + n1, gu.data());
         for (int64_t n = n0; n < n1; ++n) {
           const float g = gu[n];
           hid[n] = g / (1.f + std::exp(-g)) * gu[F + n];
         }
 #pragma omp barrier
-        group_sums(hid.data(), F, xs.data());
+        a.set(hid.data(), F, q8);
         share(D, t, nt, n0, n1);
-        L.w2.rows(hid.data(), xs.data(), n0, n1, tmp.data());
+        L.w2.rows(a, n0, n1, tmp.data());
         for (int64_t n = n0; n < n1; ++n) x[n] += tmp[n];
 #pragma omp barrier
       }
       rms_norm(x.data(), norm, D, eps, xn.data());
-      group_sums(xn.data(), D, xs.data());
+      a.set(xn.data(), D, q8);
       share(V, t, nt, n0, n1);
-      head.rows(xn.data(), xs.data(), n0, n1, out);
+      head.rows(a, n0, n1, out);
     }
     return logits;
   }
@@ -257,6 +285,7 @@ class DecodeStep {
  private:
   int64_t D, H, KV, d, F, S = 0;
   float eps;
+  bool q8;  // int8 activations for int8/int4 weights
   Linear embed, head;
   const float* norm = nullptr;
   std::vector<Layer> layers;
@@ -268,7 +297,7 @@ class DecodeStep {
 void register_step(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<DecodeStep>(m, "DecodeStep")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, bool>())
       .def("set_embedding", &DecodeStep::set_embedding)
       .def("add_layer", &DecodeStep::add_layer)
       .def("set_head", &DecodeStep::set_head)
