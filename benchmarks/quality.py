@@ -75,6 +75,32 @@ def perplexity(model: Llama, ids: torch.Tensor, window: int = 512) -> float:
     return float(np.exp(nll / n))
 
 
+@torch.inference_mode()
+def step_perplexity(model: Llama, ids: torch.Tensor, int8_activations: bool, window: int = 512) -> float | None:
+    """Perplexity with every token fed through the one-call C++ decode step (the path generation uses), so
+    the int8-activation kernels' error shows; None where the step cannot run."""
+    from camelid.kernels.step import decode_step
+
+    step = decode_step(model, int8_activations=int8_activations)
+    if step is None:
+        return None
+    nll, n = 0.0, 0
+    for s in range(0, ids.numel() - 1, window):
+        chunk = ids[s: s + window + 1].tolist()
+        model.setup_cache(1, len(chunk))
+        for pos in range(len(chunk) - 1):
+            logits = step(chunk[pos], pos)[0, -1]
+            nll -= torch.log_softmax(logits, -1)[chunk[pos + 1]].item()
+            n += 1
+        model.clear_cache()
+    return float(np.exp(nll / n))
+
+
+def _agreement(ref_out: list[list[int]], outs: list[list[int]]) -> list[int]:
+    return [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            for a, b in zip(ref_out, outs, strict=True)]
+
+
 def main() -> None:
     from transformers import AutoTokenizer
 
@@ -92,17 +118,23 @@ def main() -> None:
                          "Explain what a KV cache is.", "List three prime numbers.")]
     prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
     ref_out = [generate(base, p, 64) for p in prompts]
-    report = {"fp32": {"ppl": perplexity(base, ids)}}
+    fused = quantize_model(copy.deepcopy(base), "fp32")
+    report = {"fp32": {"ppl": perplexity(base, ids), "step_ppl_fp32_activations": step_perplexity(fused, ids, False)}}
+    print(report, flush=True)
     for label, mode, head in (("int8", "int8", None), ("int4 (int8 head)", "int4", "int8"),
                               ("int4 (int4 head)", "int4", "int4")):
         q = quantize_model(copy.deepcopy(base), mode, head=head)
-        outs = [generate(q, p, 64) for p in prompts]
-        agree = []
-        for a, b in zip(ref_out, outs, strict=True):
-            same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-            agree.append(same)
-        report[label] = {"ppl": perplexity(q, ids), "greedy_prefix_agreement_tokens": agree,
-                        "exact_outputs": sum(a == b for a, b in zip(ref_out, outs, strict=True))}
+        outs = [generate(q, p, 64) for p in prompts]  # decode steps with int8 activations (the default)
+        os.environ["CAMELID_INT8_ACTIVATIONS"] = "0"
+        outs_f32 = [generate(q, p, 64) for p in prompts]
+        del os.environ["CAMELID_INT8_ACTIVATIONS"]
+        report[label] = {"ppl": perplexity(q, ids),
+                         "step_ppl_fp32_activations": step_perplexity(q, ids, False),
+                         "step_ppl_int8_activations": step_perplexity(q, ids, True),
+                         "greedy_prefix_agreement_tokens": _agreement(ref_out, outs),
+                         "greedy_prefix_agreement_tokens_fp32_activations": _agreement(ref_out, outs_f32),
+                         "exact_outputs": sum(a == b for a, b in zip(ref_out, outs, strict=True))}
+        print(label, report[label], flush=True)
     report["eval_tokens"] = int(ids.numel())
     print(tok.decode(ref_out[0]))
     print(json.dumps(report, indent=2))

@@ -90,3 +90,25 @@ def test_cpp_dequantisation_matches_pytorch() -> None:
     w4 = torch.randint(0, 256, (37, 48), dtype=torch.uint8)
     s4, m4 = torch.rand(37, 3).half(), torch.randn(37, 3).half()
     torch.testing.assert_close(k.dequant_int4(w4, s4, m4), kernels.dequant_int4(w4, s4, m4), rtol=1e-6, atol=1e-6)
+
+
+def _q8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 in blocks of 32 with one scale each (the decode step's int8 activations)."""
+    g = x.reshape(-1, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(g / d) * d).reshape(x.shape)
+
+
+@needs_kernels
+@pytest.mark.parametrize("N,K", [(8, 64), (7, 96), (1536, 576)])  # 7: the plain-loop tail after the AVX2 rows
+def test_int8_activation_products_match_their_definition(N: int, K: int) -> None:
+    x = torch.randn(K)
+    w8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N) / 100
+    torch.testing.assert_close(k.gemv_q8(x, 1, [w8, s8]), kernels.gemv_int8_ref(_q8(x)[None], w8, s8)[0],
+                               rtol=1e-4, atol=1e-4)
+    w4 = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    s4, mn = (torch.rand(N, K // 32) / 10).half(), (torch.randn(N, K // 32) / 10).half()
+    # the scaled codes multiply the int8 activations; the group minimum multiplies the exact fp32 sums
+    codes = kernels.dequant_int4(w4, s4, torch.zeros_like(mn))
+    mins = kernels.dequant_int4(w4, torch.zeros_like(s4), mn)
+    torch.testing.assert_close(k.gemv_q8(x, 2, [w4, s4, mn]), codes @ _q8(x) + mins @ x, rtol=1e-4, atol=1e-3)

@@ -294,7 +294,24 @@ class DecodeStep {
   std::vector<float> x, qkv, att, gu, hid, tmp;  // shared activations, reused across steps
 };
 
+// y = W x for one activation row with int8 activations (what the step does per linear); for the tests.
+torch::Tensor gemv_q8(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> t) {
+  std::vector<torch::Tensor> keep;
+  const Linear L = make_linear(kind, t, keep);
+  x = x.contiguous();
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.numel() == L.K && L.K % 32 == 0, "fp32 x of K (a multiple of 32) expected");
+  std::vector<float> xs(L.K / 32), dq(L.K / 32);
+  std::vector<int8_t> q(L.K);
+  Act a;
+  a.xs = xs.data(); a.q = q.data(); a.dq = dq.data();
+  a.set(x.data_ptr<float>(), L.K, true);
+  auto y = torch::empty({L.N}, x.options());
+  L.rows(a, 0, L.N, y.data_ptr<float>());
+  return y;
+}
+
 void register_step(pybind11::module& m) {
+  m.def("gemv_q8", &gemv_q8);
   namespace py = pybind11;
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, bool>())
