@@ -199,7 +199,8 @@ static inline void dot_int8_q8(const int8_t* q, const float* dq, const int8_t* w
   }
 }
 
-// int4 codes (dot_int4's layout) x int8 activations; the minimum uses xs, the exact fp32 group sums of x
+// int4 codes (dot_int4's layout) x int8 activations; the minimum multiplies xs, the group sums of the
+// dequantised activations (step.cpp's Act::set)
 static inline void dot_int4_q8(const int8_t* q, const float* dq, const float* xs, const uint8_t* w,
                                const at::Half* sc, const at::Half* mn, int64_t K, int64_t n0, int64_t n1, float* y) {
   const int64_t G = K / 32;

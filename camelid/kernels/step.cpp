@@ -39,9 +39,20 @@ struct Act {
 
   void set(const float* v, int64_t K, bool int8_activations) {
     x = v;
-    group_sums(v, K, xs);
     q8 = int8_activations && K % 32 == 0;
-    if (q8) quantize_q8(v, K, q, dq);
+    if (!q8) {
+      group_sums(v, K, xs);
+      return;
+    }
+    quantize_q8(v, K, q, dq);
+    // int4's minimum then multiplies the sums of the int8 activations, not of x: the product is exactly
+    // dequantised W times dequantised x. (Exact sums leave (w - min) * rounding error, and w - min runs
+    // from 0 to twice |w|: measured +2.0% perplexity instead of +0.x%.)
+    for (int64_t g = 0; g < K / 32; ++g) {
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) sum += q[g * 32 + j];
+      xs[g] = (float)sum * dq[g];
+    }
   }
 };
 
