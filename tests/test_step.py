@@ -71,8 +71,10 @@ def test_step_logits_and_greedy_tokens_match_the_torch_path(name: str, tied: boo
 def _q8(x: torch.Tensor) -> torch.Tensor:
     """x rounded to int8 in blocks of 32 with one scale each (the step's int8 activations)."""
     g = x.reshape(*x.shape[:-1], -1, 32)
-    d = g.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(g / d) * d).reshape(x.shape)
+    amax = g.abs().amax(-1, keepdim=True)
+    # x * (127 / amax), as the kernel computes it: a differently rounded x / (amax / 127) can land on the other
+    # side of a .5 and flip a code, which these peaked tiny models amplify to percents of a logit
+    return (torch.round(g * (127 / amax)) * (amax / 127)).reshape(x.shape)
 
 
 @needs_kernels
