@@ -1,12 +1,13 @@
 """Weight-only quantisation for inference: int8 (one scale per output row) and int4 (groups of 32 with an
-fp16 scale and minimum, like llama.cpp's Q4_1). Activations stay fp32.
+fp16 scale and minimum, like llama.cpp's Q4_1). Activations stay fp32 (except in the one-call decode step,
+camelid.kernels.step, which by default multiplies int8/int4 weights with int8 activations).
 
-Decode (1-8 rows of activations) goes through camelid's C++ GEMV kernels, which stream the packed
-weights; PyTorch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were measured 5-25x slower than
-an fp32 GEMV on this class of CPU, so they are not used. Prompts (many rows) dequantise the layer and use
-torch's GEMM. Without the kernels everything runs the dequantise path. `quantize_model` also fuses the
-projections and swaps in the fused RMSNorm/attention layers (camelid.kernels.layers); mode "fp32" does only
-that, keeping fp32 weights.
+Decode (1-8 rows of activations) goes through camelid's C++ GEMV kernels, which stream the packed weights
+(batch-1 generation runs the whole step in one C++ call: camelid.kernels.step); PyTorch's
+`_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were measured 5-25x slower than an fp32 GEMV on this
+class of CPU, so they are not used. Prompts (many rows) dequantise the layer and use torch's GEMM. Without
+the kernels everything runs the dequantise path. `quantize_model` also fuses the projections and swaps in the
+fused RMSNorm/attention layers (camelid.kernels.layers); mode "fp32" does only that, keeping fp32 weights.
 """
 
 from __future__ import annotations
