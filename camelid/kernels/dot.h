@@ -66,7 +66,8 @@ static inline void dot_f32(const float* x, const float* w, int64_t K, int64_t n0
 }
 
 // ---- int8, one scale per row ----
-static inline void dot_int8(const float* x, const int8_t* w, const float* s, int64_t K, int64_t n0, int64_t n1, float* y) {
+static inline void dot_int8(const float* x, const int8_t* w, const float* s, int64_t K, int64_t n0, int64_t n1,
+                            float* y) {
   int64_t n = n0;
 #ifdef CAMELID_AVX2
   if (K % 8 == 0) {

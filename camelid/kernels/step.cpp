@@ -6,7 +6,8 @@
 // and thread wake-up each), which at 2 threads cost more than streaming the weights. Here the whole step is
 // ONE `omp parallel` region: each phase splits its rows statically over the threads and a barrier separates
 // phases that read what another thread wrote. The weights and the KV cache are the model's own tensors (no
-// copies), so prompt passes through PyTorch and steps through this kernel interleave freely.
+// copies), so prompt passes through PyTorch and steps through this kernel interleave freely. With
+// int8_activations, int8/int4 weights multiply an int8 copy of each activation vector (dot.h, *_q8).
 // camelid/model.py is the reference; tests/test_step.py compares the two.
 #include "dot.h"
 #include <ATen/Parallel.h>
@@ -310,7 +311,8 @@ torch::Tensor gemv_q8(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> 
   std::vector<torch::Tensor> keep;
   const Linear L = make_linear(kind, t, keep);
   x = x.contiguous();
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.numel() == L.K && L.K % 32 == 0, "fp32 x of K (a multiple of 32) expected");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.numel() == L.K && L.K % 32 == 0,
+              "fp32 x of K (a multiple of 32) expected");
   std::vector<float> xs(L.K / 32), dq(L.K / 32);
   std::vector<int8_t> q(L.K);
   Act a;
