@@ -244,7 +244,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
         log.close()
         from camelid.train.plot import plot_log
 
-        plot_log(out / "log.csv", out / "loss.png", title=f"{raw.config.name}: {n_params / 1e6:.2f}M parameters")
+        plot_log(out / "log.csv", out / "loss.png", references=objective.references or None,
+                 title=f"{raw.config.name}: {n_params / 1e6:.2f}M parameters")
     if cfg.export:
         _export(out, raw, model, objective, info, fsdp)
     nan = float("nan")

@@ -43,6 +43,7 @@ class CausalLM:
     """Next-token prediction on random windows of the token shards; validation loss and bits per byte."""
 
     log_fields = ["val_loss", "val_bpb"]
+    references: dict[str, float] = {}  # horizontal lines on the validation plot
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         from camelid.train.data import TokenShards
@@ -162,6 +163,7 @@ class MaskedLM:
     [CLS] A [SEP] B [SEP], longest-first truncated; a micro-batch is padded to its longest pair."""
 
     log_fields = ["val_loss", "val_mlm_loss", "val_mlm_acc", "val_nsp_acc"]
+    references: dict[str, float] = {}  # the unigram baseline's accuracy, once intro() has scored it
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         from camelid.bert_pretrain import load_pairs
@@ -240,6 +242,7 @@ class MaskedLM:
     def intro(self) -> str:
         """The unigram baselines on the held-out masked positions (model-free: scored with a constant model)."""
         s = self._scores(_Constant(self.tokenizer.vocab_size), full=True)
+        self.references = {"unigram baseline": s["unigram_top1_accuracy"]}
         return (f"held-out baseline (unigram): MLM accuracy {s['unigram_top1_accuracy']:.3f}, "
                 f"MLM loss {s['unigram_loss']:.4f}; NSP by chance 0.5; {s['masked_tokens']} masked tokens")
 

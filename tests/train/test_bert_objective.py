@@ -148,6 +148,17 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(pairs, tmp_path) -> Non
     assert all(final[0][k].equal(final[1][k]) for k in final[0])
 
 
+def test_the_unigram_baseline_is_a_line_on_the_validation_plot(pairs, tmp_path) -> None:
+    from camelid.train.objectives import MaskedLM
+
+    cfg = load_config(None, ["objective=mlm+nsp", *TINY_BERT, f"data={pairs}", f"out={tmp_path}"])
+    objective = MaskedLM(cfg, torch.device("cpu"))
+    assert objective.references == {}
+    line = objective.intro()
+    acc = objective.references["unigram baseline"]
+    assert 0 < acc < 1 and f"MLM accuracy {acc:.3f}" in line
+
+
 def test_batches_depend_on_seed_step_and_index_alone(pairs) -> None:
     train, _ = load_pairs(pairs, max_len=32)
     a = train.batch_at(7, 3, 1, 4)
