@@ -83,7 +83,7 @@ class _RMSNormFn(torch.autograd.Function):
 
 class FastRMSNorm(RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32:  # under autocast the reference path keeps its fp32 upcast
+        if x.dtype != torch.float32 or torch.compiler.is_compiling():  # autocast; or inductor fuses the reference
             return super().forward(x)
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
@@ -112,8 +112,8 @@ class _RopeFn(torch.autograd.Function):
 
 class FastAttention(Attention):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
-        if self.kv_cache is not None or self.wqkv is not None:
-            return super().forward(x, cos, sin, positions, mask)  # generation and inference keep the reference
+        if self.kv_cache is not None or self.wqkv is not None or torch.compiler.is_compiling():
+            return super().forward(x, cos, sin, positions, mask)  # generation, inference and inductor: the reference
         B, T, _ = x.shape
         H, KV, d = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, H, d).transpose(1, 2)
