@@ -7,7 +7,7 @@ swaps in implementations that do the same math in fewer passes over memory:
 - the output head and cross-entropy in one autograd Function, chunked over tokens, so the [tokens, vocab]
   logits are never stored; their gradient is formed in the forward pass while each chunk is in cache;
 - RMSNorm as a Function that saves only its input and 1/rms, with a shorter backward;
-- RoPE as a Function whose backward is the inverse rotation (nothing saved, no cat/neg copies).
+- RoPE as a Function whose backward is the inverse rotation (only the tables saved, no cat/neg copies).
 
 Under torch.compile the norms and RoPE fall back to the reference ops, which inductor fuses better; the fused
 head stays, run eagerly. Measured and left out (slower, or no faster, here on CPU): one q/k/v product and one gate/up
