@@ -62,9 +62,9 @@ class CausalLM:
         self.model_config = mcfg
 
     def build_model(self) -> nn.Module:
-        from camelid.model import Llama
+        from camelid.train.fast import TrainLlama
 
-        return Llama(self.model_config)
+        return TrainLlama(self.model_config)  # Llama's parameters and function, computed faster for training
 
     @staticmethod
     def blocks(model: nn.Module) -> nn.ModuleList:
@@ -82,9 +82,9 @@ class CausalLM:
 
     @staticmethod
     def loss(forward: nn.Module, batch: Batch) -> Tensor:
+        """Mean cross-entropy of fp32 logits; TrainLlama computes the head and the loss together."""
         x, y = batch
-        logits = forward(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return forward(x, targets=y)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:

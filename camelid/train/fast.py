@@ -1,0 +1,156 @@
+"""The LLaMA as `camelid pretrain` trains it: the same function as camelid.model.Llama, computed in fewer passes.
+
+camelid/model.py is the readable reference (bit-identical to transformers). Training spends half its time
+outside the matmuls on a CPU, in memory-bound elementwise ops and their autograd bookkeeping, so TrainLlama
+swaps in implementations that do the same math in fewer passes over memory:
+
+- the output head and cross-entropy in one autograd Function, chunked over tokens, so the [tokens, vocab]
+  logits are never stored; their gradient is formed in the forward pass while each chunk is in cache;
+- RMSNorm as a Function that saves only its input and 1/rms, with a shorter backward;
+- RoPE as a Function whose backward is the inverse rotation (only the tables saved, no cat/neg copies).
+
+Under torch.compile the norms and RoPE fall back to the reference ops, which inductor fuses better; the fused
+head stays, run eagerly. Measured and left out (slower, or no faster, here on CPU): one q/k/v product and one gate/up
+product with the weights concatenated at each forward, a SwiGLU Function, and a feed-forward Function chunked
+over tokens (within noise, 0.98-1.02x).
+
+The parameters and their names are Llama's, so checkpoints, exports, evaluation and sampling are unchanged;
+values and gradients match the reference to float32 rounding (tests/train/test_fast.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from camelid.model import Attention, Llama, RMSNorm
+
+# rows of logits per chunk of the fused head: about 1 MiB of fp32, so a chunk stays in a core's cache
+_CE_CHUNK_ELEMENTS = 1 << 18
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean(cross_entropy(h @ weight.T, targets)) with fp32 logits, never holding more than a chunk of them."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:  # noqa: ANN001 - ctx
+        n = h.shape[0]
+        chunk = max(32, _CE_CHUNK_ELEMENTS // weight.shape[0])
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_grad else None
+        grad_w = torch.zeros_like(weight) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            logits = (hc @ weight.t()).float()
+            rows = torch.arange(len(tc), device=h.device)
+            picked = logits[rows, tc]
+            peak = logits.amax(-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # in place: the logits are not needed again
+            sums = probs.sum(-1, keepdim=True)
+            total += (peak.squeeze(-1) + sums.squeeze(-1).log() - picked).sum()
+            if want_grad:
+                probs.div_(sums)
+                probs[rows, tc] -= 1.0  # d(loss)/d(logits), before the 1/n of the mean
+                probs = probs.to(h.dtype)
+                torch.mm(probs, weight, out=grad_h[s:s + chunk])
+                grad_w.addmm_(probs.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.n = n
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001 - ctx
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad / ctx.n
+        return grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype), None
+
+
+# eager even inside a compiled model: measured faster than inductor's trace of the chunked loop
+_fused_head_loss = torch.compiler.disable(LinearCrossEntropy.apply)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # noqa: ANN001 - ctx
+        d = x.shape[-1]
+        rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, None]:  # noqa: ANN001 - ctx
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x * rstd
+        g_xhat = (g * xhat).flatten(0, -2)
+        grad_w = g_xhat.sum(0)
+        dot = torch.mv(g_xhat, weight).view(rstd.shape).div_(x.shape[-1])  # mean(g * weight * xhat)
+        return torch.addcmul(g * weight, xhat, dot, value=-1.0).mul_(rstd), grad_w, None
+
+
+class FastRMSNorm(RMSNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32 or torch.compiler.is_compiling():  # autocast; or inductor fuses the reference
+            return super().forward(x)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [..., d] rotated pairwise (i, i + d/2) by angles with cos/sin [..., d/2] (the tables' first halves)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
+
+
+class _RopeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # noqa: ANN001 - ctx
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001 - ctx
+        cos, sin = ctx.saved_tensors
+        return _rotate(g, cos, -sin), None, None  # a rotation's inverse turns by the opposite angle
+
+
+class FastAttention(Attention):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
+        if self.kv_cache is not None or self.wqkv is not None or torch.compiler.is_compiling():
+            return super().forward(x, cos, sin, positions, mask)  # generation, inference and inductor: the reference
+        B, T, _ = x.shape
+        H, KV, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.wq(x).view(B, T, H, d).transpose(1, 2)
+        k = self.wk(x).view(B, T, KV, d).transpose(1, 2)
+        v = self.wv(x).view(B, T, KV, d).transpose(1, 2)
+        cos, sin = cos[:, : d // 2], sin[:, : d // 2]
+        q, k = _RopeFn.apply(q, cos, sin), _RopeFn.apply(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=KV != H)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * d))
+
+
+_FAST = {RMSNorm: FastRMSNorm, Attention: FastAttention}
+
+
+class TrainLlama(Llama):
+    """Llama with the training fast paths; forward(input_ids, targets=...) returns the mean next-token loss."""
+
+    def __init__(self, config) -> None:  # noqa: ANN001 - a LlamaConfig
+        super().__init__(config)
+        for module in self.modules():
+            if type(module) in _FAST:  # same parameters and names: only the forward changes
+                module.__class__ = _FAST[type(module)]
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, *, last_only: bool = False,
+                key_mask: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
+        if targets is None:
+            return super().forward(input_ids, positions, last_only=last_only, key_mask=key_mask)
+        h = self.hidden_states(input_ids).flatten(0, 1)
+        if torch.is_autocast_enabled(h.device.type):  # reduced-precision matmuls: the plain head and loss
+            return F.cross_entropy(self.output(h).float(), targets.flatten())
+        return _fused_head_loss(h, self.output.weight, targets.flatten())
+

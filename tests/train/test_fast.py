@@ -1,0 +1,123 @@
+"""TrainLlama (camelid/train/fast.py) computes the reference Llama's function: values and gradients agree to
+float32 rounding, and a short training run follows the same loss curve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from camelid.config import LlamaConfig
+from camelid.model import Llama, RMSNorm, apply_rope
+from camelid.train import fast
+
+CFG = LlamaConfig(name="t", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
+                  max_seq_len=32, tie_embeddings=True)
+
+
+def pair(cfg: LlamaConfig = CFG) -> tuple[Llama, fast.TrainLlama]:
+    torch.manual_seed(0)
+    ref = Llama(cfg)
+    torch.manual_seed(0)
+    ours = fast.TrainLlama(cfg)
+    return ref, ours
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    return bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("n", [1, 31, 64, 200])
+def test_linear_cross_entropy_equals_head_then_cross_entropy(n: int, monkeypatch) -> None:
+    monkeypatch.setattr(fast, "_CE_CHUNK_ELEMENTS", 32 * 300)  # chunks of 32 rows: several, one partial
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, 64, generator=g, requires_grad=True)
+    w = (0.1 * torch.randn(300, 64, generator=g)).requires_grad_()
+    t = torch.randint(0, 300, (n,), generator=g)
+    ref = F.cross_entropy((h @ w.t()).float(), t)
+    ref.backward(torch.tensor(0.7))
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ours = fast.LinearCrossEntropy.apply(h, w, t)
+    ours.backward(torch.tensor(0.7))
+    assert close(ours, ref) and close(h.grad, gh) and close(w.grad, gw)
+    with torch.no_grad():
+        assert close(fast.LinearCrossEntropy.apply(h, w, t), ref)
+
+
+def test_rmsnorm_and_rope_functions_equal_the_reference() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 64, generator=g, requires_grad=True)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(64, generator=g))
+    fast_norm = fast.FastRMSNorm(64)
+    fast_norm.load_state_dict(norm.state_dict())
+    dy = torch.randn(3, 5, 64, generator=g)
+    outs = []
+    for m in (norm, fast_norm):
+        y = m(x)
+        y.backward(dy)
+        outs.append((y.detach(), x.grad.clone(), m.weight.grad.clone()))
+        x.grad = None
+    for a, b in zip(*outs, strict=True):
+        assert close(a, b)
+
+    q = torch.randn(2, 4, 7, 16, generator=g).transpose(1, 2).requires_grad_()  # a strided view, as in attention
+    ang = torch.randn(7, 8, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    dy = torch.randn(2, 7, 4, 16, generator=g)
+    ref = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
+    ref.backward(dy)
+    gq, q.grad = q.grad.clone(), None
+    ours = fast._RopeFn.apply(q.transpose(1, 2), cos[:, :8], sin[:, :8]).transpose(1, 2)
+    ours.backward(dy)
+    assert close(ours, ref) and close(q.grad, gq)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_train_llama_is_the_reference_model(tied: bool) -> None:
+    cfg = CFG.replace(tie_embeddings=tied)
+    ref, ours = pair(cfg)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), ours.state_dict().values(), strict=True))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 300, (3, 32), generator=g), torch.randint(0, 300, (3, 32), generator=g)
+    with torch.no_grad():
+        assert close(ours(x), ref(x))  # logits (evaluation) through the fast blocks
+    ref_loss = F.cross_entropy(ref(x).flatten(0, 1), y.flatten())
+    ref_loss.backward()
+    loss = ours(x, targets=y)
+    loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters(), strict=True):
+        assert close(b.grad, a.grad), name
+
+
+def test_train_llama_generates_like_the_reference() -> None:
+    from camelid.generate import SamplingParams, generate
+
+    ref, ours = pair()
+    params = SamplingParams(temperature=0.0)
+    assert generate(ours, [1, 2, 3], 8, params) == generate(ref, [1, 2, 3], 8, params)
+
+
+def test_short_training_run_follows_the_reference_loss_curve() -> None:
+    ref, ours = pair()
+    g = torch.Generator().manual_seed(3)
+    data = torch.randint(0, 50, (4, 33), generator=g)  # a small alphabet: the loss falls quickly
+    x, y = data[:, :-1], data[:, 1:]
+    curves = []
+    for model, loss_fn in ((ref, lambda: F.cross_entropy(ref(x).flatten(0, 1), y.flatten())),
+                           (ours, lambda: ours(x, targets=y))):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        curve = []
+        for _ in range(20):
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            curve.append(loss.item())
+        curves.append(curve)
+    assert curves[0][-1] < curves[0][0] - 1.0
+    assert max(abs(a - b) for a, b in zip(*curves, strict=True)) < 1e-4
