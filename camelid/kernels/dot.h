@@ -39,20 +39,34 @@ static inline float h2f(const at::Half& h) {
 }
 
 // ---- fp32: y[m, n] = sum_k x[m, k] * w[n, k] ----
+// While a block of 4 rows is summed, the next block (the 4 rows that follow in memory) is prefetched, one
+// cache line per row per 16 floats: the hardware prefetchers alone leave the loop waiting on memory (measured
+// ~10% faster steps at 1 thread). A prefetch never faults, so running past n1 or the matrix is harmless.
+#ifdef CAMELID_AVX2
+static inline void fma4(const float* r0, const float* r1, const float* r2, const float* r3, __m256 xv, __m256& a0,
+                        __m256& a1, __m256& a2, __m256& a3) {
+  a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0), xv, a0);
+  a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1), xv, a1);
+  a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2), xv, a2);
+  a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3), xv, a3);
+}
+#endif
+
 static inline void dot_f32(const float* x, const float* w, int64_t K, int64_t n0, int64_t n1, float* y) {
   int64_t n = n0;
 #ifdef CAMELID_AVX2
   if (K % 8 == 0) {
     for (; n + 4 <= n1; n += 4) {
       const float *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+      const char* next = reinterpret_cast<const char*>(r3 + K);
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < K; k += 8) {
-        __m256 xv = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + k), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + k), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + k), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + k), xv, a3);
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {  // 16 floats = one 64-byte line per row
+        for (int r = 0; r < 4; ++r) _mm_prefetch(next + (r * K + k) * 4, _MM_HINT_T0);
+        fma4(r0 + k, r1 + k, r2 + k, r3 + k, _mm256_loadu_ps(x + k), a0, a1, a2, a3);
+        fma4(r0 + k + 8, r1 + k + 8, r2 + k + 8, r3 + k + 8, _mm256_loadu_ps(x + k + 8), a0, a1, a2, a3);
       }
+      if (k < K) fma4(r0 + k, r1 + k, r2 + k, r3 + k, _mm256_loadu_ps(x + k), a0, a1, a2, a3);  // K % 16 == 8
       y[n] = hsum(a0); y[n + 1] = hsum(a1); y[n + 2] = hsum(a2); y[n + 3] = hsum(a3);
     }
   }
