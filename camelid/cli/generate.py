@@ -17,13 +17,20 @@ from camelid.errors import CamelidError
 from camelid.hub import DEFAULT_MODEL
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="model name (camelid list), HF dir, .gguf or Meta dir")
+QuantizeOpt = typer.Option(
+    "fp32", "--quantize",
+    help="fp32: the same weights, fused, with camelid's C++ decode step (fastest exact path); int8 / int4: "
+         "weight-only quantised (faster, measured quality cost); none: the plain readable model",
+)
 
 
-def _load(model: str, quiet: bool) -> Any:
+def _load(model: str, quiet: bool, quantize: str) -> Any:
     import camelid
 
+    if quantize not in ("none", "fp32", "int8", "int4"):
+        raise CamelidError(f"--quantize {quantize!r}: choose one of none, fp32, int8, int4")
     t0 = time.perf_counter()
-    llm = camelid.load(model)
+    llm = camelid.load(model, quantize=None if quantize == "none" else quantize)
     if llm.tokenizer is None:
         raise CamelidError(f"{model}: no tokenizer found beside the weights; text generation needs one")
     if not quiet:
@@ -59,11 +66,12 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt as a user message in the chat template"),
     system: str | None = typer.Option(None, "--system", help="system prompt (with --chat)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="nothing on stderr"),
+    quantize: str = QuantizeOpt,
 ) -> None:
     """Complete PROMPT and print the completion alone on stdout."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    llm = _load(model, quiet)
+    llm = _load(model, quiet, quantize)
     stats: dict[str, float] = {}
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 repetition_penalty=repetition_penalty, seed=seed, stop=stop, stats=stats)
@@ -106,11 +114,12 @@ def chat(
     min_p: float = typer.Option(0.0, min=0.0, max=1.0),
     repetition_penalty: float = typer.Option(1.0, min=0.0),
     seed: int | None = typer.Option(None),
+    quantize: str = QuantizeOpt,
 ) -> None:
     """Talk with a model: replies stream as they are generated; the conversation is kept as history."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
-    llm = _load(model, quiet=False)
+    llm = _load(model, quiet=False, quantize=quantize)
     print(CHAT_HELP, file=sys.stderr)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     turn = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +35,9 @@ def load() -> ModuleType | None:
         here = Path(__file__).parent
         # torch rebuilds when a source or a flag changes; the hash flag makes an edit of dot.h count too
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.glob("*.[ch]*")))).hexdigest()[:16]
+        stamp = build_dir / "sources.sha256"
+        if sys.stderr.isatty() and not (stamp.is_file() and stamp.read_text() == digest):
+            print("camelid: compiling the C++ kernels (once; about a minute)...", file=sys.stderr, flush=True)
         _module = cpp_extension.load(
             name="camelid_kernels",
             sources=[str(here / f) for f in ("gemv.cpp", "decode.cpp", "step.cpp")],
@@ -43,6 +47,7 @@ def load() -> ModuleType | None:
             verbose=False,
         )
         _register_ops(_module)
+        stamp.write_text(digest)
     except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path
         warnings.warn(f"camelid: C++ kernels unavailable ({type(e).__name__}); using pure PyTorch", stacklevel=2)
         _module = None

@@ -43,6 +43,20 @@ def test_generate_chat_mode_and_stdin(llm: camelid.LLM) -> None:
     assert r.stdout == expected + "\n"
 
 
+def test_generate_quantize_modes(llm: camelid.LLM) -> None:
+    """The default (fp32: fused weights, the C++ decode step) and the plain model print the same greedy text;
+    int8 runs through the same command; a bad mode is one line."""
+    prompt = "The capital of France is"
+    expected = llm.generate(prompt, max_new_tokens=8) + "\n"
+    for mode in ("none", "fp32"):
+        r = run_cli("generate", prompt, "-n", "8", "-q", "--quantize", mode)
+        assert r.returncode == 0 and r.stdout == expected, (mode, r.stdout, r.stderr)
+    r = run_cli("generate", prompt, "-n", "8", "-q", "--quantize", "int8")
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stdout + r.stderr
+    r = run_cli("generate", prompt, "--quantize", "int3")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "choose one of none, fp32, int8, int4" in r.stderr
+
+
 def test_generate_errors_are_one_line() -> None:
     r = run_cli("generate", "hi", "-m", "no-such-model")
     assert r.returncode == 1
