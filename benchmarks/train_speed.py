@@ -82,13 +82,17 @@ def logits_loss(forward):
     return lambda x, y: F.cross_entropy(forward(x).float().flatten(0, 1), y.flatten())
 
 
-def make_step(model, loss_fn, args: argparse.Namespace):
+def make_step(model, loss_fn, args: argparse.Namespace, compiled: bool = False):
     from camelid.train.config import TrainConfig
-    from camelid.train.loop import build_optimizer
+    from camelid.train.loop import build_optimizer, compiles_optimizer
 
-    # the loop's AdamW (decay on matrices only; foreach on CPU, fused on GPU), given to every model
-    opt = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.95),
-                          torch.device(args.device))
+    # the loop's AdamW (decay on matrices only; foreach on CPU, fused on GPU), given to every model; with
+    # compiled (camelid+compile) the step is compiled where the loop's `compile=true` compiles it: the same math
+    cfg = TrainConfig(lr=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, compile=compiled)
+    device = torch.device(args.device)
+    compile_opt = compiles_optimizer(cfg, device, fsdp=False)
+    opt = build_optimizer(model, cfg, device, compiled=compile_opt)
+    opt_step = torch.compile(opt.step) if compile_opt else opt.step
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -96,7 +100,7 @@ def make_step(model, loss_fn, args: argparse.Namespace):
             loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        opt_step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
@@ -127,7 +131,8 @@ def main() -> None:
     compile_s = None
     if twin is not None:
         compiled = torch.compile(twin)
-        engines["camelid+compile"] = make_step(twin, lambda x, y: CausalLM.loss(compiled, (x, y)), args)
+        engines["camelid+compile"] = make_step(twin, lambda x, y: CausalLM.loss(compiled, (x, y)), args,
+                                               compiled=True)
         t0 = time.perf_counter()
         first["camelid+compile"] = engines["camelid+compile"](x, y)  # the first step compiles
         compile_s = time.perf_counter() - t0

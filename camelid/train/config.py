@@ -56,7 +56,7 @@ class TrainConfig:
     # numerics and speed
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or float32 / bfloat16 / float16
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (and on CPU the AdamW step)
     threads: int = 0  # CPU threads for torch (0: torch's default); 1 is fastest on a busy machine
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
     distributed: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2, fully_shard)

@@ -89,6 +89,23 @@ def test_activation_checkpointing_gives_the_same_losses(small_data, tmp_path) ->
     assert la == pytest.approx(lb, rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.slow
+def test_compile_gives_the_same_losses_and_resumes_either_way(small_data, tmp_path) -> None:
+    # compile=true also compiles the optimizer step on CPU (tensor lr): the same AdamW, and checkpoints
+    # written by either kind of step resume under the other
+    steps = ("eval_interval=0", "checkpoint_interval=2", "warmup_steps=2")
+    a = train(tiny(small_data, tmp_path / "a", "max_steps=4", *steps), progress=False)
+    b = train(tiny(small_data, tmp_path / "b", "max_steps=2", "compile=true", *steps), progress=False)
+    b = train(tiny(small_data, tmp_path / "b", "max_steps=4", *steps), progress=False, resume=True)
+    c = train(tiny(small_data, tmp_path / "c", "max_steps=2", *steps), progress=False)
+    c = train(tiny(small_data, tmp_path / "c", "max_steps=4", "compile=true", *steps), progress=False, resume=True)
+    la, lb, lc = ([float(r["loss"]) for r in read_log(run.out / "log.csv")] for run in (a, b, c))
+    assert len(la) == len(lb) == len(lc) == 4
+    assert lb == pytest.approx(la, rel=1e-4) and lc == pytest.approx(la, rel=1e-4)
+    lrs = ([float(r["lr"]) for r in read_log(run.out / "log.csv")] for run in (a, b, c))
+    assert next(lrs) == next(lrs) == next(lrs)
+
+
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(trained, small_data, tmp_path) -> None:
     import shutil
 
