@@ -399,7 +399,7 @@ def new_classifier(source: str | os.PathLike, labels: Sequence[str], max_len: in
 def save_classifier(clf: TextClassifier, path: str | os.PathLike, backbone_source: str | None = None,
                     mode: str = "finetune", extra: dict[str, Any] | None = None) -> Path:
     """A folder `load_classifier` reads back. A probed LLaMA keeps only its head and names its backbone."""
-    from camelid.fileio import atomic_write
+    from camelid.fileio import atomic_write, atomic_write_text
 
     path = Path(path)
     meta: dict[str, Any] = {"family": clf.family, "labels": clf.labels, "max_len": clf.max_len, "mode": mode,
@@ -423,7 +423,7 @@ def save_classifier(clf: TextClassifier, path: str | os.PathLike, backbone_sourc
             meta["backbone"] = "backbone"
     else:
         raise CamelidError(f"cannot save a {type(clf).__name__}")
-    atomic_write(path / "classifier.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_text(path / "classifier.json", json.dumps(meta, indent=2) + "\n")
     return path
 
 

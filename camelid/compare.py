@@ -259,12 +259,12 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def write_report(results: Sequence[dict[str, Any]], args: CompareArgs, out: Path) -> None:
-    from camelid.fileio import atomic_write
+    from camelid.fileio import atomic_write_text
 
     table = markdown_table(results)
-    atomic_write(out / "compare.md", lambda p: p.write_text(f"Data: `{args.data}`\n\n{table}\n"))
+    atomic_write_text(out / "compare.md", f"Data: `{args.data}`\n\n{table}\n")
     payload = {"args": asdict(args), "results": list(results)}
-    atomic_write(out / "compare.json", lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
+    atomic_write_text(out / "compare.json", json.dumps(payload, indent=2) + "\n")
     plot(results, out / "compare.png", title=Path(args.data).name)
 
 

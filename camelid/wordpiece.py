@@ -105,12 +105,12 @@ class WordPiece:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write tokenizer.json and vocab.txt into the folder `path` (atomically)."""
-        from camelid.fileio import atomic_write
+        from camelid.fileio import atomic_write, atomic_write_text
 
         path = Path(path)
         vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
         atomic_write(path / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
-        atomic_write(path / "vocab.txt", lambda p: p.write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8"))
+        atomic_write_text(path / "vocab.txt", "".join(t + "\n" for t, _ in vocab))
         return path
 
     # -- use ---------------------------------------------------------------------------------------

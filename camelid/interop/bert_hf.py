@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from camelid.bert import Bert, BertConfig, BertForClassification, BertForPreTraining
 from camelid.errors import CamelidError
-from camelid.fileio import atomic_write
+from camelid.fileio import atomic_write, atomic_write_text
 from camelid.interop.hf import _weight_files, iter_tensors, read_config
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -292,5 +292,5 @@ def save_bert_hf_dir(model: nn.Module, path: str | os.PathLike, labels: list[str
     dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     atomic_write(path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     cfg = bert_config_to_hf(model.config, task, labels, torch_dtype=dtype_name)
-    atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
     return path

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
-from camelid.fileio import atomic_write
+from camelid.fileio import atomic_write, atomic_write_text
 from camelid.model import Llama, rope_inv_freq
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -354,9 +354,9 @@ def save_hf_dir(model: Llama, path: str | os.PathLike, dtype: torch.dtype | None
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write(path / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
+        atomic_write_text(path / "model.safetensors.index.json", json.dumps(index, indent=2))
     hf_config = config_to_hf(config, torch_dtype=dtype_name)
-    atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
+    atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2) + "\n")
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-    atomic_write(path / "generation_config.json", lambda p: p.write_text(json.dumps(gen, indent=2) + "\n"))
+    atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     return path

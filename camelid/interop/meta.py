@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
-from camelid.fileio import atomic_write
+from camelid.fileio import atomic_write, atomic_write_text
 from camelid.interop.hf import build_model, camelid_to_hf_name, plain_state_dict
 from camelid.model import Llama
 
@@ -275,7 +275,7 @@ def save_meta_dir(model: Llama, path: str | os.PathLike, *, n_shards: int = 1,
             shard[name] = part.clone()  # own storage: torch.save would otherwise write the whole tensor
     for i, shard in enumerate(shards):
         atomic_write(path / f"consolidated.{i:02d}.pth", lambda p, s=shard: torch.save(s, p))
-    atomic_write(path / "params.json", lambda p: p.write_text(json.dumps(params, indent=2) + "\n"))
+    atomic_write_text(path / "params.json", json.dumps(params, indent=2) + "\n")
     return path
 
 
