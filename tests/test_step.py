@@ -55,17 +55,21 @@ def test_step_logits_and_greedy_tokens_match_the_torch_path(name: str, tied: boo
         for m in (model, twin):
             m.setup_cache(1, 40)
             m(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
-        tok = 11
-        for pos in range(len(PROMPT), len(PROMPT) + 12):
-            want = twin(torch.tensor([[tok]]), torch.tensor([pos]), last_only=True)
-            got = step(tok, pos)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            tok = int(want.argmax())
+        _steps_agree(step, twin)
         for a, b in zip(model.layers, twin.layers, strict=True):  # the caches hold the same keys and values
             torch.testing.assert_close(a.attention.kv_cache.k, b.attention.kv_cache.k, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(a.attention.kv_cache.v, b.attention.kv_cache.v, rtol=1e-4, atol=1e-5)
     monkeypatch.setenv("CAMELID_INT8_ACTIVATIONS", "0")  # generate's step: exact, like the one above
     assert generate(model, PROMPT, 20) == _plain_generate(model, PROMPT, 20, monkeypatch)
+
+
+def _steps_agree(step, twin: torch.nn.Module, n: int = 12) -> None:
+    """12 greedy steps after PROMPT: the C++ step's logits equal the PyTorch twin's."""
+    tok = 11
+    for pos in range(len(PROMPT), len(PROMPT) + n):
+        want = twin(torch.tensor([[tok]]), torch.tensor([pos]), last_only=True)
+        torch.testing.assert_close(step(tok, pos), want, rtol=1e-4, atol=1e-4)
+        tok = int(want.argmax())
 
 
 def _q8(x: torch.Tensor) -> torch.Tensor:
@@ -93,12 +97,7 @@ def test_int8_activation_step_equals_torch_with_rounded_inputs(name: str, mode: 
         for mod in twin.modules():
             if isinstance(mod, (Int8Linear, Int4Linear)):
                 mod.register_forward_pre_hook(lambda _mod, args: (_q8(args[0]),))
-        tok = 11
-        for pos in range(len(PROMPT), len(PROMPT) + 12):
-            want = twin(torch.tensor([[tok]]), torch.tensor([pos]), last_only=True)
-            got = step(tok, pos)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-            tok = int(want.argmax())
+        _steps_agree(step, twin)
 
 
 @needs_kernels
