@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from camelid.bert import BertConfig, BertForPreTraining
 from camelid.errors import CamelidError
+from camelid.fileio import atomic_write, read_json_or_none
 from camelid.wordpiece import WordPiece
 
 IGNORE = -100  # label of positions that carry no MLM loss (as in PyTorch's cross_entropy default)
@@ -247,7 +248,6 @@ def pretrain_bert(train_texts: Sequence[str], heldout_texts: Sequence[str], out:
     Writes to `out`: a Hugging Face BertForPreTraining directory (config.json, model.safetensors, vocab.txt,
     tokenizer.json), metrics.json and loss.png. Returns the metrics.
     """
-    from camelid.fileio import atomic_write
     from camelid.interop.bert_hf import save_bert_hf_dir
 
     args = args or PretrainArgs()
@@ -311,8 +311,6 @@ def _plot_losses(losses: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from camelid.fileio import atomic_write
-
     k = max(1, len(losses) // 100)
     smooth = [sum(losses[i:i + k]) / len(losses[i:i + k]) for i in range(0, len(losses), k)]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -343,8 +341,6 @@ def prepare_pairs(texts: Sequence[tuple[str, bool]], out: str | Path, vocab_size
     else one of `vocab_size` tokens is trained on the training texts. A re-run on the same inputs does nothing."""
     import hashlib
 
-    from camelid.fileio import atomic_write
-
     out = Path(out)
     h = hashlib.sha256(f"{PAIRS_OBJECTIVE} {vocab_size} {tokenizer}".encode())
     if tokenizer is not None:  # a vocabulary changed in place is a new input
@@ -356,13 +352,9 @@ def prepare_pairs(texts: Sequence[tuple[str, bool]], out: str | Path, vocab_size
         h.update(hashlib.sha256(text.encode("utf-8")).digest())
     fingerprint = h.hexdigest()
     meta_path = out / "meta.json"
-    if meta_path.is_file():
-        try:
-            old = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("fingerprint") == fingerprint:
-            return old
+    old = read_json_or_none(meta_path) or {}
+    if old.get("fingerprint") == fingerprint:
+        return old
     splits = {name: [split_sentences(d) for t, val in texts if val == is_val for d in split_documents(t)]
               for name, is_val in (("train", False), ("val", True))}
     for name in splits:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from camelid.bert import BertForClassification
 from camelid.errors import CamelidError
+from camelid.fileio import atomic_write, atomic_write_text, iter_jsonl
 from camelid.model import Llama
 from camelid.wordpiece import WordPiece
 
@@ -51,17 +52,10 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
     if not path.is_file():
         raise CamelidError(f"{path}: no such file; pass a jsonl file of {{\"text\", \"label\"}} lines")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CamelidError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(d, dict) or not isinstance(d.get("text"), str) or "label" not in d:
-                raise CamelidError(f"{path}:{n}: each line needs a string \"text\" and a \"label\"")
-            out.append(Example(d["text"], str(d["label"]), d.get("split")))
+    for n, d in iter_jsonl(path, "each line must be one JSON object"):
+        if not isinstance(d, dict) or not isinstance(d.get("text"), str) or "label" not in d:
+            raise CamelidError(f"{path}:{n}: each line needs a string \"text\" and a \"label\"")
+        out.append(Example(d["text"], str(d["label"]), d.get("split")))
     if not out:
         raise CamelidError(f"{path}: no examples; the file is empty")
     return out
@@ -399,8 +393,6 @@ def new_classifier(source: str | os.PathLike, labels: Sequence[str], max_len: in
 def save_classifier(clf: TextClassifier, path: str | os.PathLike, backbone_source: str | None = None,
                     mode: str = "finetune", extra: dict[str, Any] | None = None) -> Path:
     """A folder `load_classifier` reads back. A probed LLaMA keeps only its head and names its backbone."""
-    from camelid.fileio import atomic_write, atomic_write_text
-
     path = Path(path)
     meta: dict[str, Any] = {"family": clf.family, "labels": clf.labels, "max_len": clf.max_len, "mode": mode,
                             **(extra or {})}

@@ -3,10 +3,14 @@ crash) never see half a file. The result gets the usual permissions (0666 minus 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+from camelid.errors import CamelidError
 
 
 def _umask() -> int:
@@ -36,3 +40,24 @@ def atomic_write_text(target: Path, text: str) -> None:
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
     atomic_write(Path(target), lambda tmp: tmp.write_bytes(data))
+
+
+def iter_jsonl(path: Path, fix: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a jsonl file; a line that is not JSON is a one-line
+    error naming its number and ending in `fix`."""
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CamelidError(f"{path}:{n}: not valid JSON ({e.msg}); {fix}") from None
+
+
+def read_json_or_none(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable (a cache that will be rebuilt)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -10,6 +10,7 @@ import typer
 
 from camelid.cli.app import app
 from camelid.errors import CamelidError
+from camelid.fileio import iter_jsonl
 
 classify_app = typer.Typer(help="Text classification with BERT ([CLS] + head) or LLaMA (last token + head).",
                            no_args_is_help=True)
@@ -116,12 +117,10 @@ def _has_labels(path: Path) -> bool:
 
 
 def _texts_only(path: Path) -> list[str]:
+    fix = "each line must be a JSON object with a \"text\" field"
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(str(json.loads(line)["text"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CamelidError(f"{path}:{n}: each line must be a JSON object with a \"text\" field") from None
+    for n, d in iter_jsonl(path, fix):
+        if not isinstance(d, dict) or "text" not in d:
+            raise CamelidError(f"{path}:{n}: {fix}")
+        out.append(str(d["text"]))
     return out

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from camelid.errors import CamelidError
+from camelid.fileio import atomic_write, iter_jsonl, read_json_or_none
 
 META_VERSION = 1
 _PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this many characters
@@ -46,17 +47,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CamelidError(f"{path}:{n}: not valid JSON ({e.msg}); fix the line or remove it") from None
-            if not isinstance(record, dict) or field not in record:
-                raise CamelidError(f"{path}:{n}: no field {field!r}; choose the text field with --field")
-            yield str(record[field])
+    for n, record in iter_jsonl(path, "fix the line or remove it"):
+        if not isinstance(record, dict) or field not in record:
+            raise CamelidError(f"{path}:{n}: no field {field!r}; choose the text field with --field")
+        yield str(record[field])
 
 
 def text_files(paths: list[str | Path], suffixes: tuple[str, ...] = (".txt", ".md")) -> list[Path]:
@@ -191,7 +185,6 @@ def prepare(docs: list[Document], tokenizer_path: str | Path, out_dir: str | Pat
     """Encode `docs` into out_dir/{train,val}.bin; returns the metadata (also written to meta.json)."""
     from tqdm import tqdm
 
-    from camelid.fileio import atomic_write
     from camelid.train.tokenizer import eos_id, load_tokenizer
 
     if not docs:
@@ -208,13 +201,9 @@ def prepare(docs: list[Document], tokenizer_path: str | Path, out_dir: str | Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
-    if meta_path.is_file():
-        try:
-            old = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("fingerprint") == fingerprint and all((out / f"{s}.bin").is_file() for s in ("train", "val")):
-            return old  # already prepared from these very inputs
+    old = read_json_or_none(meta_path) or {}
+    if old.get("fingerprint") == fingerprint and all((out / f"{s}.bin").is_file() for s in ("train", "val")):
+        return old  # already prepared from these very inputs
     meta_path.unlink(missing_ok=True)  # from here on the folder is "unfinished" until meta.json reappears
     for stale in out.glob(".*.partial"):
         stale.unlink()
