@@ -89,7 +89,7 @@ class _RMSNormFn(torch.autograd.Function):
         return torch.addcmul(g * weight, xhat, dot, value=-1.0).mul_(rstd), grad_w, None
 
 
-class FastRMSNorm(RMSNorm):
+class TrainRMSNorm(RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or torch.compiler.is_compiling():  # autocast; or inductor fuses the reference
             return super().forward(x)
@@ -118,7 +118,7 @@ class _RopeFn(torch.autograd.Function):
         return _rotate(g, cos, -sin), None, None  # a rotation's inverse turns by the opposite angle
 
 
-class FastAttention(Attention):
+class TrainAttention(Attention):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
         if self.kv_cache is not None or self.wqkv is not None or torch.compiler.is_compiling():
             return super().forward(x, cos, sin, positions, mask)  # generation, inference and inductor: the reference
@@ -133,7 +133,7 @@ class FastAttention(Attention):
         return self.wo(y.transpose(1, 2).reshape(B, T, H * d))
 
 
-_FAST = {RMSNorm: FastRMSNorm, Attention: FastAttention}
+_TRAIN_TWINS = {RMSNorm: TrainRMSNorm, Attention: TrainAttention}
 
 
 class TrainLlama(Llama):
@@ -142,8 +142,8 @@ class TrainLlama(Llama):
     def __init__(self, config) -> None:  # noqa: ANN001 - a LlamaConfig
         super().__init__(config)
         for module in self.modules():
-            if type(module) in _FAST:  # same parameters and names: only the forward changes
-                module.__class__ = _FAST[type(module)]
+            if type(module) in _TRAIN_TWINS:  # same parameters and names: only the forward changes
+                module.__class__ = _TRAIN_TWINS[type(module)]
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, *, last_only: bool = False,
                 key_mask: Tensor | None = None, targets: Tensor | None = None) -> Tensor:

@@ -77,6 +77,17 @@ def compiles_optimizer(cfg: TrainConfig, device: torch.device, fsdp: bool) -> bo
     return cfg.compile and device.type == "cpu" and not fsdp
 
 
+def match_optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                         compiled: bool) -> None:
+    """After loading a checkpoint, which may come from a run with the other kind of step (compiled or not):
+    give the restored groups the lr type and `capturable` flag that `build_optimizer(compiled=...)` would."""
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, dtype=torch.float64) if compiled else lr
+        group["capturable"] = compiled
+    scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]  # the schedule writes into a tensor lr
+
+
 def use_activation_checkpointing(blocks: nn.ModuleList) -> None:
     """Recompute every block in the backward pass instead of keeping its activations (from the outside:
     the block's forward is wrapped, its parameters and their names stay as they are)."""
@@ -179,11 +190,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
     start = 0
     if resume:
         start = _restore(out, raw, model, optimizer, scheduler, fsdp)
-        for group in optimizer.param_groups:  # the checkpoint may come from a run with the other kind of step
-            lr = float(group["lr"])
-            group["lr"] = torch.tensor(lr, dtype=torch.float64) if compile_opt else lr
-            group["capturable"] = compile_opt
-        scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]  # the schedule writes into a tensor lr
+        match_optimizer_step(optimizer, scheduler, compile_opt)
         if start >= cfg.max_steps:
             raise CamelidError(f"the checkpoint is at step {start}, already at max_steps {cfg.max_steps}; "
                                "raise max_steps to train further")

@@ -51,7 +51,7 @@ def test_rmsnorm_and_rope_functions_equal_the_reference() -> None:
     norm = RMSNorm(64)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.1 * torch.randn(64, generator=g))
-    fast_norm = fast.FastRMSNorm(64)
+    fast_norm = fast.TrainRMSNorm(64)
     fast_norm.load_state_dict(norm.state_dict())
     dy = torch.randn(3, 5, 64, generator=g)
     outs = []
