@@ -38,6 +38,13 @@ static inline float h2f(const at::Half& h) {
 #endif
 }
 
+// int4 rows: each group's minimum times the sum of the activations of that group (xs), summed over the row
+static inline float min_term(const at::Half* row_min, const float* xs, int64_t G) {
+  float acc = 0.f;
+  for (int64_t g = 0; g < G; ++g) acc += h2f(row_min[g]) * xs[g];
+  return acc;
+}
+
 // ---- fp32: y[m, n] = sum_k x[m, k] * w[n, k] ----
 // While a block of 4 rows is summed, the next block (the 4 rows that follow in memory) is prefetched, one
 // cache line per row per 16 floats: the hardware prefetchers alone leave the loop waiting on memory (measured
@@ -135,12 +142,7 @@ static inline void dot_int4(const float* x, const float* xs, const uint8_t* w, c
         acc[r] = _mm256_fmadd_ps(d, _mm256_set1_ps(h2f(sc[row * G + g])), acc[r]);
       }
     }
-    for (int r = 0; r < 4; ++r) {
-      const at::Half* m = mn + (n + r) * G;
-      float bias = 0.f;
-      for (int64_t g = 0; g < G; ++g) bias += h2f(m[g]) * xs[g];
-      y[n + r] = hsum(acc[r]) + bias;
-    }
+    for (int r = 0; r < 4; ++r) y[n + r] = hsum(acc[r]) + min_term(mn + (n + r) * G, xs, G);
   }
 #endif
   for (; n < n1; ++n) {
@@ -234,12 +236,7 @@ static inline void dot_int4_q8(const int8_t* q, const float* dq, const float* xs
         acc[r] = _mm256_fmadd_ps(dot_u4x32(wv, qv), _mm256_set1_ps(h2f(sc[row * G + g]) * dq[g]), acc[r]);
       }
     }
-    for (int r = 0; r < 4; ++r) {
-      const at::Half* m = mn + (n + r) * G;
-      float bias = 0.f;
-      for (int64_t g = 0; g < G; ++g) bias += h2f(m[g]) * xs[g];
-      y[n + r] = hsum(acc[r]) + bias;
-    }
+    for (int r = 0; r < 4; ++r) y[n + r] = hsum(acc[r]) + min_term(mn + (n + r) * G, xs, G);
   }
 #endif
   for (; n < n1; ++n) {
