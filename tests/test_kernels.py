@@ -114,3 +114,66 @@ def test_int8_activation_products_match_their_definition(N: int, K: int) -> None
     s4, mn = (torch.rand(N, K // 32) / 10).half(), (torch.randn(N, K // 32) / 10).half()
     torch.testing.assert_close(k.gemv_q8(x, 2, [w4, s4, mn]), kernels.gemv_int4_ref(_q8(x)[None], w4, s4, mn)[0],
                                rtol=1e-4, atol=1e-3)
+
+
+@needs_kernels
+def test_attention_kernel_is_available_where_torch_has_blas() -> None:
+    # x86 wheels link MKL (sgemm_); were it missing, training would silently fall back to SDPA
+    assert kernels._attention_ok
+
+
+def sdpa_bthd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The reference: PyTorch's attention on [B, T, heads, D] tensors."""
+    y = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         is_causal=True, enable_gqa=k.shape[2] != q.shape[2])
+    return y.transpose(1, 2)
+
+
+@needs_kernels
+# T around the 64-query blocks (1, 63, 64, 65, 130), MHA / GQA / MQA, head sizes 16-64
+@pytest.mark.parametrize("B,T,H,KV,D", [(2, 1, 4, 2, 16), (1, 63, 4, 4, 32), (2, 64, 8, 2, 32), (1, 65, 6, 1, 64),
+                                        (3, 130, 4, 2, 32)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_causal_attention_matches_sdpa_values_and_gradients(B: int, T: int, H: int, KV: int, D: int,
+                                                            threads: int) -> None:
+    g = torch.Generator().manual_seed(T)
+    q, k_, v = (torch.randn(B, T, n, D, generator=g, dtype=torch.float64) for n in (H, KV, KV))
+    dy = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in (q, k_, v)]
+    sdpa_bthd(*ref).backward(dy)  # float64: the exact answer, to compare float32 against
+    ours = [t.float().requires_grad_() for t in (q, k_, v)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernels.causal_attention(*ours)
+        y.backward(dy.float())
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y.double(), sdpa_bthd(*ref).detach(), rtol=0, atol=2e-6)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=1e-5)
+
+
+@needs_kernels
+def test_causal_attention_under_compile_and_on_strided_inputs() -> None:
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 70, 8, 32, generator=g, requires_grad=True)  # q, k, v: strided slices of one tensor
+    dy = torch.randn(2, 70, 4, 32, generator=g)
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return kernels.causal_attention(t[:, :, :4], t[:, :, 4:6], t[:, :, 6:])
+
+    outs = []
+    for fn in (f, torch.compile(f, fullgraph=True), lambda t: sdpa_bthd(t[:, :, :4], t[:, :, 4:6], t[:, :, 6:])):
+        y = fn(qkv)
+        y.backward(dy)
+        outs.append((y.detach(), qkv.grad))
+        qkv.grad = None
+    for y, grad in outs[:2]:
+        torch.testing.assert_close(y, outs[2][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(grad, outs[2][1], rtol=0, atol=1e-5)
+
+
+def test_causal_attention_declines_what_it_does_not_do() -> None:
+    q = torch.randn(1, 4, 2, 16, dtype=torch.bfloat16)
+    assert kernels.causal_attention(q, q, q) is None  # not fp32: the caller uses SDPA

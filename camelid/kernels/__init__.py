@@ -1,4 +1,5 @@
-"""Small C++ CPU kernels for batch-1 decode, JIT-built on first use; pure PyTorch is the fall-back.
+"""Small C++ CPU kernels for batch-1 decode and causal training attention, JIT-built on first use; pure PyTorch
+is the fall-back.
 
 `load()` returns the compiled module or None (no compiler, build failure, or CAMELID_NO_KERNELS=1), with a
 one-line warning. Each kernel has a pure-PyTorch twin here that the tests compare it against.
@@ -18,10 +19,11 @@ from torch import Tensor
 
 _module: ModuleType | None = None
 _tried = False
+_attention_ok = False  # the attention kernel also needs PyTorch's BLAS (sgemm_), which every x86 wheel has
 
 
 def load() -> ModuleType | None:
-    global _module, _tried
+    global _module, _tried, _attention_ok
     if _tried:
         return _module
     _tried = True
@@ -40,13 +42,14 @@ def load() -> ModuleType | None:
             print("camelid: compiling the C++ kernels (once; about a minute)...", file=sys.stderr, flush=True)
         _module = cpp_extension.load(
             name="camelid_kernels",
-            sources=[str(here / f) for f in ("gemv.cpp", "decode.cpp", "step.cpp")],
+            sources=[str(here / f) for f in ("gemv.cpp", "decode.cpp", "step.cpp", "attention.cpp")],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp", f"-DCAMELID_SOURCES={digest}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             verbose=False,
         )
         _register_ops(_module)
+        _attention_ok = bool(_module.causal_attention_available())
         stamp.write_text(digest)
     except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path
         warnings.warn(f"camelid: C++ kernels unavailable ({type(e).__name__}); using pure PyTorch", stacklevel=2)
@@ -74,6 +77,51 @@ def _register_ops(mod: ModuleType) -> None:
 
     for op in (gemv_f32, gemv_int8, gemv_int4):
         op.register_fake(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[0]))
+
+    @torch.library.custom_op("camelid::causal_attention", mutates_args=())
+    def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        o, lse = mod.causal_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+        return o, lse
+
+    @torch.library.custom_op("camelid::causal_attention_backward", mutates_args=())
+    def attention_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                           scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        dq, dk, dv = mod.causal_attention_backward(grad_o.contiguous(), q, k, v, o, lse, scale)
+        return dq, dk, dv
+
+    @attention.register_fake
+    def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        B, T, H, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty(B, H, T)
+
+    @attention_backward.register_fake
+    def _(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+          scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001 - ctx
+        q, k, v, ctx.scale = inputs
+        ctx.save_for_backward(q.contiguous(), k.contiguous(), v.contiguous(), *output)
+
+    def backward(ctx, grad_o: Tensor, _grad_lse: Tensor | None) -> tuple:  # noqa: ANN001 - ctx
+        dq, dk, dv = torch.ops.camelid.causal_attention_backward(grad_o, *ctx.saved_tensors, ctx.scale)
+        return dq, dk, dv, None
+
+    attention.register_autograd(backward, setup_context=setup_context)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """softmax(q k^T / sqrt(D), causal) v for q [B, T, H, D] and k, v [B, T, KV, D] (grouped-query heads), with
+    autograd, through the C++ kernel (attention.cpp); None where it does not apply (not fp32 on the CPU, the
+    kernels unavailable), and the caller uses F.scaled_dot_product_attention."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32:
+        return None
+    if torch.compiler.is_compiling():  # the build cannot be traced: only a module built before tracing counts
+        if not _attention_ok:
+            return None
+    elif load() is None or not _attention_ok:
+        return None
+    return torch.ops.camelid.causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
 
 
 MAX_GEMV_ROWS = 8  # decode, small batches, speculative verification: each weight row is streamed from RAM once

@@ -124,6 +124,11 @@ torch::Tensor attend_cached(torch::Tensor qkv, torch::Tensor cos, torch::Tensor 
                             int64_t KV);
 // step.cpp
 void register_step(pybind11::module& m);
+bool causal_attention_available();
+std::vector<torch::Tensor> causal_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale);
+std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad_o, torch::Tensor q, torch::Tensor k,
+                                                     torch::Tensor v, torch::Tensor o, torch::Tensor lse,
+                                                     double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_int8", &dequant_int8);
@@ -134,4 +139,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
   register_step(m);
+  m.def("causal_attention_available", &causal_attention_available);
+  m.def("causal_attention_forward", &causal_attention_forward);
+  m.def("causal_attention_backward", &causal_attention_backward);
 }

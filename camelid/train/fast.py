@@ -7,12 +7,15 @@ swaps in implementations that do the same math in fewer passes over memory:
 - the output head and cross-entropy in one autograd Function, chunked over tokens, so the [tokens, vocab]
   logits are never stored; their gradient is formed in the forward pass while each chunk is in cache;
 - RMSNorm as a Function that saves only its input and 1/rms, with a shorter backward;
-- RoPE as a Function whose backward is the inverse rotation (only the tables saved, no cat/neg copies).
+- RoPE as a Function whose backward is the inverse rotation (only the tables saved, no cat/neg copies);
+- causal attention, forward and backward, as a C++ kernel (camelid/kernels/attention.cpp) that multiplies only
+  the causal triangle (PyTorch's CPU flash attention computes the full square below 512 tokens) and reads the
+  heads in the projections' [B, T, heads, d] layout, so no transposes either way.
 
 Under torch.compile the norms and RoPE fall back to the reference ops, which inductor fuses better; the fused
-head stays, run eagerly. Measured and left out (slower, or no faster, here on CPU): one q/k/v product and one gate/up
-product with the weights concatenated at each forward, a SwiGLU Function, and a feed-forward Function chunked
-over tokens (within noise, 0.98-1.02x).
+head stays, run eagerly, and the attention kernel is a custom op in the graph. Measured and left out (slower,
+or no faster, here on CPU): one q/k/v product and one gate/up product with the weights concatenated at each
+forward, a SwiGLU Function, and a feed-forward Function chunked over tokens (within noise, 0.98-1.02x).
 
 The parameters and their names are Llama's, so checkpoints, exports, evaluation and sampling are unchanged;
 values and gradients match the reference to float32 rounding (tests/train/test_fast.py).
@@ -24,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camelid.model import Attention, Llama, RMSNorm
+from camelid import kernels
+from camelid.model import Attention, Llama, RMSNorm, apply_rope
 
-# rows of logits per chunk of the fused head: about 1 MiB of fp32, so a chunk stays in a core's cache
-_CE_CHUNK_ELEMENTS = 1 << 18
+# logits per chunk of the fused head: 4 MiB of fp32 (256 rows at vocab 4096). Measured on 2 cores, the head's
+# forward and backward took 48 ms in 64-row chunks, 41-43 ms in 128-512-row ones (fuller matmuls), 48 at 1024.
+_CE_CHUNK_ELEMENTS = 1 << 20
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -120,17 +125,23 @@ class _RopeFn(torch.autograd.Function):
 
 class TrainAttention(Attention):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
-        if self.kv_cache is not None or self.wqkv is not None or torch.compiler.is_compiling():
-            return super().forward(x, cos, sin, positions, mask)  # generation, inference and inductor: the reference
+        if self.kv_cache is not None or self.wqkv is not None:
+            return super().forward(x, cos, sin, positions, mask)  # generation and inference: the reference
         B, T, _ = x.shape
         H, KV, d = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.wq(x).view(B, T, H, d).transpose(1, 2)
-        k = self.wk(x).view(B, T, KV, d).transpose(1, 2)
-        v = self.wv(x).view(B, T, KV, d).transpose(1, 2)
-        cos, sin = cos[:, : d // 2], sin[:, : d // 2]
-        q, k = _RopeFn.apply(q, cos, sin), _RopeFn.apply(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=KV != H)
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * d))
+        # [B, T, heads, d], as the projections lay them out: the C++ attention reads them without transposes
+        q, k, v = self.wq(x).view(B, T, H, d), self.wk(x).view(B, T, KV, d), self.wv(x).view(B, T, KV, d)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        if torch.compiler.is_compiling():  # inductor fuses the reference ops
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            cos, sin = cos[..., : d // 2], sin[..., : d // 2]
+            q, k = _RopeFn.apply(q, cos, sin), _RopeFn.apply(k, cos, sin)
+        y = kernels.causal_attention(q, k, v) if mask is None else None
+        if y is None:  # a padding mask, reduced precision, a GPU, or no kernels
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=KV != H).transpose(1, 2)
+        return self.wo(y.reshape(B, T, H * d))
 
 
 _TRAIN_TWINS = {RMSNorm: TrainRMSNorm, Attention: TrainAttention}
