@@ -89,6 +89,16 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     # -- sizes, for `camelid info` -----------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters of the model this config describes, a tied head counted once. From the config, not from
+        tensors: a fused or quantised model holds the same parameters in other shapes and dtypes."""
+        d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attention = d * q + 2 * d * kv + q * d + ((q + 2 * kv) if self.qkv_bias else 0)
+        layer = attention + 3 * d * self.intermediate_size + 2 * d  # + the two RMSNorm weights
+        embedding = self.vocab_size * d
+        n = self.n_layers * layer + d + embedding + (0 if self.tie_embeddings else embedding)
+        return n - embedding if exclude_embeddings else n
+
     @property
     def kv_cache_bytes_per_token(self) -> int:
         """Bytes of K and V kept per token across all layers, at 2 bytes per value (bf16/fp16)."""

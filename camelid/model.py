@@ -260,7 +260,5 @@ class Llama(nn.Module):
         return self.norm(x)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
-        if exclude_embeddings:
-            n -= self.tok_embeddings.weight.numel()
-        return n
+        """The same after fuse() or quantisation (counted from the config; tests check it against the tensors)."""
+        return self.config.num_params(exclude_embeddings)

@@ -140,6 +140,20 @@ def test_tied_head_shares_storage_and_counts_once() -> None:
     assert untied.num_params() - model.num_params() == cfg.vocab_size * cfg.dim
 
 
+@pytest.mark.parametrize("changes", [{}, {"tie_embeddings": False}, {"qkv_bias": True}, {"head_dim": 12}])
+def test_num_params_counts_the_tensors_and_survives_fusing_and_quantising(changes: dict) -> None:
+    from camelid.quantize import quantize_model
+
+    cfg = LlamaConfig.from_name("tiny-gqa", **changes)
+    model = Llama(cfg)
+    tensors = sum(p.numel() for p in model.parameters())  # a tied head is one Parameter
+    assert model.num_params() == tensors
+    assert model.num_params(exclude_embeddings=True) == tensors - cfg.vocab_size * cfg.dim
+    model.fuse()
+    assert model.num_params() == tensors
+    assert quantize_model(Llama(cfg), "int8").num_params() == tensors
+
+
 def test_too_long_input_and_missing_cache_are_clear_errors() -> None:
     model = Llama(LlamaConfig.from_name("tiny-gqa", max_seq_len=16))
     with pytest.raises(CamelidError, match="exceeds the context window of 16"):

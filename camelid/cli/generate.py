@@ -24,17 +24,6 @@ QuantizeOpt = typer.Option(
 )
 
 
-def _param_count(config: Any) -> int:
-    """The model's logical parameter count, from its config: a fused or quantised model's own tensors
-    (a re-wrapped tied head, packed int4 codes) would miscount it."""
-    import torch
-
-    from camelid.model import Llama
-
-    with torch.device("meta"):
-        return Llama(config).num_params()
-
-
 def _load(model: str, quiet: bool, quantize: str) -> Any:
     import camelid
 
@@ -45,7 +34,7 @@ def _load(model: str, quiet: bool, quantize: str) -> Any:
     if llm.tokenizer is None:
         raise CamelidError(f"{model}: no tokenizer found beside the weights; text generation needs one")
     if not quiet:
-        n = _param_count(llm.config)
+        n = llm.config.num_params()
         print(f"camelid: loaded {llm.config.name} ({n / 1e6:.1f}M parameters) from {llm.source} "
               f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm
