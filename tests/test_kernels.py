@@ -177,3 +177,42 @@ def test_causal_attention_under_compile_and_on_strided_inputs() -> None:
 def test_causal_attention_declines_what_it_does_not_do() -> None:
     q = torch.randn(1, 4, 2, 16, dtype=torch.bfloat16)
     assert kernels.causal_attention(q, q, q) is None  # not fp32: the caller uses SDPA
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 3])
+def test_training_elementwise_kernels_match_torch(threads: int) -> None:
+    from camelid.model import apply_rope
+
+    g = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w, dy = torch.randn(37, 72, generator=g), torch.randn(72, generator=g), torch.randn(37, 72, generator=g)
+        xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+        ref = xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-5) * wr
+        ref.backward(dy.double())
+        y, rstd = k.rms_norm_forward(x, w, 1e-5)
+        dx, dw = k.rms_norm_backward(dy, x, w, rstd)
+        for ours, theirs in ((y, ref), (dx, xr.grad), (dw, wr.grad)):
+            torch.testing.assert_close(ours.double(), theirs.detach(), rtol=1e-5, atol=1e-5)
+
+        a, b = (4 * torch.randn(37, 72, generator=g)).requires_grad_(), torch.randn(37, 72, generator=g)
+        b.requires_grad_()
+        ref = torch.nn.functional.silu(a) * b
+        ref.backward(dy)
+        torch.testing.assert_close(k.swiglu_forward(a.detach(), b.detach()), ref.detach(), rtol=1e-5, atol=1e-6)
+        da, db = a.detach().clone(), b.detach().clone()
+        k.swiglu_backward_(dy, da, db)  # in place: the inputs become their gradients
+        torch.testing.assert_close(da, a.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(db, b.grad, rtol=1e-5, atol=1e-6)
+
+        q = torch.randn(2, 9, 3, 16, generator=g)  # [B, T, heads, d]
+        ang = torch.randn(9, 8, generator=g)
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+        ref = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
+        half = (cos[:, :8].contiguous(), sin[:, :8].contiguous())
+        torch.testing.assert_close(k.rope(q, *half, 1.0), ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(k.rope(ref.contiguous(), *half, -1.0), q, rtol=1e-5, atol=1e-5)  # inverse
+    finally:
+        torch.set_num_threads(before)

@@ -1,5 +1,5 @@
-"""Small C++ CPU kernels for batch-1 decode and causal training attention, JIT-built on first use; pure PyTorch
-is the fall-back.
+"""Small C++ CPU kernels for batch-1 decode and for training (causal attention, RMSNorm, SwiGLU, RoPE, forward
+and backward), JIT-built on first use; pure PyTorch is the fall-back.
 
 `load()` returns the compiled module or None (no compiler, build failure, or CAMELID_NO_KERNELS=1), with a
 one-line warning. Each kernel has a pure-PyTorch twin here that the tests compare it against.
@@ -42,7 +42,7 @@ def load() -> ModuleType | None:
             print("camelid: compiling the C++ kernels (once; about a minute)...", file=sys.stderr, flush=True)
         _module = cpp_extension.load(
             name="camelid_kernels",
-            sources=[str(here / f) for f in ("gemv.cpp", "decode.cpp", "step.cpp", "attention.cpp")],
+            sources=[str(here / f) for f in ("gemv.cpp", "decode.cpp", "step.cpp", "attention.cpp", "train.cpp")],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp", f"-DCAMELID_SOURCES={digest}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),

@@ -11,6 +11,7 @@
 // contiguous fp32; query head h reads key head h / (H / KV). Rows of one head are H * D (or KV * D) floats apart,
 // which BLAS takes as its leading dimension.
 // camelid/train/fast.py holds the reference (F.scaled_dot_product_attention); tests/train/test_fast.py compares.
+#include "vecmath.h"
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <omp.h>
@@ -27,6 +28,8 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
+using camelid::exp_nonpositive;
+
 constexpr int64_t kBlock = 64;  // queries per block
 
 // Row-major C[M, N] = alpha * op(A) op(B) + beta * C, with BLAS (column-major) underneath: C^T = op(B)^T op(A)^T.
@@ -35,25 +38,6 @@ inline void mm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
   const int m = N, n = M, k = K, la = ldb, lb = lda, lc = ldc;
   sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-}
-
-// exp for x <= 0 (softmax arguments), vectorizable: 2^n * p(r), relative error ~2e-7.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);
-  const float n = std::nearbyint(x * 1.44269504f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += static_cast<int32_t>(n) << 23;
-  std::memcpy(&p, &bits, 4);
-  return p;
 }
 
 void check(const torch::Tensor& t, const char* name) {

@@ -125,6 +125,13 @@ torch::Tensor attend_cached(torch::Tensor qkv, torch::Tensor cos, torch::Tensor 
 // step.cpp
 void register_step(pybind11::module& m);
 bool causal_attention_available();
+std::vector<torch::Tensor> rms_norm_forward(torch::Tensor x, torch::Tensor weight, double eps);
+std::vector<torch::Tensor> rms_norm_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor weight,
+                                             torch::Tensor rstd);
+torch::Tensor swiglu_forward(torch::Tensor gate, torch::Tensor up);
+void swiglu_backward_(torch::Tensor dh, torch::Tensor gate, torch::Tensor up);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, double sign);
+torch::Tensor cross_entropy_grad_(torch::Tensor logits, torch::Tensor targets);
 std::vector<torch::Tensor> causal_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale);
 std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad_o, torch::Tensor q, torch::Tensor k,
                                                      torch::Tensor v, torch::Tensor o, torch::Tensor lse,
@@ -142,4 +149,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_attention_available", &causal_attention_available);
   m.def("causal_attention_forward", &causal_attention_forward);
   m.def("causal_attention_backward", &causal_attention_backward);
+  m.def("rms_norm_forward", &rms_norm_forward);
+  m.def("rms_norm_backward", &rms_norm_backward);
+  m.def("swiglu_forward", &swiglu_forward);
+  m.def("swiglu_backward_", &swiglu_backward_);
+  m.def("rope", &rope);
+  m.def("cross_entropy_grad_", &cross_entropy_grad_);
 }

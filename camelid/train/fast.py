@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from camelid import kernels
-from camelid.model import Attention, Llama, RMSNorm, apply_rope
+from camelid.model import Attention, FeedForward, Llama, RMSNorm, apply_rope
 
 # logits per chunk of the fused head: 4 MiB of fp32 (256 rows at vocab 4096). Measured on 2 cores, the head's
 # forward and backward took 48 ms in 64-row chunks, 41-43 ms in 128-512-row ones (fuller matmuls), 48 at 1024.
@@ -46,19 +46,26 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_grad else None
         grad_w = torch.zeros_like(weight) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        mod = _cpp(h, weight)  # C++ softmax in place, into one logits buffer (fresh ones cost page faults)
+        buf = torch.empty(min(chunk, n), weight.shape[0], dtype=h.dtype) if mod is not None else None
         for s in range(0, n, chunk):
-            hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            logits = (hc @ weight.t()).float()
-            rows = torch.arange(len(tc), device=h.device)
-            picked = logits[rows, tc]
-            peak = logits.amax(-1, keepdim=True)
-            probs = logits.sub_(peak).exp_()  # in place: the logits are not needed again
-            sums = probs.sum(-1, keepdim=True)
-            total += (peak.squeeze(-1) + sums.squeeze(-1).log() - picked).sum()
+            hc, tc = h[s:s + chunk], targets[s:s + chunk].contiguous()
+            if mod is not None:
+                probs = torch.mm(hc, weight.t(), out=buf[:len(tc)])
+                total += mod.cross_entropy_grad_(probs, tc).sum()  # probs is now d(loss)/d(logits)
+            else:
+                logits = (hc @ weight.t()).float()
+                rows = torch.arange(len(tc), device=h.device)
+                picked = logits[rows, tc]
+                peak = logits.amax(-1, keepdim=True)
+                probs = logits.sub_(peak).exp_()  # in place: the logits are not needed again
+                sums = probs.sum(-1, keepdim=True)
+                total += (peak.squeeze(-1) + sums.squeeze(-1).log() - picked).sum()
+                if want_grad:
+                    probs.div_(sums)
+                    probs[rows, tc] -= 1.0  # d(loss)/d(logits), before the 1/n of the mean
+                    probs = probs.to(h.dtype)
             if want_grad:
-                probs.div_(sums)
-                probs[rows, tc] -= 1.0  # d(loss)/d(logits), before the 1/n of the mean
-                probs = probs.to(h.dtype)
                 torch.mm(probs, weight, out=grad_h[s:s + chunk])
                 grad_w.addmm_(probs.t(), hc)
         ctx.save_for_backward(grad_h, grad_w)
@@ -76,17 +83,33 @@ class LinearCrossEntropy(torch.autograd.Function):
 _fused_head_loss = torch.compiler.disable(LinearCrossEntropy.apply)
 
 
+def _cpp(*tensors: Tensor):  # noqa: ANN202 - the kernels' module or None
+    """The C++ kernels, for contiguous fp32 CPU tensors in eager mode (under compile inductor fuses the ops)."""
+    if torch.compiler.is_compiling() or not all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return None
+    return kernels.load()
+
+
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # noqa: ANN001 - ctx
-        d = x.shape[-1]
-        rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d).add_(eps))
+        mod = _cpp(x, weight)
+        if mod is not None:  # one pass each way (kernels/train.cpp)
+            y, rstd = mod.rms_norm_forward(x, weight, eps)
+        else:
+            rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+            y = (x * rstd).mul_(weight)
         ctx.save_for_backward(x, weight, rstd)
-        return (x * rstd).mul_(weight)
+        ctx.cpp = mod is not None
+        return y
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, None]:  # noqa: ANN001 - ctx
         x, weight, rstd = ctx.saved_tensors
+        if ctx.cpp:
+            grad_x, grad_w = kernels.load().rms_norm_backward(g.contiguous(), x, weight, rstd)
+            return grad_x, grad_w, None
         xhat = x * rstd
         g_xhat = (g * xhat).flatten(0, -2)
         grad_w = g_xhat.sum(0)
@@ -101,6 +124,29 @@ class TrainRMSNorm(RMSNorm):
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
+class _SwiGLUFn(torch.autograd.Function):
+    """silu(gate) * up in one pass, its backward in one more, saving only gate and up (kernels/train.cpp). Only for
+    gate and up that nothing else reads (TrainFeedForward's own projections): the backward overwrites them."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:  # noqa: ANN001 - ctx
+        ctx.save_for_backward(gate, up)
+        return kernels.load().swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001 - ctx
+        gate, up = ctx.saved_tensors
+        kernels.load().swiglu_backward_(g.contiguous(), gate, up)  # now their gradients
+        return gate, up
+
+
+class TrainFeedForward(FeedForward):
+    def forward(self, x: Tensor) -> Tensor:
+        if self.w13 is not None or _cpp(x) is None:  # inference, reduced precision, a GPU, compile, no kernels
+            return super().forward(x)
+        return self.w2(_SwiGLUFn.apply(self.w1(x), self.w3(x)))
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [..., d] rotated pairwise (i, i + d/2) by angles with cos/sin [..., d/2] (the tables' first halves)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -112,15 +158,19 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class _RopeFn(torch.autograd.Function):
+    """RoPE on x [B, T, heads, d] with cos, sin [T, d/2] (the tables' first halves)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # noqa: ANN001 - ctx
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
+        mod = _cpp(x, cos, sin)
+        return mod.rope(x, cos, sin, 1.0) if mod is not None else _rotate(x, cos[:, None], sin[:, None])
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001 - ctx
-        cos, sin = ctx.saved_tensors
-        return _rotate(g, cos, -sin), None, None  # a rotation's inverse turns by the opposite angle
+        cos, sin = ctx.saved_tensors  # a rotation's inverse turns by the opposite angle
+        mod = _cpp(g, cos, sin)
+        return (mod.rope(g, cos, sin, -1.0) if mod is not None else _rotate(g, cos[:, None], -sin[:, None])), None, None
 
 
 class TrainAttention(Attention):
@@ -131,11 +181,11 @@ class TrainAttention(Attention):
         H, KV, d = self.n_heads, self.n_kv_heads, self.head_dim
         # [B, T, heads, d], as the projections lay them out: the C++ attention reads them without transposes
         q, k, v = self.wq(x).view(B, T, H, d), self.wk(x).view(B, T, KV, d), self.wv(x).view(B, T, KV, d)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        if torch.compiler.is_compiling():  # inductor fuses the reference ops
+        if torch.compiler.is_compiling() or cos.dim() != 2:  # inductor fuses the reference ops
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
-            cos, sin = cos[..., : d // 2], sin[..., : d // 2]
+            cos, sin = cos[:, : d // 2].contiguous(), sin[:, : d // 2].contiguous()
             q, k = _RopeFn.apply(q, cos, sin), _RopeFn.apply(k, cos, sin)
         y = kernels.causal_attention(q, k, v) if mask is None else None
         if y is None:  # a padding mask, reduced precision, a GPU, or no kernels
@@ -144,7 +194,7 @@ class TrainAttention(Attention):
         return self.wo(y.reshape(B, T, H * d))
 
 
-_TRAIN_TWINS = {RMSNorm: TrainRMSNorm, Attention: TrainAttention}
+_TRAIN_TWINS = {RMSNorm: TrainRMSNorm, Attention: TrainAttention, FeedForward: TrainFeedForward}
 
 
 class TrainLlama(Llama):

@@ -27,12 +27,15 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     return bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
 
 
-@pytest.mark.parametrize("n", [1, 31, 64, 200])
-def test_linear_cross_entropy_equals_head_then_cross_entropy(n: int, monkeypatch) -> None:
+@pytest.mark.parametrize("cpp", [True, False], ids=["c++", "torch"])
+@pytest.mark.parametrize("n,spread", [(1, 0.1), (31, 0.1), (64, 0.1), (200, 0.1), (64, 30.0)])
+def test_linear_cross_entropy_equals_head_then_cross_entropy(n: int, spread: float, cpp: bool, monkeypatch) -> None:
     monkeypatch.setattr(fast, "_CE_CHUNK_ELEMENTS", 32 * 300)  # chunks of 32 rows: several, one partial
+    if not cpp:
+        monkeypatch.setattr(fast, "_cpp", lambda *t: None)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(n, 64, generator=g, requires_grad=True)
-    w = (0.1 * torch.randn(300, 64, generator=g)).requires_grad_()
+    w = (spread * torch.randn(300, 64, generator=g)).requires_grad_()  # 30: logits hundreds apart
     t = torch.randint(0, 300, (n,), generator=g)
     ref = F.cross_entropy((h @ w.t()).float(), t)
     ref.backward(torch.tensor(0.7))
@@ -45,32 +48,50 @@ def test_linear_cross_entropy_equals_head_then_cross_entropy(n: int, monkeypatch
         assert close(fast.LinearCrossEntropy.apply(h, w, t), ref)
 
 
-def test_rmsnorm_and_rope_functions_equal_the_reference() -> None:
+def forward_backward(module, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:  # noqa: ANN001
+    y = module(x)
+    y.backward(dy)
+    grads = [x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    return [y.detach(), *grads]
+
+
+@pytest.mark.parametrize("cpp", [True, False], ids=["c++", "torch"])
+def test_rmsnorm_swiglu_and_rope_functions_equal_the_reference(cpp: bool, monkeypatch) -> None:
+    from camelid import kernels
+    from camelid.model import FeedForward
+
+    if cpp and kernels.load() is None:
+        pytest.skip("C++ kernels could not be built here")
+    if not cpp:
+        monkeypatch.setattr(fast, "_cpp", lambda *t: None)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, 64, generator=g, requires_grad=True)
+    dy = torch.randn(3, 5, 64, generator=g)
     norm = RMSNorm(64)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.1 * torch.randn(64, generator=g))
     fast_norm = fast.TrainRMSNorm(64)
     fast_norm.load_state_dict(norm.state_dict())
-    dy = torch.randn(3, 5, 64, generator=g)
-    outs = []
-    for m in (norm, fast_norm):
-        y = m(x)
-        y.backward(dy)
-        outs.append((y.detach(), x.grad.clone(), m.weight.grad.clone()))
-        x.grad = None
-    for a, b in zip(*outs, strict=True):
+    for a, b in zip(forward_backward(norm, x, dy), forward_backward(fast_norm, x, dy), strict=True):
         assert close(a, b)
 
-    q = torch.randn(2, 4, 7, 16, generator=g).transpose(1, 2).requires_grad_()  # a strided view, as in attention
+    ffn = FeedForward(CFG)
+    fast_ffn = fast.TrainFeedForward(CFG)
+    fast_ffn.load_state_dict(ffn.state_dict())
+    x = (3 * torch.randn(3, 5, 64, generator=g)).requires_grad_()  # gates far into both tails of the sigmoid
+    for a, b in zip(forward_backward(ffn, x, dy), forward_backward(fast_ffn, x, dy), strict=True):
+        assert close(a, b)
+
+    q = torch.randn(2, 7, 4, 16, generator=g, requires_grad=True)  # [B, T, heads, d]
     ang = torch.randn(7, 8, generator=g)
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     dy = torch.randn(2, 7, 4, 16, generator=g)
-    ref = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
+    ref = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)  # the reference's [B, heads, T, d] layout
     ref.backward(dy)
     gq, q.grad = q.grad.clone(), None
-    ours = fast._RopeFn.apply(q.transpose(1, 2), cos[:, :8], sin[:, :8]).transpose(1, 2)
+    ours = fast._RopeFn.apply(q, cos[:, :8].contiguous(), sin[:, :8].contiguous())
     ours.backward(dy)
     assert close(ours, ref) and close(q.grad, gq)
 
@@ -121,3 +142,16 @@ def test_short_training_run_follows_the_reference_loss_curve() -> None:
         curves.append(curve)
     assert curves[0][-1] < curves[0][0] - 1.0
     assert max(abs(a - b) for a, b in zip(*curves, strict=True)) < 1e-4
+
+
+def test_swiglu_backward_reuses_its_inputs_and_a_second_backward_fails_loudly() -> None:
+    from camelid import kernels
+
+    if kernels.load() is None:
+        pytest.skip("C++ kernels could not be built here")
+    ffn = fast.TrainFeedForward(CFG)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    y = ffn(x).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
