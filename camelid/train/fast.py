@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from camelid import kernels
 from camelid.model import Attention, FeedForward, Llama, RMSNorm, apply_rope
@@ -105,6 +106,7 @@ class _RMSNormFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # C++ loops: a double backward must fail, not return zeros
     def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, None]:  # noqa: ANN001 - ctx
         x, weight, rstd = ctx.saved_tensors
         if ctx.cpp:
@@ -134,6 +136,7 @@ class _SwiGLUFn(torch.autograd.Function):
         return kernels.load().swiglu_forward(gate, up)
 
     @staticmethod
+    @once_differentiable  # C++ loops: a double backward must fail, not return zeros
     def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001 - ctx
         gate, up = ctx.saved_tensors
         kernels.load().swiglu_backward_(g.contiguous(), gate, up)  # now their gradients
@@ -167,6 +170,7 @@ class _RopeFn(torch.autograd.Function):
         return mod.rope(x, cos, sin, 1.0) if mod is not None else _rotate(x, cos[:, None], sin[:, None])
 
     @staticmethod
+    @once_differentiable  # C++ loops: a double backward must fail, not return zeros
     def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001 - ctx
         cos, sin = ctx.saved_tensors  # a rotation's inverse turns by the opposite angle
         mod = _cpp(g, cos, sin)
