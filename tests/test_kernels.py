@@ -177,6 +177,8 @@ def test_causal_attention_under_compile_and_on_strided_inputs() -> None:
 def test_causal_attention_declines_what_it_does_not_do() -> None:
     q = torch.randn(1, 4, 2, 16, dtype=torch.bfloat16)
     assert kernels.causal_attention(q, q, q) is None  # not fp32: the caller uses SDPA
+    q = torch.randn(1, kernels.MAX_ATTENTION_T + 1, 1, 16)
+    assert kernels.causal_attention(q, q, q) is None  # long sequences: SDPA skips the masked blocks itself
 
 
 @needs_kernels
