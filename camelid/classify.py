@@ -380,7 +380,7 @@ def new_classifier(source: str | os.PathLike, labels: Sequence[str], max_len: in
     if model_family(source) == "bert":
         from camelid.interop.bert_hf import load_bert_hf_dir
 
-        path = hub.pull(str(source)) if str(source) in hub.MODELS else Path(source)
+        path = hub.resolve(source)
         # the encoder only: a checkpoint's own classifier would belong to other labels
         config, encoder, raw = load_bert_hf_dir(path, task="base")
         model = BertForClassification(config, len(labels), raw.get("classifier_dropout"))

@@ -165,3 +165,17 @@ def pull_hf_hub(repo_id: str) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise CamelidError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}); "
                            "check the id and your network, or download it and pass its folder") from e
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """A registered name, a local path or a Hugging Face Hub id ("org/name") -> a local path, fetching
+    registered models into the cache and Hub ids through huggingface_hub. What every loader accepts."""
+    text = str(source)
+    if text in MODELS:
+        return pull(text)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return pull_hf_hub(text)
+    raise CamelidError(f"{source}: no such file or folder, and not a known name (known: {', '.join(MODELS)})")

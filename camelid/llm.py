@@ -127,22 +127,13 @@ def cut_at_stop_strings(pieces: Iterable[str], stop: list[str]) -> Iterator[str]
 
 
 def resolve(source: str | os.PathLike) -> Path:
-    """A name, Hub id or path -> a local path (fetching registered models into the cache)."""
+    """A name, Hub id or path of a model -> a local path (camelid.hub.resolve; a tokenizer's name is refused)."""
     from camelid import hub
 
     text = str(source)
-    if text in hub.MODELS:
-        if hub.MODELS[text].kind == "tokenizer":
-            raise CamelidError(f"{text} is a tokenizer, not a model; use camelid.tokenizer.Tokenizer.load({text!r})")
-        return hub.pull(text)
-    path = Path(text).expanduser()
-    if path.exists():
-        return path
-    if "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1:
-        return hub.pull_hf_hub(text)
-    raise CamelidError(
-        f"{source}: no such file or directory, and not a known model name (known: {', '.join(hub.MODELS)})"
-    )
+    if text in hub.MODELS and hub.MODELS[text].kind == "tokenizer":
+        raise CamelidError(f"{text} is a tokenizer, not a model; use camelid.tokenizer.Tokenizer.load({text!r})")
+    return hub.resolve(source)
 
 
 def _load_tokenizer(path: Path) -> Any:

@@ -192,16 +192,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, source: str | os.PathLike) -> Tokenizer:
-        """A registered name (camelid.hub), a GGUF file, a tokenizer file or a model folder."""
+        """A registered name (camelid.hub), a Hub id, a GGUF file, a tokenizer file or a model folder."""
         from camelid import hub
 
-        text = str(source)
-        path = hub.pull(text) if text in hub.MODELS else Path(text).expanduser()
+        path = hub.resolve(source)
         if path.is_dir():
             return cls.from_dir(path)
-        if path.is_file():
-            return cls.from_gguf(path) if path.suffix == ".gguf" else cls.from_file(path)
-        raise CamelidError(f"{source}: no such file or folder, and not a known name (known: {', '.join(hub.MODELS)})")
+        return cls.from_gguf(path) if path.suffix == ".gguf" else cls.from_file(path)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
