@@ -50,3 +50,17 @@ def test_hub_ids_fail_clearly_offline(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(CamelidError, match="Hugging Face Hub"):
         hub.pull("someone/not-cached-anywhere")
+
+
+def test_every_loader_resolves_names_paths_and_hub_ids_alike(monkeypatch, tmp_path) -> None:
+    import camelid
+    from camelid.tokenizer import Tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert hub.resolve(tmp_path) == tmp_path
+    for load in (camelid.load, Tokenizer.load, hub.resolve):
+        with pytest.raises(CamelidError, match="Hugging Face Hub"):  # a Hub id: fetched, here refused offline
+            load("someone/not-cached-anywhere")
+        with pytest.raises(CamelidError, match="not a known name"):
+            load("no-such-model")
