@@ -6,16 +6,17 @@ swaps in implementations that do the same math in fewer passes over memory:
 
 - the output head and cross-entropy in one autograd Function, chunked over tokens, so the [tokens, vocab]
   logits are never stored; their gradient is formed in the forward pass while each chunk is in cache;
-- RMSNorm as a Function that saves only its input and 1/rms, with a shorter backward;
-- RoPE as a Function whose backward is the inverse rotation (only the tables saved, no cat/neg copies);
 - causal attention, forward and backward, as a C++ kernel (camelid/kernels/attention.cpp) that multiplies only
   the causal triangle (PyTorch's CPU flash attention computes the full square below 512 tokens) and reads the
-  heads in the projections' [B, T, heads, d] layout, so no transposes either way.
+  heads in the projections' [B, T, heads, d] layout, so no transposes either way;
+- RMSNorm, SwiGLU and RoPE as Functions over one-pass C++ loops (camelid/kernels/train.cpp), each with a
+  PyTorch fall-back; RMSNorm saves only its input and 1/rms, SwiGLU only its inputs (which its backward
+  overwrites with their gradients), RoPE only the tables (its backward is the inverse rotation).
 
-Under torch.compile the norms and RoPE fall back to the reference ops, which inductor fuses better; the fused
+Under torch.compile the norms, SwiGLU and RoPE fall back to the reference ops, which inductor fuses; the fused
 head stays, run eagerly, and the attention kernel is a custom op in the graph. Measured and left out (slower,
 or no faster, here on CPU): one q/k/v product and one gate/up product with the weights concatenated at each
-forward, a SwiGLU Function, and a feed-forward Function chunked over tokens (within noise, 0.98-1.02x).
+forward, a SwiGLU Function of PyTorch ops, and a feed-forward Function chunked over tokens (0.98-1.02x).
 
 The parameters and their names are Llama's, so checkpoints, exports, evaluation and sampling are unchanged;
 values and gradients match the reference to float32 rounding (tests/train/test_fast.py).
