@@ -178,4 +178,4 @@ def resolve(source: str | os.PathLike) -> Path:
         return path
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return pull_hf_hub(text)
-    raise CamelidError(f"{source}: no such file or folder, and not a known name (known: {', '.join(MODELS)})")
+    raise CamelidError(f"{source}: no such file or directory, and not a known name (known: {', '.join(MODELS)})")
