@@ -121,10 +121,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
     than MAX_ATTENTION_T, the kernels unavailable), and the caller uses F.scaled_dot_product_attention."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32 or q.shape[1] > MAX_ATTENTION_T:
         return None
-    if torch.compiler.is_compiling():  # the build cannot be traced: only a module built before tracing counts
-        if not _attention_ok:
-            return None
-    elif load() is None or not _attention_ok:
+    if not torch.compiler.is_compiling():  # the build cannot be traced: under compile, a module built before counts
+        load()
+    if not _attention_ok:
         return None
     return torch.ops.camelid.causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
 

@@ -37,6 +37,14 @@ from camelid.model import Attention, FeedForward, Llama, RMSNorm, apply_rope
 _CE_CHUNK_ELEMENTS = 1 << 20
 
 
+def _cpp(*tensors: Tensor):  # noqa: ANN202 - the kernels' module or None
+    """The C++ kernels, for contiguous fp32 CPU tensors in eager mode (under compile inductor fuses the ops)."""
+    if torch.compiler.is_compiling() or not all(
+            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return None
+    return kernels.load()
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """mean(cross_entropy(h @ weight.T, targets)) with fp32 logits, never holding more than a chunk of them."""
 
@@ -83,14 +91,6 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 # eager even inside a compiled model: measured faster than inductor's trace of the chunked loop
 _fused_head_loss = torch.compiler.disable(LinearCrossEntropy.apply)
-
-
-def _cpp(*tensors: Tensor):  # noqa: ANN202 - the kernels' module or None
-    """The C++ kernels, for contiguous fp32 CPU tensors in eager mode (under compile inductor fuses the ops)."""
-    if torch.compiler.is_compiling() or not all(
-            t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
-        return None
-    return kernels.load()
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -193,7 +193,7 @@ class TrainAttention(Attention):
             cos, sin = cos[:, : d // 2].contiguous(), sin[:, : d // 2].contiguous()
             q, k = _RopeFn.apply(q, cos, sin), _RopeFn.apply(k, cos, sin)
         y = kernels.causal_attention(q, k, v) if mask is None else None
-        if y is None:  # a padding mask, reduced precision, a GPU, or no kernels
+        if y is None:  # a padding mask, reduced precision, a GPU, a long sequence, or no kernels
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                                is_causal=mask is None, enable_gqa=KV != H).transpose(1, 2)
         return self.wo(y.reshape(B, T, H * d))
