@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camelid.bert import BertConfig, BertForPreTraining
-from camelid.bert_pretrain import IGNORE, batch_seed, load_pairs
+from camelid.bert.model import BertConfig, BertForPreTraining
+from camelid.bert.pretrain import IGNORE, batch_seed, load_pairs
 from camelid.train.loop import lr_factor
 
 

@@ -1,6 +1,6 @@
 """camelid: the LLaMA family, whole, in one readable PyTorch codebase."""
 
-from camelid.bert import Bert, BertConfig
+from camelid.bert.model import Bert, BertConfig
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
 from camelid.generate import SamplingParams, generate, generate_tokens

@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from camelid.bert import BertForClassification
+from camelid.bert.model import BertForClassification
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write, atomic_write_text, iter_jsonl
 from camelid.model import Llama
-from camelid.wordpiece import WordPiece
+from camelid.tokenizer.wordpiece import WordPiece
 
 MODES = ("finetune", "probe")
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +31,27 @@ def minilm_dir():
     from camelid import hub
 
     return hub.pull("all-minilm-l6-v2", quiet=True)
+
+
+AUSTEN = Path(__file__).resolve().parents[1] / "data" / "austen"
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """Two ~60 KB excerpts of Austen as train text and one as validation text."""
+    d = tmp_path_factory.mktemp("corpus")
+    for name in ("emma", "pride_and_prejudice", "persuasion"):
+        text = (AUSTEN / f"{name}.txt").read_text(encoding="utf-8")
+        (d / f"{name}.txt").write_text(text[20000:80000], encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(small_corpus, tmp_path_factory) -> Path:
+    """A 512-token BPE tokenizer.json trained on two of the small corpus's files."""
+    from camelid.tokenizer.train import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer([small_corpus / "emma.txt", small_corpus / "pride_and_prejudice.txt"], 512, out,
+                    show_progress=False)
+    return out / "tokenizer.json"

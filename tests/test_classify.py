@@ -11,7 +11,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from camelid import BertConfig, CamelidError, LlamaConfig
-from camelid.bert import BertForClassification
+from camelid.bert.model import BertForClassification
 from camelid.classify import (
     BertClassifier,
     Example,
@@ -32,7 +32,7 @@ from camelid.cli import main
 from camelid.interop.bert_hf import save_bert_hf_dir
 from camelid.interop.hf import save_hf_dir
 from camelid.model import Llama
-from camelid.wordpiece import WordPiece
+from camelid.tokenizer.wordpiece import WordPiece
 
 CUES = {"pos": ["good", "great", "lovely"], "neg": ["bad", "awful", "poor"], "neu": ["okay", "average", "fine"]}
 FILLER = ["the", "room", "was", "food", "and", "staff", "really", "quite", "very", "hotel", "service", "overall"]

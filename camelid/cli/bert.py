@@ -55,7 +55,7 @@ def pretrain(
     time_budget: float = typer.Option(0, help="Stop after this many seconds of training (0: run all steps)."),
 ) -> None:
     """Pre-train a BERT from scratch (WordPiece + MLM + NSP); report held-out MLM accuracy vs a unigram baseline."""
-    from camelid.bert_pretrain import PretrainArgs, pretrain_bert
+    from camelid.bert.pretrain import PretrainArgs, pretrain_bert
 
     if objective != "mlm+nsp":
         raise CamelidError(f"--objective {objective}: BERT pre-training supports mlm+nsp")

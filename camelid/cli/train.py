@@ -34,7 +34,7 @@ def tokenizer_train(
     min_frequency: int = typer.Option(2, help="Merge only pairs seen at least this often."),
 ) -> None:
     """Train a byte-level BPE tokenizer (Hugging Face tokenizers) and save it as tokenizer.json."""
-    from camelid.train.tokenizer import load_tokenizer, train_tokenizer
+    from camelid.tokenizer.train import load_tokenizer, train_tokenizer
 
     path = train_tokenizer(files, vocab_size, out, special_tokens=special or None, min_frequency=min_frequency)
     tok = load_tokenizer(path)
@@ -79,7 +79,7 @@ def prepare(
     else:
         docs = read_documents(sources, field=field, val_files=val_files, val_fraction=val_fraction, seed=seed)
     if objective == "mlm+nsp":
-        from camelid.bert_pretrain import prepare_pairs
+        from camelid.bert.pretrain import prepare_pairs
 
         meta = prepare_pairs([(d.text, d.val) for d in docs], out, vocab_size=vocab_size, tokenizer=tokenizer)
         typer.echo(f"{out}: train {meta['train_sentences']:,} sentences ({meta['train_docs']} documents), "

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from camelid.bert import Bert, BertConfig, BertForClassification, BertForPreTraining
+from camelid.bert.model import Bert, BertConfig, BertForClassification, BertForPreTraining
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write, atomic_write_text
 from camelid.interop.hf import _weight_files, iter_tensors, read_config

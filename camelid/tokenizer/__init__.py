@@ -162,7 +162,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
         """Render messages with the model's own template (or a built-in one when it has none)."""
-        from camelid.chat import render_chat
+        from camelid.tokenizer.chat_template import render_chat
 
         template = self.chat_template or _builtin_template_for(self)
         # the special tokens transformers hands to templates
@@ -635,7 +635,7 @@ def _tiktoken_to_hf(enc: Any) -> Any:
 
 
 def _builtin_template_for(tok: Tokenizer) -> str:
-    from camelid.chat import BUILTIN_TEMPLATES
+    from camelid.tokenizer.chat_template import BUILTIN_TEMPLATES
 
     if "<|start_header_id|>" in tok.special_tokens:
         return BUILTIN_TEMPLATES["llama3"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from camelid.bert import BertConfig
+from camelid.bert.model import BertConfig
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 

@@ -185,7 +185,7 @@ def prepare(docs: list[Document], tokenizer_path: str | Path, out_dir: str | Pat
     """Encode `docs` into out_dir/{train,val}.bin; returns the metadata (also written to meta.json)."""
     from tqdm import tqdm
 
-    from camelid.train.tokenizer import eos_id, load_tokenizer
+    from camelid.tokenizer.train import eos_id, load_tokenizer
 
     if not docs:
         raise CamelidError("no documents to prepare; check the input paths")

@@ -118,7 +118,7 @@ class CausalLM:
 
     def sampler(self) -> Callable[[nn.Module, int], str]:
         """A sample generation from the prompt, for the log and out/samples.txt."""
-        from camelid.train.tokenizer import load_tokenizer
+        from camelid.tokenizer.train import load_tokenizer
 
         tokenizer = load_tokenizer(self.cfg.tokenizer or self.data.dir / "tokenizer.json")
         return lambda model, step: sample_text(model, tokenizer, self.data.meta["eos_id"], self.cfg, step)
@@ -166,7 +166,7 @@ class MaskedLM:
     references: dict[str, float] = {}  # the unigram baseline's accuracy, once intro() has scored it
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        from camelid.bert_pretrain import load_pairs
+        from camelid.bert.pretrain import load_pairs
 
         if cfg.distributed == "fsdp":
             raise CamelidError("objective mlm+nsp trains under torchrun with distributed=ddp, not fsdp")
@@ -183,7 +183,7 @@ class MaskedLM:
         self._unigram = None
 
     def build_model(self) -> nn.Module:
-        from camelid.bert import BertForPreTraining
+        from camelid.bert.model import BertForPreTraining
 
         return BertForPreTraining(self.model_config)
 
@@ -199,7 +199,7 @@ class MaskedLM:
         return 6.0 * (encoder + head) + 12.0 * c.n_layers * c.dim * T
 
     def batch(self, step: int, index: int) -> Batch:
-        from camelid.bert_pretrain import batch_seed
+        from camelid.bert.pretrain import batch_seed
 
         b = self.train_data.batch_at(self.cfg.seed, step, index, self.cfg.batch_size)
         # dropout, too, is drawn from (seed, step, index) alone: a resumed run, or the same global batch split
@@ -209,7 +209,7 @@ class MaskedLM:
 
     @staticmethod
     def loss(forward: nn.Module, batch: Batch) -> Tensor:
-        from camelid.bert_pretrain import IGNORE, pretraining_loss
+        from camelid.bert.pretrain import IGNORE, pretraining_loss
 
         chosen = batch["mlm_labels"] != IGNORE
         mlm_logits, nsp_logits = forward(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
@@ -217,7 +217,7 @@ class MaskedLM:
         return pretraining_loss(mlm_logits, nsp_logits, batch["mlm_labels"][chosen], batch["nsp_labels"])
 
     def _scores(self, model: nn.Module, full: bool) -> dict[str, float]:
-        from camelid.bert_pretrain import score, unigram_counts
+        from camelid.bert.pretrain import score, unigram_counts
 
         if self._unigram is None:
             self._unigram = unigram_counts(self.train_data.documents, self.tokenizer)
@@ -251,7 +251,7 @@ class MaskedLM:
 
     def export(self, raw: nn.Module, state: dict[str, Tensor], out: Path) -> None:
         """The final weights as a Hugging Face BertForPreTraining folder, with the WordPiece vocabulary."""
-        from camelid.bert import BertForPreTraining
+        from camelid.bert.model import BertForPreTraining
         from camelid.interop.bert_hf import save_bert_hf_dir
 
         with torch.device("meta"):

@@ -9,9 +9,9 @@ import torch
 import transformers
 
 from camelid import Bert, BertConfig, CamelidError
-from camelid.bert import BertForClassification, BertForPreTraining
+from camelid.bert.model import BertForClassification, BertForPreTraining
 from camelid.interop.bert_hf import load_bert_hf_dir, save_bert_hf_dir
-from camelid.wordpiece import WordPiece
+from camelid.tokenizer.wordpiece import WordPiece
 
 SENTENCES = [
     "This is an example sentence.",

@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from camelid import BertConfig, CamelidError
-from camelid.bert import BertForPreTraining
-from camelid.bert_pretrain import (
+from camelid.bert.model import BertForPreTraining
+from camelid.bert.pretrain import (
     IGNORE,
     PretrainArgs,
     PretrainingData,
@@ -22,7 +22,7 @@ from camelid.bert_pretrain import (
 )
 from camelid.cli import main
 from camelid.interop.bert_hf import save_bert_hf_dir
-from camelid.wordpiece import WordPiece
+from camelid.tokenizer.wordpiece import WordPiece
 
 ANIMALS = ["cat", "dog", "llama", "camel", "horse", "sheep"]
 PLACES = ["mat", "field", "barn", "hill", "road", "river"]

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import ROOT, run_camelid
 
-from camelid.bert_pretrain import IGNORE, load_pairs
+from camelid.bert.pretrain import IGNORE, load_pairs
 from camelid.errors import CamelidError
 from camelid.train.config import load_config
 from camelid.train.plot import read_log
@@ -87,7 +87,7 @@ def test_export_is_a_bert_for_pretraining_that_transformers_runs_alike(trained, 
     import transformers
 
     from camelid.interop.bert_hf import load_bert_hf_dir
-    from camelid.wordpiece import WordPiece
+    from camelid.tokenizer.wordpiece import WordPiece
 
     out, _ = trained
     ref = transformers.BertForPreTraining.from_pretrained(str(out / "hf")).eval()

@@ -7,9 +7,9 @@ import pytest
 import train_helpers
 
 from camelid.errors import CamelidError
+from camelid.tokenizer.train import load_tokenizer
 from camelid.train import data as data_mod
 from camelid.train.data import Document, TokenShards, prepare, read_documents, split_pieces, token_dtype
-from camelid.train.tokenizer import load_tokenizer
 
 
 def test_prepare_round_trips_text(small_data, small_corpus, small_tokenizer) -> None:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from camelid.errors import CamelidError
-from camelid.train.tokenizer import DEFAULT_SPECIALS, eos_id, load_tokenizer, train_tokenizer
+from camelid.tokenizer.train import DEFAULT_SPECIALS, eos_id, load_tokenizer, train_tokenizer
 
 
 def test_trained_tokenizer_round_trips_and_keeps_specials(small_tokenizer, small_corpus) -> None:

@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from camelid import CamelidError
-from camelid.wordpiece import WordPiece
+from camelid.tokenizer.wordpiece import WordPiece
 
 DATA = Path(__file__).parent / "data"
 TEXTS = [

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from camelid.bert import BertConfig, BertForPreTraining
+from camelid.bert.model import BertConfig, BertForPreTraining
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write, read_json_or_none
-from camelid.wordpiece import WordPiece
+from camelid.tokenizer.wordpiece import WordPiece
 
 IGNORE = -100  # label of positions that carry no MLM loss (as in PyTorch's cross_entropy default)
 
