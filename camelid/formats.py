@@ -67,13 +67,16 @@ def detect(path: str | os.PathLike) -> Format:
 def _detect_dir(path: Path) -> Format:
     config = path / "config.json"
     if config.is_file():
-        model_type = read_json_object(config).get("model_type", "llama")
+        d = read_json_object(config)
+        model_type = d.get("model_type", "llama")
         if model_type == "bert":
             return Format.BERT
         if model_type in LLAMA_MODEL_TYPES:
             return Format.HF
-        raise CamelidError(f"{config}: model_type {model_type!r} is neither a LLaMA-family model "
-                           f"({', '.join(LLAMA_MODEL_TYPES)}) nor BERT; camelid cannot load it")
+        archs = d.get("architectures")
+        name = archs[0] if isinstance(archs, list) and archs else model_type
+        raise CamelidError(f"{config}: architecture {name!r} is not supported; camelid loads LLaMA-family models "
+                           f"(model_type {', '.join(LLAMA_MODEL_TYPES)}) and BERT")
     if (path / "params.json").is_file():
         return Format.META
     if all((path / f).is_file() for f in ("model.safetensors", "state.pt", "meta.json")):

@@ -102,10 +102,14 @@ def rope_scaling_from_freqs(factors: np.ndarray, config: LlamaConfig, source: st
                             original_max_seq_len=int(round(slope * (high - 1.0))))
     else:
         guess = RopeScaling(factor=factor)  # Meta's published 1 / 4 / 8192
-    mine = base / rope_inv_freq(config.replace(rope_scaling=guess)).double().numpy()
+    not_llama31 = CamelidError(f"{source}: rope_freqs are not Llama 3.1-style frequency scaling; camelid cannot "
+                               "run this rotary variant")
+    try:
+        mine = base / rope_inv_freq(config.replace(rope_scaling=guess)).double().numpy()
+    except CamelidError:  # the fit gave parameters no Llama 3.1 scaling has
+        raise not_llama31 from None
     if not np.allclose(mine, factors, rtol=1e-4):
-        raise CamelidError(f"{source}: rope_freqs are not Llama 3.1-style frequency scaling; camelid cannot run "
-                           "this rotary variant")
+        raise not_llama31
     return guess
 
 
@@ -215,13 +219,14 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     path = Path(path)
     reader = open_gguf(path)
     source = str(path)
-    config = config_from_gguf(reader, source)
     try:
+        config = config_from_gguf(reader, source)
         model = build_model(config, _gguf_tensors(reader, config, source), source, dtype=dtype, device=device)
-    except (ValueError, IndexError, OSError) as e:
-        if isinstance(e, CamelidError):
-            raise
-        raise CamelidError(f"{source}: corrupt or truncated GGUF file ({type(e).__name__}: {e}); "
+    except CamelidError:
+        raise
+    except (ValueError, IndexError, OSError, OverflowError, TypeError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise CamelidError(f"{source}: corrupt or truncated GGUF file ({type(e).__name__}: {detail}); "
                            "re-download or re-convert it") from None
     return config, model
 

@@ -165,7 +165,12 @@ def build_bpe(tokens: list[str], types: list[int], merges: list[tuple[str, str]]
     if pre not in PRE_TOKENIZER_REGEXES:
         raise CamelidError(f"{source}: unknown byte-level BPE pre-tokenizer {pre!r} (tokenizer.ggml.pre); camelid "
                            f"knows {', '.join(PRE_TOKENIZER_REGEXES)}")
-    hf = HFTokenizer(models.BPE(vocab_dict(tokens), merges, ignore_merges=pre in IGNORE_MERGES))
+    try:
+        hf = HFTokenizer(models.BPE(vocab_dict(tokens), merges, ignore_merges=pre in IGNORE_MERGES))
+    except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception (a merge of unknown pieces)
+        detail = " ".join(str(e).split())[:160]
+        raise CamelidError(f"{source}: the merges do not fit the tokens ({detail}); the vocabulary is "
+                           "damaged") from None
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_REGEXES[pre]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
