@@ -19,9 +19,10 @@ _KINDS = {"WordPiece": "wordpiece", "WordLevel": "wordlevel", "Unigram": "unigra
 _NO_LIMIT = 1_000_000
 
 
-def kind_of(hf: Any) -> str:
-    """"bpe" (byte-level), "spm" (SentencePiece-style BPE), "wordpiece", "wordlevel" or "unigram"."""
-    spec = json.loads(hf.to_str())
+def kind_of(hf: Any, spec: dict[str, Any] | None = None) -> str:
+    """"bpe" (byte-level), "spm" (SentencePiece-style BPE), "wordpiece", "wordlevel" or "unigram". `spec` is
+    hf's JSON form when the caller has it already."""
+    spec = json.loads(hf.to_str()) if spec is None else spec
     model = spec.get("model") or {}
     if model.get("type", "BPE") != "BPE":
         return _KINDS.get(model.get("type"), str(model.get("type")).lower())
@@ -29,9 +30,9 @@ def kind_of(hf: Any) -> str:
     return "bpe" if byte_level else "spm"
 
 
-def guess_pre(hf: Any) -> str:
-    """The GGUF pre-tokenizer name whose regexes a byte-level tokenizer.json uses."""
-    text = json.dumps(json.loads(hf.to_str()).get("pre_tokenizer"))
+def guess_pre(spec: dict[str, Any]) -> str:
+    """The GGUF pre-tokenizer name whose regexes a byte-level tokenizer.json (its JSON form `spec`) uses."""
+    text = json.dumps(spec.get("pre_tokenizer"))
     if "Digits" in text:
         return "smollm"
     if r"\\p{N}{1,3}" in text:
@@ -44,13 +45,13 @@ def guess_pre(hf: Any) -> str:
 def vocabulary_from_hf(hf: Any, source: str = "tokenizer.json") -> Vocabulary:
     """What camelid needs to know about a `tokenizers.Tokenizer`: its kind, and BOS/EOS/UNK/PAD by the usual
     names (a tokenizer_config.json beside the file, applied afterwards, overrides them)."""
-    kind = kind_of(hf)
-    if kind not in ("bpe", "spm", *_KINDS.values()):
-        raise CamelidError(f"{source}: a {kind} tokenizer.json; camelid reads BPE, WordPiece, WordLevel and "
-                           "Unigram models")
     hf.no_padding()  # encode one text exactly; batching pads on its own terms
     hf.no_truncation()
     spec = json.loads(hf.to_str())
+    kind = kind_of(hf, spec)
+    if kind not in ("bpe", "spm", *_KINDS.values()):
+        raise CamelidError(f"{source}: a {kind} tokenizer.json; camelid reads BPE, WordPiece, WordLevel and "
+                           "Unigram models")
     model = spec.get("model") or {}
     specials = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
 
@@ -62,7 +63,7 @@ def vocabulary_from_hf(hf: Any, source: str = "tokenizer.json") -> Vocabulary:
     if kind == "wordpiece":  # BERT: [CLS] A [SEP] around every text, by its post-processor
         v.bos_id, v.eos_id, v.pad_id, v.add_bos = first("[CLS]"), first("[SEP]"), first("[PAD]"), True
         return v
-    v.pre = guess_pre(hf) if kind == "bpe" else None
+    v.pre = guess_pre(spec) if kind == "bpe" else None
     # BOS: the post-processor that adds it says which token and that it is added; EOS: by its usual name
     single = (spec.get("post_processor") or {}).get("single") or []
     head = single[0].get("SpecialToken", {}).get("id") if single and isinstance(single[0], dict) else None
