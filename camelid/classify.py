@@ -349,8 +349,10 @@ def model_family(source: str | os.PathLike) -> str:
     path = Path(text)
     if (path / "classifier.json").is_file():
         return json.loads((path / "classifier.json").read_text())["family"]
-    if (path / "config.json").is_file():
-        return "bert" if json.loads((path / "config.json").read_text()).get("model_type") == "bert" else "llama"
+    if path.exists():
+        from camelid.formats import Format, detect
+
+        return "bert" if detect(path) is Format.BERT else "llama"
     return "llama"
 
 
@@ -358,12 +360,12 @@ def _load_llm(source: str | os.PathLike) -> tuple[Llama, Any]:
     """A LLaMA-family model and its tokenizer: camelid's own tokenizer where it reads the files, else (e.g. a
     WordLevel tokenizer.json) the `tokenizers` library through `HFTokenizer`."""
     import camelid
-    from camelid.llm import _load_tokenizer
+    from camelid.llm import model_tokenizer
 
     llm = camelid.load(source, tokenizer=False)
     path = Path(llm.source)
     try:
-        tok = _load_tokenizer(path)
+        tok = model_tokenizer(path)
     except CamelidError:
         tok = None
     if tok is None and path.is_dir() and (path / "tokenizer.json").is_file():

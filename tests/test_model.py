@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from camelid import Llama, LlamaConfig, generate
 from camelid.errors import CamelidError
-from camelid.interop.hf import build_model
+from camelid.interop.hf import build_model, config_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,7 +29,7 @@ CONFIGS = {
 
 def hf_twin(cfg: LlamaConfig) -> tuple[torch.nn.Module, Llama]:
     """A random transformers model and a camelid model holding the very same weights."""
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(cfg))).eval()
     # spread the norms away from 1.0 so that a swapped norm would show
     with torch.no_grad():
         for name, p in hf.named_parameters():

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from camelid.cli.app import app
 from camelid.config import LlamaConfig
+from camelid.formats import Format, detect
 from camelid.model import Llama
 
 # int8/int4 are weight-only group-wise formats: one fp16 scale per group (int4 adds a zero point)
@@ -40,8 +41,10 @@ def _human(nbytes: float) -> str:
 
 def _resolve(name: str) -> LlamaConfig:
     path = Path(name)
-    if path.is_dir() and (path / "config.json").is_file():
-        return LlamaConfig.from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    if path.is_dir() and detect(path) is Format.HF:
+        from camelid.interop.hf import config_from_hf, read_config
+
+        return config_from_hf(read_config(path), str(path / "config.json"))
     return LlamaConfig.from_name(name)
 
 

@@ -34,11 +34,11 @@ def tokenizer_train(
     min_frequency: int = typer.Option(2, help="Merge only pairs seen at least this often."),
 ) -> None:
     """Train a byte-level BPE tokenizer (Hugging Face tokenizers) and save it as tokenizer.json."""
-    from camelid.tokenizer.train import load_tokenizer, train_tokenizer
+    from camelid.tokenizer import Tokenizer
+    from camelid.tokenizer.train import train_tokenizer
 
     path = train_tokenizer(files, vocab_size, out, special_tokens=special or None, min_frequency=min_frequency)
-    tok = load_tokenizer(path)
-    typer.echo(f"wrote {path} ({tok.get_vocab_size(with_added_tokens=True)} tokens)")
+    typer.echo(f"wrote {path} ({Tokenizer.from_file(path).vocab_size} tokens)")
 
 
 @app.command()

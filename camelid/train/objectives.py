@@ -118,9 +118,9 @@ class CausalLM:
 
     def sampler(self) -> Callable[[nn.Module, int], str]:
         """A sample generation from the prompt, for the log and out/samples.txt."""
-        from camelid.tokenizer.train import load_tokenizer
+        from camelid.tokenizer import Tokenizer
 
-        tokenizer = load_tokenizer(self.cfg.tokenizer or self.data.dir / "tokenizer.json")
+        tokenizer = Tokenizer.load(self.cfg.tokenizer or self.data.dir / "tokenizer.json")
         return lambda model, step: sample_text(model, tokenizer, self.data.meta["eos_id"], self.cfg, step)
 
     def export(self, raw: nn.Module, state: dict[str, Tensor], out: Path) -> None:
@@ -145,7 +145,7 @@ class CausalLM:
 def sample_text(model: nn.Module, tokenizer: Any, eos: int, cfg: TrainConfig, step: int) -> str:
     from camelid.generate import SamplingParams, generate
 
-    prompt = tokenizer.encode(cfg.sample_prompt, add_special_tokens=False).ids if cfg.sample_prompt else []
+    prompt = tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt else []
     prompt = [eos, *prompt]
     n = max(1, min(cfg.sample_tokens, model.config.max_seq_len - len(prompt)))
     params = SamplingParams(temperature=0.8, top_k=50)

@@ -11,14 +11,14 @@ from safetensors.torch import load_file, save_file
 
 import camelid
 from camelid import CamelidError, Llama, LlamaConfig
-from camelid.interop.hf import save_hf_dir
+from camelid.interop.hf import config_to_hf, save_hf_dir
 
 transformers = pytest.importorskip("transformers")
 
 
 def _hf_model(cfg: LlamaConfig) -> torch.nn.Module:
     torch.manual_seed(7)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(cfg))).eval()
 
 
 @pytest.mark.parametrize("name", ["tiny-gqa", "tiny-llama3"])
@@ -136,7 +136,7 @@ def test_missing_and_unexpected_tensors(saved: Path) -> None:
 def test_not_a_model_dir(tmp_path: Path) -> None:
     with pytest.raises(CamelidError, match="no such file or directory"):
         camelid.load(tmp_path / "nope")
-    (tmp_path / "config.json").write_text(json.dumps(LlamaConfig.from_name("tiny-gqa").to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(LlamaConfig.from_name("tiny-gqa"))))
     _one_line_error(tmp_path, "no model.safetensors")
 
 
