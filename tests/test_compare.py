@@ -10,7 +10,7 @@ import transformers
 from test_classify import synthetic_examples, tiny_bert_dir, tiny_llama_dir  # noqa: F401 - fixtures
 
 from camelid import CamelidError
-from camelid.classify import _load_llm
+from camelid.classify import load_llm
 from camelid.cli import main
 from camelid.compare import ARMS, CompareArgs, PromptClassifier, markdown_table, pick_shots, run_compare
 
@@ -38,7 +38,7 @@ def jsonl(tmp_path, data):
 
 
 def test_label_scores_match_transformers(tiny_llama_dir, data):  # noqa: F811
-    model, tok = _load_llm(tiny_llama_dir)
+    model, tok = load_llm(tiny_llama_dir)
     labels = ["pos", "neg", "neu"]
     shots = pick_shots(data[0], labels, 3)
     assert sorted(s.label for s in shots) == sorted(labels)
@@ -61,7 +61,7 @@ def test_label_scores_match_transformers(tiny_llama_dir, data):  # noqa: F811
 def test_all_arms_end_to_end(tiny_llama_dir, tiny_bert_dir, jsonl, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = CompareArgs(data=str(jsonl), bert=str(tiny_bert_dir), llm=str(tiny_llama_dir), k_shot=3, max_test=15,
-                       epochs=12, bert_lr=1e-3, llm_lr=3e-3, batch_size=8, max_len=64)
+                       epochs=20, bert_lr=1e-3, llm_lr=3e-3, batch_size=8, max_len=64)
     results = run_compare(args, tmp_path / "out", quiet=True)  # one subprocess per arm
     assert [r["arm"] for r in results] == list(ARMS)
     by_arm = {r["arm"]: r for r in results}

@@ -10,16 +10,9 @@ import torch
 import transformers
 
 from camelid import BertConfig, CamelidError
-from camelid.bert.model import BertForPreTraining
-from camelid.bert.pretrain import (
-    IGNORE,
-    PretrainArgs,
-    PretrainingData,
-    mask_tokens,
-    pretrain_bert,
-    pretraining_loss,
-    split_sentences,
-)
+from camelid.bert.data import PretrainingData, mask_tokens, split_sentences
+from camelid.bert.model import IGNORE, BertForPreTraining, pretraining_loss
+from camelid.bert.pretrain import PretrainArgs, pretrain_bert
 from camelid.cli import main
 from camelid.interop.bert_hf import save_bert_hf_dir
 from camelid.tokenizer.wordpiece import WordPiece
