@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from classify_helpers import CUES, synthetic_examples
 
-from camelid import BertConfig, CamelidError, LlamaConfig
-from camelid.bert.model import BertForClassification
+from camelid import CamelidError
 from camelid.classify import (
     BertClassifier,
-    Example,
     LlamaClassifier,
     classification_metrics,
     evaluate_classifier,
@@ -26,16 +23,7 @@ from camelid.classify import (
     train_test_split,
 )
 from camelid.cli import main
-from camelid.interop.bert_hf import save_bert_hf_dir
-from camelid.interop.hf import save_hf_dir
-from camelid.model import Llama
-from camelid.tokenizer import Tokenizer
-from camelid.tokenizer.train import train_tokenizer
-from camelid.tokenizer.wordpiece import WordPiece
 from camelid.train.classify import TrainArgs, train_classifier
-
-CUES = {"pos": ["good", "great", "lovely"], "neg": ["bad", "awful", "poor"], "neu": ["okay", "average", "fine"]}
-FILLER = ["the", "room", "was", "food", "and", "staff", "really", "quite", "very", "hotel", "service", "overall"]
 
 
 @pytest.fixture(autouse=True)
@@ -47,48 +35,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def synthetic_examples(n: int, seed: int) -> list[Example]:
-    """The label is given by one cue word hidden among filler words."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        label = list(CUES)[i % 3]
-        words = [rng.choice(FILLER) for _ in range(rng.randint(4, 9))]
-        words.insert(rng.randrange(len(words) + 1), rng.choice(CUES[label]))
-        out.append(Example(" ".join(words), label))
-    return out
-
-
-def bpe_tokenizer(texts: list[str], folder: Path) -> Tokenizer:
-    """A byte-level BPE vocabulary trained on the texts (every word of them becomes one or two tokens)."""
-    (folder / "texts.txt").write_text("\n".join(texts) + "\n")
-    train_tokenizer([folder / "texts.txt"], 400, folder, min_frequency=1, show_progress=False)
-    (folder / "texts.txt").unlink()
-    return Tokenizer.from_dir(folder)
-
-
 @pytest.fixture(scope="module")
-def data():
-    return synthetic_examples(90, 0), synthetic_examples(30, 1)
-
-
-@pytest.fixture()
-def tiny_llama_dir(tmp_path, data):
-    (tmp_path / "llama").mkdir()
-    tok = bpe_tokenizer([e.text for e in data[0] + data[1]], tmp_path / "llama")
-    model = Llama(LlamaConfig.from_name("tiny-mha", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id))
-    save_hf_dir(model, tmp_path / "llama")
-    return tmp_path / "llama"
-
-
-@pytest.fixture()
-def tiny_bert_dir(tmp_path, data):
-    wp = WordPiece.train([e.text for e in data[0]], vocab_size=200, min_frequency=1)  # whole words
-    config = BertConfig.from_name("bert-test", vocab_size=wp.vocab_size, dim=64, intermediate_size=128, dropout=0.0,
-                                  attention_dropout=0.0)
-    save_bert_hf_dir(BertForClassification(config, 2).bert, tmp_path / "bert")
-    wp.save(tmp_path / "bert")
-    return tmp_path / "bert"
+def data(cue_examples):
+    return cue_examples
 
 
 def test_read_jsonl_and_split(tmp_path):

@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from camelid import Bert, BertConfig, CamelidError
-from camelid.bert.model import BertForClassification, BertForPreTraining
+from camelid.bert.data import mask_tokens
+from camelid.bert.model import BertForClassification, BertForPreTraining, pretraining_loss
 from camelid.interop.bert_hf import bert_config_from_hf, bert_config_to_hf, load_bert_hf_dir, save_bert_hf_dir
 from camelid.tokenizer.wordpiece import WordPiece
 
@@ -187,3 +188,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     model = Bert(BertConfig.from_name("bert-test"))
     with pytest.raises(CamelidError, match="learned positions"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_loss_matches_transformers_bert_for_pretraining(tmp_path):
+    config = BertConfig.from_name("bert-test")
+    ours = BertForPreTraining(config).eval()
+    save_bert_hf_dir(ours, tmp_path)
+    ref = transformers.BertForPreTraining.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(5, config.vocab_size, (4, 20))
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = True
+    corrupted, labels = mask_tokens(ids, special, config.vocab_size, mask_id=4, prob=0.3)
+    nsp = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        expected = ref(input_ids=corrupted, labels=labels, next_sentence_label=nsp).loss
+        mlm, nsp_logits = ours(corrupted)
+        got = pretraining_loss(mlm, nsp_logits, labels, nsp)
+    assert abs(float(got) - float(expected)) < 1e-5
