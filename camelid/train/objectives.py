@@ -419,10 +419,14 @@ class Classification:
             self._orders[epoch] = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.texts))
         return self._orders[epoch]
 
-    def batch(self, step: int, index: int) -> Batch:
+    def indices(self, step: int, index: int) -> list[int]:
+        """The training examples of micro-batch `index` of step `step`."""
         cfg, n = self.cfg, len(self.texts)
         first = (step * cfg.grad_accum * D.world_size() + index) * cfg.batch_size
-        idx = [int(self._order(p // n)[p % n]) for p in range(first, first + cfg.batch_size)]
+        return [int(self._order(p // n)[p % n]) for p in range(first, first + cfg.batch_size)]
+
+    def batch(self, step: int, index: int) -> Batch:
+        idx = self.indices(step, index)
         return self._inputs(idx, self.texts, self.features), self.labels[idx].to(self.device)
 
     def _inputs(self, idx: list[int], texts: list[str], features: Tensor | None) -> Any:
