@@ -56,6 +56,7 @@ def pretrain(
     eval_interval: int = typer.Option(100, help="Evaluate every this many steps (0: only at the end)."),
     checkpoint_interval: int = typer.Option(100, help="Checkpoint every this many steps (0: never)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUT/training."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     seed: int = typer.Option(0),
     time_budget: float = typer.Option(0, help="Stop after this many seconds of training, with the learning rate "
                                       "decayed to zero (0: run all steps)."),
@@ -69,7 +70,7 @@ def pretrain(
     args = PretrainArgs(config=config, vocab_size=vocab_size, max_len=max_len, batch_size=batch_size, steps=steps,
                         lr=lr, warmup=warmup, eval_batches=eval_batches, eval_interval=eval_interval,
                         checkpoint_interval=checkpoint_interval, seed=seed, time_budget_s=time_budget or None)
-    metrics = pretrain_bert(train_texts, held_texts, out, args, resume=resume)
+    metrics = pretrain_bert(train_texts, held_texts, out, args, quiet=not progress, resume=resume)
     h = metrics["heldout"]
     print(json.dumps(metrics["heldout"], indent=2))
     print(f"held-out MLM accuracy {h['mlm_accuracy']:.3f} (unigram baseline {h['unigram_top1_accuracy']:.3f}), "
