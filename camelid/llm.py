@@ -154,7 +154,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
     """
     path = resolve(source)
     if path.is_file() and path.suffix == ".safetensors":
-        from camelid.quantize import load_quantized
+        from camelid.variants.quantized import load_quantized
 
         model = load_quantized(path)
         tok = _load_tokenizer(path.parent) if tokenizer and (path.parent / "tokenizer.json").is_file() else None
@@ -182,7 +182,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
         )
     tok = _load_tokenizer(path) if tokenizer and has_tok else None
     if quantize:
-        from camelid.quantize import quantize_model
+        from camelid.variants.quantized import quantize_model
 
         quantize_model(model, quantize)
     return LLM(model=model.eval(), config=config, tokenizer=tok, source=str(path))
