@@ -288,10 +288,12 @@ def _build(folder: Path) -> ModuleType | None:
 def _start_background_build(folder: Path) -> None:
     """`python -m camelid.ops.native` in its own session (it outlives this process), its output in build.log."""
     folder.mkdir(parents=True, exist_ok=True)
+    # half the cores for the compiler: the run that started the build answers on the others meanwhile
+    env = {**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", str(max(1, (os.cpu_count() or 2) // 2)))}
     log: IO[bytes]
     with open(folder / "build.log", "ab") as log:
         subprocess.Popen([sys.executable, "-m", "camelid.ops.native"], stdin=subprocess.DEVNULL, stdout=log,
-                         stderr=log, start_new_session=True, close_fds=True)
+                         stderr=log, start_new_session=True, close_fds=True, env=env)
 
 
 def main() -> None:
