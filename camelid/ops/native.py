@@ -166,7 +166,7 @@ def load(wait: bool = True, quiet: bool = False, build: bool = True) -> ModuleTy
     if (folder / "ready").is_file():
         return _import(folder)
     if (folder / "failed").is_file():
-        _reason = f"the build for this CPU failed: {(folder / 'failed').read_text().strip()}"
+        _reason = f"the build for this CPU failed ({(folder / 'failed').read_text().strip()}); delete {folder} to retry"
         return None
     if not build:
         _reason = ("the C++ kernels are being built (another process)" if _building(folder) else
@@ -274,10 +274,9 @@ def _build(folder: Path) -> ModuleType | None:
                                      build_directory=str(folder), verbose=False)
         except Exception as e:  # noqa: BLE001 - any build problem means: use the PyTorch path
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            _reason = f"the build failed ({type(e).__name__}: {first})"
-            (folder / "failed").write_text(_reason + "\n")
-            print(f"camelid: C++ kernels unavailable: {_reason}; using the PyTorch path (delete {folder} to retry)",
-                  file=sys.stderr, flush=True)
+            (folder / "failed").write_text(f"{type(e).__name__}: {first}\n")
+            _reason = f"the build for this CPU failed ({type(e).__name__}: {first}); delete {folder} to retry"
+            print(f"camelid: C++ kernels unavailable: {_reason}; using the PyTorch path", file=sys.stderr, flush=True)
             return None
         (folder / "ready").write_text(f"built in {time.perf_counter() - t0:.0f}s\n")
         print(f"camelid: C++ kernels built in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
