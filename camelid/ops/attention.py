@@ -11,6 +11,8 @@ new tokens against the KV cache).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -98,27 +100,30 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
 
 
 # -- decoding -----------------------------------------------------------------------------------------------
-def _why_not_cached(qkv: Tensor, positions: Tensor) -> str | None:
+def _why_not_cached(qkv: Tensor, positions: Tensor, cache_k: Tensor) -> str | None:
     """None when the fused decode kernel takes this step, else why not."""
     if torch.compiler.is_compiling():
         return "under torch.compile, inductor fuses the reference ops"
     if qkv.shape[1] > MAX_FUSED_TOKENS:
         return f"more than {MAX_FUSED_TOKENS} new tokens (a prompt): SDPA"
-    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or positions.dim() != 1:
-        return "the kernel takes fp32 CPU tensors and one row of positions"
+    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or cache_k.dtype != torch.float32:
+        return "the kernel takes fp32 CPU tensors and an fp32 cache"
+    if positions.dim() != 1:
+        return "rows at different positions (the kernel takes one row of positions)"
     if native.module() is None:
         return native.reason()
     return None
 
 
-def cached_attention(qkv: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, cache: object | None,
+def cached_attention(qkv: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, cache: Any,
                      mask: Tensor | None, n_heads: int, n_kv_heads: int) -> Tensor:
     """One attention layer of inference from the fused projection qkv [B, T, (H + 2 KV) d]: split, RoPE, write
     the new keys and values into `cache` (a camelid.model.KVCache) at `positions` (None: no cache), attend.
     Returns [B, T, H d]. A few new tokens go through one C++ call; the rest through the reference ops."""
     B, T, width = qkv.shape
     d = width // (n_heads + 2 * n_kv_heads)
-    if cache is not None and positions is not None and mask is not None and _why_not_cached(qkv, positions) is None:
+    if (cache is not None and positions is not None and mask is not None
+            and _why_not_cached(qkv, positions, cache.k) is None):
         S = cache.k.shape[2]
         visible = mask.reshape(-1, T, S).expand(B, T, S)  # [T, S] or [B, 1, T, S] -> [B, T, S]
         return native.module().attend_cached(qkv, cos, sin, positions, cache.k, cache.v, visible, n_heads,
@@ -145,7 +150,7 @@ def choose(q: Tensor | None = None) -> native.Choice:
 def choose_cached(qkv: Tensor | None = None) -> native.Choice:
     """Which implementation `cached_attention` runs for qkv [B, T, width] (default: one fp32 CPU token)."""
     qkv = qkv if qkv is not None else torch.empty(1, 1, 6)
-    why = _why_not_cached(qkv, torch.zeros(qkv.shape[1], dtype=torch.long))
+    why = _why_not_cached(qkv, torch.zeros(qkv.shape[1], dtype=torch.long), qkv)
     if why is None:
         return native.Choice(f"C++ {native.label()}", f"RoPE + cache write + attention in one call for up to "
                                                       f"{MAX_FUSED_TOKENS} new tokens (SDPA for prompts)")
