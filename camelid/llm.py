@@ -163,7 +163,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
     path = resolve(source)
     fmt = detect(path)
     if fmt is Format.QUANTIZED:
-        from camelid.quantize import load_quantized
+        from camelid.variants.quantized import load_quantized
 
         model = load_quantized(path)
         tok = model_tokenizer(path, fmt) if tokenizer else None
@@ -193,7 +193,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
         )
     tok = model_tokenizer(path, fmt) if tokenizer else None
     if quantize:
-        from camelid.quantize import quantize_model
+        from camelid.variants.quantized import quantize_model
 
         quantize_model(model, quantize)
     return LLM(model=model.eval(), config=config, tokenizer=tok, source=str(path))

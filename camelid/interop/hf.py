@@ -314,7 +314,7 @@ def plain_state_dict(model: Llama) -> dict[str, Tensor]:
     format has wqkv / w13 tensors."""
     state = model.state_dict()
     if "layers.0.attention.wqkv.weight" in state or "layers.0.feed_forward.w13.weight" in state:
-        raise CamelidError("the model has fused projections (model.fuse()); save it before fusing")
+        raise CamelidError("the model has fused projections (camelid.variants.fused.fuse); save it before fusing")
     return state
 
 

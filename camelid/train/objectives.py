@@ -131,7 +131,7 @@ class CausalLM:
         self.name = mcfg.name
 
     def build_model(self) -> nn.Module:
-        from camelid.train.fast import TrainLlama
+        from camelid.variants.training import TrainLlama
 
         return TrainLlama(self.model_config)  # Llama's parameters and function, computed faster for training
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import camelid
 from camelid import CamelidError, Llama, LlamaConfig
 from camelid.interop.hf import config_to_hf, save_hf_dir
+from camelid.variants.fused import fuse
 
 transformers = pytest.importorskip("transformers")
 
@@ -148,8 +149,7 @@ def test_unsupported_architecture(saved: Path) -> None:
 
 
 def test_a_fused_model_is_refused_with_one_line(tmp_path: Path) -> None:
-    model = Llama(LlamaConfig.from_name("tiny-gqa")).eval()
-    model.fuse()
+    model = fuse(Llama(LlamaConfig.from_name("tiny-gqa")).eval())
     with pytest.raises(CamelidError, match="fused projections"):
         save_hf_dir(model, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()

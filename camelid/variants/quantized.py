@@ -1,13 +1,13 @@
-"""Weight-only quantisation for inference: int8 (one scale per output row) and int4 (groups of 32 with an
-fp16 scale and minimum, like llama.cpp's Q4_1). Activations stay fp32 (except in the one-call decode step,
-camelid.kernels.step, which by default multiplies int8/int4 weights with int8 activations).
+"""Weight-only quantisation for inference, applied from outside the reference model: int8 (one scale per output
+row) and int4 (groups of 32 with an fp16 scale and minimum, like llama.cpp's Q4_1). Activations stay fp32
+(except in the one-call decode step, camelid.variants.decode_step, which by default multiplies int8/int4 weights
+with int8 activations).
 
-Decode (1-8 rows of activations) goes through camelid's C++ GEMV kernels, which stream the packed weights
-(batch-1 generation runs the whole step in one C++ call: camelid.kernels.step); PyTorch's
-`_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were measured 5-25x slower than an fp32 GEMV on this
-class of CPU, so they are not used. Prompts (many rows) dequantise the layer and use torch's GEMM. Without
-the kernels everything runs the dequantise path. `quantize_model` also fuses the projections and swaps in the
-fused RMSNorm/attention layers (camelid.kernels.layers); mode "fp32" does only that, keeping fp32 weights.
+Decode (1-8 rows of activations) goes through camelid's C++ GEMV kernels (camelid.ops.linear), which stream the
+packed weights; PyTorch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were measured 5-25x slower than an
+fp32 GEMV on this class of CPU, so they are not used. Prompts (many rows) dequantise the layer and use torch's
+GEMM. `quantize_model` first fuses the model (camelid.variants.fused); mode "fp32" does only that and puts the
+fp32 weights behind the same GEMV kernels.
 """
 
 from __future__ import annotations
@@ -19,64 +19,49 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from camelid import kernels
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 from camelid.model import Llama, rope_inv_freq
+from camelid.ops import linear, native
+from camelid.variants.fused import fuse
 
 MODES = ("int8", "int4")
-GROUP = 32
+GROUP = linear.GROUP
 
 
 class Int8Linear(nn.Module):
+    """y = x W^T with W as int8 codes `qweight` [N, K] times one fp32 `scale` per row."""
+
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        qweight, scale = linear.quantize_int8(weight)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
-        self.out_features, self.in_features = w.shape
+        self.out_features, self.in_features = weight.shape
 
     def dequantize(self) -> Tensor:
-        w = kernels.dequantize("dequant_int8", self.qweight, self.scale)
-        return w if w is not None else self.qweight.float() * self.scale[:, None]
+        return linear.dequantize("int8", self.qweight, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
-        y = kernels.gemv("gemv_int8", x2d, self.qweight, self.scale)
-        if y is None:
-            y = x2d @ self.dequantize().to(x.dtype).T
-        return y.view(*x.shape[:-1], self.out_features)
+        return linear.linear(x, "int8", self.qweight, self.scale)
 
 
 class Int4Linear(nn.Module):
+    """y = x W^T with W as packed 4-bit codes `qweight` [N, K/2] and an fp16 `scale` and `minimum` per group of 32."""
+
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        w = weight.detach().float()
-        N, K = w.shape
-        if K % GROUP:
-            raise CamelidError(f"int4 needs in_features divisible by {GROUP}, got {K}; use quantize='int8'")
-        g = w.view(N, K // GROUP, GROUP)
-        # scale and minimum are stored in fp16 (as in Q4_1: 0.5625 bytes per weight); the codes are computed
-        # from the rounded values so that dequantisation reproduces them exactly
-        lo = g.amin(-1).clamp(-65504, 65504).half()
-        scale = ((g.amax(-1) - lo.float()) / 15).clamp(min=1e-7, max=65504).half()
-        q = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
-        self.register_buffer("qweight", (q[..., :16] | (q[..., 16:] << 4)).reshape(N, K // 2))
+        qweight, scale, minimum = linear.quantize_int4(weight)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
-        self.register_buffer("minimum", lo)
-        self.out_features, self.in_features = N, K
+        self.register_buffer("minimum", minimum)
+        self.out_features, self.in_features = weight.shape
 
     def dequantize(self) -> Tensor:
-        w = kernels.dequantize("dequant_int4", self.qweight, self.scale, self.minimum)
-        return w if w is not None else kernels.dequant_int4(self.qweight, self.scale, self.minimum)
+        return linear.dequantize("int4", self.qweight, self.scale, self.minimum)
 
     def forward(self, x: Tensor) -> Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
-        y = kernels.gemv("gemv_int4", x2d, self.qweight, self.scale, self.minimum)
-        if y is None:
-            y = x2d @ self.dequantize().to(x.dtype).T
-        return y.view(*x.shape[:-1], self.out_features)
+        return linear.linear(x, "int4", self.qweight, self.scale, self.minimum)
 
 
 class Int8Embedding(nn.Module):
@@ -99,7 +84,7 @@ class Int8Embedding(nn.Module):
 
 
 class FastLinear(nn.Module):
-    """fp32 linear whose batch-1 product uses camelid's streaming GEMV (torch's GEMM otherwise)."""
+    """fp32 linear whose few-row products use camelid's streaming GEMV (torch's GEMM otherwise)."""
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
@@ -107,11 +92,7 @@ class FastLinear(nn.Module):
         self.out_features, self.in_features = self.weight.shape
 
     def forward(self, x: Tensor) -> Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
-        y = kernels.gemv("gemv_f32", x2d, self.weight)
-        if y is None:
-            y = x2d @ self.weight.T
-        return y.view(*x.shape[:-1], self.out_features)
+        return linear.linear(x, "f32", self.weight)
 
 
 LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp32": FastLinear}
@@ -123,44 +104,40 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str, head: str | None = None) -> nn.Module:
-    """Replace every bias-free nn.Linear in place, one at a time, by its weight-only quantised twin ("int8",
-    "int4") or by the fp32 fast-GEMV linear ("fp32"); each fp32 weight is freed as soon as it is replaced,
-    so peak memory is the fp32 model plus one layer. In int8/int4 mode the embedding becomes int8 too
-    (sharing the head's matrix when they are tied and the head is int8). The output head uses `head`
-    (default: int8 in int4 mode, because the head's error shows directly in every logit; else `mode`).
-    In int4 mode a layer whose input width is not a multiple of 32 is quantised to int8."""
+def quantize_model(model: Llama, mode: str, head: str | None = None) -> Llama:
+    """Fuse `model` (camelid.variants.fused.fuse), then replace every bias-free nn.Linear in place, one at a
+    time, by its weight-only quantised twin ("int8", "int4") or by the fp32 fast-GEMV linear ("fp32"); each fp32
+    weight is freed as soon as it is replaced, so peak memory is the fp32 model plus one layer. In int8/int4 mode
+    the embedding becomes int8 too (sharing the head's matrix when they are tied and the head is int8). The
+    output head uses `head` (default: int8 in int4 mode, because the head's error shows directly in every logit;
+    else `mode`). In int4 mode a layer whose input width is not a multiple of 32 is quantised to int8."""
     if mode not in LINEARS:
         raise CamelidError(f"unknown quantize mode {mode!r}; choose one of int8, int4, fp32")
     head = head or ("int8" if mode == "int4" else mode)
     if head not in LINEARS:
         raise CamelidError(f"unknown head mode {head!r}; choose one of int8, int4, fp32")
-    kernels.load()  # build (or find) the kernels now, not inside the first (possibly compiled) forward
-    if hasattr(model, "fuse"):
-        model.fuse()  # fewer, larger GEMVs: QKV and gate+up read x once
+    native.module()  # build (or find) the kernels now, not inside the first (possibly compiled) forward
+    fuse(model)  # fewer, larger GEMVs: QKV and gate+up read x once
     for path, parent, name, lin in _linears(model):
         kind = LINEARS[head if path == "output" else mode]
         if kind is Int4Linear and lin.in_features % GROUP:
             kind = Int8Linear  # groups of 32 do not tile this row; int8 keeps it exact enough
         setattr(parent, name, kind(lin.weight))
-    emb = getattr(model, "tok_embeddings", None)
-    if mode in ("int8", "int4") and isinstance(emb, nn.Embedding):
-        tied = getattr(model.config, "tie_embeddings", False) and isinstance(model.output, Int8Linear)
+    emb = model.tok_embeddings
+    if mode in MODES and isinstance(emb, nn.Embedding):
+        tied = model.config.tie_embeddings and isinstance(model.output, Int8Linear)
         model.tok_embeddings = Int8Embedding(shared=model.output) if tied else Int8Embedding(emb.weight)
-    from camelid.kernels.layers import accelerate
-
-    accelerate(model)  # fused RMSNorm and decode attention (C++), same parameters
     model.quantized = mode  # type: ignore[assignment]
     return model
 
 
-def save_quantized(model: nn.Module, path: str | Path) -> None:
+def save_quantized(model: Llama, path: str | Path) -> None:
     """Write the quantised weights as safetensors (atomically), with the mode and the model's config in the
     metadata so that `load_quantized(path)` needs nothing else."""
     from camelid.fileio import atomic_write
 
     mode = getattr(model, "quantized", None)
-    if mode not in ("int8", "int4"):
+    if mode not in MODES:
         raise CamelidError("model is not quantised; call quantize_model(model, 'int8'|'int4') first")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     meta = {"camelid_quantize": mode, "camelid_config": json.dumps(model.config.to_dict())}
@@ -185,7 +162,7 @@ def load_quantized(path: str | Path) -> Llama:
     memory is the quantised weights. safetensors only, nothing is unpickled."""
     meta = read_metadata(path)
     mode = meta.get("camelid_quantize")
-    if mode not in ("int8", "int4") or "camelid_config" not in meta:
+    if mode not in MODES or "camelid_config" not in meta:
         raise CamelidError(f"{path}: no camelid quantisation metadata; write it with `camelid quantize`")
     config = LlamaConfig(**json.loads(meta["camelid_config"]))
     with torch.device("meta"):

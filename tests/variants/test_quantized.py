@@ -9,13 +9,21 @@ from helpers import peaked_model
 from camelid.errors import CamelidError
 from camelid.generate import generate
 from camelid.model import Llama
-from camelid.quantize import Int4Linear, Int8Embedding, Int8Linear, load_quantized, quantize_model, save_quantized
+from camelid.variants.fused import fuse
+from camelid.variants.quantized import (
+    FastLinear,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+)
 
 
 def dequantised_copy(qmodel: torch.nn.Module, base: Llama) -> Llama:
     """The fp32 model the quantised one stands for: every fused linear replaced by its dequantised weight."""
-    ref = copy.deepcopy(base)
-    ref.fuse()
+    ref = fuse(copy.deepcopy(base))
     qmods = dict(qmodel.named_modules())
     for name, mod in list(ref.named_modules()):
         if isinstance(mod, torch.nn.Linear):
@@ -28,12 +36,20 @@ def dequantised_copy(qmodel: torch.nn.Module, base: Llama) -> Llama:
 PROMPT = [1, 5, 9, 42, 7, 100, 3]
 
 
-def test_fuse_keeps_logits() -> None:
-    model = peaked_model()
-    ids = torch.tensor([PROMPT])
-    before = model(ids)
-    model.fuse()
-    torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+def test_quantised_models_keep_their_tensor_names() -> None:
+    """The file format of `camelid quantize`: the fused layout's names, the quantised tensors' own suffixes."""
+    tied = quantize_model(peaked_model("tiny-llama3"), "int4")
+    keys = set(tied.state_dict())
+    assert {"layers.0.attention.wqkv.qweight", "layers.0.attention.wqkv.scale", "layers.0.attention.wqkv.minimum",
+            "layers.0.attention.wo.qweight", "layers.0.feed_forward.w13.qweight", "layers.1.feed_forward.w2.scale",
+            "layers.0.attention_norm.weight", "layers.0.ffn_norm.weight", "norm.weight", "output.qweight",
+            "output.scale"} <= keys
+    assert not any(k.startswith("tok_embeddings") or "wq." in k or "w1." in k for k in keys)
+    untied = quantize_model(peaked_model(), "int8")
+    assert {"tok_embeddings.table.qweight", "tok_embeddings.table.scale"} <= set(untied.state_dict())
+    fp32 = quantize_model(peaked_model(), "fp32")
+    assert isinstance(fp32.layers[0].attention.wqkv, FastLinear)
+    assert "layers.0.attention.wqkv.weight" in fp32.state_dict()
 
 
 def test_fast_fp32_path_equals_plain_greedy() -> None:

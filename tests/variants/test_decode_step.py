@@ -1,21 +1,23 @@
-"""The whole-model C++ decode step (camelid/kernels/step.cpp) against the PyTorch path of the same model."""
+"""The whole-model C++ decode step (camelid/ops/csrc/decode_step.cpp) against the PyTorch path of the same model,
+and its refusal of what it does not implement."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 
 import pytest
 import torch
+from helpers import needs_kernels
 
-from camelid import kernels
 from camelid.config import LlamaConfig
 from camelid.generate import generate
-from camelid.kernels.step import decode_step
 from camelid.model import Llama
-from camelid.quantize import Int4Linear, Int8Linear, quantize_model
+from camelid.variants.decode_step import decode_step, refusal
+from camelid.variants.fused import fuse
+from camelid.variants.quantized import Int4Linear, Int8Linear, quantize_model
 
-needs_kernels = pytest.mark.skipif(kernels.load() is None, reason="C++ kernels could not be built here")
 PROMPT = [1, 5, 9, 42, 7, 100, 3]
 
 
@@ -27,8 +29,7 @@ def _model(name: str, mode: str, tied: bool, **overrides: int) -> Llama:
             if p.dim() == 2:
                 p.normal_(0, 0.15)  # peaked logits: greedy choices are not near-ties
     if mode == "fused":
-        model.fuse()  # plain nn.Linear weights, fused: the step reads them too
-        return model
+        return fuse(model)  # plain nn.Linear weights, fused: the step reads them too
     return quantize_model(model, mode)
 
 
@@ -170,8 +171,80 @@ def test_step_rebinds_to_a_new_cache() -> None:
 def test_plain_and_unsupported_models_keep_the_torch_path() -> None:
     plain = Llama(LlamaConfig.from_name("tiny-gqa")).eval()
     assert decode_step(plain) is None  # not fused: the readable reference path
-    biased = Llama(LlamaConfig.from_name("tiny-gqa", qkv_bias=True)).eval()
-    biased.fuse()
+    assert "not fused" in refusal(plain)
+    biased = fuse(Llama(LlamaConfig.from_name("tiny-gqa", qkv_bias=True)).eval())
     assert decode_step(biased) is None  # a bias in the QKV product: the kernel has none
-    half = copy.deepcopy(biased).to(torch.bfloat16)
-    assert decode_step(half) is None
+    assert refusal(biased) == "the config sets qkv_bias=True, which the C++ decode step does not implement"
+    half = copy.deepcopy(fuse(Llama(LlamaConfig.from_name("tiny-gqa")))).to(torch.bfloat16)
+    assert decode_step(half) is None and "fp32" in refusal(half)
+
+
+@dataclasses.dataclass
+class FutureConfig(LlamaConfig):
+    """A config with a field the step does not know (as a future LlamaConfig field would be)."""
+
+    sliding_window: int | None = None
+
+
+class Adapter(torch.nn.Module):
+    """A module the step does not know, wrapping a linear layer (as a LoRA adapter would)."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) * 1.5
+
+
+@pytest.mark.parametrize("change", ["config", "module", "subclass", "hook"])
+def test_what_the_step_does_not_implement_is_refused_in_one_line_and_decoded_per_layer(
+        change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("tiny-gqa", "int8", False)
+    assert refusal(model) is None
+    want_plain = _plain_generate(model, PROMPT, 12, monkeypatch)
+    if change == "config":
+        model.config = FutureConfig(**dataclasses.asdict(model.config), sliding_window=4)
+        expected = "the config sets sliding_window=4, which the C++ decode step does not implement"
+    elif change == "module":
+        model.layers[1].feed_forward.w2 = Adapter(model.layers[1].feed_forward.w2)
+        expected = "layers.1.feed_forward.w2 is of type Adapter, which the C++ decode step does not implement"
+    elif change == "subclass":
+        model.layers[0].attention.wo = type("MyInt8Linear", (Int8Linear,), {})(torch.randn(64, 64))
+        expected = "layers.0.attention.wo is of type MyInt8Linear, which the C++ decode step does not implement"
+    else:
+        model.layers[0].ffn_norm.register_forward_hook(lambda _m, _a, out: out * 2)
+        expected = "layers.0.ffn_norm has a forward hook, which the C++ decode step would skip"
+    assert refusal(model) == expected and "\n" not in expected
+    assert decode_step(model) is None
+    # generate_tokens decodes through the per-layer path, so the change is honoured: the tokens are those of
+    # the per-layer path (and, except for the unused config field, no longer the unchanged model's)
+    assert generate(model, PROMPT, 12) == _plain_generate(model, PROMPT, 12, monkeypatch)
+    if change != "config":
+        assert generate(model, PROMPT, 12) != want_plain
+
+
+@needs_kernels
+def test_the_cli_says_why_it_decodes_per_layer_unless_quiet(tmp_path, small_tokenizer) -> None:
+    """`camelid generate` on a model the step does not implement (q/k/v biases, Qwen2-style) decodes through the
+    per-layer path and says why on stderr, in one line; with -q it says nothing."""
+    import os
+    import shutil
+    import subprocess
+
+    from camelid.interop.hf import save_hf_dir
+
+    model = Llama(LlamaConfig.from_name("tiny-gqa", vocab_size=512, qkv_bias=True)).eval()
+    save_hf_dir(model, tmp_path / "biased")
+    shutil.copy(small_tokenizer, tmp_path / "biased" / "tokenizer.json")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "camelid", "generate", "Emma", "-m", str(tmp_path / "biased"),
+                               "-n", "4", *args], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+
+    said = run()
+    assert said.returncode == 0, said.stderr
+    assert ("camelid: the config sets qkv_bias=True, which the C++ decode step does not implement; decoding "
+            "through the per-layer path\n") in said.stderr
+    quiet = run("-q")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == said.stdout

@@ -10,10 +10,11 @@
 // Layout: q [B, T, H, D], k and v [B, T, KV, D] (the projections' own layout: no transposes on either side), all
 // contiguous fp32; query head h reads key head h / (H / KV). Rows of one head are H * D (or KV * D) floats apart,
 // which BLAS takes as its leading dimension.
-// camelid/train/fast.py holds the reference (F.scaled_dot_product_attention); tests/train/test_fast.py compares.
+//
+// Also here: attend_cached, the decode-time attention of a few new tokens against the KV cache.
+// camelid/ops/attention.py holds the reference (F.scaled_dot_product_attention); tests/ops/test_attention.py compares.
+#include "kernels.h"
 #include "vecmath.h"
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
@@ -40,8 +41,8 @@ inline void mm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
   sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
 }
 
-void check(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.dtype() == torch::kFloat32 && t.is_contiguous() && t.dim() == 4,
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 4,
               name, ": a contiguous 4-d fp32 CPU tensor expected");
 }
 
@@ -50,14 +51,14 @@ void check(const torch::Tensor& t, const char* name) {
 bool causal_attention_available() { return sgemm_ != nullptr; }
 
 // Returns (o [B, T, H, D], lse [B, H, T]): the attention output and each row's log-sum-exp of scaled scores.
-std::vector<torch::Tensor> causal_attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+std::vector<at::Tensor> causal_attention_forward(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
   check(q, "q"), check(k, "k"), check(v, "v");
   TORCH_CHECK(sgemm_ != nullptr, "no BLAS sgemm in this PyTorch build");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), KV = k.size(2);
   TORCH_CHECK(H % KV == 0 && k.sizes() == v.sizes() && k.size(0) == B && k.size(1) == T && k.size(3) == D,
               "q, k, v shapes do not match");
-  auto o = torch::empty_like(q);
-  auto lse = torch::empty({B, H, T}, q.options());
+  auto o = at::empty_like(q);
+  auto lse = at::empty({B, H, T}, q.options());
   const int64_t n_blocks = (T + kBlock - 1) / kBlock, n_tasks = B * H * n_blocks, G = H / KV;
   const int64_t ldq = H * D, ldk = KV * D;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
@@ -98,16 +99,16 @@ std::vector<torch::Tensor> causal_attention_forward(torch::Tensor q, torch::Tens
 
 // Returns (dq, dk, dv) for grad_o = dL/do. One task per (batch, key head) owns that head's dk and dv and the dq
 // of its query heads, so no two threads write the same memory.
-std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad_o, torch::Tensor q, torch::Tensor k,
-                                                     torch::Tensor v, torch::Tensor o, torch::Tensor lse,
+std::vector<at::Tensor> causal_attention_backward(at::Tensor grad_o, at::Tensor q, at::Tensor k,
+                                                     at::Tensor v, at::Tensor o, at::Tensor lse,
                                                      double scale) {
   check(grad_o, "grad_o"), check(q, "q"), check(k, "k"), check(v, "v"), check(o, "o");
   TORCH_CHECK(lse.is_contiguous() && grad_o.sizes() == q.sizes() && o.sizes() == q.sizes(), "shapes do not match");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), KV = k.size(2), G = H / KV;
   const int64_t ldq = H * D, ldk = KV * D;
-  auto dq = torch::empty_like(q);
-  auto dk = torch::zeros_like(k);
-  auto dv = torch::zeros_like(v);
+  auto dq = at::empty_like(q);
+  auto dk = at::zeros_like(k);
+  auto dv = at::zeros_like(v);
   const float *gp = grad_o.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>();
   const float *vp = v.data_ptr<float>(), *op = o.data_ptr<float>(), *lp = lse.data_ptr<float>();
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
@@ -158,4 +159,79 @@ std::vector<torch::Tensor> causal_attention_backward(torch::Tensor grad_o, torch
     }
   }
   return {dq, dk, dv};
+}
+
+// One attention layer for a few new tokens against the KV cache, in place of: split qkv, RoPE on q and k
+// (Hugging Face rotate-half layout), write k and v into the cache at `positions`, masked softmax attention
+// with grouped-query heads.
+//   qkv [B, T, (H + 2 KV) * d]; cos, sin [T, d]; positions int64 [T]; cache_k, cache_v [Bc >= B, KV, S, d];
+//   mask bool [B, T, S] (true = may attend). Returns [B, T, H * d].
+at::Tensor attend_cached(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor positions,
+                            at::Tensor cache_k, at::Tensor cache_v, at::Tensor mask, int64_t H,
+                            int64_t KV) {
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && cache_k.scalar_type() == at::kFloat, "fp32 expected");
+  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "contiguous cache expected");
+  qkv = qkv.contiguous(); cos = cos.contiguous(); sin = sin.contiguous();
+  positions = positions.contiguous(); mask = mask.contiguous();
+  const int64_t B = qkv.size(0), T = qkv.size(1), W = qkv.size(2), d = cos.size(1), half = d / 2;
+  const int64_t S = cache_k.size(2), G = H / KV;
+  TORCH_CHECK(W == (H + 2 * KV) * d, "qkv width does not match heads");
+  const float* in = qkv.data_ptr<float>(); const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>(); const int64_t* pos = positions.data_ptr<int64_t>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* kc = cache_k.data_ptr<float>(); float* vc = cache_v.data_ptr<float>();
+  int64_t n_keys = 0;  // keys past the last position are never visible: stop there
+  for (int64_t t = 0; t < T; ++t) n_keys = std::max(n_keys, pos[t] + 1);
+  TORCH_CHECK(n_keys <= S, "position outside the cache");
+
+  auto rope = [&](const float* x, int64_t t, float* out) {
+    const float* c = cp + t * d; const float* s = sp + t * d;
+    for (int64_t i = 0; i < half; ++i) {
+      out[i] = x[i] * c[i] - x[i + half] * s[i];
+      out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+    }
+  };
+  // 1) rotated keys and the values into the cache
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* row = in + (b * T + t) * W;
+      for (int64_t h = 0; h < KV; ++h) {
+        const int64_t slot = ((b * KV + h) * S + pos[t]) * d;
+        rope(row + (H + h) * d, t, kc + slot);
+        std::copy(row + (H + KV + h) * d, row + (H + KV + h + 1) * d, vc + slot);
+      }
+    }
+  // 2) attention, one (batch, head) per task
+  auto out = at::empty({B, T, H * d}, qkv.options());
+  float* op = out.data_ptr<float>();
+  const float scale = 1.f / std::sqrt((float)d);
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(d), p(n_keys);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, kvh = h / G;
+      const float* K = kc + (b * KV + kvh) * S * d; const float* V = vc + (b * KV + kvh) * S * d;
+      for (int64_t t = 0; t < T; ++t) {
+        rope(in + (b * T + t) * W + h * d, t, q.data());
+        const bool* m = mp + (b * T + t) * S;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n_keys; ++j) {
+          if (!m[j]) { p[j] = -std::numeric_limits<float>::infinity(); continue; }
+          float acc = 0.f;
+          for (int64_t e = 0; e < d; ++e) acc += q[e] * K[j * d + e];
+          p[j] = acc * scale;
+          mx = std::max(mx, p[j]);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < n_keys; ++j) { p[j] = m[j] ? std::exp(p[j] - mx) : 0.f; sum += p[j]; }
+        float* o = op + (b * T + t) * H * d + h * d;
+        std::fill(o, o + d, 0.f);
+        for (int64_t j = 0; j < n_keys; ++j) {
+          if (p[j] == 0.f) continue;
+          const float pj = p[j] / sum;
+          for (int64_t e = 0; e < d; ++e) o[e] += pj * V[j * d + e];
+        }
+      }
+    }
+  });
+  return out;
 }

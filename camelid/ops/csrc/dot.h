@@ -1,18 +1,21 @@
-// Dot-product inner loops shared by the GEMV kernels (gemv.cpp) and the whole-model decode step (step.cpp):
+// Dot-product inner loops shared by the GEMV kernels (linear.cpp) and the whole-model decode step (decode_step.cpp):
 // rows [n0, n1) of y = W x for fp32, int8 (one scale per row) and int4 (groups of 32, fp16 scale + min) weights.
 //
 // With AVX2 + FMA (x86-64-v3 and later) the inner loops are written with intrinsics: FOUR rows at a time, so
 // each activation vector loaded from cache feeds four independent FMA chains (one chain per row would wait on
 // FMA latency and could not keep up with memory). Elsewhere a plain loop is compiled; both give the same
-// result up to float summation order, which tests/test_kernels.py checks against the PyTorch twins.
+// result up to float summation order, which tests/ops/test_linear.py checks against the PyTorch references.
 #pragma once
-#include <torch/extension.h>
+#include "common.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define CAMELID_AVX2 1
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define CAMELID_VNNI 1
+#endif
 #endif
 
 
@@ -176,14 +179,22 @@ static inline void quantize_q8(const float* x, int64_t K, int8_t* q, float* d) {
 #ifdef CAMELID_AVX2
 // 32 signed int8 x 32 signed int8 -> 8 int32 partial sums -> float. vpmaddubsw wants one unsigned operand:
 // |w| times q with w's sign moved onto q (|w|, |q| <= 127, so the pairwise int16 sums cannot overflow).
+// With VNNI (AVX512-VNNI + VL, or AVX-VNNI) one vpdpbusd replaces vpmaddubsw + vpmaddwd; the sums are the same
+// integers (the int16 pairs above cannot saturate), so both paths give identical results.
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(CAMELID_VNNI) && defined(__AVX512VNNI__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(CAMELID_VNNI)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
 static inline __m256 dot_i8x32(__m256i w, __m256i q) {
-  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  return _mm256_cvtepi32_ps(dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w)));
 }
 // 32 unsigned codes 0..15 x 32 signed int8 -> 8 floats
-static inline __m256 dot_u4x32(__m256i w, __m256i q) {
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, q), _mm256_set1_epi16(1)));
-}
+static inline __m256 dot_u4x32(__m256i w, __m256i q) { return _mm256_cvtepi32_ps(dot_u8s8(w, q)); }
 #endif
 
 static inline void dot_int8_q8(const int8_t* q, const float* dq, const int8_t* w, const float* s, int64_t K,
@@ -217,7 +228,7 @@ static inline void dot_int8_q8(const int8_t* q, const float* dq, const int8_t* w
 }
 
 // int4 codes (dot_int4's layout) x int8 activations; the minimum multiplies xs, the group sums of the
-// dequantised activations (step.cpp's Act::set)
+// dequantised activations (decode_step.cpp's Act::set)
 static inline void dot_int4_q8(const int8_t* q, const float* dq, const float* xs, const uint8_t* w,
                                const at::Half* sc, const at::Half* mn, int64_t K, int64_t n0, int64_t n1, float* y) {
   const int64_t G = K / 32;
