@@ -111,7 +111,8 @@ def check_regexes(hf: Any, source: str | Path) -> None:
                     raise
                 detail = " ".join(str(e).split())[:120]
                 raise CamelidError(f"{source}: a regex of its pre-tokenizer or normalizer backtracks without bound "
-                                   f"(on a {len(text)}-character text: {detail}); fix the pattern in the file") from None
+                                   f"(on a {len(text)}-character text: {detail}); fix the pattern in the file") \
+                    from None
 
 
 @contextlib.contextmanager
