@@ -48,18 +48,18 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
 def iter_jsonl(path: Path, fix: str) -> Iterator[tuple[int, Any]]:
     """(line number, value) of each non-blank line of a jsonl file; a line that is not JSON is a one-line
     error naming its number and ending in `fix`."""
-    with open(path, encoding="utf-8") as fh:
-        n = 0
-        try:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CamelidError(f"{path}:{n}: not valid JSON ({e.msg}); {fix}") from None
-        except UnicodeDecodeError:
-            raise CamelidError(f"{path}:{n + 1}: not UTF-8 text (a binary file?); {fix}") from None
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CamelidError(f"{path}:{n}: not UTF-8 text (a binary file?); {fix}") from None
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CamelidError(f"{path}:{n}: not valid JSON ({e.msg}); {fix}") from None
 
 
 def read_json_or_none(path: Path) -> Any:
