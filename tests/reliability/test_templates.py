@@ -56,3 +56,17 @@ def test_a_tokenizer_regex_that_backtracks_without_bound_is_refused(tmp_path) ->
     r = camelid("tokenize", "aaaa", "-m", tmp_path / "tokenizer.json", cwd=tmp_path)
     assert_one_line_error(r, "tokenizer.json: a regex of its pre-tokenizer or normalizer backtracks without bound",
                           "fix the pattern")
+
+
+def test_a_regex_that_backtracks_only_on_rare_text_is_still_one_error_line(tmp_path) -> None:
+    """The probes at load time cannot foresee every text: then the command still ends in one `error:` line (after
+    the Rust library's own panic message, which camelid cannot silence), not a traceback."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(q(a+)+)+b"), behavior="isolated")  # only after a "q"
+    tok.save(str(tmp_path / "tokenizer.json"))
+    r = camelid("tokenize", "q" + "a" * 40, "-m", tmp_path / "tokenizer.json", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[0]] and "the tokenizer library failed" in errors[0] and "at fault" in errors[0]
