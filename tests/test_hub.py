@@ -77,7 +77,8 @@ def test_a_local_link_that_cannot_be_followed_is_never_sent_to_the_hub(monkeypat
     os.mkdir("org")
     os.symlink("loop", "org/loop")  # a link to itself: exists() is False, but it is a local path
     os.symlink("missing-target", "org/dangling")
-    for name in ("org/loop", "org/dangling"):
+    os.symlink("loop", "loop")
+    for name in ("org/loop", "org/dangling", "loop/model"):  # loop/model: the link is the folder on the way
         with pytest.raises(CamelidError, match="a link that cannot be resolved"):
             hub.resolve(name)
 

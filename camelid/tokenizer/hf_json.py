@@ -102,8 +102,8 @@ _PROBES = [run * 64 + end for run in _RUNS for end in ("", "!", "a", " ", "\n", 
 def check_regexes(hf: Any, source: str | Path) -> None:
     """Refuse a tokenizer whose regexes (pre-tokenizer splits, normalizer replacements) backtrack
     catastrophically: encode the probe texts, and turn the panic such a regex causes into one line."""
-    for text in _PROBES:
-        with _stderr_silenced():  # the panic prints its message and a backtrace on fd 2
+    with _stderr_silenced():  # a panic prints its message and a backtrace on fd 2
+        for text in _PROBES:
             try:
                 hf.encode(text)
             except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
