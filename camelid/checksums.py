@@ -6,8 +6,8 @@ written last and atomically, in the format `sha256sum -c SHA256SUMS` checks:
     3f5a...e1  model.safetensors
     9c0d...77  state.pt
 
-`verify(folder)` reads every listed file once and names the first one that is missing, of another size, or
-whose bytes changed. Hashing is one sha256 pass over the bytes (about 1-2 GB/s); the manifest is computed from
+`verify(folder)` reads every listed file once and names the first one that is missing, of another size, or whose
+bytes changed. Hashing is one sha256 pass over the bytes (roughly 1 GB/s on one core); the manifest is computed from
 the files just written, which are still in the page cache, so writing it costs the hashing alone.
 """
 
