@@ -1,11 +1,14 @@
-"""Helpers of the reliability tests (`from reliability_helpers import ...`): run the real `camelid` command in a
-subprocess and check what a user sees (exit status, stderr)."""
+"""Helpers of the reliability tests (`from reliability_helpers import ...`): run the real `camelid` command (in a
+subprocess, or its entry point in this process) and check what a user sees (exit status, stderr)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +30,32 @@ def camelid(*args: str | Path, cwd: Path, env: dict[str, str] | None = None, std
                           capture_output=True, timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
                                        proc.stderr.decode("utf-8", "replace"))
+
+
+def camelid_main(*args: str | Path, cwd: Path, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    """`camelid ARGS` through its entry point (camelid.cli.main) in this process: the same exit status, stdout and
+    stderr as the command, without the seconds a new Python process spends importing torch. For cases where the
+    process itself does not matter (what its stdin is, how it dies); an exception that escapes main() is a
+    traceback the user would have seen: it becomes stderr with exit status 1, and fails assert_one_line_error."""
+    from camelid.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved_stdin, saved_cwd = sys.stdin, os.getcwd()
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # noqa: BLE001 - what the user would see: a traceback
+                traceback.print_exc(file=sys.stderr)
+                code = 1
+    finally:
+        sys.stdin = saved_stdin
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(["camelid", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str, others: tuple[str, ...] = ()) -> str:

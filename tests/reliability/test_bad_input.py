@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from reliability_helpers import TINY_RUN, assert_one_line_error, camelid, settings
+from reliability_helpers import TINY_RUN, assert_one_line_error, camelid, camelid_main, settings
 
 from camelid import Llama, LlamaConfig
 from camelid.interop.hf import save_hf_dir
@@ -62,14 +62,18 @@ def config_with(model_folder: Path, **change: object) -> bytes:
     (lambda m: config_with(m, num_attention_heads=5), "num_attention_heads"),
 ], ids=["not-utf8", "a-list", "vocab-lots", "negative-hidden", "a-million-layers", "rope-theta-0",
         "no-positions", "heads-not-dividing"])
-def test_a_bad_config_json_names_the_field_and_the_file(model_folder, tmp_path, config, message) -> None:
+def test_a_bad_config_json_names_the_field_and_the_file(model_folder, tmp_path, config, message, request) -> None:
     folder = edited_copy(model_folder, tmp_path, config(model_folder))
-    r = camelid("generate", "hello", "-m", folder, "-n", "1", "--quantize", "none", cwd=tmp_path, timeout=300)
+    args = ("generate", "hello", "-m", folder, "-n", "1", "--quantize", "none")
+    # the case as seen runs the command in a process of its own; the others its entry point, here
+    run = camelid if request.node.callspec.id == "a-million-layers" else camelid_main
+    r = run(*args, cwd=tmp_path)
     assert_one_line_error(r, str(folder / "config.json"), message)
 
 
 def test_a_negative_model_dimension_from_the_command_line(tiny_data, tmp_path) -> None:
-    r = camelid("pretrain", *settings(*TINY_RUN, f"data={tiny_data}", "out=out", "model.dim=-64"), cwd=tmp_path)
+    r = camelid_main("pretrain", *settings(*TINY_RUN, f"data={tiny_data}", "out=out", "model.dim=-64"),
+                     cwd=tmp_path)
     assert_one_line_error(r, "dim", "-64")
     assert not (tmp_path / "out" / "checkpoints").exists()
 
@@ -77,29 +81,29 @@ def test_a_negative_model_dimension_from_the_command_line(tiny_data, tmp_path) -
 def test_out_that_is_a_file(tiny_data, tmp_path) -> None:
     (tmp_path / "taken").write_text("not a folder\n")
     (tmp_path / "emma.txt").write_text("Emma Woodhouse, handsome, clever, and rich.\n" * 50)
-    r = camelid("prepare", "emma.txt", "-t", tiny_data, "--out", "taken", cwd=tmp_path)
+    r = camelid("prepare", "emma.txt", "-t", tiny_data, "--out", "taken", cwd=tmp_path)  # the case as seen
     assert_one_line_error(r, "taken: an existing file, not a folder", "--out")
-    r = camelid("prepare", "emma.txt", "-t", tiny_data, "--out", "taken/data", cwd=tmp_path)
+    r = camelid_main("prepare", "emma.txt", "-t", tiny_data, "--out", "taken/data", cwd=tmp_path)
     assert_one_line_error(r, "taken: an existing file, not a folder")
-    r = camelid("tokenizer", "train", "emma.txt", "--vocab-size", "300", "--out", "taken", cwd=tmp_path)
+    r = camelid_main("tokenizer", "train", "emma.txt", "--vocab-size", "300", "--out", "taken", cwd=tmp_path)
     assert_one_line_error(r, "taken: an existing file, not a folder")
     assert (tmp_path / "taken").read_text() == "not a folder\n"  # untouched
 
 
 def test_an_empty_corpus_is_refused_and_a_binary_file_warned_about(tiny_data, tmp_path) -> None:
     (tmp_path / "empty.txt").write_text("\n \n")
-    r = camelid("prepare", "empty.txt", "-t", tiny_data, "--out", "data", cwd=tmp_path)
+    r = camelid("prepare", "empty.txt", "-t", tiny_data, "--out", "data", cwd=tmp_path)  # the case as seen
     assert_one_line_error(r, "empty.txt: empty", "no text")
     assert not (tmp_path / "data" / "meta.json").exists()
-    r = camelid("tokenizer", "train", "empty.txt", "--vocab-size", "300", "--out", "tok", cwd=tmp_path)
+    r = camelid_main("tokenizer", "train", "empty.txt", "--vocab-size", "300", "--out", "tok", cwd=tmp_path)
     assert_one_line_error(r, "empty.txt: empty", "no text")
     assert not (tmp_path / "tok" / "tokenizer.json").exists()
 
     (tmp_path / "emma.txt").write_text("Emma Woodhouse, handsome, clever, and rich, with a comfortable home.\n" * 80)
     (tmp_path / "photo.txt").write_bytes(bytes(range(256)) * 64)
-    for args in (("prepare", "emma.txt", "photo.txt", "empty.txt", "-t", tiny_data, "--out", "data"),
+    for args in (("prepare", "emma.txt", "photo.txt", "empty.txt", "-t", tiny_data, "--out", "data", "--workers", "1"),
                  ("tokenizer", "train", "emma.txt", "photo.txt", "empty.txt", "--vocab-size", "300", "--out", "tok")):
-        r = camelid(*args, cwd=tmp_path)
+        r = camelid_main(*args, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         warnings = [line for line in r.stderr.splitlines() if line.startswith("camelid: warning:")]
         assert len(warnings) == 2 and "Traceback" not in r.stderr, r.stderr

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from reliability_helpers import assert_one_line_error, camelid
+from reliability_helpers import assert_one_line_error, camelid, camelid_main
 
 
 def tokenizer_folder(tiny_data: Path, folder: Path, template: str) -> Path:
@@ -35,14 +35,16 @@ ATTACKS = {
 def test_a_template_that_does_unbounded_work_is_stopped_in_one_line(tiny_data, tmp_path, attack) -> None:
     template, why = ATTACKS[attack]
     folder = tokenizer_folder(tiny_data, tmp_path / "tok", template)
-    r = camelid("tokenize", "hello", "--chat", "-m", folder, cwd=tmp_path)
+    # the renderer is a process of its own either way; the case as seen also runs the command in a new process
+    run = camelid if attack == "a 10 GB string" else camelid_main
+    r = run("tokenize", "hello", "--chat", "-m", folder, cwd=tmp_path)
     assert_one_line_error(r, "the chat template", why, "the template (it comes with the model) is at fault")
 
 
 def test_a_template_that_is_fine_still_renders(tiny_data, tmp_path) -> None:
     folder = tokenizer_folder(tiny_data, tmp_path / "tok", "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
                                                            "{% endfor %}")
-    r = camelid("tokenize", "hello", "--chat", "-m", folder, "--json", cwd=tmp_path)
+    r = camelid_main("tokenize", "hello", "--chat", "-m", folder, "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["text"] == "<user>hello"
 
@@ -53,7 +55,7 @@ def test_a_tokenizer_regex_that_backtracks_without_bound_is_refused(tmp_path) ->
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(\s*a+)+b"), behavior="isolated")
     tok.save(str(tmp_path / "tokenizer.json"))
-    r = camelid("tokenize", "aaaa", "-m", tmp_path / "tokenizer.json", cwd=tmp_path)
+    r = camelid_main("tokenize", "aaaa", "-m", tmp_path / "tokenizer.json", cwd=tmp_path)
     assert_one_line_error(r, "tokenizer.json: a regex of its pre-tokenizer or normalizer backtracks without bound",
                           "fix the pattern")
 
