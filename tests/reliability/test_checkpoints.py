@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from reliability_helpers import ROOT, TINY_RUN, assert_one_line_error, camelid, settings
 
 from camelid import checksums
@@ -97,9 +98,12 @@ def test_a_full_disk_costs_one_checkpoint_and_one_line(tiny_data, tmp_path) -> N
     # how big one checkpoint of this model is, measured: the disk gets room for one and a half
     from camelid.train import load_config, train
 
-    probe = tmp_path / "probe"
-    train(load_config(None, [*TINY_RUN, f"data={tiny_data}", f"out={probe}", "max_steps=1", "checkpoint_interval=1"]),
-          progress=False)
+    probe, threads = tmp_path / "probe", torch.get_num_threads()
+    try:
+        train(load_config(None, [*TINY_RUN, f"data={tiny_data}", f"out={probe}", "max_steps=1",
+                                 "checkpoint_interval=1"]), progress=False)
+    finally:
+        torch.set_num_threads(threads)  # the run's threads=1 is not for the tests after this one
     size = sum(f.stat().st_size for f in (probe / "checkpoints" / "step-000001").iterdir())
     room = int(size * 1.5) + (256 << 10)  # + logs, config.json, the tensorboard events
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reliability_helpers import ROOT
 
@@ -117,6 +117,7 @@ _names = itertools.count()
 
 def check(worker: Worker, reader: str, path: Path) -> None:
     answer = worker.read(reader, path)
+    event(answer["outcome"])  # --hypothesis-show-statistics: how many loaded, how many were refused
     assert answer["outcome"] in ("loaded", "error"), answer
     if answer["outcome"] == "error":
         assert "\n" not in answer["detail"] and answer["detail"], answer
