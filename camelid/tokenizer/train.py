@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from camelid.errors import CamelidError
-from camelid.fileio import atomic_write, text_files
+from camelid.fileio import atomic_write, check_corpus_file, check_output_folder, refuse_or_warn_empty, text_files
 from camelid.tokenizer.base import Tokenizer
 
 EOS = "<|endoftext|>"
@@ -46,6 +46,8 @@ def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Pat
         raise CamelidError(f"vocab size {vocab_size} is below the {floor} that the 256 bytes and "
                            f"{len(specials)} special tokens need; choose a larger --vocab-size")
     paths = text_files(list(files))
+    check_output_folder(out_dir)
+    refuse_or_warn_empty([p for p in paths if not check_corpus_file(p)], len(paths))  # and warns about binary ones
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

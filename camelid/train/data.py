@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 
 from camelid.errors import CamelidError
-from camelid.fileio import atomic_write, iter_jsonl, read_json_or_none, text_files
+from camelid.fileio import (
+    atomic_write,
+    check_output_folder,
+    iter_jsonl,
+    read_corpus_file,
+    read_json_or_none,
+    refuse_or_warn_empty,
+    text_files,
+)
 
 META_VERSION = 1
 _PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this many characters
@@ -59,12 +67,17 @@ def read_documents(paths: list[str | Path], field: str = "text", val_files: list
     `val_files` (globs), else a `val_fraction` of documents chosen at random with `seed`."""
     files = text_files(paths, (".txt", ".md", ".jsonl"))
     docs: list[Document] = []
+    empty: list[Path] = []
     for f in files:
         is_val = bool(val_files) and any(f.match(pat) or f.name == pat for pat in val_files)
+        before = len(docs)
         if f.suffix == ".jsonl":
             docs.extend(Document(t, is_val) for t in _jsonl_texts(f, field))
         else:
-            docs.append(Document(f.read_text(encoding="utf-8", errors="replace"), is_val))
+            docs.append(Document(read_corpus_file(f), is_val))  # warns when it does not look like text
+        if not any(d.text.strip() for d in docs[before:]):
+            empty.append(f)
+    refuse_or_warn_empty(empty, len(files))
     if val_files and not any(d.val for d in docs):
         raise CamelidError(f"--val-files {', '.join(val_files)} matched none of the inputs; give a file name")
     return split_documents(docs, val_fraction, seed) if not val_files else docs
@@ -174,6 +187,9 @@ def prepare(docs: list[Document], tokenizer_path: str | Path, out_dir: str | Pat
 
     if not docs:
         raise CamelidError("no documents to prepare; check the input paths")
+    if not any(d.text.strip() for d in docs):
+        raise CamelidError(f"no text to prepare: all {len(docs)} input document(s) are empty; give files with text")
+    check_output_folder(out_dir)
     tokenizer_path = Path(tokenizer_path)
     if tokenizer_path.is_dir():
         tokenizer_path = tokenizer_path / "tokenizer.json"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
 
+from camelid.checksums import folder_files, write_manifest
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
 from camelid.train import checkpoint as ckpt
@@ -397,7 +398,8 @@ def _tied_names(raw: nn.Module) -> set[str]:
 
 
 def _export(raw: nn.Module, model: nn.Module, objective: Objective, info: D.DistInfo, fsdp: bool) -> None:
-    """The final weights, written by the objective where users load them from (cfg.export_path)."""
+    """The final weights, written by the objective where users load them from (cfg.export_path), ended by a
+    SHA256SUMS of the folder's files."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -405,5 +407,9 @@ def _export(raw: nn.Module, model: nn.Module, objective: Objective, info: D.Dist
     else:
         state = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
     if info.is_main:
-        objective.export(raw, state)
+        started = time.time() - 2  # the files this export writes, not what an earlier one left there
+        path = objective.export(raw, state)
+        if path is not None and Path(path).is_dir():  # camelid.load checks the files against it
+            path = Path(path)
+            write_manifest(path, [f for f in folder_files(path) if (path / f).stat().st_mtime >= started])
     D.barrier(info)

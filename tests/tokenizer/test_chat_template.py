@@ -238,3 +238,55 @@ def test_template_errors_are_camelid_errors():
     # the sandbox: no attribute access to Python internals
     with pytest.raises(CamelidError):
         render_chat("{{ messages.__class__.__mro__ }}", [])
+
+
+# ---- bounds on a template's work -------------------------------------------------------------------------------
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_a_template_past_its_cpu_time_is_stopped_and_the_next_one_renders(monkeypatch):
+    from camelid.tokenizer import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_CPU_SECONDS", 0.3)
+    with pytest.raises(CamelidError, match=r"stopped: it ran for more than 0.3 s of CPU time; the template .* is at "
+                                           "fault"):
+        render_chat("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", HI)
+    assert render_chat("{{ messages[0].content }}!", HI) == "hi!"  # a new renderer took over
+
+
+def test_a_template_past_its_memory_is_stopped():
+    with pytest.raises(CamelidError, match="needed more than the 512 MiB it may use"):
+        render_chat("{{ 'A' * 10**10 }}", HI)
+
+
+def test_a_template_past_its_output_size_is_stopped(monkeypatch):
+    from camelid.tokenizer import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_OUTPUT_CHARS", 1000)
+    assert len(render_chat("{% for i in range(50) %}{{ 'x' * 20 }}{% endfor %}", HI)) == 1000
+    with pytest.raises(CamelidError, match="its output grew past 1,000 characters"):
+        render_chat("{% for i in range(51) %}{{ 'x' * 20 }}{% endfor %}", HI)
+
+
+def test_a_template_error_of_any_kind_is_one_line():
+    with pytest.raises(CamelidError, match=r"failed \(OverflowError: Range too big.*\); the template"):
+        render_chat("{{ range(10**9) | list }}", HI)
+    with pytest.raises(CamelidError, match=r"failed \(ZeroDivisionError"):
+        render_chat("{{ 1 / 0 }}", HI)
+
+
+def test_template_arguments_are_json_values():
+    with pytest.raises(CamelidError, match="must be JSON values"):
+        render_chat("{{ x }}", HI, x=object())
+    assert render_chat("{{ x.a[1] }} {{ flag }}", HI, x={"a": [1, 2]}, flag=True) == "2 True"
+
+
+def test_the_built_in_templates_render_without_the_renderer(monkeypatch):
+    from camelid.tokenizer import chat_template
+
+    def no_renderer(request):
+        raise AssertionError("a built-in template went to the renderer process")
+
+    monkeypatch.setattr(chat_template._renderer, "render", no_renderer)
+    assert render_chat("chatml", HI) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

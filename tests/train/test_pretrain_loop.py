@@ -118,11 +118,14 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(trained, small_data, tmp
     # truncate the newest checkpoint's weights
     weights = run / "checkpoints" / "step-000030" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CamelidError, match="corrupt or missing"):
+    with pytest.raises(CamelidError, match="model.safetensors: damaged"):  # its SHA256SUMS says so
         train(cfg, resume=True, progress=False)
-    # a garbage state.pt is refused by the weights-only loader, never unpickled
+    # a garbage state.pt: its checksum, and without one the weights-only loader, refuse it; it is never unpickled
     shutil.copytree(good, run / "checkpoints" / "step-000030", dirs_exist_ok=True)
     (run / "checkpoints" / "step-000030" / "state.pt").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CamelidError, match="state.pt: damaged"):
+        train(cfg, resume=True, progress=False)
+    (run / "checkpoints" / "step-000030" / "SHA256SUMS").unlink()
     with pytest.raises(CamelidError, match="state.pt: corrupt"):
         train(cfg, resume=True, progress=False)
     (run / "checkpoints" / "latest").write_text("step-000099\n")
@@ -143,7 +146,7 @@ def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(CamelidError, match="step-000002: the checkpoint could not be written"):
         ckpt.save(tmp_path, 2, {"w": torch.zeros(3)}, {**train_state, "step": 2}, {})
     assert ckpt.latest(tmp_path).name == "step-000001"
     assert (tmp_path / "checkpoints" / "step-000001" / "model.safetensors").read_bytes() == before
