@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,12 +78,22 @@ def test_list_and_pull() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
 def test_chat_in_a_real_terminal(tmp_path) -> None:
-    session = f"camelid-{uuid.uuid4().hex[:8]}"
-    env_prefix = f"cd {os.getcwd()} && PYTHONPATH={os.pathsep.join(sys.path)!r} "
-    cmd = env_prefix + f"{sys.executable} -m camelid chat -t 0 -n 40 --system 'You are a concise assistant.'"
+    """`camelid chat` in a terminal, driven through tmux on a server of its own (`-L`): a server started by someone
+    else would hand the chat that server's environment (another kernel cache, another model cache), so the
+    chat gets this process's environment spelled out on its command line."""
+    from camelid.ops import native
+
+    kernels_ready = native.load(build=False) is not None
+    socket = f"camelid-test-{uuid.uuid4().hex[:8]}"
+    session = "chat"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env_words = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items() if k.isidentifier())
+    cmd = (f"cd {shlex.quote(os.getcwd())} && env -i {env_words} {shlex.quote(sys.executable)} -m camelid chat "
+           "-t 0 -n 40 --system 'You are a concise assistant.'")
 
     def tmux(*a: str) -> str:
-        return subprocess.run(["tmux", *a], capture_output=True, text=True, check=True).stdout
+        return subprocess.run(["tmux", "-L", socket, "-f", os.devnull, *a], capture_output=True, text=True,
+                              check=True, env=env).stdout
 
     def screen() -> str:
         return tmux("capture-pane", "-p", "-J", "-S", "-200", "-t", session)
@@ -110,5 +121,7 @@ def test_chat_in_a_real_terminal(tmp_path) -> None:
         # the chat exits cleanly; the shell then prints its status and sleeps, so the pane stays readable
         text = wait_for(lambda s: "chat-exited-with=" in s, timeout=30)
         assert "chat-exited-with=0" in text and "Traceback" not in text
+        if kernels_ready:  # the chat saw this process's kernel cache, not another environment's
+            assert "kernels are being built" not in text, text
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True)
