@@ -78,7 +78,7 @@ def convert_checkpoint(src: str, dst: Path, to: str, dtype: str | None = None, q
         c = llm.config
         if shards not in shard_counts(c.n_heads, c.n_kv_heads):
             counts = shard_counts(c.n_heads, c.n_kv_heads)
-            raise CamelidError(f"--shards {shards}: {c.name} has {c.n_heads} query and {c.n_kv_heads} key/value "
+            raise CamelidError(f"--shards {shards}: {src} has {c.n_heads} query and {c.n_kv_heads} key/value "
                                f"heads, and the shard count must divide both; choose {_either(counts)}")
         out = save_meta_dir(llm.model, dst, n_shards=shards, dtype=torch_dtype)
         if src_path.is_dir() and (src_path / "tokenizer.model").is_file():
