@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from camelid import hub
 from camelid.cli.app import app
 from camelid.errors import CamelidError
 from camelid.hub import DEFAULT_MODEL
@@ -31,9 +32,16 @@ def _load(model: str, quiet: bool, quantize: str) -> Any:
     if quantize not in ("none", "fp32", "int8", "int4"):
         raise CamelidError(f"--quantize {quantize!r}: choose one of none, fp32, int8, int4")
     t0 = time.perf_counter()
-    path = camelid.llm.resolve(model)  # a wrong name is the one line on stderr, before anything else is said
-    if quantize != "none" and native.load(wait=False, quiet=quiet) is None and _building(native.reason()):
-        _leave_cores_to_the_build()
+    registered = model in hub.MODELS and hub.MODELS[model].kind in hub.LLM_KINDS
+    # a wrong name is the one line on stderr, before anything else is said
+    path = None if registered else camelid.llm.resolve(model)
+    if quantize != "none" and native.load(wait=False, quiet=quiet) is None:
+        if _building(native.reason()):
+            _leave_cores_to_the_build()
+        if quantize == "fp32":  # fused fp32 modules only pay off through the kernels: the plain model loads faster
+            quantize = "none"
+    if path is None:  # fetched the first time (saying so unless -q), while the kernels build
+        path = hub.pull(model, quiet=quiet)
     if not quiet:
         print(f"camelid: loading {path} ...", file=sys.stderr, flush=True)
     llm = camelid.load(path, quantize=None if quantize == "none" else quantize)
