@@ -45,23 +45,26 @@ def cpu() -> str:
 
 
 def timed(script: str, cwd: Path, env: dict[str, str]) -> tuple[float, list[tuple[float, str, str]], int]:
-    """Run `script` under bash; (wall seconds, [(second, stream, line)], exit status)."""
+    """Run `script` under bash; (wall seconds, [(second, stream, line)], exit status). The pipes are read
+    unbuffered, so each line carries the second it was written."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1)
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, "stdout")  # type: ignore[arg-type]
-    sel.register(proc.stderr, selectors.EVENT_READ, "stderr")  # type: ignore[arg-type]
+    pending = {}
+    for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+        sel.register(pipe.fileno(), selectors.EVENT_READ, name)  # type: ignore[union-attr]
+        pending[name] = b""
     lines: list[tuple[float, str, str]] = []
-    open_streams = 2
-    while open_streams:
+    while sel.get_map():
         for key, _ in sel.select():
-            line = key.fileobj.readline()  # type: ignore[union-attr]
-            if not line:
-                sel.unregister(key.fileobj)
-                open_streams -= 1
-                continue
-            lines.append((time.perf_counter() - t0, key.data, line.rstrip("\n")))
+            chunk = os.read(key.fd, 1 << 16)
+            now = time.perf_counter() - t0
+            if not chunk:
+                sel.unregister(key.fd)
+                chunk = b"\n" if pending[key.data] else b""
+            *complete, pending[key.data] = (pending[key.data] + chunk).split(b"\n")
+            lines += [(now, key.data, line.decode(errors="replace")) for line in complete]
     status = proc.wait()
     return time.perf_counter() - t0, lines, status
 
