@@ -20,6 +20,7 @@ hashes every file whatever its mtime.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import shutil
@@ -111,6 +112,16 @@ MODELS: dict[str, WheelModel] = {
 }
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+LLM_KINDS = ("gguf", "hf")  # registry kinds that camelid.load runs (the others: a BERT, tokenizers)
+
+
+def known_names(name: str, kinds: tuple[str, ...] | None = None) -> str:
+    """For an error about an unknown `name`: the closest registered name, then the names of `kinds` (all kinds
+    when None), e.g. "did you mean 'smollm2-135m-instruct'? known models: smollm2-135m-instruct"."""
+    names = [m.name for m in MODELS.values() if kinds is None or m.kind in kinds]
+    close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}known{' models' if kinds == LLM_KINDS else ''}: {', '.join(names)} (`camelid list`)"
 
 
 def cache_dir() -> Path:
@@ -281,7 +292,7 @@ def pull(name: str, *, quiet: bool = False, verify: bool = False) -> Path:
                 raise CamelidError(f"--verify checks the models camelid registers ({', '.join(MODELS)}); "
                                    f"{name!r} is a Hugging Face Hub id, whose files huggingface_hub checks")
             return pull_hf_hub(name)
-        raise CamelidError(f"unknown model {name!r}; known: {', '.join(MODELS)} (or a Hugging Face id org/name)")
+        raise CamelidError(f"unknown model {name!r}; {known_names(name)}, or a Hugging Face id org/name")
     model = MODELS[name]
     if not verify and _stamp_holds(model):
         return model.path
@@ -338,9 +349,10 @@ def pull_hf_hub(repo_id: str) -> Path:
                            "check the id and your network, or download it and pass its folder") from e
 
 
-def resolve(source: str | os.PathLike) -> Path:
+def resolve(source: str | os.PathLike, kinds: tuple[str, ...] | None = None) -> Path:
     """A registered name, a local path or a Hugging Face Hub id ("org/name") -> a local path, fetching
-    registered models into the cache and Hub ids through huggingface_hub. What every loader accepts."""
+    registered models into the cache and Hub ids through huggingface_hub. What every loader accepts.
+    `kinds` narrows the names an error suggests (LLM_KINDS for a loader of LLaMA-family models)."""
     text = str(source)
     if text in MODELS:
         return pull(text)
@@ -353,4 +365,4 @@ def resolve(source: str | os.PathLike) -> Path:
             raise CamelidError(f"{where}: a link that cannot be resolved (dangling, or a loop); fix or remove it")
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return pull_hf_hub(text)
-    raise CamelidError(f"{source}: no such file or directory, and not a known name (known: {', '.join(MODELS)})")
+    raise CamelidError(f"{source}: no such file or directory, and not a known name; {known_names(text, kinds)}")

@@ -134,7 +134,7 @@ def resolve(source: str | os.PathLike) -> Path:
     text = str(source)
     if text in hub.MODELS and hub.MODELS[text].kind == "tokenizer":
         raise CamelidError(f"{text} is a tokenizer, not a model; use camelid.tokenizer.Tokenizer.load({text!r})")
-    return hub.resolve(source)
+    return hub.resolve(source, kinds=hub.LLM_KINDS)
 
 
 def model_tokenizer(path: Path, fmt: Format | None = None) -> Tokenizer | None:

@@ -190,7 +190,8 @@ def bench(
     threads: int = typer.Option(os.cpu_count() or 1, help="threads for every engine"),
     engines: str = typer.Option("camelid:fp32-eager,camelid:fp32,camelid:int8,camelid:int4,transformers:fp32",
                                 help="comma-separated engine:precision list; llama.cpp:FILE.gguf adds llama.cpp"),
-    out: Path = typer.Option(Path("benchmarks/results"), help="folder for JSON and the PNG chart"),
+    out: Path = typer.Option(Path("runs/bench"), help="folder for JSON and the PNG chart (benchmarks/results holds "
+                                                      "the committed ones; --out there to replace them)"),
 ) -> None:
     """Measure prefill/decode tok/s and peak RSS of camelid beside other engines, side by side."""
     specs = []

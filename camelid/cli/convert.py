@@ -40,6 +40,11 @@ def _tokenizer_for(path: Path) -> Tokenizer | None:
         return None
 
 
+def shard_counts(n_heads: int, n_kv_heads: int) -> list[int]:
+    """The model-parallel shard counts a Meta checkpoint of these heads can have: those dividing both."""
+    return [n for n in range(1, n_kv_heads + 1) if n_heads % n == 0 and n_kv_heads % n == 0]
+
+
 def convert_checkpoint(src: str, dst: Path, to: str, dtype: str | None = None, qtype: str = "f32",
                        shards: int = 1) -> Path:
     """Load `src` (name, HF dir, .gguf, Meta dir) and write it to `dst` in format `to`; returns what was written."""
@@ -70,11 +75,22 @@ def convert_checkpoint(src: str, dst: Path, to: str, dtype: str | None = None, q
     if to == "meta":
         from camelid.interop.meta import save_meta_dir
 
+        c = llm.config
+        if shards not in shard_counts(c.n_heads, c.n_kv_heads):
+            counts = shard_counts(c.n_heads, c.n_kv_heads)
+            raise CamelidError(f"--shards {shards}: {src} has {c.n_heads} query and {c.n_kv_heads} key/value "
+                               f"heads, and the shard count must divide both; choose {_either(counts)}")
         out = save_meta_dir(llm.model, dst, n_shards=shards, dtype=torch_dtype)
         if src_path.is_dir() and (src_path / "tokenizer.model").is_file():
             shutil.copyfile(src_path / "tokenizer.model", out / "tokenizer.model")
+        elif llm.tokenizer is not None:  # e.g. a GGUF's vocabulary: as tokenizer.json, which camelid.load reads
+            llm.tokenizer.save_pretrained(out)
         return out
     raise CamelidError(f"unknown target format {to!r}; choose hf, gguf or meta")
+
+
+def _either(counts: list[int]) -> str:
+    return " or ".join(", ".join(map(str, counts)).rsplit(", ", 1))
 
 
 @app.command()
@@ -84,7 +100,9 @@ def convert(
     to: Target = typer.Option(..., "--to", help="Output format."),
     dtype: str = typer.Option(None, "--dtype", help="Weight dtype for hf/meta: f32, f16 or bf16 (default: as loaded)."),
     qtype: str = typer.Option("f32", "--qtype", help="GGUF tensor type: f32, f16 or q8_0."),
-    shards: int = typer.Option(1, "--shards", help="Model-parallel shards for --to meta."),
+    shards: int = typer.Option(1, "--shards", min=1,
+                               help="Model-parallel shards for --to meta: a number dividing the model's query and "
+                                    "key/value head counts (`camelid info NAME` shows them)."),
 ) -> None:
     """Convert a checkpoint between Hugging Face, GGUF and Meta formats (atomic writes)."""
     start = time.perf_counter()

@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from camelid import hub
 from camelid.cli.app import app
 from camelid.errors import CamelidError
 from camelid.hub import DEFAULT_MODEL
@@ -31,16 +32,26 @@ def _load(model: str, quiet: bool, quantize: str) -> Any:
     if quantize not in ("none", "fp32", "int8", "int4"):
         raise CamelidError(f"--quantize {quantize!r}: choose one of none, fp32, int8, int4")
     t0 = time.perf_counter()
-    camelid.llm.resolve(model)  # a wrong name is the one line on stderr, before anything else is said
-    if quantize != "none":
-        native.load(wait=False, quiet=quiet)  # never wait on a kernel build: meanwhile PyTorch answers
-    llm = camelid.load(model, quantize=None if quantize == "none" else quantize)
+    registered = model in hub.MODELS and hub.MODELS[model].kind in hub.LLM_KINDS
+    # a wrong name is the one line on stderr, before anything else is said
+    path = None if registered else camelid.llm.resolve(model)
+    if quantize != "none" and native.load(wait=False, quiet=quiet) is None:
+        if _building(native.reason()):
+            _leave_cores_to_the_build()
+        if quantize == "fp32":  # fused fp32 modules only pay off through the kernels: the plain model loads faster
+            quantize = "none"
+    if path is None:  # fetched the first time (saying so unless -q), while the kernels build
+        path = hub.pull(model, quiet=quiet)
+    if not quiet:
+        print(f"camelid: loading {path} ...", file=sys.stderr, flush=True)
+    llm = camelid.load(path, quantize=None if quantize == "none" else quantize)
     if llm.tokenizer is None:
-        raise CamelidError(f"{model}: no tokenizer found beside the weights; text generation needs one")
+        raise CamelidError(f"{model}: no tokenizer found beside the weights; text generation needs one (put the "
+                           "model's tokenizer.json or tokenizer.model in its folder)")
     if not quiet:
         n = llm.config.num_params()
-        print(f"camelid: loaded {llm.config.name} ({n / 1e6:.1f}M parameters) from {llm.source} "
-              f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        print(f"camelid: loaded {llm.config.name} ({n / 1e6:.1f}M parameters) in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr)
         if quantize != "none":
             from camelid.variants.decode_step import refusal
 
@@ -48,6 +59,25 @@ def _load(model: str, quiet: bool, quantize: str) -> Any:
             if why:
                 print(f"camelid: {why}; decoding through the per-layer path", file=sys.stderr)
     return llm
+
+
+def _building(reason: str) -> bool:
+    """Whether camelid.ops.native's reason says a build is running (started by this run or another)."""
+    return "being built" in reason
+
+
+def _leave_cores_to_the_build() -> None:
+    """While the kernels compile in the background (on MAX_JOBS cores, by default half of them), this run takes
+    the rest: PyTorch's threads sharing cores with the compiler slow down both (each parallel region waits
+    for its slowest thread)."""
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    jobs = os.environ.get("MAX_JOBS", "")
+    jobs_n = int(jobs) if jobs.isdigit() else max(1, cores // 2)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - jobs_n)))
 
 
 def _report(stats: dict[str, float]) -> None:
@@ -79,8 +109,12 @@ def generate(
     quantize: str = QuantizeOpt,
 ) -> None:
     """Complete PROMPT and print the completion alone on stdout."""
+    if system is not None and not chat:
+        raise CamelidError("--system is the system prompt of a chat; add --chat (or leave --system out)")
     if prompt == "-":
         prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise CamelidError("the prompt is empty; give some text (or '-' to read it from stdin)")
     llm = _load(model, quiet, quantize)
     stats: dict[str, float] = {}
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

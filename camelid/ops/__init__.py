@@ -10,12 +10,16 @@ each op runs on this machine and why (`camelid info --kernels`).
 
 from __future__ import annotations
 
-from camelid.ops import attention, head_loss, linear, native, rmsnorm, rope, swiglu
+# head_loss (training only) is imported where it is used: it loads torch._dynamo, which would double the
+# import time of `camelid generate`
+from camelid.ops import attention, linear, native, rmsnorm, rope, swiglu
 
 
 def implementations() -> dict[str, native.Choice]:
     """op -> the implementation it runs here for fp32 CPU inputs, with the reason (loads a finished build of
     the kernels, never starts one)."""
+    from camelid.ops import head_loss
+
     native.load(build=False)
     return {
         "kernels": native.status(),

@@ -48,3 +48,14 @@ def test_a_failing_engine_is_reported_and_skipped(tmp_path, monkeypatch) -> None
                                  "--engines", "camelid:fp32-eager,transformers:fp32"])
     assert result.exit_code == 0, result.output
     assert set(json.loads((tmp_path / "bench.json").read_text())["medians"]) == {"camelid fp32-eager"}
+
+
+def test_bench_never_writes_over_the_committed_results_by_default(tmp_path, monkeypatch) -> None:
+    """Run from the repository root without --out, the results land in runs/bench (ignored by git), not in
+    benchmarks/results (the committed ones)."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["bench", "--model", "tiny-gqa", "--prompt-len", "8", "--new-tokens", "2",
+                                 "--rounds", "1", "--threads", "1", "--engines", "camelid:fp32-eager"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "bench" / "bench.json").is_file()
+    assert not (tmp_path / "benchmarks").exists()

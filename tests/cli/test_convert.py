@@ -84,3 +84,43 @@ def test_real_gguf_to_q8_0_keeps_the_vocabulary(smollm2_gguf: Path, tmp_path: Pa
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
         assert ours[key] == src[key], key
     assert ours["general.file_type"] == 7  # llama.cpp's MOSTLY_Q8_0
+
+
+def test_meta_shards_must_divide_the_heads_and_the_error_names_the_counts_that_do(tmp_path: Path) -> None:
+    save_hf_dir(Llama(LlamaConfig.from_name("tiny-gqa")), tmp_path / "hf")  # 4 query heads, 2 key/value heads
+    proc = subprocess.run([sys.executable, "-m", "camelid", "convert", str(tmp_path / "hf"), str(tmp_path / "meta"),
+                           "--to", "meta", "--shards", "4"], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"--shards 4: {tmp_path / 'hf'} has 4 query and 2 key/value heads" in proc.stderr
+    assert "choose 1 or 2" in proc.stderr and not (tmp_path / "meta").exists()
+
+
+def test_meta_output_carries_the_tokenizer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A source without Meta's tokenizer.model (here a tokenizer.json; a GGUF's vocabulary alike) gets its
+    tokenizer written as tokenizer.json beside params.json, so `camelid generate -m` runs the folder."""
+    result = runner.invoke(app, ["convert", str(tiny_llama_dir), str(tmp_path / "meta"), "--to", "meta"])
+    assert result.exit_code == 0, result.output
+    src, meta = camelid.load(tiny_llama_dir), camelid.load(tmp_path / "meta")
+    assert meta.tokenizer is not None
+    text = "the cue word is here"
+    assert meta.tokenizer.encode(text) == src.tokenizer.encode(text)
+    assert meta.generate(text, max_new_tokens=6) == src.generate(text, max_new_tokens=6)
+
+
+@pytest.mark.slow
+def test_the_default_model_converts_to_meta_as_documented(tmp_path: Path) -> None:
+    """README: `camelid convert smollm2-135m-instruct out/meta --to meta --shards 3`. SmolLM2 has 9 query and 3
+    key/value heads, so 2 shards is refused with the counts that work; the 3-shard folder answers like the GGUF."""
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "camelid", *args], capture_output=True, text=True, cwd=tmp_path)
+
+    bad = cli("convert", "smollm2-135m-instruct", "out/meta", "--to", "meta", "--shards", "2")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "choose 1 or 3" in bad.stderr, bad.stderr
+    ok = cli("convert", "smollm2-135m-instruct", "out/meta", "--to", "meta", "--shards", "3")
+    assert ok.returncode == 0, ok.stderr
+    assert sorted(p.name for p in (tmp_path / "out/meta").glob("consolidated.*.pth")) == [
+        "consolidated.00.pth", "consolidated.01.pth", "consolidated.02.pth"]
+    prompt = "The capital of France is"
+    run = cli("generate", "-m", "out/meta", prompt, "-n", "8", "-q", "--quantize", "none")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == camelid.load("smollm2-135m-instruct").generate(prompt, max_new_tokens=8) + "\n"
