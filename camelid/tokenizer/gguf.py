@@ -1,9 +1,10 @@
 """Vocabularies embedded in GGUF files (`tokenizer.ggml.*` keys), read through camelid.formats.open_gguf (the
 `gguf` library's reader) and written with a `gguf.GGUFWriter`.
 
-Two vocabulary types, the ones llama.cpp uses for LLaMA-family models: "llama" (SentencePiece-style BPE,
-merged by piece score) and "gpt2" (byte-level BPE with the merges and the pre-tokenizer named by
-`tokenizer.ggml.pre`). Everything read is checked before use: array lengths agree, ids lie in the vocabulary.
+The vocabulary types llama.cpp tokenises for these models: "llama" (SentencePiece-style BPE, merged by piece
+score), "gpt2" (byte-level BPE with the merges and the pre-tokenizer named by `tokenizer.ggml.pre`, encoded by
+camelid.tokenizer.bpe exactly as llama.cpp does), "gemma4" (BPE over UTF-8 with ▁ for spaces) and "bert"
+(WordPiece). Everything read is checked before use: array lengths agree, ids lie in the vocabulary.
 """
 
 from __future__ import annotations
@@ -13,7 +14,18 @@ from typing import Any
 
 from camelid.errors import CamelidError
 from camelid.formats import gguf_value, open_gguf
-from camelid.tokenizer.vocab import IGNORE_MERGES, NORMAL, Vocabulary, build_bpe, build_spm
+from camelid.tokenizer.bpe import BPEEncoder
+from camelid.tokenizer.vocab import (
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    USER_DEFINED,
+    Vocabulary,
+    build_bpe,
+    build_spm,
+    build_wordpiece,
+    pre_tokenizer,
+)
 
 
 def has_vocabulary(path: Path) -> bool:
@@ -28,6 +40,26 @@ def _strings(reader: Any, key: str, path: Path) -> list[str] | None:
     if len(field.types) != 2 or field.types[-1].name != "STRING":
         raise CamelidError(f"{path}: {key} is not an array of strings; the file is damaged, re-convert it")
     return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+
+
+def _rstrip_ids(reader: Any, tokens: list[str], types: list[int]) -> list[int]:
+    """llama.cpp strips the whitespace after Phi-3's special tokens (it knows the model by general.name)."""
+    name = str(gguf_value(reader, "general.name", "") or "").lower()
+    if "phi-3" not in name and "phi3" not in name:
+        return []
+    keep = {"<unk>", "<s>", "<|endoftext|>"}
+    return [i for i, (t, k) in enumerate(zip(tokens, types, strict=True))
+            if (k in (CONTROL, USER_DEFINED, UNKNOWN) or t == "</s>") and t not in keep]
+
+
+def _bert_piece(token: str, kind: int) -> str:
+    """llama.cpp's BERT vocabularies mark word starts with ▁ and leave continuations bare; vocab.txt marks
+    continuations with ## and leaves word starts bare."""
+    if token.startswith("▁"):
+        return token[1:]
+    if kind != NORMAL or (token.startswith("[") and token.endswith("]")):
+        return token
+    return "##" + token
 
 
 def read_gguf_vocab(path: Path) -> Vocabulary:
@@ -60,24 +92,33 @@ def read_gguf_vocab(path: Path) -> Vocabulary:
                                "the file is damaged, re-convert it")
         ids[key] = value
     add_bos = get("ggml.add_bos_token", bool)
+    encoder = None
     if model == "llama":
         add_space_prefix = get("ggml.add_space_prefix", bool)
         hf = build_spm(tokens, scores or [0.0] * n, types,
                        add_space_prefix=True if add_space_prefix is None else add_space_prefix)
         kind, pre, add_bos_default = "spm", None, True
-    elif model == "gpt2":
+    elif model in ("gpt2", "gemma4"):
         merges = [tuple(m.split(" ", 1)) for m in _strings(reader, "tokenizer.ggml.merges", path) or []]
         if any(len(m) != 2 for m in merges):
             raise CamelidError(f"{path}: a tokenizer.ggml.merges entry is not two pieces separated by a space; the "
                                "file is damaged, re-convert it")
-        pre = get("ggml.pre", str) or "default"
+        # llama.cpp: Gemma 4's vocabulary type implies its pre-tokenizer; a missing one means "default"
+        pre = "gemma4" if model == "gemma4" else get("ggml.pre", str) or "default"
+        row = pre_tokenizer(pre, str(path))
         hf = build_bpe(tokens, types, merges, pre=pre, source=str(path))
-        # llama.cpp adds BOS by default only for Llama 3 style vocabularies
-        kind, add_bos_default = "bpe", pre in IGNORE_MERGES
+        encoder = BPEEncoder(tokens, types, merges, row, rstrip=_rstrip_ids(reader, tokens, types))
+        kind, add_bos_default = "bpe", row.add_bos
+    elif model == "bert":
+        hf = build_wordpiece([_bert_piece(t, k) for t, k in zip(tokens, types, strict=True)],
+                             lowercase=get("ggml.normalizer.lowercase", bool, True), source=str(path))
+        kind, pre, add_bos_default = "wordpiece", None, True
+        ids["bos_token_id"] = get("ggml.cls_token_id", int, hf.token_to_id("[CLS]"))
+        ids["eos_token_id"] = get("ggml.seperator_token_id", int, hf.token_to_id("[SEP]"))
     else:
         raise CamelidError(f"{path}: GGUF vocabulary kind {model!r} (tokenizer.ggml.model) is not supported; "
-                           "camelid reads 'llama' (SentencePiece) and 'gpt2' (byte-level BPE)")
-    return Vocabulary(kind=kind, hf=hf, pre=pre, bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"],
+                           "camelid reads 'llama' (SentencePiece), 'gpt2' and 'gemma4' (BPE) and 'bert' (WordPiece)")
+    return Vocabulary(kind=kind, hf=hf, encoder=encoder, pre=pre, bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"],
                       unk_id=ids["unknown_token_id"], pad_id=ids["padding_token_id"],
                       add_bos=add_bos_default if add_bos is None else add_bos,
                       chat_template=get("chat_template", str), token_types=types, scores=scores)

@@ -22,7 +22,7 @@ from tokenizer_helpers import (
 
 from camelid.errors import CamelidError
 from camelid.formats import gguf_value, open_gguf
-from camelid.tokenizer import PRE_TOKENIZER_REGEXES, Tokenizer, bytes_to_unicode
+from camelid.tokenizer import PRE_TOKENIZERS, Tokenizer, bytes_to_unicode
 
 # ---- llama.cpp's reference tokenisations ---------------------------------------------------------------------
 
@@ -174,7 +174,7 @@ def test_written_gguf_tokenises_the_same_in_llama_cpp(tmp_path, source, smol, re
         llm.close()
 
 
-@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZER_REGEXES))
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZERS))
 def test_every_pre_tokenizer_matches_llama_cpp(tmp_path, pre):
     """GPT-2's vocabulary written with each `tokenizer.ggml.pre` we know: llama.cpp splits the text the same way."""
     tok = copy.copy(vocab("gpt-2"))
