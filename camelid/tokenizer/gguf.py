@@ -118,7 +118,8 @@ def read_gguf_vocab(path: Path) -> Vocabulary:
     else:
         raise CamelidError(f"{path}: GGUF vocabulary kind {model!r} (tokenizer.ggml.model) is not supported; "
                            "camelid reads 'llama' (SentencePiece), 'gpt2' and 'gemma4' (BPE) and 'bert' (WordPiece)")
-    return Vocabulary(kind=kind, hf=hf, encoder=encoder, pre=pre, bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"],
+    return Vocabulary(kind=kind, hf=hf, encoder=encoder, pre=pre, bos_id=ids["bos_token_id"],
+                      eos_id=ids["eos_token_id"],
                       unk_id=ids["unknown_token_id"], pad_id=ids["padding_token_id"],
                       add_bos=add_bos_default if add_bos is None else add_bos,
                       chat_template=get("chat_template", str), token_types=types, scores=scores)
