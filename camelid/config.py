@@ -235,6 +235,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                          rope_theta=130000.0),
     "tinyllama-1.1b": dict(_LLAMA2, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, intermediate_size=5632,
                            max_seq_len=2048),
+    # Qwen2.5-Coder-0.5B: the LLaMA layout with q/k/v biases (camelid.load("qwen2.5-coder-0.5b-instruct"))
+    "qwen2.5-coder-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                               intermediate_size=4864, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768,
+                               tie_embeddings=True, qkv_bias=True, bos_token_id=None, eos_token_id=151645),
     # tiny configs for tests and demos
     "tiny-mha": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, intermediate_size=176, max_seq_len=256),
     "tiny-gqa": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=176,

@@ -113,22 +113,22 @@ _random_text = st.lists(_chunks, max_size=40).map("".join)
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(_random_text)
-def test_smollm2_matches_transformers_on_random_text(smol, hf_smol_digits, smol_llama_cpp, text):
+def test_smollm2_matches_llama_cpp_and_transformers_on_random_text(smol, hf_smol_digits, smol_llama_cpp, text):
     ids = smol.encode(text)
-    assert ids == hf_smol_digits.encode(text, add_special_tokens=False)
+    assert ids == llama_cpp_encode(smol_llama_cpp, text)
     # SmolLM2's vocabulary has no token for a few bytes (0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, 0xf1, 0xf2, ...:
-    # some control characters and code points >= U+40000). Such bytes are dropped; `tokenizers` (camelid and
-    # transformers alike) then merges the text around the gap ('/\x16<' -> one token '/<'), llama.cpp does not
-    # ('/', '<'). Text made of the other bytes tokenises exactly as llama.cpp does and comes back exactly.
+    # some control characters and code points >= U+40000). llama.cpp drops such a byte but keeps it as a barrier
+    # ('/\x16<' -> '/', '<'); `tokenizers` (transformers) merges the text around the gap ('/<'). Text made of the
+    # other bytes tokenises the same in all three and comes back exactly.
     if all(bytes_to_unicode()[b] in smol._ids for b in text.encode()):
-        assert ids == llama_cpp_encode(smol_llama_cpp, text)
+        assert ids == hf_smol_digits.encode(text, add_special_tokens=False)
         assert smol.decode(ids) == text
 
 
-def test_unrepresentable_bytes_are_dropped_like_transformers(smol, hf_smol_digits, smol_llama_cpp) -> None:
+def test_unrepresentable_bytes_are_barriers_like_llama_cpp(smol, hf_smol_digits, smol_llama_cpp) -> None:
     text = "/\x16<"
-    assert smol.encode(text) == hf_smol_digits.encode(text, add_special_tokens=False) == [smol.id_of("/<")]
-    assert llama_cpp_encode(smol_llama_cpp, text) == [smol.id_of("/"), smol.id_of("<")]
+    assert smol.encode(text) == llama_cpp_encode(smol_llama_cpp, text) == [smol.id_of("/"), smol.id_of("<")]
+    assert hf_smol_digits.encode(text, add_special_tokens=False) == [smol.id_of("/<")]
 
 
 # ---- writing: write_gguf -> from_gguf, and llama.cpp reading what camelid wrote -------------------------------
@@ -227,13 +227,19 @@ def test_every_pre_tokenizer_matches_llama_cpp_on_random_text(tmp_path, gpt2_arr
     llm = open_llama_cpp(write_vocab_gguf(tok, tmp_path / "v.gguf"))
     ours = BPEEncoder(tokens, types, merges, PRE_TOKENIZERS[pre])
 
-    @settings(max_examples=40, deadline=None, database=None)
-    @given(_random_text)
+    # "whitespace" belongs to a vocabulary type that drops spaces first: on a gpt2 vocabulary llama.cpp aborts
+    # (GGML_ASSERT) on a piece holding a space, so that row is compared on text without one
+    strip = (lambda t: t.replace(" ", "")) if pre == "whitespace" else (lambda t: t)
+    # names sharing a row of the table share the splitter: the first of them gets the most random examples
+    first = next(name for name in sorted(PRE_TOKENIZERS) if PRE_TOKENIZERS[name] is PRE_TOKENIZERS[pre])
+
+    @settings(max_examples=40 if pre == first else 10, deadline=None, database=None)
+    @given(_random_text.map(strip))
     def same(text: str) -> None:
         assert ours.encode(text) == llama_cpp_encode(llm, text)
 
     try:
-        for text in _PIECES + [" ".join(_PIECES), "".join(_PIECES)]:
+        for text in map(strip, _PIECES + [" ".join(_PIECES), "".join(_PIECES)]):
             assert ours.encode(text) == llama_cpp_encode(llm, text), text
         same()
     finally:
