@@ -104,7 +104,8 @@ class Tokenizer:
         return list(ids)
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
-        """`encode` of many texts at once (in parallel threads of the Rust/tiktoken encoder)."""
+        """`encode` of many texts at once (in parallel threads of the Rust/tiktoken encoder; one by one for GGUF BPE
+        vocabularies, which encode as llama.cpp does)."""
         bad = next((t for t in texts if not isinstance(t, str)), None)
         if bad is not None:
             raise CamelidError(f"encode expects str, got {type(bad).__name__}; decode bytes to text first")

@@ -44,7 +44,7 @@ def hf_tokenizer(qwen_gguf: Path):
     return transformers.AutoTokenizer.from_pretrained(qwen_gguf.parent, gguf_file=qwen_gguf.name)
 
 
-def test_logits_and_greedy_tokens_equal_transformers(qwen_gguf: Path, hf_tokenizer) -> None:
+def test_logits_and_greedy_tokens_equal_transformers(qwen_gguf: Path, hf_tokenizer, capsys) -> None:
     prompt = hf_tokenizer(CODE, add_special_tokens=False)["input_ids"]
     config, ours = load_gguf(qwen_gguf)
     assert (config.qkv_bias, config.n_layers, config.n_heads, config.n_kv_heads, config.vocab_size) == \
@@ -63,6 +63,9 @@ def test_logits_and_greedy_tokens_equal_transformers(qwen_gguf: Path, hf_tokeniz
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
     diff = (ref - logits).abs().max().item()
+    with capsys.disabled():
+        print(f"\nQwen2.5-Coder-0.5B Q4_K_M, camelid vs transformers: max |logit diff| {diff:.2e} over {len(prompt)} "
+              f"positions (max |logit| {ref.abs().max():.1f})")
     assert diff < LOGIT_ATOL, f"max |logit difference| {diff:.2e}"
     assert tokens[len(prompt):] == out[0, len(prompt):].tolist()
 
@@ -81,8 +84,10 @@ def test_vocabulary_equals_transformers_and_llama_cpp(qwen_gguf: Path, hf_tokeni
         llm.close()
 
 
-def test_chat_reply_is_sensible() -> None:
+def test_chat_reply_is_sensible(capsys) -> None:
     llm = camelid.load("qwen2.5-coder-0.5b-instruct", quantize="int8")
     reply = llm.chat([{"role": "user", "content": "Write a Python function that returns the sum of a list."}],
                      max_new_tokens=64)
+    with capsys.disabled():
+        print(f"\nQwen2.5-Coder-0.5B (int8) reply: {reply!r}")
     assert "def " in reply and "sum" in reply and "return" in reply, reply
