@@ -96,6 +96,13 @@ class PreTokenizer:
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(_step(r) for r in self.regexes))
 
+    def __getstate__(self) -> dict:  # the steps are closures: pickle the regexes, rebuild the steps
+        return {k: v for k, v in self.__dict__.items() if k != "steps"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
+
     def split(self, text: str) -> list[str]:
         """The pieces of `text`, in order (empty pieces dropped): what llama.cpp's BPE merges one at a time."""
         views: dict[str, str] = {}

@@ -338,3 +338,13 @@ def test_a_vocabulary_only_gguf_reads_back_its_keys(tmp_path):
     tok = Tokenizer.from_gguf(path)
     assert tok.encode("ab") == [2] and tok.encode("ba") == [1, 0]
     assert gguf_value(open_gguf(path), "tokenizer.ggml.pre") == "gpt-2"
+
+
+def test_a_gguf_bpe_tokenizer_pickles() -> None:
+    """Worker processes receive tokenizers by pickle: the encoder's compiled splitter is rebuilt on the other side."""
+    import pickle
+
+    tok = vocab("falcon")
+    back = pickle.loads(pickle.dumps(tok))
+    for text, ids in reference_cases("falcon"):
+        assert back.encode(text) == ids
