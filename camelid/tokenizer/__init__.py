@@ -5,6 +5,7 @@
     pretokenizers.py  every pre-tokenizer llama.cpp knows (tokenizer.ggml.pre), one table, and its exact splitter
     unicode.py        Unicode categories and whitespace as llama.cpp's tokenizers see them (Unicode 15.1)
     bpe.py            GGUF BPE vocabularies encoded exactly as llama.cpp does (specials, pieces, merges)
+    ugm.py            GGUF unigram ("t5") vocabularies encoded exactly as llama.cpp does (charsmap, Viterbi)
     hf_json.py        tokenizer.json, tokenizer_config.json, vocab.txt; writing a transformers folder
     sentencepiece.py  SentencePiece .model files
     tiktoken.py       tiktoken rank files (Llama 3's tokenizer.model)

@@ -25,6 +25,46 @@ _BYTE_LEVEL = str.maketrans({chr(b): c for b, c in bytes_to_unicode().items()})
 _CACHE_LIMIT = 1 << 16
 
 
+def special_tokens(tokens: list[str], types: list[int], *, lstrip: Iterable[int] = (),
+                   rstrip: Iterable[int] = ()) -> list[tuple[str, int, bool, bool]]:
+    """(text, id, lstrip, rstrip) of the tokens llama.cpp cuts out of the text first (control, user-defined,
+    unknown), longest first."""
+    specials = [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED, UNKNOWN) and tokens[i]]
+    specials.sort(key=lambda i: -len(tokens[i].encode("utf-8")))
+    lstrip, rstrip = set(lstrip), set(rstrip)
+    return [(tokens[i], i, i in lstrip, i in rstrip) for i in specials]
+
+
+def partition(text: str, specials: list[tuple[str, int, bool, bool]]) -> list[str | int]:
+    """Cut the special tokens out of `text`, longest first (llama.cpp's tokenizer_st_partition): text fragments
+    and token ids, in order."""
+    fragments: list[str | int] = [text] if text else []
+    for token, id, lstrip, rstrip in specials:
+        if not any(isinstance(f, str) and token in f for f in fragments):
+            continue
+        out: list[str | int] = []
+        for f in fragments:
+            if isinstance(f, int) or token not in f:
+                out.append(f)
+                continue
+            start = 0
+            while (match := f.find(token, start)) >= 0:
+                left = f[start:match]
+                if lstrip:
+                    left = left.rstrip(_C_SPACE)
+                if left:
+                    out.append(left)
+                out.append(id)
+                start = match + len(token)
+                if rstrip:
+                    while start < len(f) and f[start] in _C_SPACE:
+                        start += 1
+            if start < len(f):
+                out.append(f[start:])
+        fragments = out
+    return fragments
+
+
 class BPEEncoder:
     """Text -> ids for a GGUF byte-level (or SentencePiece-style) BPE vocabulary, as llama.cpp tokenises it."""
 
@@ -35,49 +75,17 @@ class BPEEncoder:
         self.ranks: dict[tuple[str, str], int] = {}
         for rank, pair in enumerate(merges):
             self.ranks.setdefault(pair, rank)
-        specials = [i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED, UNKNOWN) and tokens[i]]
-        specials.sort(key=lambda i: -len(tokens[i].encode("utf-8")))
-        lstrip, rstrip = set(lstrip), set(rstrip)
-        self.specials = [(tokens[i], i, i in lstrip, i in rstrip) for i in specials]
+        self.specials = special_tokens(tokens, types, lstrip=lstrip, rstrip=rstrip)
         self._cache: dict[str, list[int]] = {}
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
-        for fragment in self._partition(text):
+        for fragment in partition(text, self.specials):
             if isinstance(fragment, int):
                 ids.append(fragment)
             else:
                 ids.extend(self._encode_fragment(fragment))
         return ids
-
-    # ---- 1. special tokens -----------------------------------------------------------------------------------
-
-    def _partition(self, text: str) -> list[str | int]:
-        fragments: list[str | int] = [text] if text else []
-        for token, id, lstrip, rstrip in self.specials:
-            if not any(isinstance(f, str) and token in f for f in fragments):
-                continue
-            out: list[str | int] = []
-            for f in fragments:
-                if isinstance(f, int) or token not in f:
-                    out.append(f)
-                    continue
-                start = 0
-                while (match := f.find(token, start)) >= 0:
-                    left = f[start:match]
-                    if lstrip:
-                        left = left.rstrip(_C_SPACE)
-                    if left:
-                        out.append(left)
-                    out.append(id)
-                    start = match + len(token)
-                    if rstrip:
-                        while start < len(f) and f[start] in _C_SPACE:
-                            start += 1
-                if start < len(f):
-                    out.append(f[start:])
-            fragments = out
-        return fragments
 
     # ---- 2.-4. pieces and merges -----------------------------------------------------------------------------
 

@@ -151,6 +151,19 @@ def pre_tokenizer(pre: str, source: str = "the vocabulary") -> PreTokenizer:
     return row
 
 
+def build_unigram(tokens: list[str], scores: list[float], types: list[int], *, unk_id: int) -> Any:
+    """A `tokenizers` unigram pipeline for a GGUF "t5" vocabulary: what decoding uses (encoding is
+    camelid.tokenizer.ugm, llama.cpp's exact rules)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    hf = HFTokenizer(models.Unigram([(t, float(s)) for t, s in zip(tokens, scores, strict=True)], unk_id=unk_id))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    add_specials(hf, tokens, types)
+    return hf
+
+
 def build_bpe(tokens: list[str], types: list[int], merges: list[tuple[str, str]], *, pre: str,
               source: str = "the vocabulary") -> Any:
     """A `tokenizers` BPE pipeline for a GGUF BPE vocabulary with pre-tokenizer `pre`: what decoding and

@@ -13,12 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizer_helpers import (
     MIXED,
+    UNCHECKED,
     VOCABS,
     llama_cpp_encode,
     llama_cpp_source,
     open_llama_cpp,
     reference_cases,
     vocab,
+    vocab_file,
     write_vocab_gguf,
 )
 
@@ -37,6 +39,48 @@ def test_llama_cpp_reference_tokenisations(name):
     assert len(cases) >= 40
     wrong = [(x, tok.encode(x), ids) for x, ids in cases if tok.encode(x) != ids]
     assert not wrong, f"{len(wrong)} of {len(cases)} differ, first: {wrong[0]}"
+
+
+@pytest.mark.parametrize("name", UNCHECKED)
+def test_vocabularies_without_vectors_match_llama_cpp(name):
+    """The vocabularies of llama.cpp's models/ folder that have no reference vectors: llama.cpp itself decides,
+    on the other vocabularies' inputs and mixed text. (Aquila types <|endoftext|> as a normal token; llama.cpp
+    makes it a control token by its text, and so does camelid.)"""
+    tok, llm = vocab(name), open_llama_cpp(vocab_file(name))
+    try:
+        for text in MIXED + [x for x, _ in reference_cases("llama-bpe")]:
+            assert tok.encode(text) == llama_cpp_encode(llm, text), text
+    finally:
+        llm.close()
+
+
+def test_control_looking_tokens_are_special_as_in_llama_cpp(tmp_path):
+    """Tokens llama.cpp recognises by their text (ends of turn, fill-in-the-middle roles, gpt-oss's channel
+    markers) are cut out as specials even where the file types them as normal."""
+    tok = vocab("gpt-2")
+    arrays = tok.gguf_arrays()
+    extra = ["<|im_end|>", "<|fim_prefix|>", "<|file_sep|>", "<|channel|>", "</s>", "<PAD>", "<|plain|>"]
+    writer = gguf.GGUFWriter(str(tmp_path / "v.gguf"), arch="llama")
+    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", 8),
+                       ("feed_forward_length", 8), ("attention.head_count", 1)):
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(arrays["tokens"] + extra)
+    writer.add_token_types(arrays["token_type"] + [1] * len(extra))
+    writer.add_token_merges(arrays["merges"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    ours, llm = Tokenizer.from_gguf(tmp_path / "v.gguf"), open_llama_cpp(tmp_path / "v.gguf")
+    try:
+        text = "a<|im_end|>b <|fim_prefix|>c<|file_sep|> <|channel|>d</s>e<PAD><|plain|>f"
+        ids = ours.encode(text)
+        assert ids == llama_cpp_encode(llm, text)
+        assert {ours.id_of(t) for t in extra[:-1]} <= set(ids) and ours.id_of("<|plain|>") not in ids
+    finally:
+        llm.close()
 
 
 @pytest.mark.parametrize("name", [v for v in VOCABS if v != "bert-bge"])  # uncased: the text does not come back
@@ -244,6 +288,29 @@ def test_every_pre_tokenizer_matches_llama_cpp_on_random_text(tmp_path, gpt2_arr
         same()
     finally:
         llm.close()
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_random_text)
+def test_unigram_vocabulary_matches_llama_cpp_on_random_text(nomic_bert_moe, text):
+    """llama.cpp's unigram tokenizer (precompiled character map, whitespace rules, Viterbi, unknown runs) on
+    random Unicode text, with nomic-bert-moe's vocabulary (XLM-RoBERTa's 250k pieces)."""
+    ours, llm = nomic_bert_moe
+    assert ours.encode(text) == llama_cpp_encode(llm, text)
+
+
+@pytest.fixture(scope="module")
+def nomic_bert_moe():
+    llm = open_llama_cpp(vocab_file("nomic-bert-moe"))
+    yield vocab("nomic-bert-moe"), llm
+    llm.close()
+
+
+def test_unigram_vocabulary_metadata():
+    tok = vocab("nomic-bert-moe")
+    assert (tok.kind, tok.vocab_size, tok.bos_id, tok.eos_id, tok.unk_id) == ("unigram", 250048, 0, 2, 3)
+    assert tok.encode("Hello  world") == [35378, 8999] and tok.decode([35378, 8999]) == "Hello world"
+    assert tok.encode("a <mask> b") == [10, 250001, 876]  # <mask> swallows the space before it, as in llama.cpp
 
 
 def _cpp_string(literal: str) -> str:

@@ -23,6 +23,9 @@ COPIED = ["llama-spm", "llama-bpe", "qwen2", "qwen35", "gpt-2", "phi-3", "bert-b
           "deepseek-coder", "falcon", "mpt", "refact", "starcoder"]
 FETCHED = ["command-r", "gemma-4"]
 VOCABS = COPIED + FETCHED
+# vocabularies in llama.cpp's models/ folder without reference vectors (compared with llama.cpp itself), fetched;
+# nomic-bert-moe is a unigram ("t5") vocabulary
+UNCHECKED = ["aquila", "baichuan", "gpt-neox", "nomic-bert-moe"]
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python whose vendored llama.cpp the vectors and the tests speak for
 
 MIXED = [
@@ -37,12 +40,14 @@ MIXED = [
 @cache
 def llama_cpp_source() -> Path:
     """llama.cpp as llama-cpp-python's sdist vendors it, fetched with pip the way a user would, once, into
-    camelid's cache; only what the tests read is kept (models/ggml-vocab-{command-r,gemma-4}.gguf*,
-    src/llama-vocab.cpp). Skips the test where the package index cannot be reached."""
+    camelid's cache; only what the tests read is kept (models/ggml-vocab-{command-r,gemma-4}.gguf*, the
+    vocabularies without vectors, src/llama-vocab.cpp). Skips the test where the package index cannot be reached."""
     dest = hub.cache_dir() / "test-data" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
     wanted = [f"models/ggml-vocab-{n}.gguf{ext}" for n in FETCHED for ext in ("", ".inp", ".out")]
+    wanted += [f"models/ggml-vocab-{n}.gguf" for n in UNCHECKED]
     wanted.append("src/llama-vocab.cpp")
-    if (dest / "complete").is_file():
+    complete = dest / "complete"
+    if complete.is_file() and complete.read_text(encoding="utf-8").split() == wanted:
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
@@ -62,7 +67,8 @@ def llama_cpp_source() -> Path:
 
 
 def vocab_file(name: str) -> Path:
-    return (llama_cpp_source() / "models" if name in FETCHED else LLAMA_CPP) / f"ggml-vocab-{name}.gguf"
+    fetched = name in FETCHED or name in UNCHECKED
+    return (llama_cpp_source() / "models" if fetched else LLAMA_CPP) / f"ggml-vocab-{name}.gguf"
 
 
 @cache
