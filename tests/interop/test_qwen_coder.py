@@ -10,13 +10,13 @@ import torch
 
 import camelid
 from camelid import hub
-from camelid.interop.gguf import load_gguf
+from camelid.generate import SamplingParams, generate_tokens
 from camelid.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 
-N_NEW = 16
+N_NEW = 8
 LOGIT_ATOL = 1e-3  # the same dequantised weights in fp32; only summation order differs
 CODE = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 TEXTS = [CODE, "Hello world", " Hello  world ", "\t\tindent\r\nCRLF", "😀🦙👍🏽 emoji, 🇫🇷 flags",
@@ -40,21 +40,25 @@ def qwen_gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
+def qwen(qwen_gguf: Path) -> camelid.LLM:
+    """Loaded once, as a user loads it (the reference fp32 model, dequantised from Q4_K_M)."""
+    return camelid.load("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="module")
 def hf_tokenizer(qwen_gguf: Path):
     return transformers.AutoTokenizer.from_pretrained(qwen_gguf.parent, gguf_file=qwen_gguf.name)
 
 
-def test_logits_and_greedy_tokens_equal_transformers(qwen_gguf: Path, hf_tokenizer, capsys) -> None:
+def test_logits_and_greedy_tokens_equal_transformers(qwen_gguf: Path, qwen: camelid.LLM, hf_tokenizer,
+                                                     capsys) -> None:
     prompt = hf_tokenizer(CODE, add_special_tokens=False)["input_ids"]
-    config, ours = load_gguf(qwen_gguf)
+    config, ours = qwen.config, qwen.model
     assert (config.qkv_bias, config.n_layers, config.n_heads, config.n_kv_heads, config.vocab_size) == \
         (True, 24, 14, 2, 151936)
     with torch.no_grad():
         logits = ours(torch.tensor([prompt]))[0]
-        tokens = list(prompt)
-        for _ in range(N_NEW):
-            tokens.append(int(ours(torch.tensor([tokens]), last_only=True)[0, -1].argmax()))
-    del ours
+    tokens = prompt + list(generate_tokens(ours, prompt, N_NEW, SamplingParams(temperature=0.0)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(qwen_gguf.parent, gguf_file=qwen_gguf.name,
                                                            dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
@@ -84,10 +88,9 @@ def test_vocabulary_equals_transformers_and_llama_cpp(qwen_gguf: Path, hf_tokeni
         llm.close()
 
 
-def test_chat_reply_is_sensible(capsys) -> None:
-    llm = camelid.load("qwen2.5-coder-0.5b-instruct", quantize="int8")
-    reply = llm.chat([{"role": "user", "content": "Write a Python function that returns the sum of a list."}],
-                     max_new_tokens=64)
+def test_chat_reply_is_sensible(qwen: camelid.LLM, capsys) -> None:
+    reply = qwen.chat([{"role": "user", "content": "Write a Python function that returns the sum of a list."}],
+                     max_new_tokens=48)
     with capsys.disabled():
-        print(f"\nQwen2.5-Coder-0.5B (int8) reply: {reply!r}")
+        print(f"\nQwen2.5-Coder-0.5B reply: {reply!r}")
     assert "def " in reply and "sum" in reply and "return" in reply, reply
