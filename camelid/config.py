@@ -79,6 +79,8 @@ class LlamaConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2-style biases on the q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    sliding_window: int | None = None  # Mistral: a query sees at most this many latest positions (itself included)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
 
@@ -113,9 +115,12 @@ class LlamaConfig:
             setattr(self, field, _integer(self.name, field, value, low, high))
         for field, (low, high) in FLOAT_LIMITS.items():
             setattr(self, field, _real(self.name, field, getattr(self, field), low, high))
-        for field in ("tie_embeddings", "qkv_bias"):
+        for field in ("tie_embeddings", "qkv_bias", "qk_norm"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(self.name, field, f"= {getattr(self, field)!r} must be true or false")
+        if self.sliding_window is not None:
+            self.sliding_window = _integer(self.name, "sliding_window", self.sliding_window, 1,
+                                           INT_LIMITS["max_seq_len"][1])
         if not isinstance(self.name, str):
             raise ConfigError(str(self.name), "name", f"= {self.name!r} must be a string")
         if self.bos_token_id is not None:
@@ -181,6 +186,7 @@ class LlamaConfig:
         d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         attention = d * q + 2 * d * kv + q * d + ((q + 2 * kv) if self.qkv_bias else 0)
         layer = attention + 3 * d * self.intermediate_size + 2 * d  # + the two RMSNorm weights
+        layer += 2 * self.head_dim if self.qk_norm else 0
         embedding = self.vocab_size * d
         n = self.n_layers * layer + d + embedding + (0 if self.tie_embeddings else embedding)
         return n - embedding if exclude_embeddings else n
@@ -229,6 +235,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                          rope_theta=130000.0),
     "tinyllama-1.1b": dict(_LLAMA2, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, intermediate_size=5632,
                            max_seq_len=2048),
+    # Qwen2.5-Coder-0.5B: the LLaMA layout with q/k/v biases (camelid.load("qwen2.5-coder-0.5b-instruct"))
+    "qwen2.5-coder-0.5b": dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                               intermediate_size=4864, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768,
+                               tie_embeddings=True, qkv_bias=True, bos_token_id=None, eos_token_id=151645),
     # tiny configs for tests and demos
     "tiny-mha": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, intermediate_size=176, max_seq_len=256),
     "tiny-gqa": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=176,

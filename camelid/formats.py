@@ -2,7 +2,7 @@
 tokenizer loader (`Tokenizer.load`) and the CLI. Also the one GGUF reader (`open_gguf`: the `gguf` library's
 GGUFReader, with every read checked against the file's size).
 
-    folder with config.json            Format.HF (model_type llama, mistral, qwen2) or Format.BERT (bert)
+    folder with config.json            Format.HF (model_type llama, mistral, qwen2, qwen3, phi3) or Format.BERT (bert)
     folder with params.json            Format.META (+ consolidated.*.pth)
     folder with model.safetensors + state.pt + meta.json, or a `camelid pretrain` output folder
                                        Format.CHECKPOINT
@@ -27,7 +27,7 @@ import numpy as np
 
 from camelid.errors import CamelidError
 
-LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")  # config.json model_type values camelid.load reads
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # config.json model_type values camelid.load reads
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt")  # in the order a folder's are preferred
 
 

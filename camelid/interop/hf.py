@@ -24,7 +24,11 @@ from camelid.fileio import atomic_write, atomic_write_text
 from camelid.formats import read_json_object
 from camelid.model import Llama, rope_inv_freq
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM")
+# model_type -> how it maps onto camelid's one model: the LLaMA block with q/k/v biases (qwen2), RMSNorm on q and
+# k (qwen3), a sliding attention window (mistral, phi3); phi3 also stores q/k/v and gate/up fused (split on load)
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 # ---------------------------------------------------------------------------------------------------
 # config.json
@@ -46,7 +50,7 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfi
     archs = d.get("architectures") or []
     archs = archs if isinstance(archs, list) else [archs]
     model_type = d.get("model_type", "llama")
-    if model_type not in ("llama", "mistral", "qwen2") or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
+    if model_type not in MODEL_TYPES or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
         name = archs[0] if archs else model_type
         raise CamelidError(
             f"{source}: architecture {name!r} is not supported; camelid loads {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -60,9 +64,15 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfi
     if d.get("mlp_bias"):
         raise CamelidError(f"{source}: mlp_bias=true is not supported (no released LLaMA uses it)")
     if d.get("attention_bias") and model_type != "qwen2":
-        raise CamelidError(f"{source}: attention_bias=true is not supported (no released LLaMA uses it)")
-    if model_type == "mistral" and d.get("sliding_window"):
-        raise CamelidError(f"{source}: sliding-window attention is not supported; set sliding_window to null")
+        raise CamelidError(f"{source}: attention_bias=true is not supported (no released {model_type} model uses it)")
+    if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+        raise CamelidError(f"{source}: use_sliding_window=true (Qwen's window on some layers only) is not supported; "
+                           "set it to false")
+    # Mistral and Phi-3 slide one window over every layer; Qwen's sliding_window only counts with use_sliding_window
+    window = d.get("sliding_window") if model_type in ("mistral", "phi3") else None
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CamelidError(f"{source}: partial_rotary_factor={d['partial_rotary_factor']} (RoPE on part of each "
+                           "head) is not supported")
 
     rope_theta = d.get("rope_theta")
     # transformers >= 5 may write rope settings under "rope_parameters"
@@ -102,6 +112,8 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfi
             max_seq_len=d.get("max_position_embeddings", 2048),
             tie_embeddings=d.get("tie_word_embeddings", False),
             qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+            sliding_window=window,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
         )
@@ -111,12 +123,23 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfi
         raise CamelidError(f"{source}: {field} {problem}") from None
 
 
+def _hf_model_type(cfg: LlamaConfig) -> str:
+    """The transformers model that computes what `cfg` describes: llama, qwen2 (q/k/v biases), qwen3 (q/k norms)
+    or mistral (a sliding window); a combination none of them has is an error."""
+    flags = [f for f in ("qkv_bias", "qk_norm", "sliding_window") if getattr(cfg, f) not in (False, None)]
+    if len(flags) > 1:
+        raise CamelidError(f"no transformers model has {' and '.join(flags)} together; export this model to gguf")
+    return {"qkv_bias": "qwen2", "qk_norm": "qwen3", "sliding_window": "mistral"}[flags[0]] if flags else "llama"
+
+
 def config_to_hf(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-    """LlamaConfig -> a config.json dict that transformers' LlamaForCausalLM (or Qwen2) loads."""
-    qwen = cfg.qkv_bias
+    """LlamaConfig -> a config.json dict that transformers' LlamaForCausalLM (or Qwen2, Qwen3, Mistral) loads."""
+    model_type = _hf_model_type(cfg)
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "mistral": "MistralForCausalLM"}[model_type]
     d: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen else "llama",
+        "architectures": [arch],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.intermediate_size,
@@ -138,9 +161,13 @@ def config_to_hf(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, An
         "torch_dtype": torch_dtype,
         "use_cache": True,
     }
-    if qwen:
+    if model_type == "qwen2":
         del d["attention_bias"], d["mlp_bias"], d["head_dim"]
+    if model_type in ("qwen2", "qwen3"):
         d["use_sliding_window"] = False
+    if model_type == "mistral":
+        del d["attention_bias"], d["mlp_bias"]
+        d["sliding_window"] = cfg.sliding_window
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
         d["rope_scaling"] = {
@@ -164,6 +191,8 @@ _LAYER_MAP = {
     "mlp.gate_proj": "feed_forward.w1",
     "mlp.up_proj": "feed_forward.w3",
     "mlp.down_proj": "feed_forward.w2",
+    "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
@@ -202,6 +231,21 @@ def camelid_to_hf_name(name: str) -> str:
 # building a model from tensors
 
 
+def unfuse(tensors: Iterable[tuple[str, Tensor]], config: LlamaConfig) -> Iterator[tuple[str, Tensor]]:
+    """Phi-3 stores q/k/v as one qkv_proj and gate/up as one gate_up_proj: split them into LLaMA's tensors."""
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    for name, t in tensors:
+        if name.endswith(".self_attn.qkv_proj.weight") and t.shape[0] == q + 2 * kv:
+            for part, w in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv]), strict=True):
+                yield name.replace("qkv_proj", part), w
+        elif name.endswith(".mlp.gate_up_proj.weight") and t.shape[0] == 2 * config.intermediate_size:
+            gate, up = t.chunk(2)
+            yield name.replace("gate_up_proj", "gate_proj"), gate
+            yield name.replace("gate_up_proj", "up_proj"), up
+        else:
+            yield name, t
+
+
 def build_model(
     config: LlamaConfig,
     tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
@@ -219,7 +263,7 @@ def build_model(
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state: dict[str, Tensor] = {}
     pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
-    for hf_name, t in pairs:
+    for hf_name, t in unfuse(pairs, config):
         name = hf_to_camelid_name(hf_name)
         if name is None:
             continue

@@ -130,6 +130,9 @@ def params_from_config(config: LlamaConfig) -> dict[str, Any]:
     """LlamaConfig -> params.json, or a CamelidError for what Meta's format cannot express."""
     if config.qkv_bias:
         raise CamelidError("Meta checkpoints have no q/k/v biases (this is a Qwen2-style model); export to hf or gguf")
+    if config.qk_norm or config.sliding_window is not None:
+        what = "q/k norms (a Qwen3-style model)" if config.qk_norm else "a sliding attention window (Mistral-style)"
+        raise CamelidError(f"Meta checkpoints have no {what}; export to hf or gguf")
     if config.head_dim != config.dim // config.n_heads:
         raise CamelidError(f"Meta checkpoints need head_dim = dim / n_heads, but this model has head_dim "
                            f"{config.head_dim}; export to hf or gguf instead")

@@ -2,6 +2,10 @@
 
     base.py           Tokenizer (encode/decode/stream/chat/specials/save) and StreamDecoder
     vocab.py          what a backend hands the Tokenizer; token types; `tokenizers` pipelines from raw vocabularies
+    pretokenizers.py  every pre-tokenizer llama.cpp knows (tokenizer.ggml.pre), one table, and its exact splitter
+    unicode.py        Unicode categories and whitespace as llama.cpp's tokenizers see them (Unicode 15.1)
+    bpe.py            GGUF BPE vocabularies encoded exactly as llama.cpp does (specials, pieces, merges)
+    ugm.py            GGUF unigram ("t5") vocabularies encoded exactly as llama.cpp does (charsmap, Viterbi)
     hf_json.py        tokenizer.json, tokenizer_config.json, vocab.txt; writing a transformers folder
     sentencepiece.py  SentencePiece .model files
     tiktoken.py       tiktoken rank files (Llama 3's tokenizer.model)
@@ -12,12 +16,12 @@
 """
 
 from camelid.tokenizer.base import StreamDecoder, Tokenizer
+from camelid.tokenizer.pretokenizers import PRE_TOKENIZERS, PreTokenizer
 from camelid.tokenizer.vocab import (
     BYTE,
     CONTROL,
     END_OF_TURN_TOKENS,
     NORMAL,
-    PRE_TOKENIZER_REGEXES,
     UNKNOWN,
     UNUSED,
     USER_DEFINED,
@@ -25,5 +29,5 @@ from camelid.tokenizer.vocab import (
 )
 from camelid.tokenizer.wordpiece import WordPiece
 
-__all__ = ["BYTE", "CONTROL", "END_OF_TURN_TOKENS", "NORMAL", "PRE_TOKENIZER_REGEXES", "UNKNOWN", "UNUSED",
+__all__ = ["BYTE", "CONTROL", "END_OF_TURN_TOKENS", "NORMAL", "PRE_TOKENIZERS", "PreTokenizer", "UNKNOWN", "UNUSED",
            "USER_DEFINED", "StreamDecoder", "Tokenizer", "WordPiece", "bytes_to_unicode"]

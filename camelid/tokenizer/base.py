@@ -44,11 +44,12 @@ class Tokenizer:
                  pre: str | None = None, bos_id: int | None = None, eos_id: int | None = None,
                  unk_id: int | None = None, pad_id: int | None = None, add_bos: bool = False,
                  chat_template: str | None = None, token_types: list[int] | None = None,
-                 scores: list[float] | None = None, max_len: int | None = None) -> None:
+                 scores: list[float] | None = None, max_len: int | None = None, encoder: Any = None) -> None:
         if (hf is None) == (tiktoken_encoding is None):
             raise ValueError("give exactly one backend")
         self._hf = hf
         self._tt = tiktoken_encoding
+        self._encoder = encoder  # text -> ids instead of `hf` (GGUF BPE vocabularies: llama.cpp's exact rules)
         # "spm" (SentencePiece-style BPE), "bpe" (byte-level BPE), "wordpiece", "wordlevel" or "unigram"
         self.kind = kind or ("bpe" if hf is None else hf_json.kind_of(hf))
         self.pre = pre  # the GGUF pre-tokenizer name, for byte-level BPE
@@ -73,7 +74,7 @@ class Tokenizer:
     def from_vocabulary(cls, v: Vocabulary) -> Tokenizer:
         return cls(v.hf, tiktoken_encoding=v.tiktoken, kind=v.kind, pre=v.pre, bos_id=v.bos_id, eos_id=v.eos_id,
                    unk_id=v.unk_id, pad_id=v.pad_id, add_bos=v.add_bos, chat_template=v.chat_template,
-                   token_types=v.token_types, scores=v.scores, max_len=v.max_len)
+                   token_types=v.token_types, scores=v.scores, max_len=v.max_len, encoder=v.encoder)
 
     # ---- the interface -------------------------------------------------------------------------------------
 
@@ -92,7 +93,9 @@ class Tokenizer:
             raise CamelidError(f"encode expects a str, got {type(text).__name__}; decode bytes to text first")
         if self.kind == "wordpiece":  # BERT's post-processor wraps the text
             return self._hf.encode(text, add_special_tokens=add_bos).ids
-        if self._tt is not None:
+        if self._encoder is not None:
+            ids = self._encoder.encode(text)
+        elif self._tt is not None:
             ids = self._tt.encode(text, allowed_special="all")
         else:
             ids = self._hf.encode(text, add_special_tokens=False).ids
@@ -101,13 +104,16 @@ class Tokenizer:
         return list(ids)
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
-        """`encode` of many texts at once (in parallel threads of the Rust/tiktoken encoder)."""
+        """`encode` of many texts at once (in parallel threads of the Rust/tiktoken encoder; one by one for GGUF BPE
+        vocabularies, which encode as llama.cpp does)."""
         bad = next((t for t in texts if not isinstance(t, str)), None)
         if bad is not None:
             raise CamelidError(f"encode expects str, got {type(bad).__name__}; decode bytes to text first")
         if self.kind == "wordpiece":
             return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=add_bos)]
-        if self._tt is not None:
+        if self._encoder is not None:
+            batch = [self._encoder.encode(t) for t in texts]
+        elif self._tt is not None:
             batch = self._tt.encode_batch(texts, allowed_special="all")
         else:
             batch = [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]

@@ -6,7 +6,8 @@ vocabularies into Hugging Face `tokenizers` objects, the ones llama.cpp implemen
 converters produce:
 - SentencePiece-style BPE ("llama" in GGUF): ▁ for spaces (and one in front of the text), merges ordered by
   the score of the merged piece, unknown bytes as <0xNN> tokens;
-- byte-level BPE ("gpt2" in GGUF): the pre-tokenizer regexes of `tokenizer.ggml.pre`, GPT-2's byte alphabet;
+- byte-level BPE ("gpt2" in GGUF): the pre-tokenizer of `tokenizer.ggml.pre` (camelid.tokenizer.pretokenizers),
+  GPT-2's byte alphabet;
 - WordPiece (BERT's vocab.txt): BERT's normaliser and splitter, greedy longest-match word pieces.
 """
 
@@ -17,6 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from camelid.errors import CamelidError
+from camelid.tokenizer.pretokenizers import PRE_TOKENIZERS, PreTokenizer
 
 # GGUF token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -25,27 +27,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
                       "<|end_of_text|>", "<EOT>", "<end_of_utterance>")
 
-# Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre`, applied in sequence (each splits the pieces of the
-# previous one, keeping matches and gaps), as llama.cpp's llm_tokenizer_bpe does. Taken from the
-# tokenizer.json files of the models (HF) and llama.cpp's llama-vocab.cpp.
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# Llama 3's pre-tokenizer regex as tokenizer.json and tiktoken write it (for tokenizers built from tiktoken files)
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZER_REGEXES: dict[str, list[str]] = {
-    "gpt-2": [GPT2_REGEX],
-    # llama.cpp's fall-back for BPE vocabularies without a known pre-tokenizer
-    "default": [r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"],
-    "llama-bpe": [LLAMA3_REGEX],
-    "llama3": [LLAMA3_REGEX],
-    "qwen2": [QWEN2_REGEX],
-    # SmolLM/StarCoder: every digit on its own, then GPT-2's regex
-    "smollm": [r"\p{N}", GPT2_REGEX],
-    "starcoder": [r"\p{N}", GPT2_REGEX],
-}
-# llama.cpp's llama3 pre-tokenizer also looks a whole word up in the vocabulary before merging
-IGNORE_MERGES = frozenset({"llama-bpe", "llama3"})
 
 # BERT's special tokens, in the order of their ids in the published vocabularies' conventions ([PAD] first)
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -61,6 +45,7 @@ class Vocabulary:
     kind: str
     hf: Any = None  # a tokenizers.Tokenizer
     tiktoken: Any = None  # a tiktoken.Encoding (Llama 3's tokenizer.model)
+    encoder: Any = None  # encodes instead of `hf` when set: camelid.tokenizer.bpe.BPEEncoder (GGUF BPE, as llama.cpp)
     pre: str | None = None  # the GGUF pre-tokenizer name, for byte-level BPE
     bos_id: int | None = None
     eos_id: int | None = None
@@ -156,25 +141,62 @@ def build_spm(tokens: list[str], scores: list[float], types: list[int], *, add_s
     return hf
 
 
+def pre_tokenizer(pre: str, source: str = "the vocabulary") -> PreTokenizer:
+    """The row of llama.cpp's pre-tokenizer table for a `tokenizer.ggml.pre` value ("" and None: "default")."""
+    row = PRE_TOKENIZERS.get(pre or "default")
+    if row is None:
+        raise CamelidError(f"{source}: unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre), not one llama.cpp knows "
+                           "either (camelid.tokenizer.PRE_TOKENIZERS lists them); convert the model again with "
+                           "llama.cpp's convert_hf_to_gguf.py, or load its tokenizer.json folder instead")
+    return row
+
+
+def build_unigram(tokens: list[str], scores: list[float], types: list[int], *, unk_id: int) -> Any:
+    """A `tokenizers` unigram pipeline for a GGUF "t5" vocabulary: what decoding uses (encoding is
+    camelid.tokenizer.ugm, llama.cpp's exact rules)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    hf = HFTokenizer(models.Unigram([(t, float(s)) for t, s in zip(tokens, scores, strict=True)], unk_id=unk_id))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    add_specials(hf, tokens, types)
+    return hf
+
+
 def build_bpe(tokens: list[str], types: list[int], merges: list[tuple[str, str]], *, pre: str,
               source: str = "the vocabulary") -> Any:
-    """Byte-level BPE with the pre-tokenizer regexes llama.cpp uses for `pre` (tokenizer.ggml.pre)."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
+    """A `tokenizers` BPE pipeline for a GGUF BPE vocabulary with pre-tokenizer `pre`: what decoding and
+    tokenizer.json export use (GGUF vocabularies encode with camelid.tokenizer.bpe, llama.cpp's exact rules).
+    The regexes run in `tokenizers`' own engine, real Unicode categories instead of llama.cpp's collapsed ones;
+    llama.cpp's hand-coded pseudo-regexes that `tokenizers` cannot compile are left out."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    if pre not in PRE_TOKENIZER_REGEXES:
-        raise CamelidError(f"{source}: unknown byte-level BPE pre-tokenizer {pre!r} (tokenizer.ggml.pre); camelid "
-                           f"knows {', '.join(PRE_TOKENIZER_REGEXES)}")
+    row = pre_tokenizer(pre, source)
     try:
-        hf = HFTokenizer(models.BPE(vocab_dict(tokens), merges, ignore_merges=pre in IGNORE_MERGES))
+        hf = HFTokenizer(models.BPE(vocab_dict(tokens), merges, ignore_merges=row.ignore_merges,
+                                    byte_fallback=not row.byte_level))
     except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception (a merge of unknown pieces)
         detail = " ".join(str(e).split())[:160]
         raise CamelidError(f"{source}: the merges do not fit the tokens ({detail}); the vocabulary is "
                            "damaged") from None
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_REGEXES[pre]]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    hf.decoder = decoders.ByteLevel()
+    splits = []
+    for r in row.regexes:
+        try:
+            splits.append(pre_tokenizers.Split(Regex(r), behavior="isolated"))
+        except Exception:  # noqa: BLE001, S112 - a pseudo-regex llama.cpp implements in code
+            continue
+    if row.byte_level:
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        hf.decoder = decoders.ByteLevel()
+    else:
+        if row.escape_spaces:
+            hf.normalizer = normalizers.Replace(" ", "▁")
+        hf.pre_tokenizer = pre_tokenizers.Sequence(splits)
+        steps = [decoders.Replace("▁", " ")] if row.escape_spaces else []
+        hf.decoder = decoders.Sequence([*steps, decoders.ByteFallback(), decoders.Fuse()])
     add_specials(hf, tokens, types)
     return hf
 

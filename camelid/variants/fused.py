@@ -73,7 +73,8 @@ def fuse(model: Llama) -> Llama:
     """Replace `model`'s attention, feed-forward and norm modules by their fused twins, in place; each block does
     4 products instead of 7. Idempotent. Returns the model."""
     for block in model.layers:
-        if isinstance(block.attention, Attention):
+        # FusedAttention has no q/k norms (Qwen3): such a block keeps the reference attention
+        if isinstance(block.attention, Attention) and block.attention.q_norm is None:
             block.attention = FusedAttention(block.attention)
         if isinstance(block.feed_forward, FeedForward):
             block.feed_forward = FusedFeedForward(block.feed_forward)

@@ -65,7 +65,8 @@ def for_training(model: Llama) -> Llama:
     """Replace `model`'s attention, feed-forward and RMSNorm modules by their training twins, in place (the same
     parameter objects under the same names). Returns the model."""
     for block in model.layers:
-        if isinstance(block.attention, Attention):
+        # TrainAttention has no q/k norms (Qwen3): such a block keeps the reference attention
+        if isinstance(block.attention, Attention) and block.attention.q_norm is None:
             block.attention = TrainAttention(block.attention)
         if isinstance(block.feed_forward, FeedForward):
             block.feed_forward = TrainFeedForward(block.feed_forward)

@@ -3,16 +3,30 @@ vocabularies and vectors, llama.cpp itself, and texts that exercise every corner
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tarfile
+import tempfile
 from functools import cache
 from pathlib import Path
 
 import gguf
 import pytest
 
+from camelid import hub
+from camelid.fileio import atomic_write_text
 from camelid.tokenizer import Tokenizer
 
 LLAMA_CPP = Path(__file__).parent / "data" / "llama.cpp"
-VOCABS = ["llama-spm", "llama-bpe", "qwen2", "gpt-2", "phi-3"]
+# every vocabulary with reference vectors in llama.cpp's models/ folder: copied ones, and two fetched ones (large)
+COPIED = ["llama-spm", "llama-bpe", "qwen2", "qwen35", "gpt-2", "phi-3", "bert-bge", "deepseek-llm",
+          "deepseek-coder", "falcon", "mpt", "refact", "starcoder"]
+FETCHED = ["command-r", "gemma-4"]
+VOCABS = COPIED + FETCHED
+# vocabularies in llama.cpp's models/ folder without reference vectors (compared with llama.cpp itself), fetched;
+# nomic-bert-moe is a unigram ("t5") vocabulary
+UNCHECKED = ["aquila", "baichuan", "gpt-neox", "nomic-bert-moe"]
+LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python whose vendored llama.cpp the vectors and the tests speak for
 
 MIXED = [
     "Hello world", " Hello  world ", "def f(x):\n    return x ** 2  # square\n\n\n", "\t\tindent\r\nCRLF",
@@ -24,9 +38,43 @@ MIXED = [
 
 
 @cache
+def llama_cpp_source() -> Path:
+    """llama.cpp as llama-cpp-python's sdist vendors it, fetched with pip the way a user would, once, into
+    camelid's cache; only what the tests read is kept (models/ggml-vocab-{command-r,gemma-4}.gguf*, the
+    vocabularies without vectors, src/llama-vocab.cpp). Skips the test where the package index cannot be reached."""
+    dest = hub.cache_dir() / "test-data" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    wanted = [f"models/ggml-vocab-{n}.gguf{ext}" for n in FETCHED for ext in ("", ".inp", ".out")]
+    wanted += [f"models/ggml-vocab-{n}.gguf" for n in UNCHECKED]
+    wanted.append("src/llama-vocab.cpp")
+    complete = dest / "complete"
+    if complete.is_file() and complete.read_text(encoding="utf-8").split() == wanted:
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
+               f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            pytest.skip(f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON} sdist with pip")
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            for member in wanted:
+                info = tar.getmember(prefix + member)
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                (dest / member).parent.mkdir(parents=True, exist_ok=True)
+                (dest / member).write_bytes(data)
+    atomic_write_text(dest / "complete", "\n".join(wanted) + "\n")
+    return dest
+
+
+def vocab_file(name: str) -> Path:
+    fetched = name in FETCHED or name in UNCHECKED
+    return (llama_cpp_source() / "models" if fetched else LLAMA_CPP) / f"ggml-vocab-{name}.gguf"
+
+
+@cache
 def vocab(name: str) -> Tokenizer:
     """One of llama.cpp's vocabulary-only GGUF files, read by camelid."""
-    return Tokenizer.from_gguf(LLAMA_CPP / f"ggml-vocab-{name}.gguf")
+    return Tokenizer.from_gguf(vocab_file(name))
 
 
 @cache
@@ -34,12 +82,14 @@ def reference_cases(name: str) -> list[tuple[str, list[int]]]:
     """llama.cpp's test-tokenizer-0 format: inputs separated by `\\n__ggml_vocab_test__\\n` lines, expected ids
     one line per input. They were produced with `tokenizer.encode(text, add_special_tokens=False)`, and
     test-tokenizer-0 tokenises without adding BOS."""
-    inputs = (LLAMA_CPP / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
-    assert inputs[-1] == ""
-    outputs = (LLAMA_CPP / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").split("\n")
+    path = vocab_file(name)
+    inputs = Path(f"{path}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    if inputs[-1] == "":  # most files end with a separator; gemma-4's does not
+        inputs.pop()
+    outputs = Path(f"{path}.out").read_text(encoding="utf-8").split("\n")
     assert outputs[-1] == ""
-    assert len(inputs) == len(outputs)
-    return [(x, [int(v) for v in y.split()]) for x, y in zip(inputs[:-1], outputs[:-1], strict=True)]
+    assert len(inputs) == len(outputs) - 1
+    return [(x, [int(v) for v in y.split()]) for x, y in zip(inputs, outputs[:-1], strict=True)]
 
 
 def open_llama_cpp(path: Path):
