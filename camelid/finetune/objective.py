@@ -49,6 +49,35 @@ def load_tokenizer(source: str) -> Any:
     return tok
 
 
+def load_training_model(source: str, quantize: str = "none") -> nn.Module:
+    """The base checkpoint as the training model (camelid.variants.training.TrainLlama). With quantize int8/int4
+    (QLoRA) its block linears are quantised while the checkpoint streams in, for Hugging Face folders and GGUF
+    files, so the fp32 model is never in memory; other formats are loaded whole first."""
+    import camelid
+    from camelid.formats import Format, detect
+    from camelid.llm import resolve
+    from camelid.variants.lora import build_quantized_base, quantize_base
+    from camelid.variants.training import TrainLlama
+
+    path = resolve(source)
+    fmt = detect(path)
+    if quantize != "none" and fmt in (Format.HF, Format.GGUF):
+        if fmt is Format.HF:
+            from camelid.interop.hf import read_hf_tensors
+
+            config, where, tensors = read_hf_tensors(path)
+        else:
+            from camelid.interop.gguf import read_gguf_tensors
+
+            config, tensors = read_gguf_tensors(path)
+            where = str(path)
+        with torch.device("meta"):
+            model = TrainLlama(config)
+        return build_quantized_base(model, tensors, quantize, where)
+    model = TrainLlama.from_model(camelid.load(source, tokenizer=False).model)
+    return quantize_base(model, quantize) if quantize != "none" else model
+
+
 class SFT:
     """Supervised fine-tuning on chat / instruction / text examples; see the module docstring."""
 
@@ -76,21 +105,16 @@ class SFT:
 
     # -- the model ------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        import camelid
-        from camelid.variants.lora import apply_lora, quantize_base
-        from camelid.variants.training import TrainLlama
+        from camelid.variants.lora import apply_lora
 
         cfg = self.cfg
-        base = camelid.load(cfg.model, tokenizer=False).model
-        if cfg.block_size > base.config.max_seq_len:
+        model = load_training_model(cfg.model, cfg.quantize)
+        if cfg.block_size > model.config.max_seq_len:
             raise CamelidError(f"block_size {cfg.block_size} exceeds the base model's context window "
-                               f"{base.config.max_seq_len}; lower block_size")
-        model = TrainLlama.from_model(base)
+                               f"{model.config.max_seq_len}; lower block_size")
         self.model_config = model.config
         if cfg.method == "full":
             return model.requires_grad_(True)
-        if cfg.quantize != "none":
-            quantize_base(model, cfg.quantize)
         return apply_lora(model, cfg.lora_spec())
 
     @staticmethod

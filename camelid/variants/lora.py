@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from camelid.errors import CamelidError
 from camelid.interop import peft
-from camelid.model import Llama
+from camelid.interop.hf import hf_to_camelid_name
+from camelid.model import Llama, rope_inv_freq
 from camelid.variants.quantized import FastLinear, Int4Linear, Int8Linear
 
 # the linear layers of a block, by camelid's names (HF: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
@@ -234,6 +235,42 @@ def quantize_base(model: Llama, mode: str) -> Llama:
     return model
 
 
+@torch.no_grad()
+def build_quantized_base(model: Llama, tensors: Iterable[tuple[str, Tensor]], mode: str, source: str) -> Llama:
+    """Fill `model`, built on the meta device (the reference Llama or its training twin), from a stream of Hugging
+    Face-named fp32 tensors (camelid.interop.hf.read_hf_tensors, camelid.interop.gguf.read_gguf_tensors),
+    quantising each bias-free block linear to int8/int4 as it arrives: peak memory is the quantised model plus one
+    fp32 tensor, never the fp32 model (what `quantize_base` on a loaded model needs). Returns the model, frozen."""
+    kinds = {"int8": Int8Linear, "int4": Int4Linear}
+    if mode not in kinds:
+        raise CamelidError(f"unknown base quantisation {mode!r}; choose int8 or int4 (or none)")
+    expected = dict(model.state_dict())
+    for hf_name, t in tensors:
+        name = hf_to_camelid_name(hf_name)
+        if name is None:
+            continue
+        if name not in expected:
+            raise CamelidError(f"{source}: unexpected tensor {hf_name!r} for this {model.config.n_layers}-layer model")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise CamelidError(f"{source}: tensor {hf_name!r} has shape {list(t.shape)}, the config implies "
+                               f"{list(expected[name].shape)}")
+        path, _, leaf = name.rpartition(".")
+        parent_path, _, child = path.rpartition(".")
+        module = model.get_submodule(path)
+        if (isinstance(module, nn.Linear) and module.bias is None and child in TARGETS and path.startswith("layers.")
+                and leaf == "weight"):
+            kind = kinds[mode] if not (mode == "int4" and t.shape[1] % 32) else Int8Linear
+            setattr(model.get_submodule(parent_path), child, kind(t))
+        else:
+            setattr(module, leaf, nn.Parameter(t.float(), requires_grad=False))
+    model.tie_weights()
+    missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta and n != "rope.inv_freq"]
+    if missing:
+        raise CamelidError(f"{source}: missing tensor(s) {', '.join(missing[:3])}; the checkpoint is incomplete")
+    model.rope.inv_freq = rope_inv_freq(model.config)
+    return model.requires_grad_(False)
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a tied head is counted once."""
     seen: set[int] = set()
@@ -303,6 +340,6 @@ def load_adapter(model: Llama, path: str | os.PathLike) -> Llama:
     return model
 
 
-__all__ = ["BASES", "TARGETS", "LoRALinear", "LoraSpec", "apply_lora", "load_adapter", "load_lora_state_dict",
-           "lora_disabled", "lora_modules", "lora_spec", "lora_state_dict", "merge_lora", "quantize_base",
-           "read_adapter", "save_adapter", "save_gguf_adapter", "trainable_parameters"]
+__all__ = ["BASES", "TARGETS", "LoRALinear", "LoraSpec", "apply_lora", "build_quantized_base", "load_adapter",
+           "load_lora_state_dict", "lora_disabled", "lora_modules", "lora_spec", "lora_state_dict", "merge_lora",
+           "quantize_base", "read_adapter", "save_adapter", "save_gguf_adapter", "trainable_parameters"]

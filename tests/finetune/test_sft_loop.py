@@ -144,6 +144,23 @@ def test_qlora_int4_and_full_finetuning_run(tiny_base: tuple[Path, Path], tmp_pa
     assert "layers.0.attention.wq.weight" in ckpt
 
 
+def test_a_qlora_base_streams_in_already_quantised(tiny_base: tuple[Path, Path], tmp_path: Path) -> None:
+    """From an HF folder and from a GGUF file, quantising while the tensors stream in gives the model that
+    quantising the loaded fp32 model gives, bit for bit."""
+    from camelid.finetune.objective import load_training_model
+    from camelid.interop.gguf import save_gguf
+    from camelid.variants.lora import quantize_base
+    from camelid.variants.training import TrainLlama
+
+    base, _ = tiny_base
+    save_gguf(camelid.load(base, tokenizer=False).model, tmp_path / "base.gguf", progress=False)
+    for source in (base, tmp_path / "base.gguf"):
+        streamed = load_training_model(str(source), "int4").state_dict()
+        whole = quantize_base(TrainLlama.from_model(camelid.load(source, tokenizer=False).model), "int4").state_dict()
+        assert streamed.keys() == whole.keys() and "layers.0.attention.wq.qweight" in streamed
+        assert all(torch.equal(streamed[k], whole[k]) for k in whole)
+
+
 def test_epochs_set_the_steps(tiny_base: tuple[Path, Path]) -> None:
     base, data = tiny_base
     cfg = FinetuneConfig(**settings(base, data, Path("unused"), epochs=2.0, max_steps=1))
