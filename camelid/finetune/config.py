@@ -33,6 +33,7 @@ class FinetuneConfig(TrainConfig):
     val_split: str = "dev"  # ...into training and held-out examples
     val_data: str = ""  # else held-out examples from these files
     val_fraction: float = 0.0  # else this fraction of the examples, drawn with the seed
+    val_examples: int = 0  # > 0: keep this many held-out records, drawn with the seed (a quicker held-out loss)
     long_examples: str = "drop"  # examples longer than block_size + 1 tokens: drop, or truncate (always reported)
     packing: bool = True  # several examples per row (block-diagonal attention, positions restart per example)
     epochs: float = 0.0  # > 0: max_steps is set to this many passes over the training rows
@@ -86,6 +87,9 @@ class FinetuneConfig(TrainConfig):
             raise CamelidError(f"quantize={self.quantize} freezes a quantised base for LoRA (QLoRA); set method=lora")
         if not 0.0 <= self.val_fraction < 1.0:
             raise CamelidError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not isinstance(self.val_examples, int) or self.val_examples < 0:
+            raise CamelidError(f"val_examples must be 0 (all held-out records) or a positive count, got "
+                               f"{self.val_examples!r}")
         if self.epochs < 0:
             raise CamelidError(f"epochs must be 0 (use max_steps) or positive, got {self.epochs}")
         if self.distributed == "fsdp":

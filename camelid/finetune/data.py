@@ -313,6 +313,9 @@ def load_sft_data(cfg: FinetuneConfig, tok: Tokenizer) -> SFTData:
         held = set(order[:n_val].tolist())
         val_records = [r for i, r in enumerate(records) if i in held]
         records = [r for i, r in enumerate(records) if i not in held]
+    if 0 < cfg.val_examples < len(val_records):  # a sample, kept in file order
+        keep = np.random.default_rng(cfg.seed).permutation(len(val_records))[:cfg.val_examples]
+        val_records = [val_records[i] for i in sorted(keep.tolist())]
     counts = {"dropped": 0, "truncated": 0, "texts split": 0}
     train = _examples(records, cfg, tok, counts)
     val_counts = {"dropped": 0, "truncated": 0, "texts split": 0}

@@ -89,6 +89,18 @@ def test_instruction_records_with_a_field_mapping_and_splits(smol: Tokenizer, tm
     assert "Add 0 and 1.\n\n(0)" in segments[0][0] and "Be brief." in segments[0][0]
 
 
+def test_val_examples_keeps_a_seeded_sample_of_the_held_out_records(smol: Tokenizer, tmp_path: Path) -> None:
+    rows = [{"instruction": f"Say {i}.", "output": str(i), "split": "train" if i < 4 else "dev"} for i in range(30)]
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    picks = [[ex.where for ex in load_sft_data(_cfg(data, val_examples=5, seed=seed), smol).val] for seed in (0, 0, 1)]
+    assert len(picks[0]) == 5 and picks[0] == picks[1] != picks[2]
+    lines = [int(w.rsplit(":", 1)[1]) for w in picks[0]]
+    assert lines == sorted(lines) and min(lines) > 4  # in file order, dev records only
+    assert len(load_sft_data(_cfg(data), smol).val) == 26
+    with pytest.raises(CamelidError, match="val_examples must be"):
+        _cfg(data, val_examples=-1).validate()
+
+
 def test_text_records_learn_every_token_and_long_texts_are_cut_into_windows(smol: Tokenizer, tmp_path: Path) -> None:
     data = _write_jsonl(tmp_path / "t.jsonl", [{"text": "word " * 300}, {"text": "short"}])
     sft = load_sft_data(_cfg(data, block_size=64, data_format="text"), smol)
