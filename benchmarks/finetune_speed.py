@@ -52,6 +52,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--eval-examples", type=int, default=40, help="dev examples for the held-out loss")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass (all arms): activations no longer dominate memory")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--out", type=Path, default=Path("runs/finetune_speed"))
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
@@ -99,7 +101,8 @@ def run_arm(args: argparse.Namespace) -> dict:
     cfg = FinetuneConfig(model=args.model, data=str(args.out / "records.jsonl"), block_size=args.block,
                          batch_size=args.batch, lora_rank=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
                          lr=args.lr, min_lr=args.lr, warmup_steps=0, quantize="int4" if "qlora" in arm else "none",
-                         out=str(args.out / "unused"), seed=0)
+                         out=str(args.out / "unused"), seed=0,
+                         activation_checkpointing=args.activation_checkpointing)
     cfg.validate()
     sft = SFT(cfg, torch.device("cpu"))
     steps = args.warmup + args.steps
@@ -134,6 +137,10 @@ def camelid_arm(sft, cfg):
     from camelid.train.loop import build_optimizer
 
     model = sft.build_model()
+    if cfg.activation_checkpointing:
+        from camelid.train.loop import use_activation_checkpointing
+
+        use_activation_checkpointing(sft.blocks(model))
     model.train()
     opt = build_optimizer(model, cfg, torch.device("cpu"))
 
@@ -169,6 +176,8 @@ def hf_arm(args: argparse.Namespace, sft, cfg):
     lora = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=HF_TARGETS,
                            bias="none", task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = build_optimizer(model, cfg, torch.device("cpu"))
     pad = sft.pad_id
@@ -237,7 +246,8 @@ def main() -> None:
     peak = measure_matmul_peak("cpu", torch.float32)
     summary: dict = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "model": args.model,
                      "rows": f"{args.batch} x {args.block}", "rank": args.rank, "alpha": args.alpha,
-                     "steps": args.steps, "peak_flops": peak, "load_average_1min": load, "arms": results}
+                     "steps": args.steps, "activation_checkpointing": args.activation_checkpointing,
+                     "peak_flops": peak, "load_average_1min": load, "arms": results}
     summary["mfu"] = {a: r["tokens_per_s"] * r["flops_per_token"] / peak for a, r in results.items()}
     ref, lora, qlora = (results.get(a) for a in ARMS)
     if ref and lora:
