@@ -165,15 +165,24 @@ def verify_folder(path: Path, fmt: Format) -> None:
 
 
 def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dtype | None = None,
-         device: str | torch.device = "cpu", tokenizer: bool = True, quantize: str | None = None) -> LLM:
+         device: str | torch.device = "cpu", tokenizer: bool = True, quantize: str | None = None,
+         adapter: str | os.PathLike | None = None, merge_adapter: bool = True) -> LLM:
     """Load a model (see the module docstring for the accepted sources).
 
     `quantize="int8"|"int4"` makes the linear layers weight-only quantised (C++ kernels for decode on CPU);
     `"fp32"` keeps fp32 weights but takes the same fused fast path. A `.safetensors` file written by
     `camelid quantize` loads quantised directly, without an fp32 copy.
+
+    `adapter`: a LoRA adapter folder (peft's format: `camelid finetune` writes one, so does peft) applied to the
+    base. By default it is merged into the weights (exact to float rounding), so every fast path applies; with
+    `merge_adapter=False` the model keeps LoRALinear modules (camelid.variants.lora) over its base, quantised
+    per projection when `quantize` is int8/int4 (QLoRA's layout), for switching adapters off or inspecting them.
     """
     path = resolve(source)
     fmt = detect(path)
+    if adapter is not None and fmt is Format.QUANTIZED:
+        raise CamelidError(f"{source}: a file from `camelid quantize` is fused; apply the adapter to the base "
+                           "checkpoint it came from (HF folder, .gguf or Meta folder) instead")
     verify_folder(path, fmt)
     if fmt is Format.QUANTIZED:
         from camelid.variants.quantized import load_quantized
@@ -205,8 +214,19 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
             "a .gguf file or a Meta directory (params.json + consolidated.*.pth)"
         )
     tok = model_tokenizer(path, fmt) if tokenizer else None
+    extra: dict[str, Any] = {}
+    if adapter is not None:
+        from camelid.variants import lora
+
+        if not merge_adapter and quantize in ("int8", "int4"):
+            lora.quantize_base(model, quantize)
+        lora.load_adapter(model, adapter)
+        extra["adapter"] = str(adapter)
+        if not merge_adapter:
+            return LLM(model=model.eval(), config=config, tokenizer=tok, source=str(path), extra=extra)
+        lora.merge_lora(model)
     if quantize:
         from camelid.variants.quantized import quantize_model
 
         quantize_model(model, quantize)
-    return LLM(model=model.eval(), config=config, tokenizer=tok, source=str(path))
+    return LLM(model=model.eval(), config=config, tokenizer=tok, source=str(path), extra=extra)

@@ -46,8 +46,9 @@ def shard_counts(n_heads: int, n_kv_heads: int) -> list[int]:
 
 
 def convert_checkpoint(src: str, dst: Path, to: str, dtype: str | None = None, qtype: str = "f32",
-                       shards: int = 1) -> Path:
-    """Load `src` (name, HF dir, .gguf, Meta dir) and write it to `dst` in format `to`; returns what was written."""
+                       shards: int = 1, adapter: str | None = None) -> Path:
+    """Load `src` (name, HF dir, .gguf, Meta dir) and write it to `dst` in format `to`; returns what was written.
+    `adapter`: a LoRA adapter folder merged into the weights first."""
     import camelid
 
     if dtype is not None and dtype not in DTYPES:
@@ -59,7 +60,7 @@ def convert_checkpoint(src: str, dst: Path, to: str, dtype: str | None = None, q
     if to != "gguf" and dst.is_file():
         raise CamelidError(f"{dst}: is a file; {to} checkpoints are directories, give a directory path")
     torch_dtype = DTYPES[dtype] if dtype else None
-    llm = camelid.load(src, dtype=torch_dtype, tokenizer=False)
+    llm = camelid.load(src, dtype=torch_dtype, tokenizer=False, adapter=adapter)
     src_path = Path(llm.source)
     llm.tokenizer = _tokenizer_for(src_path)
     if to == "hf":

@@ -18,6 +18,8 @@ from camelid.errors import CamelidError
 from camelid.hub import DEFAULT_MODEL
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="model name (camelid list), HF dir, .gguf or Meta dir")
+AdapterOpt = typer.Option(None, "--adapter", help="a LoRA adapter folder (from `camelid finetune` or peft), "
+                          "merged into the model's weights")
 QuantizeOpt = typer.Option(
     "fp32", "--quantize",
     help="fp32: the same weights, fused, with camelid's C++ decode step (fastest exact path); int8 / int4: "
@@ -25,7 +27,7 @@ QuantizeOpt = typer.Option(
 )
 
 
-def _load(model: str, quiet: bool, quantize: str) -> Any:
+def _load(model: str, quiet: bool, quantize: str, adapter: str | None = None) -> Any:
     import camelid
     from camelid.ops import native
 
@@ -44,13 +46,14 @@ def _load(model: str, quiet: bool, quantize: str) -> Any:
         path = hub.pull(model, quiet=quiet)
     if not quiet:
         print(f"camelid: loading {path} ...", file=sys.stderr, flush=True)
-    llm = camelid.load(path, quantize=None if quantize == "none" else quantize)
+    llm = camelid.load(path, quantize=None if quantize == "none" else quantize, adapter=adapter)
     if llm.tokenizer is None:
         raise CamelidError(f"{model}: no tokenizer found beside the weights; text generation needs one (put the "
                            "model's tokenizer.json or tokenizer.model in its folder)")
     if not quiet:
         n = llm.config.num_params()
-        print(f"camelid: loaded {llm.config.name} ({n / 1e6:.1f}M parameters) in {time.perf_counter() - t0:.1f}s",
+        print(f"camelid: loaded {llm.config.name} ({n / 1e6:.1f}M parameters) from {llm.source} "
+              f"in {time.perf_counter() - t0:.1f}s" + (f", adapter {adapter} merged" if adapter else ""),
               file=sys.stderr)
         if quantize != "none":
             from camelid.variants.decode_step import refusal
@@ -107,6 +110,7 @@ def generate(
     system: str | None = typer.Option(None, "--system", help="system prompt (with --chat)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="nothing on stderr"),
     quantize: str = QuantizeOpt,
+    adapter: str | None = AdapterOpt,
 ) -> None:
     """Complete PROMPT and print the completion alone on stdout."""
     if system is not None and not chat:
@@ -115,7 +119,7 @@ def generate(
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise CamelidError("the prompt is empty; give some text (or '-' to read it from stdin)")
-    llm = _load(model, quiet, quantize)
+    llm = _load(model, quiet, quantize, adapter)
     stats: dict[str, float] = {}
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                 repetition_penalty=repetition_penalty, seed=seed, stop=stop, stats=stats)
@@ -159,11 +163,12 @@ def chat(
     repetition_penalty: float = typer.Option(1.0, min=0.0),
     seed: int | None = typer.Option(None),
     quantize: str = QuantizeOpt,
+    adapter: str | None = AdapterOpt,
 ) -> None:
     """Talk with a model: replies stream as they are generated; the conversation is kept as history."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
-    llm = _load(model, quiet=False, quantize=quantize)
+    llm = _load(model, quiet=False, quantize=quantize, adapter=adapter)
     print(CHAT_HELP, file=sys.stderr)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     turn = 0

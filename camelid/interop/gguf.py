@@ -245,6 +245,15 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     return config, model
 
 
+def read_gguf_tensors(path: str | os.PathLike) -> tuple[LlamaConfig, Iterator[tuple[str, Tensor]]]:
+    """The config and a stream of the file's tensors under Hugging Face names, dequantised one at a time to fp32,
+    for callers that convert each tensor as it arrives (e.g. a quantised base for QLoRA)."""
+    path = Path(path)
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, str(path))
+    return config, _gguf_tensors(reader, config, str(path))
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """All key/values of a GGUF file except the (long) vocabulary arrays, for inspection and tests."""
     reader = open_gguf(path)
@@ -346,5 +355,5 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, q
     return path
 
 
-__all__ = ["ARCHITECTURES", "QTYPES", "config_from_gguf", "gguf_to_hf_name", "load_gguf", "read_metadata",
-           "save_gguf"]
+__all__ = ["ARCHITECTURES", "QTYPES", "config_from_gguf", "gguf_to_hf_name", "load_gguf", "read_gguf_tensors",
+           "read_metadata", "save_gguf"]

@@ -342,14 +342,19 @@ def iter_tensors(file: Path) -> Iterator[tuple[str, Tensor]]:
         raise CamelidError(f"{file}: corrupt or truncated safetensors file ({e}); re-download or re-save it") from None
 
 
-def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                device: torch.device | str = "cpu") -> tuple[LlamaConfig, Llama]:
+def read_hf_tensors(path: str | os.PathLike) -> tuple[LlamaConfig, str, Iterator[tuple[str, Tensor]]]:
+    """The config, a name for error messages and a stream of the folder's tensors (one in flight)."""
     path = Path(path)
     config = config_from_hf(read_config(path), str(path / "config.json"))
     config.name = path.name
     files = weight_files(path)
     source = str(files[0]) if len(files) == 1 else f"{path} (safetensors shards)"
-    tensors = (pair for file in files for pair in iter_tensors(file))  # streamed: one tensor in flight
+    return config, source, (pair for file in files for pair in iter_tensors(file))
+
+
+def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                device: torch.device | str = "cpu") -> tuple[LlamaConfig, Llama]:
+    config, source, tensors = read_hf_tensors(path)
     return config, build_model(config, tensors, source, dtype=dtype, device=device)
 
 

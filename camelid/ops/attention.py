@@ -11,6 +11,7 @@ new tokens against the KV cache).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -97,6 +98,42 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     if _why_not(q, k, mask) is None:
         return torch.ops.camelid.causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
     return reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Packed rows: row b holds documents of lengths[b] tokens one after another (each row's lengths add up to the
+    same T). Every document attends causally within itself only, and its positions restart at 0."""
+
+    lengths: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if len({sum(row) for row in self.lengths}) > 1 or any(n < 1 for row in self.lengths for n in row):
+            raise ValueError(f"every row's document lengths must be positive and add up to one T: {self.lengths}")
+
+    def positions(self, device: torch.device | str | None = None) -> Tensor:
+        """[B, T]: 0, 1, ... within each document."""
+        return torch.tensor([[i for n in row for i in range(n)] for row in self.lengths], device=device)
+
+    def mask(self, device: torch.device | str | None = None) -> Tensor:
+        """[B, 1, T, T] bool, True where a query may see a key: block-diagonal, causal within each block."""
+        doc = torch.tensor([[j for j, n in enumerate(row) for _ in range(n)] for row in self.lengths], device=device)
+        T = doc.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, docs: Documents) -> Tensor:
+    """`causal_attention` of each document of packed rows on its own (q [B, T, H, d], k and v [B, T, KV, d]):
+    the same result as the block-diagonal mask, without computing the blocks between documents."""
+    rows = []
+    for b, lengths in enumerate(docs.lengths):
+        parts, s = [], 0
+        for n in lengths:
+            parts.append(causal_attention(q[b:b + 1, s:s + n], k[b:b + 1, s:s + n], v[b:b + 1, s:s + n]))
+            s += n
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
 # -- decoding -----------------------------------------------------------------------------------------------

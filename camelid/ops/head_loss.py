@@ -42,9 +42,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:  # noqa: ANN001 - ctx
         n = h.shape[0]
         chunk = max(32, CE_CHUNK_ELEMENTS // weight.shape[0])
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if want_grad else None
-        grad_w = torch.zeros_like(weight) if want_grad else None
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head (LoRA) needs no grad_w
+        want_grad = want_h or want_w
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         mod = native.module() if _why_not(h, weight) is None else None
         # C++: softmax in place, into one logits buffer (fresh ones cost page faults)
@@ -66,8 +67,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                     probs.div_(sums)
                     probs[rows, tc] -= 1.0  # d(loss)/d(logits), before the 1/n of the mean
                     probs = probs.to(h.dtype)
-            if want_grad:
+            if want_h:
                 torch.mm(probs, weight, out=grad_h[s:s + chunk])
+            if want_w:
                 grad_w.addmm_(probs.t(), hc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.n = n
@@ -77,7 +79,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001 - ctx
         grad_h, grad_w = ctx.saved_tensors
         scale = grad / ctx.n
-        return grad_h * scale.to(grad_h.dtype), grad_w * scale.to(grad_w.dtype), None
+        return (None if grad_h is None else grad_h * scale.to(grad_h.dtype),
+                None if grad_w is None else grad_w * scale.to(grad_w.dtype), None)
 
 
 # eager even inside a compiled model: measured faster than inductor's trace of the chunked loop

@@ -108,11 +108,30 @@ def _why_not(x2d: Tensor) -> str | None:
     return None
 
 
+class DequantizedMatmul(torch.autograd.Function):
+    """x @ W^T for a frozen int8/int4 W whose fp32 matrix is rebuilt in the backward pass instead of kept from the
+    forward: training through a quantised base (QLoRA) holds the codes, never the fp32 weights."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kind: str, *weight: Tensor) -> Tensor:  # noqa: ANN001 - ctx
+        ctx.kind = kind
+        ctx.save_for_backward(*weight)
+        return x @ dequantize(kind, *weight).to(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001 - ctx
+        weight = ctx.saved_tensors
+        return (grad @ dequantize(ctx.kind, *weight).to(grad.dtype), None, *(None for _ in weight))
+
+
 def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
     """x [..., K] @ W^T for W stored as `kind` ("f32": weight; "int8": codes, scale; "int4": packed codes,
-    scale, minimum): the C++ GEMV for a few rows, else dequantisation and torch's GEMM."""
+    scale, minimum): the C++ GEMV for a few rows, else dequantisation and torch's GEMM (in training, with the
+    matrix rebuilt for the backward pass rather than stored: DequantizedMatmul)."""
     x2d = x.reshape(-1, x.shape[-1])
-    if _why_not(x2d) is not None:
+    if kind != "f32" and x.requires_grad and torch.is_grad_enabled():
+        y = DequantizedMatmul.apply(x2d, kind, *weight)
+    elif _why_not(x2d) is not None:
         w = weight[0] if kind == "f32" else dequantize(kind, *weight)
         y = x2d @ w.to(x.dtype).T
     elif torch.compiler.is_compiling():

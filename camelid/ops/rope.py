@@ -62,7 +62,10 @@ class RopeFunction(torch.autograd.Function):
 
 
 def rope_bthd(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE on x [B, T, heads, d] with the model's tables: [T, d], or [B, 1, T, d] for per-row positions."""
+    """RoPE on x [B, T, heads, d] with the model's tables: [T, d], or [B, 1, T, d] for per-row positions (packed
+    rows: each row through the Function with its own table)."""
+    if cos.dim() == 4 and not torch.compiler.is_compiling() and _why_not(x) is None:
+        return torch.cat([rope_bthd(x[b:b + 1], cos[b, 0], sin[b, 0]) for b in range(x.shape[0])])
     if torch.compiler.is_compiling() or cos.dim() != 2:  # inductor fuses the reference; per-row tables
         if cos.dim() == 4:
             cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [B, T, 1, d]

@@ -196,15 +196,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """A config file plus `key=value` overrides as `cls` (TrainConfig, or a subclass such as fine-tuning's)."""
     data = read_config_file(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise CamelidError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    defaults = cls()
     for key, value in data.items():
-        default = getattr(TrainConfig(), key)
+        default = getattr(defaults, key)
         # YAML reads 1e-3 as a string and 3 as an int; coerce to the field's type where it is plain
         if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
             try:
@@ -215,6 +218,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise CamelidError(f"{key} must be true or false, got {value!r}")
         elif isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
             raise CamelidError(f"{key} must be an integer, got {value!r}")
-    cfg = TrainConfig(**data)
+    cfg = cls(**data)
     cfg.validate()
     return cfg

@@ -212,10 +212,15 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, horizon, min_ratio, cfg.lr_schedule))
 
-    start, spent_before = 0, 0.0
+    # an objective that trains a few tensors over a frozen model (LoRA) checkpoints those alone
+    kept = ({n for n, p in raw.named_parameters() if p.requires_grad}
+            if getattr(objective, "saves_trainable_only", False) else None)
+    counts_tokens = hasattr(objective, "tokens")  # rows with padding: count real tokens, not token slots
+    start, spent_before, tokens_before = 0, 0.0, 0
     if resume:
-        state = _restore(out, raw, model, optimizer, scheduler, fsdp)
+        state = _restore(out, raw, model, optimizer, scheduler, fsdp, kept)
         start = int(state["step"])
+        tokens_before = int(state.get("tokens", 0))
         match_optimizer_step(optimizer, scheduler, compile_opt)
         if start >= cfg.max_steps:
             raise CamelidError(f"the checkpoint is at step {start}, already at max_steps {cfg.max_steps}; "
@@ -244,11 +249,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
 
     t_start = time.perf_counter()
     loss_value, val_metrics, done = float("nan"), {}, start
+    tokens_seen = tokens_before if counts_tokens else start * tok_per_step
     model.train()
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
         lr = float(scheduler.get_last_lr()[0])  # a tensor when the optimizer step is compiled
         loss_sum = torch.zeros((), device=device)
+        step_tokens = 0
         for micro in range(cfg.grad_accum):
             last_micro = micro == cfg.grad_accum - 1
             index = info.rank * cfg.grad_accum + micro
@@ -259,6 +266,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
             with _sync(model, info, fsdp, last_micro):
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
+            step_tokens += objective.tokens(batch) if counts_tokens else 0
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
@@ -275,13 +283,19 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
         loss_value = D.all_mean(loss_sum / cfg.grad_accum, info).item()
         if not math.isfinite(loss_value):
             raise CamelidError(f"the loss became {loss_value} at step {done}; lower lr or raise warmup_steps")
+        if counts_tokens:  # summed over processes
+            step_tokens = int(D.all_mean(torch.tensor(float(step_tokens), device=device), info).item()
+                              * info.world_size + 0.5)
+        else:
+            step_tokens = tok_per_step
+        tokens_seen += step_tokens
         dt = time.perf_counter() - t0
-        mfu = flops_tok * tok_per_step / dt / peak
+        mfu = flops_tok * step_tokens / dt / peak
         # repr() writes the shortest string that reads back to the same float: resumed runs compare bitwise
         row: dict[str, Any] = {"step": done, "loss": repr(loss_value), "lr": repr(lr),
-                               "grad_norm": repr(float(grad_norm)), "tokens": done * tok_per_step,
+                               "grad_norm": repr(float(grad_norm)), "tokens": tokens_seen,
                                "elapsed_s": f"{time.perf_counter() - t_start:.3f}",
-                               "tokens_per_s": f"{tok_per_step / dt:.1f}", "mfu": f"{mfu:.4f}"}
+                               "tokens_per_s": f"{step_tokens / dt:.1f}", "mfu": f"{mfu:.4f}"}
 
         if cfg.eval_interval and (done % cfg.eval_interval == 0 or last):
             # the last evaluation always covers the whole validation split
@@ -297,13 +311,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
         if log is not None:
             log.write(row)
         if done % max(1, cfg.log_interval) == 0 or last:
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_per_step / dt:,.0f}",
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{step_tokens / dt:,.0f}",
                             mfu=f"{100 * mfu:.1f}%", refresh=False)
         bar.update(1)
         if cfg.checkpoint_interval and (done % cfg.checkpoint_interval == 0 or last):
             spent = spent_before + time.perf_counter() - t_start
-            _save(out, done, raw, model, optimizer, scheduler, cfg, info, fsdp, {"horizon": horizon,
-                                                                                  "train_seconds": spent})
+            _save(out, done, raw, model, optimizer, scheduler, cfg, info, fsdp,
+                  {"horizon": horizon, "train_seconds": spent, "tokens": tokens_seen}, kept)
         if last:
             break
     bar.close()
@@ -318,7 +332,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
         _export(raw, model, objective, info, fsdp)
     nan = float("nan")
     return TrainResult(done, loss_value, val_metrics.get("val_loss", nan), val_metrics.get("val_bpb", nan),
-                       done * tok_per_step, seconds, out, val_metrics)
+                       tokens_seen, seconds, out, val_metrics)
 
 
 def _sync(model: nn.Module, info: D.DistInfo, fsdp: bool, last: bool) -> contextlib.AbstractContextManager:
@@ -346,8 +360,11 @@ def _full_states(raw: nn.Module, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def _save(out: Path, step: int, raw: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-          scheduler: Any, cfg: TrainConfig, info: D.DistInfo, fsdp: bool, extra: dict[str, Any]) -> None:
+          scheduler: Any, cfg: TrainConfig, info: D.DistInfo, fsdp: bool, extra: dict[str, Any],
+          kept: set[str] | None = None) -> None:
     model_state, optim_state = _full_states(raw, model, optimizer, fsdp)  # every process takes part under FSDP
+    if kept is not None:
+        model_state = {k: v for k, v in model_state.items() if k in kept}
     if info.is_main:
         train_state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                        "rng": ckpt.rng_state(), "world_size": info.world_size, **extra}
@@ -358,11 +375,12 @@ def _save(out: Path, step: int, raw: nn.Module, model: nn.Module, optimizer: tor
 
 
 def _restore(out: Path, raw: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             fsdp: bool) -> dict[str, Any]:
-    """Load the latest checkpoint into the model, optimizer, scheduler and RNGs; returns its train state."""
+             fsdp: bool, kept: set[str] | None = None) -> dict[str, Any]:
+    """Load the latest checkpoint into the model, optimizer, scheduler and RNGs; returns its train state.
+    `kept`: the names a checkpoint of only the trained tensors holds (the rest of the model is as built)."""
     path = ckpt.latest(out)
     weights, state, _meta = ckpt.load(path)
-    expected = set(raw.state_dict())
+    expected = set(raw.state_dict()) if kept is None else kept
     missing = expected - set(weights) - _tied_names(raw)
     if missing or set(weights) - expected:
         raise CamelidError(f"{path}: its weights do not fit this model (missing {sorted(missing)[:3]}, unexpected "

@@ -21,6 +21,9 @@ Values and gradients match the reference to float32 rounding (tests/variants/tes
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 from camelid.config import LlamaConfig
@@ -31,7 +34,8 @@ from camelid.variants.fused import FastRMSNorm
 
 class TrainAttention(nn.Module):
     """Attention for training: the reference module's projections, ops' RoPE and causal attention in [B, T, H, d].
-    With a KV cache (sampling during training) it runs the reference's own forward on the same tensors."""
+    `mask` may also be an ops.attention.Documents (packed rows, fine-tuning): then each document is attended on
+    its own. With a KV cache (sampling during training) it runs the reference's own forward on the same tensors."""
 
     def __init__(self, att: Attention) -> None:
         super().__init__()
@@ -47,6 +51,8 @@ class TrainAttention(nn.Module):
         # [B, T, heads, d], as the projections lay them out: the C++ attention reads them without transposes
         q, k, v = self.wq(x).view(B, T, H, d), self.wk(x).view(B, T, KV, d), self.wv(x).view(B, T, KV, d)
         q, k = rope.rope_bthd(q, cos, sin), rope.rope_bthd(k, cos, sin)
+        if isinstance(mask, attention.Documents):  # packed rows: each document attends within itself
+            return self.wo(attention.document_attention(q, k, v, mask).reshape(B, T, H * d))
         return self.wo(attention.causal_attention(q, k, v, mask).reshape(B, T, H * d))
 
 
@@ -77,11 +83,16 @@ def for_training(model: Llama) -> Llama:
     return model
 
 
-def next_token_loss(model: Llama, input_ids: Tensor, targets: Tensor, **kwargs: Tensor) -> Tensor:
+def next_token_loss(model: Llama, input_ids: Tensor, targets: Tensor, loss_positions: Tensor | None = None,
+                    **kwargs: Any) -> Tensor:
     """Mean cross-entropy of the model's next-token predictions for `input_ids` [B, T] against `targets` [B, T],
-    through the fused head + loss (kwargs go to `model.hidden_states`, e.g. positions and mask for packing)."""
-    h = model.hidden_states(input_ids, **kwargs).flatten(0, 1)
-    return head_loss.head_loss(h, model.output.weight, targets.flatten())
+    through the fused head + loss (kwargs go to `model.hidden_states`, e.g. positions and mask for packing).
+    `loss_positions` (indices into the flattened B x T positions) limits the loss, and the head, to those
+    positions (fine-tuning: the assistant's tokens)."""
+    h, y = model.hidden_states(input_ids, **kwargs).flatten(0, 1), targets.flatten()
+    if loss_positions is not None:
+        h, y = h.index_select(0, loss_positions), y.index_select(0, loss_positions)
+    return head_loss.head_loss(h, model.output.weight, y)
 
 
 class TrainLlama(Llama):
@@ -92,8 +103,20 @@ class TrainLlama(Llama):
         super().__init__(config)
         for_training(self)
 
+    @classmethod
+    def from_model(cls, model: Llama) -> TrainLlama:
+        """The training twin of a loaded reference model, holding its very tensors (built on the meta device, so
+        nothing is allocated twice). `model` itself should not be used afterwards."""
+        with torch.device("meta"):
+            twin = cls(model.config)
+        twin.load_state_dict(model.state_dict(), assign=True)
+        twin.tie_weights()
+        twin.rope.inv_freq = model.rope.inv_freq
+        return twin
+
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, *, last_only: bool = False,
-                key_mask: Tensor | None = None, mask: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, mask: Any = None, targets: Tensor | None = None,
+                loss_positions: Tensor | None = None) -> Tensor:
         if targets is None:
             return super().forward(input_ids, positions, last_only=last_only, key_mask=key_mask, mask=mask)
-        return next_token_loss(self, input_ids, targets, positions=positions, mask=mask)
+        return next_token_loss(self, input_ids, targets, loss_positions, positions=positions, mask=mask)

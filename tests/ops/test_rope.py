@@ -58,7 +58,7 @@ def test_the_pytorch_twin_matches_the_reference(no_kernels: None) -> None:
     assert rope.choose(q).impl == "PyTorch"
 
 
-def test_per_row_tables_and_compile_use_the_reference() -> None:
+def test_per_row_tables_turn_each_row_by_its_own_angles_also_compiled() -> None:
     """Positions [B, T] (packed sequences) give tables [B, 1, T, d]: each row turned by its own angles."""
     rot = RotaryEmbedding(LlamaConfig.from_name("tiny-gqa"))
     positions = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]])
