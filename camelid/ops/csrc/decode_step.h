@@ -68,13 +68,24 @@ struct Linear {
         break;
     }
   }
+
+  // rows [n0, n1) of y_b = W x_b for B activations (y_b = y + b * ldy): each block of weight rows is read
+  // from memory once and multiplies every activation while it is in cache
+  void rows_batch(const Act* a, int64_t B, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+    if (B == 1) return rows(a[0], n0, n1, y);
+    constexpr int64_t kBlock = 16;  // a multiple of the kernels' 4 rows
+    for (int64_t n = n0; n < n1; n += kBlock) {
+      const int64_t e = std::min(n1, n + kBlock);
+      for (int64_t b = 0; b < B; ++b) rows(a[b], n, e, y + b * ldy);
+    }
+  }
 };
 
 struct Layer {
   const float* attn_norm;
   const float* ffn_norm;
   Linear wqkv, wo, w13, w2;
-  float* cache_k = nullptr;  // [1, KV, S, d] of this layer, bound per generation
+  float* cache_k = nullptr;  // [rows, KV, S, d] of this layer, bound per generation
   float* cache_v = nullptr;
 };
 
@@ -88,14 +99,16 @@ class DecodeStep {
   void add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, std::vector<int64_t> kinds,
                  std::vector<std::vector<at::Tensor>> t);
   void set_head(at::Tensor norm_w, int64_t kind, std::vector<at::Tensor> t);
-  // The model's KV cache (one [1, KV, S, d] k and v per layer) and the RoPE tables [S, d] for its positions.
+  // The model's KV cache (one [rows, KV, S, d] k and v per layer) and the RoPE tables [S, d] for its positions.
   void bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> vs, at::Tensor cos_t,
                   at::Tensor sin_t);
   // Logits [1, 1, vocab] of `token` at position `pos`; writes this position's keys and values into the cache.
   at::Tensor forward(int64_t token, int64_t pos);
+  // Logits [B, vocab] of one token per sequence: tokens[b] at positions[b], in cache row rows[b] (distinct).
+  at::Tensor forward_rows(std::vector<int64_t> tokens, std::vector<int64_t> positions, std::vector<int64_t> rows);
 
  private:
-  int64_t D, H, KV, d, F, S = 0;
+  int64_t D, H, KV, d, F, S = 0, cache_rows = 0;
   float eps;
   bool q8;  // int8 activations for int8/int4 weights
   camelid::Linear embed, head;
