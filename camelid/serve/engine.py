@@ -300,9 +300,10 @@ class Engine:
         positions = [s.length for s in batch]
         logits = self._forward_rows(tokens, positions, [s.row for s in batch])
         self.steps += 1
-        for seq, row_logits in zip(batch, logits, strict=True):
+        for seq in batch:  # every length first: a sequence that finishes moves another's row, up to its length
             seq.length += 1
             seq.next_token = None
+        for seq, row_logits in zip(batch, logits, strict=True):
             self._choose(seq, row_logits)
 
     # -- model calls --------------------------------------------------------------------------------------------
