@@ -1,0 +1,122 @@
+"""Live `camelid serve` processes for the API tests: a tiny random LLaMA with a BPE vocabulary (fast) and the
+default SmolLM2 model (real text), each started once per session on a free loopback port and stopped after."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def request(url: str, method: str = "GET", path: str = "/", body: Any = None, headers: dict[str, str] | None = None,
+            timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request with the standard library: (status, headers, body). `body`: bytes, or JSON-encoded."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=data, headers=hdrs)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m camelid serve MODEL --port PORT ...` as a subprocess, up once /health answers."""
+
+    def __init__(self, model: str | Path, *args: str, log: Path, env: dict[str, str] | None = None,
+                 startup_s: float = 600.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        cmd = [sys.executable, "-m", "camelid", "serve", str(model), "--port", str(self.port), "--quiet", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),  # noqa: SIM115
+                                     env={**os.environ, **(env or {})}, cwd=ROOT)
+        deadline = time.monotonic() + startup_s  # a first run may build the C++ kernels
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"camelid serve exited with {self.proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if request(self.url, path="/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"camelid serve did not start in {startup_s}s: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LLaMA (peaked logits, 512 positions) with a 400-token BPE vocabulary and ChatML specials, as a
+    Hugging Face folder."""
+    from helpers import peaked_model
+
+    from camelid.interop.hf import save_hf_dir
+    from camelid.tokenizer import Tokenizer
+    from camelid.tokenizer.train import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-serve")
+    text = (ROOT / "data" / "austen" / "emma.txt").read_text(encoding="utf-8")[20000:50000]
+    (out / "corpus.txt").write_text(text, encoding="utf-8")
+    train_tokenizer([out / "corpus.txt"], 400, out, show_progress=False)
+    (out / "corpus.txt").unlink()
+    tok = Tokenizer.from_dir(out)
+    torch.manual_seed(0)
+    model = peaked_model("tiny-gqa", vocab_size=tok.vocab_size, max_seq_len=512, intermediate_size=192,
+                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    save_hf_dir(model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server(tiny_model, "--slots", "4", "--ctx", "256", "--max-queue", "32", "--max-tokens", "200",
+                    "--max-body-kb", "64", "--served-model-name", "tiny",
+                    log=tmp_path_factory.mktemp("logs") / "tiny.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = Server("smollm2-135m-instruct", "--slots", "4", "--ctx", "1024",
+                    log=tmp_path_factory.mktemp("logs") / "smollm2.log")
+    yield server
+    server.stop()
