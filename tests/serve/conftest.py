@@ -45,25 +45,31 @@ class Server:
     """`python -m camelid serve MODEL --port PORT ...` as a subprocess, up once /health answers."""
 
     def __init__(self, model: str | Path, *args: str, log: Path, env: dict[str, str] | None = None,
-                 startup_s: float = 600.0) -> None:
+                 wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "camelid", "serve", str(model), "--port", str(self.port), "--quiet", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),  # noqa: SIM115
                                      env={**os.environ, **(env or {})}, cwd=ROOT)
-        deadline = time.monotonic() + startup_s  # a first run may build the C++ kernels
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, startup_s: float = 600.0) -> None:
+        """Until /health answers (a first run may build the C++ kernels)."""
+        deadline = time.monotonic() + startup_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"camelid serve exited with {self.proc.returncode}: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"camelid serve exited with {self.proc.returncode}: "
+                                   f"{self.log.read_text()[-2000:]}")
             try:
                 if request(self.url, path="/health", timeout=2)[0] == 200:
-                    break
+                    return
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"camelid serve did not start in {startup_s}s: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"camelid serve did not start in {startup_s}s: {self.log.read_text()[-2000:]}")
             time.sleep(0.2)
 
     def stop(self) -> None:
