@@ -298,7 +298,7 @@ class Engine:
             return
         tokens = [s.next_token for s in batch]
         positions = [s.length for s in batch]
-        logits = self._forward_rows(tokens, positions, [s.row for s in batch])
+        logits = self.forward_rows(tokens, positions, [s.row for s in batch])
         self.steps += 1
         for seq in batch:  # every length first: a sequence that finishes moves another's row, up to its length
             seq.length += 1
@@ -320,7 +320,7 @@ class Engine:
         finally:
             self._install(self._all_rows)
 
-    def _forward_rows(self, tokens: list[int], positions: list[int], rows: list[int]) -> Tensor:
+    def forward_rows(self, tokens: list[int], positions: list[int], rows: list[int]) -> Tensor:
         """Logits [B, V] of one new token per sequence: tokens[b] at positions[b] of cache row rows[b]."""
         if self.step is not None:
             return self.step.rows(tokens, positions, rows)
@@ -328,7 +328,7 @@ class Engine:
         # position their prefill writes next, which overwrites it
         n = max(rows) + 1
         ids = torch.zeros(n, 1, dtype=torch.long)
-        pos = torch.tensor([[self.running[r].length] for r in range(n)])
+        pos = torch.tensor([[self.running[r].length if r < len(self.running) else 0] for r in range(n)])
         for t, p, r in zip(tokens, positions, rows, strict=True):
             ids[r, 0], pos[r, 0] = t, p
         self._install([cache_view(c.k[:n], c.v[:n]) for c in self._all_rows])
