@@ -60,7 +60,7 @@ def test_detect_tells_every_kind_apart(tmp_path, tiny_gguf, minilm_dir):
     from camelid.interop.meta import save_meta_dir
 
     assert detect(save_meta_dir(model, tmp_path / "meta")) is Format.META
-    from camelid.quantize import quantize_model, save_quantized
+    from camelid.variants.quantized import quantize_model, save_quantized
 
     save_quantized(quantize_model(Llama(LlamaConfig.from_name("tiny-gqa")), "int8"), tmp_path / "q.safetensors")
     assert detect(tmp_path / "q.safetensors") is Format.QUANTIZED
