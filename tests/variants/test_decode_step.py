@@ -250,13 +250,15 @@ def test_the_cli_says_why_it_decodes_per_layer_unless_quiet(tmp_path, small_toke
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == said.stdout
 
 
-def _rows_model(mode: str) -> Llama:
-    """A model with a 4-row cache whose rows hold prompts of different lengths (prefilled one row at a time)."""
+def _rows_model(mode: str, prompts: list[list[int]] | None = None) -> Llama:
+    """A model with one cache row per prompt (ROW_PROMPTS: 4 rows), each holding its prompt (prompts of different
+    lengths, prefilled one row at a time)."""
+    prompts = prompts or ROW_PROMPTS
     model = _model("tiny-gqa", mode, False, intermediate_size=192)
-    model.setup_cache(4, 40)
+    model.setup_cache(len(prompts), 40)
     full = [b.attention.kv_cache for b in model.layers]
     with torch.inference_mode():
-        for r, prompt in enumerate(ROW_PROMPTS):
+        for r, prompt in enumerate(prompts):
             for block, cache in zip(model.layers, full, strict=True):  # a view of row r as a 1-row cache
                 block.attention.kv_cache = KVCache(0, cache.k.shape[1], cache.k.shape[2], cache.k.shape[3],
                                                    cache.k.dtype)
@@ -280,7 +282,7 @@ def test_rows_step_equals_the_per_layer_path_with_per_row_positions(mode: str) -
     step = decode_step(model, int8_activations=False)
     tokens, positions = [3, 4, 5, 6], [len(p) for p in ROW_PROMPTS]
     with torch.inference_mode():
-        for i in range(3):
+        for _ in range(3):
             got = step.rows(tokens, positions, [0, 1, 2, 3])
             want = twin(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], last_only=True)[:, -1]
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -291,20 +293,23 @@ def test_rows_step_equals_the_per_layer_path_with_per_row_positions(mode: str) -
 
 
 @needs_kernels
-@pytest.mark.parametrize("mode", ["fp32", "int4"])
-def test_a_rows_logits_do_not_depend_on_the_batch(mode: str) -> None:
+@pytest.mark.parametrize("mode,rows", [("fp32", 4), ("int8", 4), ("int4", 4), ("int8", 11), ("int4", 11)])
+def test_a_rows_logits_do_not_depend_on_the_batch(mode: str, rows: int) -> None:
     """Bit for bit: a sequence's logits are the same alone (and through the batch-1 call) or among others, in any
-    order, so continuous batching never changes a greedy reply."""
-    model = _rows_model(mode)
+    order, so continuous batching never changes a greedy reply. (11 rows: the int8-activation kernels take 8
+    activations at a time, then the rest.)"""
+    prompts = [*ROW_PROMPTS, *([5 + r, 9, 2 * r + 1][: 1 + r % 3] for r in range(rows - len(ROW_PROMPTS)))]
+    model = _rows_model(mode, prompts)
     alone, batched = copy.deepcopy(model), copy.deepcopy(model)
     one, many = decode_step(alone), decode_step(batched)
-    tokens, positions = [3, 4, 5, 6], [len(p) for p in ROW_PROMPTS]
+    tokens, positions = [3 + r for r in range(rows)], [len(p) for p in prompts]
     with torch.inference_mode():
         for i in range(3):
-            singles = [one.rows([tokens[r] + i], [positions[r] + i], [r])[0] for r in range(4)]
-            together = many.rows([t + i for t in tokens[::-1]], [p + i for p in positions[::-1]], [3, 2, 1, 0])
-            for r in range(4):
-                assert torch.equal(singles[r], together[3 - r])
+            singles = [one.rows([tokens[r] + i], [positions[r] + i], [r])[0] for r in range(rows)]
+            order = list(range(rows))[::-1]
+            together = many.rows([tokens[r] + i for r in order], [positions[r] + i for r in order], order)
+            for r in range(rows):
+                assert torch.equal(singles[r], together[rows - 1 - r])
         assert torch.equal(one(9, 20)[0, 0], many.rows([9], [20], [0])[0])
     with pytest.raises(RuntimeError, match="two tokens in one cache row"):
         many.rows([1, 2], [30, 30], [1, 1])

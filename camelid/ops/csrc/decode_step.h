@@ -70,13 +70,28 @@ struct Linear {
   }
 
   // rows [n0, n1) of y_b = W x_b for B activations (y_b = y + b * ldy): each block of weight rows is read
-  // from memory once and multiplies every activation while it is in cache
+  // from memory once and multiplies every activation while it is in cache; int8/int4 weights with int8
+  // activations go through the *_q8_multi kernels, which also load (unpack) each weight group once for up to
+  // 8 activations. Every y_b is bit for bit what `rows` gives for a_b alone.
   void rows_batch(const Act* a, int64_t B, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
     if (B == 1) return rows(a[0], n0, n1, y);
     constexpr int64_t kBlock = 16;  // a multiple of the kernels' 4 rows
+    const bool multi = kind != F32 && a[0].q8;  // (every activation of one layer has the same width)
     for (int64_t n = n0; n < n1; n += kBlock) {
       const int64_t e = std::min(n1, n + kBlock);
-      for (int64_t b = 0; b < B; ++b) rows(a[b], n, e, y + b * ldy);
+      if (!multi) {
+        for (int64_t b = 0; b < B; ++b) rows(a[b], n, e, y + b * ldy);
+        continue;
+      }
+      for (int64_t b0 = 0; b0 < B; b0 += kMaxActs) {
+        const int M = (int)std::min<int64_t>(kMaxActs, B - b0);
+        const int8_t* q[kMaxActs]; const float* dq[kMaxActs]; const float* xs[kMaxActs];
+        for (int m = 0; m < M; ++m) { q[m] = a[b0 + m].q; dq[m] = a[b0 + m].dq; xs[m] = a[b0 + m].xs; }
+        if (kind == INT8)
+          dot_int8_q8_multi(M, q, dq, static_cast<const int8_t*>(w), scale8, K, n, e, y + b0 * ldy, ldy);
+        else
+          dot_int4_q8_multi(M, q, dq, xs, static_cast<const uint8_t*>(w), scale4, min4, K, n, e, y + b0 * ldy, ldy);
+      }
     }
   }
 };
