@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import Server, request
+from serve_helpers import Server, request
 
 N_REQUESTS, CONCURRENCY = 1000, 16
 

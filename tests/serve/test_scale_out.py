@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from conftest import Server, request
+from serve_helpers import Server, request
 
 
 class RoundRobin:

@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Server
+from serve_helpers import Server
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Why is the sky blue?"]
 
