@@ -35,9 +35,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def tiny_server(tiny_model: Path, minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The tiny model, and all-MiniLM-L6-v2 (BERT) for /v1/embeddings beside its own mean-pooled states."""
     server = Server(tiny_model, "--slots", "4", "--ctx", "256", "--max-queue", "32", "--max-tokens", "200",
-                    "--max-body-kb", "64", "--served-model-name", "tiny",
+                    "--max-body-kb", "64", "--served-model-name", "tiny", "--embedding-model", "all-minilm-l6-v2",
                     log=tmp_path_factory.mktemp("logs") / "tiny.log")
     yield server
     server.stop()

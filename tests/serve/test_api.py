@@ -4,13 +4,18 @@ endpoints; every client error a 4xx in OpenAI's error format; the API key, CORS 
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
+import torch
+import torch.nn.functional as F
 from serve_helpers import Server, request
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about Emma."}]
@@ -100,8 +105,9 @@ def test_logprobs_and_echo(client: openai.OpenAI) -> None:
     assert zero.choices[0].text == prompt and zero.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n_prompt]
 
 
-def test_models_tokenize_embeddings_health_metrics(client: openai.OpenAI, tiny_server: Server) -> None:
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+def test_models_tokenize_embeddings_health_metrics(client: openai.OpenAI, tiny_server: Server,
+                                                   tiny_model: Path) -> None:
+    assert [m.id for m in client.models.list().data] == ["tiny", "all-minilm-l6-v2"]
     status, _, body = request(tiny_server.url, "POST", "/tokenize", {"prompt": "Emma was happy."})
     ids = json.loads(body)["tokens"]
     assert status == 200 and ids
@@ -111,6 +117,13 @@ def test_models_tokenize_embeddings_health_metrics(client: openai.OpenAI, tiny_s
     a, b, c = (d.embedding for d in emb.data)
     assert len(a) == 64 and a == b and a != c
     assert sum(x * x for x in a) == pytest.approx(1.0, abs=1e-4)
+    import camelid  # the served LLaMA's own final-norm states, mean-pooled and normalised
+
+    llm = camelid.load(str(tiny_model), quantize=None)
+    ids = llm.tokenizer.encode("Harriet", add_bos=llm.tokenizer.add_bos)
+    with torch.no_grad():
+        want = F.normalize(llm.model.hidden_states(torch.tensor([ids]))[0].mean(0), dim=-1)
+    torch.testing.assert_close(torch.tensor(c), want, atol=1e-5, rtol=1e-4)
     assert request(tiny_server.url, path="/health")[0] == 200
     status, headers, body = request(tiny_server.url, path="/metrics")
     text = body.decode()
@@ -120,6 +133,28 @@ def test_models_tokenize_embeddings_health_metrics(client: openai.OpenAI, tiny_s
                  "camelid_kv_cache_usage_ratio", "camelid_generation_tokens_per_second"):
         assert name in text
     assert 'camelid_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+
+
+def test_bert_embeddings_equal_sentence_transformers_recipe(client: openai.OpenAI, minilm_dir: Path) -> None:
+    """--embedding-model all-minilm-l6-v2: the vectors are transformers' BertModel states, mean-pooled over the
+    real tokens and L2-normalised (sentence-transformers' recipe), with transformers' own tokenizer."""
+    import transformers
+
+    texts = ["Emma was happy.", "Mr. Knightley walked to Hartfield in the rain.", "Harriet"]
+    emb = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    got = torch.tensor([d.embedding for d in emb.data])
+    ref = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
+    batch = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = ref(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    want = F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert emb.model == "all-minilm-l6-v2" and emb.usage.prompt_tokens == int(batch["attention_mask"].sum())
+    b64 = client.embeddings.create(model="all-minilm-l6-v2", input="Harriet", encoding_format="base64").data[0]
+    vector = b64.embedding if isinstance(b64.embedding, list) else \
+        np.frombuffer(base64.b64decode(b64.embedding), dtype=np.float32).tolist()
+    assert vector == pytest.approx(got[2].tolist(), abs=1e-6)
 
 
 def test_client_errors_are_4xx_in_openai_format(client: openai.OpenAI, tiny_server: Server) -> None:
