@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "camelid.cli.compare",
     "camelid.cli.quantize",
     "camelid.cli.finetune",
+    "camelid.cli.serve",
 ]
 
 

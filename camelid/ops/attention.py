@@ -145,8 +145,6 @@ def _why_not_cached(qkv: Tensor, positions: Tensor, cache_k: Tensor) -> str | No
         return f"more than {MAX_FUSED_TOKENS} new tokens (a prompt): SDPA"
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or cache_k.dtype != torch.float32:
         return "the kernel takes fp32 CPU tensors and an fp32 cache"
-    if positions.dim() != 1:
-        return "rows at different positions (the kernel takes one row of positions)"
     if native.module() is None:
         return native.reason()
     return None

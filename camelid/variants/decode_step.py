@@ -1,12 +1,13 @@
-"""The whole batch-1 decode step in one C++ call (camelid/ops/csrc/decode_step.cpp), for fused fp32/int8/int4 models.
+"""The whole decode step in one C++ call (camelid/ops/csrc/decode_step.cpp), for fused fp32/int8/int4 models.
 
-`decode_step(model)` returns a `DecodeStep` (call it with a token id and a position, get logits [1, 1, vocab])
-or None where the step cannot run the model; `refusal(model)` says why in one line. The step implements an
-exact set of config fields and module types: a config field outside that set with a non-default value, or any
-module of another type (a LoRA adapter, a hook, a future layer kind), is refused, never silently ignored, and
-the caller keeps the per-layer path. It reads the model's own weight tensors and writes the model's own KV
-cache, so prompts through PyTorch and steps through C++ interleave freely. Built per generation: it costs a
-walk over the modules, no copies.
+`decode_step(model)` returns a `DecodeStep` (call it with a token id and a position, get logits [1, 1, vocab];
+or `.rows(...)` with one token per sequence of a continuous batch, each in its own cache row) or None where the
+step cannot run the model; `refusal(model)` says why in one line. The step implements an exact set of config
+fields and module types: a config field outside that set with a non-default value, or any module of another
+type (a LoRA adapter, a hook, a future layer kind), is refused, never silently ignored, and the caller keeps the
+per-layer path. It reads the model's own weight tensors and writes the model's own KV cache, so prompts through
+PyTorch and steps through C++ interleave freely. Built per generation: it costs a walk over the modules, no
+copies.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def refusal(model: nn.Module) -> str | None:
 
 
 class DecodeStep:
-    """One generated token per call through decode_step.cpp: `step(token_id, position)` -> logits [1, 1, vocab]."""
+    """One generated token per sequence per call through decode_step.cpp: `step(token_id, position)` -> logits
+    [1, 1, vocab] (cache row 0); `step.rows(tokens, positions, rows)` -> logits [B, vocab]."""
 
     def __init__(self, model: Llama, native_step: Any) -> None:
         self.model, self.native = model, native_step
@@ -109,6 +111,15 @@ class DecodeStep:
         if cache is None or cache.k is not self._bound:
             self._bind()
         return self.native.forward(token, position)
+
+    def rows(self, tokens: list[int], positions: list[int], rows: list[int]) -> Tensor:
+        """Logits [B, vocab] of one new token per sequence, all in one call: tokens[b] at positions[b] of cache
+        row rows[b] (continuous batching: each sequence in its own row of the model's KV cache, which
+        `Llama.setup_cache(rows, ...)` allocated; the rows must be distinct)."""
+        cache = self.model.layers[0].attention.kv_cache
+        if cache is None or cache.k is not self._bound:
+            self._bind()
+        return self.native.forward_rows(tokens, positions, rows)
 
     def _bind(self) -> None:
         """Point the kernel at the model's current KV cache (setup_cache makes new tensors every generation)."""

@@ -127,3 +127,30 @@ def test_cached_attention_matches_the_models_steps(padded: bool, kernels: bool,
     expected = "C++" if kernels else "PyTorch"
     assert attention.choose_cached(qkv_all[:, :1]).impl.startswith(expected)
     assert "new tokens" in attention.choose_cached(qkv_all[:, :10]).reason  # a prompt: SDPA
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("kernels", [pytest.param(True, marks=needs_kernels), False], ids=["c++", "torch"])
+def test_cached_attention_with_rows_at_different_positions(T: int, kernels: bool,
+                                                            request: pytest.FixtureRequest) -> None:
+    """Continuous batching: positions [B, T], each row of the cache at its own place, against the reference."""
+    if not kernels:
+        request.getfixturevalue("no_kernels")
+    cfg = LlamaConfig.from_name("tiny-gqa")
+    H, KV, d, S, B = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 24, 3
+    rot = RotaryEmbedding(cfg)
+    g = torch.Generator().manual_seed(4)
+    caches = [KVCache(B, KV, S, d, torch.float32) for _ in range(2)]
+    for c in caches:  # what earlier steps left: each row filled up to its own position
+        c.k.copy_(torch.randn(c.k.shape, generator=torch.Generator().manual_seed(5)))
+        c.v.copy_(torch.randn(c.v.shape, generator=torch.Generator().manual_seed(6)))
+    starts = torch.tensor([2, 9, 15])
+    positions = starts[:, None] + torch.arange(T)  # [B, T]
+    mask = (positions[..., None] >= torch.arange(S))[:, None]  # [B, 1, T, S]
+    cos, sin = rot(positions, torch.float32)  # [B, 1, T, d]
+    qkv = torch.randn(B, T, (H + 2 * KV) * d, generator=g)
+    got = attention.cached_attention(qkv, cos, sin, positions, caches[0], mask, H, KV)
+    want = _cached_reference(qkv, cos, sin, positions, caches[1], mask, H, KV)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(caches[0].v, caches[1].v, rtol=0, atol=0)

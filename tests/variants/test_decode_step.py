@@ -13,7 +13,7 @@ from helpers import needs_kernels
 
 from camelid.config import LlamaConfig
 from camelid.generate import generate
-from camelid.model import Llama
+from camelid.model import KVCache, Llama
 from camelid.variants.decode_step import decode_step, refusal
 from camelid.variants.fused import fuse
 from camelid.variants.quantized import Int4Linear, Int8Linear, quantize_model
@@ -248,3 +248,68 @@ def test_the_cli_says_why_it_decodes_per_layer_unless_quiet(tmp_path, small_toke
             "through the per-layer path\n") in said.stderr
     quiet = run("-q")
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == said.stdout
+
+
+def _rows_model(mode: str, prompts: list[list[int]] | None = None) -> Llama:
+    """A model with one cache row per prompt (ROW_PROMPTS: 4 rows), each holding its prompt (prompts of different
+    lengths, prefilled one row at a time)."""
+    prompts = prompts or ROW_PROMPTS
+    model = _model("tiny-gqa", mode, False, intermediate_size=192)
+    model.setup_cache(len(prompts), 40)
+    full = [b.attention.kv_cache for b in model.layers]
+    with torch.inference_mode():
+        for r, prompt in enumerate(prompts):
+            for block, cache in zip(model.layers, full, strict=True):  # a view of row r as a 1-row cache
+                block.attention.kv_cache = KVCache(0, cache.k.shape[1], cache.k.shape[2], cache.k.shape[3],
+                                                   cache.k.dtype)
+                block.attention.kv_cache.k, block.attention.kv_cache.v = cache.k[r:r + 1], cache.v[r:r + 1]
+            model(torch.tensor([prompt]), torch.arange(len(prompt)))
+    for block, cache in zip(model.layers, full, strict=True):
+        block.attention.kv_cache = cache
+    return model
+
+
+ROW_PROMPTS = [[1, 5, 9, 42], [7, 3], [11, 12, 13, 14, 15, 16], [2]]
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["fused", "int8", "int4"])
+def test_rows_step_equals_the_per_layer_path_with_per_row_positions(mode: str) -> None:
+    """One token for each of 4 sequences at different positions, each in its own cache row: the C++ step's
+    logits and cache writes equal the PyTorch forward with positions [B, 1]."""
+    model = _rows_model(mode)
+    twin = copy.deepcopy(model)
+    step = decode_step(model, int8_activations=False)
+    tokens, positions = [3, 4, 5, 6], [len(p) for p in ROW_PROMPTS]
+    with torch.inference_mode():
+        for _ in range(3):
+            got = step.rows(tokens, positions, [0, 1, 2, 3])
+            want = twin(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], last_only=True)[:, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            tokens, positions = [int(t) for t in want.argmax(-1)], [p + 1 for p in positions]
+    for a, b in zip(model.layers, twin.layers, strict=True):
+        torch.testing.assert_close(a.attention.kv_cache.k, b.attention.kv_cache.k, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.attention.kv_cache.v, b.attention.kv_cache.v, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode,rows", [("fp32", 4), ("int8", 4), ("int4", 4), ("int8", 11), ("int4", 11)])
+def test_a_rows_logits_do_not_depend_on_the_batch(mode: str, rows: int) -> None:
+    """Bit for bit: a sequence's logits are the same alone (and through the batch-1 call) or among others, in any
+    order, so continuous batching never changes a greedy reply. (11 rows: the int8-activation kernels take 8
+    activations at a time, then the rest.)"""
+    prompts = [*ROW_PROMPTS, *([5 + r, 9, 2 * r + 1][: 1 + r % 3] for r in range(rows - len(ROW_PROMPTS)))]
+    model = _rows_model(mode, prompts)
+    alone, batched = copy.deepcopy(model), copy.deepcopy(model)
+    one, many = decode_step(alone), decode_step(batched)
+    tokens, positions = [3 + r for r in range(rows)], [len(p) for p in prompts]
+    with torch.inference_mode():
+        for i in range(3):
+            singles = [one.rows([tokens[r] + i], [positions[r] + i], [r])[0] for r in range(rows)]
+            order = list(range(rows))[::-1]
+            together = many.rows([tokens[r] + i for r in order], [positions[r] + i for r in order], order)
+            for r in range(rows):
+                assert torch.equal(singles[r], together[rows - 1 - r])
+        assert torch.equal(one(9, 20)[0, 0], many.rows([9], [20], [0])[0])
+    with pytest.raises(RuntimeError, match="two tokens in one cache row"):
+        many.rows([1, 2], [30, 30], [1, 1])

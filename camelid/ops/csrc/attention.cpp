@@ -164,7 +164,8 @@ std::vector<at::Tensor> causal_attention_backward(at::Tensor grad_o, at::Tensor 
 // One attention layer for a few new tokens against the KV cache, in place of: split qkv, RoPE on q and k
 // (Hugging Face rotate-half layout), write k and v into the cache at `positions`, masked softmax attention
 // with grouped-query heads.
-//   qkv [B, T, (H + 2 KV) * d]; cos, sin [T, d]; positions int64 [T]; cache_k, cache_v [Bc >= B, KV, S, d];
+//   qkv [B, T, (H + 2 KV) * d]; positions int64 [T] with cos, sin [T, d], or [B, T] (each row at its own
+//   positions: continuous batching) with cos, sin [B, 1, T, d]; cache_k, cache_v [Bc >= B, KV, S, d];
 //   mask bool [B, T, S] (true = may attend). Returns [B, T, H * d].
 at::Tensor attend_cached(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor positions,
                             at::Tensor cache_k, at::Tensor cache_v, at::Tensor mask, int64_t H,
@@ -173,19 +174,23 @@ at::Tensor attend_cached(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Ten
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "contiguous cache expected");
   qkv = qkv.contiguous(); cos = cos.contiguous(); sin = sin.contiguous();
   positions = positions.contiguous(); mask = mask.contiguous();
-  const int64_t B = qkv.size(0), T = qkv.size(1), W = qkv.size(2), d = cos.size(1), half = d / 2;
+  const int64_t B = qkv.size(0), T = qkv.size(1), W = qkv.size(2), d = cos.size(-1), half = d / 2;
   const int64_t S = cache_k.size(2), G = H / KV;
+  const bool per_row = positions.dim() == 2;
+  TORCH_CHECK(positions.numel() == (per_row ? B * T : T) && cos.numel() == positions.numel() * d,
+              "positions [T] with cos [T, d], or [B, T] with cos [B, 1, T, d], expected");
+  auto index_of = [&](int64_t b, int64_t t) { return per_row ? b * T + t : t; };  // index of (b, t) in positions/cos
   TORCH_CHECK(W == (H + 2 * KV) * d, "qkv width does not match heads");
   const float* in = qkv.data_ptr<float>(); const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>(); const int64_t* pos = positions.data_ptr<int64_t>();
   const bool* mp = mask.data_ptr<bool>();
   float* kc = cache_k.data_ptr<float>(); float* vc = cache_v.data_ptr<float>();
   int64_t n_keys = 0;  // keys past the last position are never visible: stop there
-  for (int64_t t = 0; t < T; ++t) n_keys = std::max(n_keys, pos[t] + 1);
+  for (int64_t i = 0; i < positions.numel(); ++i) n_keys = std::max(n_keys, pos[i] + 1);
   TORCH_CHECK(n_keys <= S, "position outside the cache");
 
-  auto rope = [&](const float* x, int64_t t, float* out) {
-    const float* c = cp + t * d; const float* s = sp + t * d;
+  auto rope = [&](const float* x, int64_t i, float* out) {  // i: the index of the token's position
+    const float* c = cp + i * d; const float* s = sp + i * d;
     for (int64_t i = 0; i < half; ++i) {
       out[i] = x[i] * c[i] - x[i + half] * s[i];
       out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
@@ -196,8 +201,8 @@ at::Tensor attend_cached(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Ten
     for (int64_t t = 0; t < T; ++t) {
       const float* row = in + (b * T + t) * W;
       for (int64_t h = 0; h < KV; ++h) {
-        const int64_t slot = ((b * KV + h) * S + pos[t]) * d;
-        rope(row + (H + h) * d, t, kc + slot);
+        const int64_t slot = ((b * KV + h) * S + pos[index_of(b, t)]) * d;
+        rope(row + (H + h) * d, index_of(b, t), kc + slot);
         std::copy(row + (H + KV + h) * d, row + (H + KV + h + 1) * d, vc + slot);
       }
     }
@@ -211,7 +216,7 @@ at::Tensor attend_cached(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Ten
       const int64_t b = i / H, h = i % H, kvh = h / G;
       const float* K = kc + (b * KV + kvh) * S * d; const float* V = vc + (b * KV + kvh) * S * d;
       for (int64_t t = 0; t < T; ++t) {
-        rope(in + (b * T + t) * W + h * d, t, q.data());
+        rope(in + (b * T + t) * W + h * d, index_of(b, t), q.data());
         const bool* m = mp + (b * T + t) * S;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < n_keys; ++j) {

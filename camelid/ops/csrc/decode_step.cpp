@@ -1,4 +1,6 @@
-// The whole batch-1 decode step of a Llama model in one call: embedding lookup, then per layer RMSNorm, fused
+// The whole decode step of a Llama model in one call, for one token of each of B sequences (B = 1: plain
+// generation; B > 1: continuous batching, each sequence at its own position in its own row of the KV cache):
+// embedding lookup, then per layer RMSNorm, fused
 // QKV product, RoPE, KV-cache write, grouped-query attention over the cache, wo + residual, RMSNorm, fused
 // gate+up product, SiLU(gate) * up, down product + residual; then the final norm and the output head.
 //
@@ -101,17 +103,18 @@ void DecodeStep::set_head(at::Tensor norm_w, int64_t kind, std::vector<at::Tenso
   TORCH_CHECK(head.K == D, "output head width does not match dim");
 }
 
-// The model's KV cache (one [1, KV, S, d] k and v per layer) and the RoPE tables [S, d] for its positions.
+// The model's KV cache (one [rows, KV, S, d] k and v per layer) and the RoPE tables [S, d] for its positions.
 void DecodeStep::bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> vs, at::Tensor cos_t,
                             at::Tensor sin_t) {
   TORCH_CHECK(ks.size() == layers.size() && vs.size() == layers.size(), "one k and v cache per layer expected");
   TORCH_CHECK(cos_t.is_contiguous() && sin_t.is_contiguous() && cos_t.size(1) == d, "[S, head_dim] tables expected");
   S = cos_t.size(0);
+  cache_rows = ks.empty() ? 0 : ks[0].size(0);
   cache.clear();
   for (size_t i = 0; i < layers.size(); ++i) {
     for (auto* c : {&ks[i], &vs[i]})
       TORCH_CHECK(c->is_contiguous() && c->scalar_type() == at::kFloat && c->size(1) == KV && c->size(2) == S &&
-                  c->size(3) == d, "fp32 contiguous [B, KV, S, head_dim] cache expected");
+                  c->size(3) == d && c->size(0) == cache_rows, "fp32 contiguous [B, KV, S, head_dim] cache expected");
     layers[i].cache_k = ks[i].data_ptr<float>(); layers[i].cache_v = vs[i].data_ptr<float>();
     cache.push_back(ks[i]); cache.push_back(vs[i]);
   }
@@ -120,50 +123,82 @@ void DecodeStep::bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> 
 
 // Logits [1, 1, vocab] of `token` at position `pos`; writes this position's keys and values into the cache.
 at::Tensor DecodeStep::forward(int64_t token, int64_t pos) {
+  return forward_rows({token}, {pos}, {0}).view({1, 1, -1});
+}
+
+// Logits [B, vocab]: one new token per row b, at position positions[b] of cache row rows[b] (continuous
+// batching: every sequence at its own position, in its own row of the cache).
+at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int64_t> positions,
+                                    std::vector<int64_t> rows) {
   TORCH_CHECK(embed.w && norm && !cache.empty(), "decode step is not fully set up");
-  TORCH_CHECK(0 <= token && token < embed.N, "token id outside the vocabulary");
-  TORCH_CHECK(0 <= pos && pos < S, "position outside the cache");
-  const int64_t W = (H + 2 * KV) * d, G = H / KV, V = head.N;
-  x.resize(D); qkv.resize(W); att.resize(H * d); gu.resize(2 * F); hid.resize(F); tmp.resize(std::max(D, V));
-  auto logits = at::empty({1, 1, V}, at::TensorOptions().dtype(at::kFloat));
-  float* out = logits.data_ptr<float>();
-  // embedding row (dequantised)
-  if (embed.kind == F32) {
-    std::copy_n(static_cast<const float*>(embed.w) + token * D, D, x.data());
-  } else {
-    const int8_t* r = static_cast<const int8_t*>(embed.w) + token * D;
-    for (int64_t i = 0; i < D; ++i) x[i] = (float)r[i] * embed.scale8[token];
+  const int64_t B = (int64_t)tokens.size();
+  TORCH_CHECK(B > 0 && positions.size() == tokens.size() && rows.size() == tokens.size(),
+              "one position and one cache row per token expected");
+  int64_t max_pos = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= tokens[b] && tokens[b] < embed.N, "token id outside the vocabulary");
+    TORCH_CHECK(0 <= positions[b] && positions[b] < S, "position outside the cache");
+    TORCH_CHECK(0 <= rows[b] && rows[b] < cache_rows, "cache row outside the cache");
+    for (int64_t c = 0; c < b; ++c) TORCH_CHECK(rows[c] != rows[b], "two tokens in one cache row");
+    max_pos = std::max(max_pos, positions[b]);
   }
-  const float* c = cos.data_ptr<float>() + pos * d;
-  const float* s = sin.data_ptr<float>() + pos * d;
+  const int64_t W = (H + 2 * KV) * d, G = H / KV, V = head.N, row_stride = KV * S * d;
+  x.resize(B * D); qkv.resize(B * W); att.resize(B * H * d); gu.resize(B * 2 * F); hid.resize(B * F);
+  tmp.resize(B * D);
+  auto logits = at::empty({B, V}, at::TensorOptions().dtype(at::kFloat));
+  float* out = logits.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {  // embedding rows (dequantised)
+    const int64_t token = tokens[b];
+    if (embed.kind == F32) {
+      std::copy_n(static_cast<const float*>(embed.w) + token * D, D, x.data() + b * D);
+    } else {
+      const int8_t* r = static_cast<const int8_t*>(embed.w) + token * D;
+      for (int64_t i = 0; i < D; ++i) x[b * D + i] = (float)r[i] * embed.scale8[token];
+    }
+  }
+  const float* cos_p = cos.data_ptr<float>();
+  const float* sin_p = sin.data_ptr<float>();
   const float scale = 1.f / std::sqrt((float)d);
   const int T = std::max(1, at::get_num_threads());
 
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    // private scratch: each thread normalises x itself (576 floats: cheaper than a barrier)
-    const int64_t maxK = std::max({D, H * d, F});
-    std::vector<float> xn(D), xs(maxK / 32 + 1), dq(maxK / 32 + 1), q(d), kcur(d), p(pos + 1);
-    std::vector<int8_t> xq(maxK);
-    Act a;
-    a.xs = xs.data(); a.q = xq.data(); a.dq = dq.data();
+    // private scratch: each thread normalises the rows of x itself (B x 576 floats: cheaper than a barrier)
+    const int64_t maxK = std::max({D, H * d, F}), nG = maxK / 32 + 1;
+    std::vector<float> xn(B * D), xs(B * nG), dq(B * nG), q(d), kcur(d), p(max_pos + 1);
+    std::vector<int8_t> xq(B * maxK);
+    std::vector<Act> a(B);
+    for (int64_t b = 0; b < B; ++b) {
+      a[b].xs = xs.data() + b * nG; a[b].q = xq.data() + b * maxK; a[b].dq = dq.data() + b * nG;
+    }
+    // every activation row in `src` (rows of width K) through rms_norm (if w) and into a[b]
+    auto set_acts = [&](const float* src, int64_t K, const float* w) {
+      for (int64_t b = 0; b < B; ++b) {
+        const float* v = src + b * K;
+        if (w) { rms_norm(v, w, K, eps, xn.data() + b * K); v = xn.data() + b * K; }
+        a[b].set(v, K, q8);
+      }
+    };
     int64_t n0, n1;
     for (const Layer& L : layers) {
       // -- attention: x += wo(attend(rope(wqkv(norm(x)))))
-      rms_norm(x.data(), L.attn_norm, D, eps, xn.data());
-      a.set(xn.data(), D, q8);
+      set_acts(x.data(), D, L.attn_norm);
       share(W, t, nt, n0, n1);
-      L.wqkv.rows(a, n0, n1, qkv.data());
+      L.wqkv.rows_batch(a.data(), B, n0, n1, qkv.data(), W);
 #pragma omp barrier
-      n0 = H * t / nt; n1 = H * (t + 1) / nt;  // heads are few: split them evenly, not in blocks of 4
-      for (int64_t h = n0; h < n1; ++h) {
-        const int64_t kvh = h / G;
-        float* K = L.cache_k + kvh * S * d;
-        float* Vc = L.cache_v + kvh * S * d;
-        rope(qkv.data() + h * d, c, s, d, q.data());
-        rope(qkv.data() + (H + kvh) * d, c, s, d, kcur.data());
-        const float* vcur = qkv.data() + (H + KV + kvh) * d;
+      // (row, head) pairs are few: split them evenly, not in blocks of 4
+      n0 = B * H * t / nt; n1 = B * H * (t + 1) / nt;
+      for (int64_t i = n0; i < n1; ++i) {
+        const int64_t b = i / H, h = i % H, kvh = h / G, pos = positions[b];
+        const float* row = qkv.data() + b * W;
+        const float* c = cos_p + pos * d;
+        const float* s = sin_p + pos * d;
+        float* K = L.cache_k + rows[b] * row_stride + kvh * S * d;
+        float* Vc = L.cache_v + rows[b] * row_stride + kvh * S * d;
+        rope(row + h * d, c, s, d, q.data());
+        rope(row + (H + kvh) * d, c, s, d, kcur.data());
+        const float* vcur = row + (H + KV + kvh) * d;
         // the group's first head writes the new key and value; every head reads positions < pos only
         // from the cache, so no other thread waits on this write
         if (h % G == 0) {
@@ -180,7 +215,7 @@ at::Tensor DecodeStep::forward(int64_t token, int64_t pos) {
         }
         float sum = 0.f;
         for (int64_t j = 0; j <= pos; ++j) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
-        float* o = att.data() + h * d;
+        float* o = att.data() + (b * H + h) * d;
         std::fill(o, o + d, 0.f);
         const float inv = 1.f / sum;
         for (int64_t j = 0; j <= pos; ++j) {
@@ -190,33 +225,36 @@ at::Tensor DecodeStep::forward(int64_t token, int64_t pos) {
         }
       }
 #pragma omp barrier
-      a.set(att.data(), H * d, q8);
+      set_acts(att.data(), H * d, nullptr);
       share(D, t, nt, n0, n1);
-      L.wo.rows(a, n0, n1, tmp.data());
-      for (int64_t n = n0; n < n1; ++n) x[n] += tmp[n];
+      L.wo.rows_batch(a.data(), B, n0, n1, tmp.data(), D);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t n = n0; n < n1; ++n) x[b * D + n] += tmp[b * D + n];
 #pragma omp barrier
       // -- feed-forward: x += w2(silu(gate) * up), gate and up = w13(norm(x)); a thread computes the gate
       // and up rows of the same features, so it can apply SiLU * up without waiting
-      rms_norm(x.data(), L.ffn_norm, D, eps, xn.data());
-      a.set(xn.data(), D, q8);
+      set_acts(x.data(), D, L.ffn_norm);
       share(F, t, nt, n0, n1);
-      L.w13.rows(a, n0, n1, gu.data());
-      L.w13.rows(a, F + n0, F + n1, gu.data());
-      for (int64_t n = n0; n < n1; ++n) {
-        const float g = gu[n];
-        hid[n] = g / (1.f + std::exp(-g)) * gu[F + n];
+      L.w13.rows_batch(a.data(), B, n0, n1, gu.data(), 2 * F);
+      L.w13.rows_batch(a.data(), B, F + n0, F + n1, gu.data(), 2 * F);
+      for (int64_t b = 0; b < B; ++b) {
+        const float* g_b = gu.data() + b * 2 * F;
+        for (int64_t n = n0; n < n1; ++n) {
+          const float g = g_b[n];
+          hid[b * F + n] = g / (1.f + std::exp(-g)) * g_b[F + n];
+        }
       }
 #pragma omp barrier
-      a.set(hid.data(), F, q8);
+      set_acts(hid.data(), F, nullptr);
       share(D, t, nt, n0, n1);
-      L.w2.rows(a, n0, n1, tmp.data());
-      for (int64_t n = n0; n < n1; ++n) x[n] += tmp[n];
+      L.w2.rows_batch(a.data(), B, n0, n1, tmp.data(), D);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t n = n0; n < n1; ++n) x[b * D + n] += tmp[b * D + n];
 #pragma omp barrier
     }
-    rms_norm(x.data(), norm, D, eps, xn.data());
-    a.set(xn.data(), D, q8);
+    set_acts(x.data(), D, norm);
     share(V, t, nt, n0, n1);
-    head.rows(a, n0, n1, out);
+    head.rows_batch(a.data(), B, n0, n1, out, V);
   }
   return logits;
 }

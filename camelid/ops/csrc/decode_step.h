@@ -68,13 +68,39 @@ struct Linear {
         break;
     }
   }
+
+  // rows [n0, n1) of y_b = W x_b for B activations (y_b = y + b * ldy): each block of weight rows is read
+  // from memory once and multiplies every activation while it is in cache; int8/int4 weights with int8
+  // activations go through the *_q8_multi kernels, which also load (unpack) each weight group once for up to
+  // 8 activations. Every y_b is bit for bit what `rows` gives for a_b alone.
+  void rows_batch(const Act* a, int64_t B, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+    if (B == 1) return rows(a[0], n0, n1, y);
+    constexpr int64_t kBlock = 16;  // a multiple of the kernels' 4 rows
+    const bool multi = kind != F32 && a[0].q8;  // (every activation of one layer has the same width)
+    for (int64_t n = n0; n < n1; n += kBlock) {
+      const int64_t e = std::min(n1, n + kBlock);
+      if (!multi) {
+        for (int64_t b = 0; b < B; ++b) rows(a[b], n, e, y + b * ldy);
+        continue;
+      }
+      for (int64_t b0 = 0; b0 < B; b0 += kMaxActs) {
+        const int M = (int)std::min<int64_t>(kMaxActs, B - b0);
+        const int8_t* q[kMaxActs]; const float* dq[kMaxActs]; const float* xs[kMaxActs];
+        for (int m = 0; m < M; ++m) { q[m] = a[b0 + m].q; dq[m] = a[b0 + m].dq; xs[m] = a[b0 + m].xs; }
+        if (kind == INT8)
+          dot_int8_q8_multi(M, q, dq, static_cast<const int8_t*>(w), scale8, K, n, e, y + b0 * ldy, ldy);
+        else
+          dot_int4_q8_multi(M, q, dq, xs, static_cast<const uint8_t*>(w), scale4, min4, K, n, e, y + b0 * ldy, ldy);
+      }
+    }
+  }
 };
 
 struct Layer {
   const float* attn_norm;
   const float* ffn_norm;
   Linear wqkv, wo, w13, w2;
-  float* cache_k = nullptr;  // [1, KV, S, d] of this layer, bound per generation
+  float* cache_k = nullptr;  // [rows, KV, S, d] of this layer, bound per generation
   float* cache_v = nullptr;
 };
 
@@ -88,14 +114,16 @@ class DecodeStep {
   void add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, std::vector<int64_t> kinds,
                  std::vector<std::vector<at::Tensor>> t);
   void set_head(at::Tensor norm_w, int64_t kind, std::vector<at::Tensor> t);
-  // The model's KV cache (one [1, KV, S, d] k and v per layer) and the RoPE tables [S, d] for its positions.
+  // The model's KV cache (one [rows, KV, S, d] k and v per layer) and the RoPE tables [S, d] for its positions.
   void bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> vs, at::Tensor cos_t,
                   at::Tensor sin_t);
   // Logits [1, 1, vocab] of `token` at position `pos`; writes this position's keys and values into the cache.
   at::Tensor forward(int64_t token, int64_t pos);
+  // Logits [B, vocab] of one token per sequence: tokens[b] at positions[b], in cache row rows[b] (distinct).
+  at::Tensor forward_rows(std::vector<int64_t> tokens, std::vector<int64_t> positions, std::vector<int64_t> rows);
 
  private:
-  int64_t D, H, KV, d, F, S = 0;
+  int64_t D, H, KV, d, F, S = 0, cache_rows = 0;
   float eps;
   bool q8;  // int8 activations for int8/int4 weights
   camelid::Linear embed, head;

@@ -263,3 +263,55 @@ static inline void dot_int4_q8(const int8_t* q, const float* dq, const float* xs
     y[n] = acc;
   }
 }
+
+// ---- several int8 activations at once (continuous batching): rows [n0, n1) of y_m = W x_m for M <= 8
+// activations (y_m = y + m * ldy). Each weight group is loaded (int4: unpacked) once and multiplied into M
+// accumulators. Per row and activation the operations and their order are those of the one-activation kernels
+// above (four-row blocks from n0, the scalar loop for the rest), so every result is bit for bit the same. ----
+constexpr int kMaxActs = 8;
+
+static inline void dot_int8_q8_multi(int M, const int8_t* const* q, const float* const* dq, const int8_t* w,
+                                     const float* s, int64_t K, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  int64_t n = n0;
+#ifdef CAMELID_AVX2
+  const int64_t G = K / 32, n_vec = n0 + (n1 - n0) / 4 * 4;
+  for (; n < n_vec; ++n) {
+    __m256 acc[kMaxActs];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + g * 32));
+      for (int m = 0; m < M; ++m) {
+        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[m] + g * 32));
+        acc[m] = _mm256_fmadd_ps(dot_i8x32(wv, qv), _mm256_set1_ps(dq[m][g]), acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(acc[m]) * s[n];
+  }
+#endif
+  for (int m = 0; m < M; ++m) dot_int8_q8(q[m], dq[m], w, s, K, n, n1, y + m * ldy);
+}
+
+static inline void dot_int4_q8_multi(int M, const int8_t* const* q, const float* const* dq, const float* const* xs,
+                                     const uint8_t* w, const at::Half* sc, const at::Half* mn, int64_t K, int64_t n0,
+                                     int64_t n1, float* y, int64_t ldy) {
+  int64_t n = n0;
+#ifdef CAMELID_AVX2
+  const int64_t G = K / 32, n_vec = n0 + (n1 - n0) / 4 * 4;
+  const __m128i low = _mm_set1_epi8(15);
+  for (; n < n_vec; ++n) {
+    __m256 acc[kMaxActs];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * (K / 2) + g * 16));
+      const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
+      const float scale = h2f(sc[n * G + g]);
+      for (int m = 0; m < M; ++m) {
+        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[m] + g * 32));
+        acc[m] = _mm256_fmadd_ps(dot_u4x32(wv, qv), _mm256_set1_ps(scale * dq[m][g]), acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(acc[m]) + min_term(mn + n * G, xs[m], G);
+  }
+#endif
+  for (int m = 0; m < M; ++m) dot_int4_q8(q[m], dq[m], xs[m], w, sc, mn, K, n, n1, y + m * ldy);
+}

@@ -30,7 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &DecodeStep::add_layer)
       .def("set_head", &DecodeStep::set_head)
       .def("bind_cache", &DecodeStep::bind_cache)
-      .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>())
+      .def("forward_rows", &DecodeStep::forward_rows, py::call_guard<py::gil_scoped_release>());
   // which instruction paths this build compiled in (`camelid info --kernels`)
   m.def("isa", []() {
     std::string s;

@@ -1,0 +1,357 @@
+"""Serving benchmark: `camelid serve` against llama.cpp's servers on the same machine and model, in one run.
+
+    python benchmarks/serve.py [--engines camelid:int4,camelid:fp32,llama-server:GGUF,llama-cpp-python:GGUF]
+                               [--streams 1,4,8,16] [--max-tokens 128] [--threads 2] [--out benchmarks/results]
+    python benchmarks/serve.py steps [--threads 2]       # the batched decode step: C++ rows vs per-layer path
+
+Each engine is started alone (a subprocess on a loopback port), warmed up, then driven by N concurrent streams
+(N = 1, 4, 8, 16), each sending streamed chat requests one after another: a shared 256-token system prompt and
+a distinct question, greedy, end-of-text banned (logit_bias) so every reply is exactly --max-tokens long.
+Metrics are vLLM's benchmark_serving ones: TTFT (request sent -> first content chunk), TPOT ((end - first
+chunk) / (tokens - 1)), ITL (between chunks), p50/p99, and the aggregate output tokens per second of each
+concurrency level (all tokens / its wall time). Then the prefix cache at one stream: TTFT of a request whose
+system prompt was seen before (a hit) against one whose system prompt starts with a fresh nonce (a miss).
+
+Engines:
+  camelid:MODE          `camelid serve smollm2-135m-instruct --quantize MODE --slots 8 --ctx 2048`
+  llama-server:GGUF     llama.cpp's server, `-np 8 -c 16384` (8 slots of 2048), continuous batching on; the
+                        binary from --llama-server, or `llama-server` on PATH. Build it from the llama.cpp sources
+                        that the llama-cpp-python sdist vendors, outside the repository:
+                          pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/lcp
+                          tar xzf /tmp/lcp/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcp
+                          cmake -S /tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp -B /tmp/lcp/build \\
+                            -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+                          cmake --build /tmp/lcp/build --target llama-server -j 2
+  llama-cpp-python:GGUF `python -m llama_cpp.server` (pip install 'llama-cpp-python[server]'): one request at a
+                        time, no batching
+GGUF: the default model's own Q4_1 file (`python -c "import camelid.hub as h; print(h.pull('smollm2-135m-instruct'))"`)
+compares with camelid:int4 (4-bit weights in groups of 32 with a scale and a minimum); for fp32,
+`camelid convert smollm2-135m-instruct /tmp/SmolLM2-F32.gguf --to gguf --qtype f32`.
+
+Writes OUT/serve.json (settings, machine load, every request's numbers summarised) and OUT/serve.png.
+Timing runs belong on a quiet machine: the load average before and after each engine is printed and saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+SLOTS, CTX = 8, 2048
+
+
+# -- one streamed request -------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    ttft: float
+    itl: list[float]
+    e2e: float
+    tokens: int
+
+    @property
+    def tpot(self) -> float:
+        return (self.e2e - self.ttft) / max(1, self.tokens - 1)
+
+
+def stream_chat(port: int, system: str, question: str, max_tokens: int, ban: dict[str, float]) -> Result:
+    body = json.dumps({"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                       "max_tokens": max_tokens, "temperature": 0, "stream": True, "logit_bias": ban,
+                       "stream_options": {"include_usage": True}})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    times, usage = [], None
+    for raw in iter(resp.readline, b""):
+        line = raw.strip()
+        if not line.startswith(b"data: "):
+            continue
+        if line == b"data: [DONE]":
+            break
+        chunk = json.loads(line[6:])
+        choices = chunk.get("choices") or []
+        if choices and (choices[0].get("delta") or {}).get("content"):
+            times.append(time.perf_counter())
+        if chunk.get("usage"):
+            usage = chunk["usage"].get("completion_tokens")
+    end = time.perf_counter()
+    conn.close()
+    if not times:
+        raise RuntimeError("no content came back")
+    itl = [b - a for a, b in zip(times, times[1:], strict=False)]
+    return Result(times[0] - t0, itl, end - t0, usage or len(times))
+
+
+# -- engines ---------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(engine: str, threads: int, llama_server: str | None, log: Path) -> tuple[subprocess.Popen, int, str]:
+    kind, _, arg = engine.partition(":")
+    port = free_port()
+    if kind == "camelid":
+        cmd = [sys.executable, "-m", "camelid", "serve", MODEL, "--quantize", arg or "int4", "--slots", str(SLOTS),
+               "--ctx", str(CTX), "--threads", str(threads), "--port", str(port), "--quiet"]
+        ready = "/health"
+    elif kind == "llama-server":
+        binary = llama_server or shutil.which("llama-server")
+        if not binary:
+            raise SystemExit("llama-server not found: pass --llama-server PATH (see this file's docstring)")
+        cmd = [binary, "-m", arg, "-np", str(SLOTS), "-c", str(SLOTS * CTX), "-t", str(threads), "-tb", str(threads),
+               "--host", "127.0.0.1", "--port", str(port), "-cb"]
+        ready = "/health"
+    elif kind == "llama-cpp-python":
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", arg, "--n_threads", str(threads),
+               "--n_ctx", str(CTX), "--host", "127.0.0.1", "--port", str(port)]
+        ready = "/v1/models"
+    else:
+        raise SystemExit(f"unknown engine {engine!r}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), cwd=ROOT)  # noqa: SIM115
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{engine} exited: {log.read_text()[-1500:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", ready)
+            if conn.getresponse().status == 200:
+                return proc, port, " ".join(cmd)
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"{engine} did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- the workload ------------------------------------------------------------------------------------------------
+def system_prompt(tokens: int = 256) -> str:
+    """A system prompt of `tokens` SmolLM2 tokens: the opening of Emma (data/austen, public domain)."""
+    from camelid.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(MODEL)
+    text = (ROOT / "data" / "austen" / "emma.txt").read_text(encoding="utf-8")
+    start = text.find("Emma Woodhouse")
+    ids = tok.encode("You answer questions about this passage.\n\n" + text[start:start + 4000])[:tokens]
+    return tok.decode(ids)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+@dataclass
+class Level:
+    streams: int
+    requests: int
+    tokens: int
+    wall_s: float
+    tok_s: float
+    ttft_p50: float
+    ttft_p99: float
+    tpot_p50: float
+    tpot_p99: float
+    itl_p50: float
+    itl_p99: float
+
+
+def run_level(port: int, streams: int, per_stream: int, system: str, max_tokens: int,
+              ban: dict[str, float]) -> Level:
+    counter = iter(range(10**9))
+    lock = threading.Lock()
+
+    def client(_: int) -> list[Result]:
+        out = []
+        for _ in range(per_stream):
+            with lock:
+                i = next(counter)
+            out.append(stream_chat(port, system, f"Question {i}: what does the passage say about Emma's "
+                                                 f"{['home', 'father', 'friends', 'temper'][i % 4]}?",
+                                   max_tokens, ban))
+        return out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        results = [r for rs in pool.map(client, range(streams)) for r in rs]
+    wall = time.perf_counter() - t0
+    tokens = sum(r.tokens for r in results)
+    itl = [x for r in results for x in r.itl]
+    ttft, tpot = [r.ttft for r in results], [r.tpot for r in results]
+    return Level(streams, len(results), tokens, wall, tokens / wall, percentile(ttft, 50), percentile(ttft, 99),
+                 percentile(tpot, 50), percentile(tpot, 99), percentile(itl, 50), percentile(itl, 99))
+
+
+def prefix_ttft(port: int, system: str, ban: dict[str, float], rounds: int = 5) -> dict[str, float]:
+    """TTFT at one stream: the shared system prompt (cached by now) against fresh ones (a nonce in front)."""
+    hits, misses = [], []
+    for i in range(rounds):
+        misses.append(stream_chat(port, f"Session {uuid.uuid4().hex[:8]}. {system}", f"Question {i}?", 4, ban).ttft)
+        hits.append(stream_chat(port, system, f"Question {i}?", 4, ban).ttft)
+    hit, miss = statistics.median(hits), statistics.median(misses)
+    return {"hit_ttft_s": hit, "miss_ttft_s": miss, "miss_over_hit": miss / hit}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+@dataclass
+class EngineRun:
+    engine: str
+    command: str
+    load_before: list[float]
+    load_after: list[float] = field(default_factory=list)
+    levels: list[Level] = field(default_factory=list)
+    prefix: dict[str, float] = field(default_factory=dict)
+
+
+def bench(args: argparse.Namespace) -> None:
+    from camelid.tokenizer import Tokenizer
+
+    system = system_prompt()
+    ban = {str(i): -100.0 for i in Tokenizer.load(MODEL).stop_ids}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    streams = [int(s) for s in args.streams.split(",")]
+    runs = []
+    for engine in args.engines.split(","):
+        log = out / f"serve-{engine.split(':')[0]}.log"
+        print(f"== {engine}  (load average {load_average()})", flush=True)
+        proc, port, command = start(engine, args.threads, args.llama_server, log)
+        run = EngineRun(engine, command, load_average())
+        try:
+            stream_chat(port, system, "Warm up.", 8, ban)
+            for n in streams:
+                level = run_level(port, n, max(1, args.requests // n) if n < args.requests else 1, system,
+                                  args.max_tokens, ban)
+                run.levels.append(level)
+                print(f"  {n:>2} streams: {level.tok_s:7.1f} tok/s  TTFT p50 {level.ttft_p50 * 1000:7.0f} ms "
+                      f"p99 {level.ttft_p99 * 1000:7.0f}  TPOT p50 {level.tpot_p50 * 1000:6.1f} ms  "
+                      f"ITL p50 {level.itl_p50 * 1000:6.1f} p99 {level.itl_p99 * 1000:6.1f}", flush=True)
+            run.prefix = prefix_ttft(port, system, ban)
+            print(f"  prefix: hit TTFT {run.prefix['hit_ttft_s'] * 1000:.0f} ms, miss "
+                  f"{run.prefix['miss_ttft_s'] * 1000:.0f} ms ({run.prefix['miss_over_hit']:.1f}x)", flush=True)
+        finally:
+            stop(proc)
+        run.load_after = load_average()
+        runs.append(run)
+    report(runs, streams, args, out)
+
+
+def report(runs: list[EngineRun], streams: list[int], args: argparse.Namespace, out: Path) -> None:
+    from camelid.fileio import atomic_write
+    from camelid.train.plot import BarPanel, plot_bars
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    print(f"\n{cpu}, {os.cpu_count()} CPUs, {args.threads} threads per engine, {args.max_tokens} tokens per reply, "
+          "256-token shared system prompt")
+    header = "| engine | " + " | ".join(f"{n} streams tok/s" for n in streams) + \
+        " | TTFT p50 @8 | TPOT p50 @8 | ITL p99 @8 | prefix hit / miss TTFT |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for run in runs:
+        at8 = next((lv for lv in run.levels if lv.streams == 8), run.levels[-1])
+        print(f"| {run.engine} | " + " | ".join(f"{lv.tok_s:.1f}" for lv in run.levels) +
+              f" | {at8.ttft_p50 * 1000:.0f} ms | {at8.tpot_p50 * 1000:.1f} ms | {at8.itl_p99 * 1000:.0f} ms | "
+              f"{run.prefix['hit_ttft_s'] * 1000:.0f} / {run.prefix['miss_ttft_s'] * 1000:.0f} ms "
+              f"({run.prefix['miss_over_hit']:.1f}x) |")
+    for run in runs:
+        if run.engine.startswith("camelid") and len(run.levels) > 1:
+            one = run.levels[0].tok_s
+            print(f"{run.engine}: {' '.join(f'{lv.streams} streams {lv.tok_s / one:.2f}x' for lv in run.levels)} "
+                  "its single stream")
+    payload = {"cpu": cpu, "threads": args.threads, "max_tokens": args.max_tokens, "streams": streams,
+               "runs": [{**asdict(r), "levels": [asdict(lv) for lv in r.levels]} for r in runs]}
+    atomic_write(out / "serve.json", lambda p: p.write_text(json.dumps(payload, indent=1)))
+    plot_bars([str(n) for n in streams], [
+        BarPanel("aggregate output tok/s", {r.engine: [lv.tok_s for lv in r.levels] for r in runs}),
+        BarPanel("TTFT p50 (s)", {r.engine: [lv.ttft_p50 for lv in r.levels] for r in runs}, yscale="log"),
+        BarPanel("TPOT p50 (ms)", {r.engine: [lv.tpot_p50 * 1000 for lv in r.levels] for r in runs}),
+    ], out / "serve.png", title="concurrent streams (x axis): SmolLM2-135M-Instruct, 256-token shared system prompt")
+    print(f"wrote {out / 'serve.json'} and {out / 'serve.png'}")
+
+
+# -- the batched decode step -------------------------------------------------------------------------------------
+def steps(args: argparse.Namespace) -> None:
+    """ms per decode step for B sequences at different positions: the C++ whole-model step with one row per
+    sequence (DecodeStep.rows) against the per-layer forward with positions [B, 1] (C++ GEMVs up to 8 rows,
+    the C++ attention call), same model and cache; interleaved rounds, medians."""
+    import torch
+
+    import camelid
+    from camelid.serve.engine import Engine
+
+    torch.set_num_threads(args.threads)
+    for mode in ("int4", "fp32"):
+        model = camelid.load(MODEL, quantize=mode).model
+        engine = Engine(model, slots=16, context=512, prefix_cache_bytes=0)  # not started: its cache and step
+        with torch.inference_mode():
+            for b in (1, 4, 8, 16):
+                rows, tokens = list(range(b)), [5] * b
+                positions = [200 + 7 * r for r in rows]
+                times: dict[str, list[float]] = {"C++ rows": [], "per-layer": []}
+                step = engine.step
+                for _ in range(args.rounds):
+                    for name in times:
+                        engine.step = step if name == "C++ rows" else None
+                        engine.forward_rows(tokens, positions, rows)  # warm
+                        t0 = time.perf_counter()
+                        for _ in range(5):
+                            engine.forward_rows(tokens, positions, rows)
+                        times[name].append((time.perf_counter() - t0) / 5 * 1000)
+                engine.step = step
+                med = {k: statistics.median(v) for k, v in times.items()}
+                print(f"{mode} B={b:>2}: C++ rows {med['C++ rows']:6.1f} ms ({b / med['C++ rows'] * 1000:6.1f} tok/s)"
+                      f"   per-layer {med['per-layer']:6.1f} ms ({b / med['per-layer'] * 1000:6.1f} tok/s)",
+                      flush=True)
+    print(f"load average {load_average()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="?", default="bench", choices=["bench", "steps"])
+    parser.add_argument("--engines", default="camelid:int4")
+    parser.add_argument("--streams", default="1,4,8,16")
+    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level (at least one "
+                                                                 "per stream)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="(steps) interleaved rounds")
+    parser.add_argument("--llama-server", default=None, help="path of the llama-server binary")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    steps(args) if args.what == "steps" else bench(args)
+
+
+if __name__ == "__main__":
+    main()

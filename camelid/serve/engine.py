@@ -1,0 +1,420 @@
+"""The serving engine: continuous batching over a slotted KV cache, on one thread that owns the model.
+
+The KV cache has one row per slot: [n_layers, 2, slots, n_kv_heads, context, head_dim], one tensor, each layer's
+`KVCache` a view of its part. A running sequence owns one row and keeps its own positions there (0, 1, 2, ...),
+so sequences of any lengths share a decode step without padding. Running sequences always occupy rows
+0..n-1: when one finishes, the last row's sequence moves into its row (a copy of its filled positions), so the
+batch is a prefix of the cache rows.
+
+Every iteration of the loop:
+1. runs queued jobs (embeddings), retires cancelled and timed-out sequences;
+2. admits waiting sequences into free rows; a prompt whose first blocks are in the prefix cache gets their keys
+   and values copied into its row, and its prefill starts after them;
+3. prefills up to `prefill_chunk` prompt tokens (whole prompts, or chunks of long ones, so decoding sequences
+   wait at most one chunk); a prompt's last chunk gives its first token;
+4. decodes one token for every sequence past its prompt, in one batched step: the C++ whole-model step with one
+   row per sequence (camelid.variants.decode_step) where it runs, else the model's per-layer forward with
+   per-row positions [B, 1].
+Results go back through each sequence's `emit` callback, called on the engine thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from camelid.errors import CamelidError
+from camelid.generate import SamplingParams, apply_repetition_penalty, sample
+from camelid.model import KVCache, Llama
+from camelid.serve.prefix_cache import PrefixCache, concat
+from camelid.serve.structured import Constraint
+from camelid.variants.decode_step import decode_step
+
+
+class QueueFull(CamelidError):
+    """The engine's waiting queue is full (the API answers 429)."""
+
+
+@dataclass
+class Token:
+    """One generated token; logprob and top (the `top_logprobs` most likely (id, logprob)) under the raw model."""
+
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class PromptLogprobs:
+    """Log-probabilities of the prompt's tokens under the model (None for the first), and each position's top."""
+
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclass
+class Done:
+    reason: str  # "stop", "length", "cancelled" or "error"
+    message: str = ""
+
+
+Event = Token | PromptLogprobs | Done
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence to generate: what the caller sets, then the engine's state of it."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[Event], None]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the top k
+    prompt_logprobs: bool = False  # echo: the prompt tokens' log-probabilities (the prompt is prefilled whole)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    constraint: Constraint | None = None
+    timeout: float | None = None  # seconds from submission, then finished with reason "length"
+    # engine state
+    row: int = -1
+    length: int = 0  # positions of this sequence in its cache row
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    generated: list[int] = field(default_factory=list)
+    next_token: int | None = None  # sampled, not yet in the cache
+    prompt_scores: PromptLogprobs | None = None  # with prompt_logprobs, filled chunk by chunk
+    cancelled: bool = False
+    submitted: float = 0.0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Free the slot at the engine's next iteration (from any thread)."""
+        self.cancelled = True
+
+
+class Metrics:
+    """What the engine reports; camelid.serve.metrics implements it with Prometheus metrics."""
+
+    def time_to_first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def tokens(self, prompt: int, generated: int, cached: int) -> None: ...
+    def finished(self, reason: str, seconds: float) -> None: ...
+
+
+def cache_view(k: Tensor, v: Tensor) -> KVCache:
+    """A KVCache over existing storage (rows of the engine's one KV tensor)."""
+    cache = KVCache(0, k.shape[1], k.shape[2], k.shape[3], k.dtype, k.device)
+    cache.k, cache.v = k, v
+    return cache
+
+
+class Engine:
+    def __init__(self, model: Llama, *, slots: int = 8, context: int | None = None, max_queue: int = 64,
+                 prefill_chunk: int = 256, prefix_cache_bytes: int = 256 << 20, prefix_block: int = 16,
+                 metrics: Metrics | None = None, use_decode_step: bool = True) -> None:
+        cfg = model.config
+        context = min(context or cfg.max_seq_len, cfg.max_seq_len)
+        if slots < 1 or context < 2:
+            raise CamelidError(f"need at least 1 slot and 2 positions of context, got {slots} and {context}")
+        self.model, self.slots, self.context = model.eval(), slots, context
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.metrics = metrics or Metrics()
+        dtype = model.norm.weight.dtype
+        device = model.norm.weight.device
+        self.kv = torch.zeros(cfg.n_layers, 2, slots, cfg.n_kv_heads, context, cfg.head_dim, dtype=dtype,
+                              device=device)
+        L = range(cfg.n_layers)
+        self._all_rows = [cache_view(self.kv[i, 0], self.kv[i, 1]) for i in L]
+        self._row = [[cache_view(self.kv[i, 0, r:r + 1], self.kv[i, 1, r:r + 1]) for i in L] for r in range(slots)]
+        self._install(self._all_rows)
+        model.cache_len = context
+        self.step = decode_step(model) if use_decode_step else None  # None: the per-layer forward
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block) if prefix_cache_bytes > 0 else None
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # running[i].row == i
+        self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self.steps = 0  # decode steps run
+        self._thread = threading.Thread(target=self._loop, name="camelid-engine", daemon=True)
+
+    # -- the interface (any thread) -------------------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences (a request's n choices together, so they are admitted in order); QueueFull when the
+        waiting queue has no room for them."""
+        for seq in seqs:
+            if not seq.prompt:
+                raise CamelidError("the prompt is empty; give at least one token")
+            if len(seq.prompt) + max(seq.max_tokens, 0) > self.context:
+                raise CamelidError(f"the prompt ({len(seq.prompt)} tokens) plus max_tokens ({seq.max_tokens}) "
+                                   f"exceeds the context of {self.context} tokens")
+        now = time.monotonic()
+        with self._lock:
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(f"the server is busy ({len(self.waiting)} requests waiting); retry later")
+            for seq in seqs:
+                seq.submitted = now
+                if seq.seed is not None:
+                    seq.generator = torch.Generator().manual_seed(seq.seed)
+                self.waiting.append(seq)
+        self._wake.set()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancel()
+        self._wake.set()
+
+    def run(self, fn: Callable[[], Any]) -> Future:
+        """Run fn() on the engine thread between two steps (it may use the model); its result as a Future."""
+        future: Future = Future()
+        with self._lock:
+            self._jobs.append((fn, future))
+        self._wake.set()
+        return future
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def cache_usage(self) -> float:
+        """The fraction of the KV cache's positions that running sequences fill."""
+        return sum(s.length for s in list(self.running)) / (self.slots * self.context)
+
+    # -- the loop (engine thread) ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            if not (self.running or self.waiting or self._jobs):
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                with torch.inference_mode():
+                    self._iteration()
+            except Exception as e:  # noqa: BLE001 - a bug must not take the server down: fail the batch
+                traceback.print_exc(file=sys.stderr)
+                for seq in list(self.running):
+                    self._finish(seq, Done("error", f"internal error: {e}"))
+        for seq in list(self.running) + list(self.waiting):
+            seq.emit(Done("cancelled", "the server is shutting down"))
+
+    def _iteration(self) -> None:
+        while self._jobs:
+            with self._lock:
+                fn, future = self._jobs.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(e)
+        with self._lock:
+            dropped = [s for s in self.waiting if s.cancelled]
+            if dropped:
+                self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        for seq in dropped:
+            seq.emit(Done("cancelled"))
+        now = time.monotonic()
+        for seq in list(self.running):
+            if seq.cancelled:
+                self._finish(seq, Done("cancelled"))
+            elif seq.timeout is not None and now - seq.submitted > seq.timeout:
+                self._finish(seq, Done("length", "the request's time limit was reached"))
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _admit(self) -> None:
+        while len(self.running) < self.slots:
+            with self._lock:
+                if not self.waiting:
+                    return
+                seq = self.waiting.popleft()
+            if seq.cancelled:
+                seq.emit(Done("cancelled"))
+                continue
+            seq.row = len(self.running)
+            self.running.append(seq)
+            seq.length = 0
+            if self.prefix_cache is not None and not seq.prompt_logprobs:
+                # at least the last prompt token is computed: its logits give the first new token
+                blocks = self.prefix_cache.lookup(seq.prompt[:-1])
+                if blocks:
+                    kv = concat(blocks)
+                    n = kv.shape[3]
+                    self.kv[:, :, seq.row, :, :n] = kv
+                    seq.length = seq.cached_tokens = n
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for seq in list(self.running):
+            if budget <= 0:
+                return
+            if seq.length >= len(seq.prompt) or seq.cancelled:
+                continue
+            start = seq.length
+            end = min(len(seq.prompt), start + budget)
+            budget -= end - start
+            logits = self._forward_row(seq.row, seq.prompt[start:end], start, all_logits=seq.prompt_logprobs)
+            seq.length = end
+            if seq.prompt_logprobs:
+                self._prompt_logprobs(seq, start, end, logits[0])
+            if end < len(seq.prompt):
+                continue
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(seq.prompt, lambda a, b, row=seq.row: self.kv[:, :, row, :, a:b])
+            self.metrics.tokens(len(seq.prompt), 0, seq.cached_tokens)
+            if seq.max_tokens == 0:
+                self._finish(seq, Done("length"))
+                continue
+            self._choose(seq, logits[0, -1])
+
+    def _decode(self) -> None:
+        batch = [s for s in self.running if s.next_token is not None]
+        if not batch:
+            return
+        tokens = [s.next_token for s in batch]
+        positions = [s.length for s in batch]
+        logits = self.forward_rows(tokens, positions, [s.row for s in batch])
+        self.steps += 1
+        for seq in batch:  # every length first: a sequence that finishes moves another's row, up to its length
+            seq.length += 1
+            seq.next_token = None
+        for seq, row_logits in zip(batch, logits, strict=True):
+            self._choose(seq, row_logits)
+
+    # -- model calls --------------------------------------------------------------------------------------------
+    def _install(self, caches: list[KVCache]) -> None:
+        for block, cache in zip(self.model.layers, caches, strict=True):
+            block.attention.kv_cache = cache
+
+    def _forward_row(self, row: int, ids: list[int], start: int, all_logits: bool) -> Tensor:
+        """Logits [1, T, V] (or [1, 1, V]) of prompt tokens `ids` at positions start.. of cache row `row`."""
+        self._install(self._row[row])
+        try:
+            positions = torch.arange(start, start + len(ids), device=self.kv.device)
+            return self.model(torch.tensor([ids], device=self.kv.device), positions, last_only=not all_logits)
+        finally:
+            self._install(self._all_rows)
+
+    def forward_rows(self, tokens: list[int], positions: list[int], rows: list[int]) -> Tensor:
+        """Logits [B, V] of one new token per sequence: tokens[b] at positions[b] of cache row rows[b]."""
+        if self.step is not None:
+            return self.step.rows(tokens, positions, rows)
+        # the per-layer forward over rows 0..n-1: rows not in this step (still in prefill) get a token at the
+        # position their prefill writes next, which overwrites it
+        n = max(rows) + 1
+        ids = torch.zeros(n, 1, dtype=torch.long)
+        pos = torch.tensor([[self.running[r].length if r < len(self.running) else 0] for r in range(n)])
+        for t, p, r in zip(tokens, positions, rows, strict=True):
+            ids[r, 0], pos[r, 0] = t, p
+        self._install([cache_view(c.k[:n], c.v[:n]) for c in self._all_rows])
+        try:
+            logits = self.model(ids.to(self.kv.device), pos.to(self.kv.device), last_only=True)[:, -1]
+        finally:
+            self._install(self._all_rows)
+        return logits[rows]
+
+    # -- tokens ---------------------------------------------------------------------------------------------------
+    def _prompt_logprobs(self, seq: Sequence, start: int, end: int, logits: Tensor) -> None:
+        """Log-probabilities of prompt tokens start+1..end from the logits of positions start..end-1."""
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        targets = torch.tensor(seq.prompt[start + 1:end + 1] if end < len(seq.prompt) else seq.prompt[start + 1:end])
+        chosen = logprobs[: len(targets)].gather(-1, targets[:, None])[:, 0].tolist()
+        k = seq.logprobs or 0
+        tops: list[list[tuple[int, float]] | None] = [None] * len(targets)
+        if k:
+            values, ids = logprobs[: len(targets)].topk(k, dim=-1)
+            tops = [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(ids, values, strict=True)]
+        if start == 0:
+            chosen, tops = [None, *chosen], [None, *tops]
+        if seq.prompt_scores is None:
+            seq.prompt_scores = PromptLogprobs([], [])
+        seq.prompt_scores.logprobs.extend(chosen)
+        seq.prompt_scores.top.extend(tops)
+        if end == len(seq.prompt):
+            seq.emit(seq.prompt_scores)
+
+    def _choose(self, seq: Sequence, logits: Tensor) -> None:
+        """Sample seq's next token from its logits [V], report it, and finish the sequence or queue the token."""
+        raw = logits.float()
+        x = raw
+        if seq.logit_bias:
+            x = x.clone()
+            ids = torch.tensor(list(seq.logit_bias))
+            x[ids] += torch.tensor(list(seq.logit_bias.values()))
+        if seq.generated and (seq.presence_penalty or seq.frequency_penalty):
+            counts = torch.bincount(torch.tensor(seq.generated), minlength=x.shape[-1]).to(x.dtype)
+            x = x - seq.frequency_penalty * counts - seq.presence_penalty * (counts > 0).to(x.dtype)
+        if seq.params.repetition_penalty != 1.0:
+            seen = torch.tensor([seq.prompt + seq.generated])
+            x = apply_repetition_penalty(x[None], seen, seq.params.repetition_penalty)[0]
+        if seq.constraint is not None:
+            x = seq.constraint.mask(x)
+        token = int(sample(x[None], seq.params, seq.generator)[0])
+        event = Token(token)
+        if seq.logprobs is not None:
+            logprobs = F.log_softmax(raw, dim=-1)
+            event.logprob = float(logprobs[token])
+            if seq.logprobs:
+                values, ids = logprobs.topk(seq.logprobs)
+                event.top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.metrics.time_to_first_token(now - seq.submitted)
+        else:
+            self.metrics.inter_token(now - (seq.last_token_at or now))
+        seq.last_token_at = now
+        seq.generated.append(token)
+        self.metrics.tokens(0, 1, 0)
+        if token in seq.stop_ids:
+            self._finish(seq, Done("stop"))
+            return
+        seq.emit(event)
+        grammar_open = seq.constraint.advance(token) if seq.constraint is not None else True
+        if not grammar_open:
+            self._finish(seq, Done("stop"))
+        elif len(seq.generated) >= seq.max_tokens:
+            self._finish(seq, Done("length"))
+        else:
+            seq.next_token = token
+
+    def _finish(self, seq: Sequence, done: Done) -> None:
+        """Report `done` and free seq's row: the last running sequence moves into it."""
+        i = seq.row
+        if 0 <= i < len(self.running) and self.running[i] is seq:
+            last = self.running.pop()
+            if last is not seq:
+                n = last.length
+                self.kv[:, :, i, :, :n] = self.kv[:, :, last.row, :, :n]
+                last.row = i
+                self.running[i] = last
+        seq.row = -1
+        seq.next_token = None
+        self.metrics.finished(done.reason, time.monotonic() - seq.submitted)
+        with contextlib.suppress(Exception):  # a caller gone away must not stop the engine
+            seq.emit(done)
