@@ -250,6 +250,9 @@ def evaluate(models: Sequence[str], precisions: Sequence[str], tasks: Sequence[T
         raise CamelidError(f"precision {bad[0]!r}: choose from {', '.join(PRECISIONS)}")
     if not models or not precisions or not tasks:
         raise CamelidError("give at least one model, one precision and one task")
+    readers = {MULTIPLE_CHOICE: read_multiple_choice, PERPLEXITY: read_text, GENERATION: read_instructions}
+    for task in tasks:  # a bad line fails now, not after the models load
+        readers[task.kind](task.path)
     runs = []
     for source in models:
         for precision in precisions:
