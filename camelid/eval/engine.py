@@ -203,31 +203,31 @@ def loglikelihood(model: Llama, requests: Sequence[Request], *, max_length: int 
     return results
 
 
-def _batches(pieces: list[_Piece], batch_tokens: int, piece_tokens: int, min_useful: float = 0.8
+def _batches(pieces: list[_Piece], batch_tokens: int, piece_tokens: int, pass_cost: int = 32
              ) -> list[tuple[int, list[_Piece]]]:
-    """(start, pieces) of each forward pass. Pieces in order of start join a pass while its padded size
-    (rows x longest row, read from the pass's start) stays within batch_tokens, no row exceeds piece_tokens,
-    and at least `min_useful` of the padded tokens are new ones (not padding, not recomputed). A pass only
-    reads keys and values of positions before its start, which earlier passes computed."""
+    """(start, pieces) of each forward pass, in order of start.
+
+    Pieces are taken in order of start; each joins the open pass of its length class (1-2, 3-4, 5-8, ...
+    tokens) if that adds at most `pass_cost` tokens of padding and recomputation (what a pass costs beyond its
+    tokens, roughly), keeps the pass within batch_tokens padded tokens and no row over piece_tokens; else it
+    opens a new pass. A pass only reads keys and values of positions before its start, which pieces of
+    smaller starts computed in earlier passes."""
     out: list[tuple[int, list[_Piece]]] = []
-    batch: list[_Piece] = []
-    start = longest = useful = 0
+    open_passes: dict[int, tuple[int, list[_Piece], int]] = {}  # length class -> (start, pieces, longest row)
     for p in sorted(pieces, key=lambda p: (p.start, p.end)):
-        if batch:
+        size = (p.end - p.start - 1).bit_length()
+        if size in open_passes:
+            start, batch, longest = open_passes[size]
             row = max(longest, p.end - start)
-            padded = (len(batch) + 1) * row
-            if (p.end - start > piece_tokens or padded > batch_tokens
-                    or useful + p.end - p.start < min_useful * padded):
-                out.append((start, batch))
-                batch = []
-        if not batch:
-            start, longest, useful = p.start, 0, 0
-        batch.append(p)
-        longest = max(longest, p.end - start)
-        useful += p.end - p.start
-    if batch:
-        out.append((start, batch))
-    return out
+            waste = (len(batch) + 1) * row - len(batch) * longest - (p.end - p.start)
+            if row <= piece_tokens and (len(batch) + 1) * row <= batch_tokens and waste <= pass_cost:
+                batch.append(p)
+                open_passes[size] = (start, batch, row)
+                continue
+            out.append((start, batch))
+        open_passes[size] = (p.start, [p], p.end - p.start)
+    out += [(start, batch) for start, batch, _ in open_passes.values()]
+    return sorted(out, key=lambda pass_: pass_[0])
 
 
 def _collect(logits: Tensor, slots: list[int], needed: dict[int, set[int]],

@@ -266,6 +266,7 @@ def evaluate(models: Sequence[str], precisions: Sequence[str], tasks: Sequence[T
                          "parameters": llm.config.num_params(), "max_length": evaluator.max_length,
                          "load_seconds": round(load_seconds, 3), "results": results})
             del llm, evaluator
-    return {"camelid_version": camelid.__version__, "settings": asdict(settings),
+    return {"camelid_version": camelid.__version__, "torch_version": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "settings": asdict(settings),
             "tasks": [{"name": t.name, "kind": t.kind, "path": str(t.path), "split": t.split} for t in tasks],
             "threads": torch.get_num_threads(), "cpu": cpu_name(), "runs": runs}
