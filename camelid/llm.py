@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
+from camelid import hub
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
+from camelid.formats import Format, detect
 from camelid.generate import SamplingParams, generate_tokens
 from camelid.model import Llama
+from camelid.tokenizer import Tokenizer
 
 Message = dict[str, str]
 
@@ -28,7 +31,7 @@ Message = dict[str, str]
 class LLM:
     model: Llama
     config: LlamaConfig
-    tokenizer: Any = None  # camelid.tokenizer.Tokenizer once loaded
+    tokenizer: Tokenizer | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -37,12 +40,12 @@ class LLM:
         from camelid.interop.hf import save_hf_dir
 
         out = save_hf_dir(self.model, path, dtype=dtype)
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+        if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out)
         return out
 
     # -- text in, text out -------------------------------------------------------------------------
-    def _need_tokenizer(self) -> Any:
+    def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise CamelidError(f"{self.source or 'this model'} has no tokenizer; load one with the model "
                                "(tokenizer.json / tokenizer.model beside it) or pass token ids to camelid.generate")
@@ -128,20 +131,25 @@ def cut_at_stop_strings(pieces: Iterable[str], stop: list[str]) -> Iterator[str]
 
 def resolve(source: str | os.PathLike) -> Path:
     """A name, Hub id or path of a model -> a local path (camelid.hub.resolve; a tokenizer's name is refused)."""
-    from camelid import hub
-
     text = str(source)
     if text in hub.MODELS and hub.MODELS[text].kind == "tokenizer":
         raise CamelidError(f"{text} is a tokenizer, not a model; use camelid.tokenizer.Tokenizer.load({text!r})")
     return hub.resolve(source)
 
 
-def _load_tokenizer(path: Path) -> Any:
-    from camelid.tokenizer import Tokenizer
+def model_tokenizer(path: Path, fmt: Format | None = None) -> Tokenizer | None:
+    """The tokenizer stored with the model at `path` (a GGUF's embedded vocabulary, the tokenizer files of a
+    Hugging Face or Meta folder, those beside a quantised file), or None when it has none."""
+    fmt = fmt or detect(path)
+    if fmt is Format.GGUF:
+        from camelid.tokenizer.gguf import has_vocabulary
 
-    if path.suffix == ".gguf":
-        return Tokenizer.from_gguf(path)
-    return Tokenizer.from_dir(path)
+        return Tokenizer.from_gguf(path) if has_vocabulary(path) else None
+    folder = path.parent if fmt is Format.QUANTIZED else path
+    names = ("tokenizer.json",) if fmt is Format.QUANTIZED else ("tokenizer.json", "tokenizer.model")
+    if folder.is_dir() and any((folder / f).is_file() for f in names):
+        return Tokenizer.from_dir(folder)
+    return None
 
 
 def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dtype | None = None,
@@ -153,36 +161,39 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
     `camelid quantize` loads quantised directly, without an fp32 copy.
     """
     path = resolve(source)
-    if path.is_file() and path.suffix == ".safetensors":
-        from camelid.quantize import load_quantized
+    fmt = detect(path)
+    if fmt is Format.QUANTIZED:
+        from camelid.variants.quantized import load_quantized
 
         model = load_quantized(path)
-        tok = _load_tokenizer(path.parent) if tokenizer and (path.parent / "tokenizer.json").is_file() else None
+        tok = model_tokenizer(path, fmt) if tokenizer else None
         return LLM(model=model, config=model.config, tokenizer=tok, source=str(path))
-    if path.is_dir() and (path / "config.json").is_file():
+    if fmt is Format.HF:
         from camelid.interop.hf import load_hf_dir
 
         config, model = load_hf_dir(path, dtype=dtype, device=device)
-        has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-    elif path.is_file() and path.suffix == ".gguf":
+    elif fmt is Format.GGUF:
         from camelid.interop.gguf import load_gguf
-        from camelid.tokenizer.vocab import read_gguf_metadata
 
         config, model = load_gguf(path, dtype=dtype, device=device)
-        has_tok = "tokenizer.ggml.model" in read_gguf_metadata(path, prefix="tokenizer.ggml.model")
-    elif path.is_dir() and (path / "params.json").is_file():
+    elif fmt is Format.META:
         from camelid.interop.meta import load_meta_dir
 
         config, model = load_meta_dir(path, dtype=dtype, device=device)
-        has_tok = (path / "tokenizer.model").is_file()
+    elif fmt is Format.BERT:
+        raise CamelidError(f"{source}: a BERT model; camelid.load reads LLaMA-family models, load BERT with "
+                           "camelid.interop.bert_hf.load_bert_hf_dir or use it in `camelid classify`")
+    elif fmt is Format.CHECKPOINT:
+        raise CamelidError(f"{source}: a training checkpoint; `camelid pretrain` writes the finished model to "
+                           "OUT/hf, load that (or resume training with --resume)")
     else:
         raise CamelidError(
-            f"{source}: not a model camelid can load; expected a Hugging Face directory (config.json), "
+            f"{source}: a tokenizer, not a model camelid can load; expected a Hugging Face directory (config.json), "
             "a .gguf file or a Meta directory (params.json + consolidated.*.pth)"
         )
-    tok = _load_tokenizer(path) if tokenizer and has_tok else None
+    tok = model_tokenizer(path, fmt) if tokenizer else None
     if quantize:
-        from camelid.quantize import quantize_model
+        from camelid.variants.quantized import quantize_model
 
         quantize_model(model, quantize)
     return LLM(model=model.eval(), config=config, tokenizer=tok, source=str(path))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,40 +40,41 @@ class Request:
 
 @dataclass
 class KVPool:
-    """Keys and values of computed tokens, one slot per token: per layer [slots, n_kv_heads, head_dim]."""
+    """Keys and values of computed tokens, one slot per token: per layer [slots, n_kv_heads, head_dim]
+    (allocated by forward_from_kv on first use, in the dtype and on the device of the model's cache)."""
 
-    k: list[Tensor]
-    v: list[Tensor]
-
-    @classmethod
-    def empty(cls, model: Llama, slots: int) -> KVPool:
-        c = model.config
-        p = model.norm.weight
-        shape = (slots, c.n_kv_heads, c.head_dim)
-        return cls([torch.empty(shape, dtype=p.dtype, device=p.device) for _ in range(c.n_layers)],
-                   [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in range(c.n_layers)])
+    slots: int
+    k: list[Tensor] = field(default_factory=list)
+    v: list[Tensor] = field(default_factory=list)
 
 
 @torch.inference_mode()
 def forward_from_kv(model: Llama, ids: Tensor, start: int, pool: KVPool, prefix_slots: Tensor,
                     new_slots: Tensor, select: Tensor) -> Tensor:
-    """The one place that reaches into the model's internals (its KV cache tensors, `hidden_states` and
-    output head); port this function when the model's API changes.
+    """The one place that reaches into the model's internals (each block's `attention.kv_cache` tensors,
+    `hidden_states` and the `output` head); port this function when the model's API changes.
 
     ids [B, L] are tokens at positions start .. start+L-1 of B sequences whose earlier positions' keys and
     values are pool slots prefix_slots [B, start]. Stores the new keys and values in pool slots new_slots
     [B, L] and returns the logits [len(select), vocab] of the flattened positions `select` (indices into B*L).
+    The index tensors may live on the CPU: they follow the model's cache to its device.
     """
     B, L = ids.shape
     model.setup_cache(B, start + L)
     caches = [block.attention.kv_cache for block in model.layers]
+    device, dtype = caches[0].k.device, caches[0].k.dtype
+    if not pool.k:
+        shape = (pool.slots, model.config.n_kv_heads, model.config.head_dim)
+        pool.k = [torch.empty(shape, dtype=dtype, device=device) for _ in caches]
+        pool.v = [torch.empty(shape, dtype=dtype, device=device) for _ in caches]
+    ids, prefix_slots = ids.to(device), prefix_slots.to(device)
+    flat, select = new_slots.reshape(-1).to(device), select.to(device)
     if start:
         for layer, cache in enumerate(caches):
             cache.k[:, :, :start] = pool.k[layer][prefix_slots].transpose(1, 2)
             cache.v[:, :, :start] = pool.v[layer][prefix_slots].transpose(1, 2)
-    positions = torch.arange(start, start + L, device=ids.device)
+    positions = torch.arange(start, start + L, device=device)
     hidden = model.hidden_states(ids, positions)
-    flat = new_slots.reshape(-1)
     for layer, cache in enumerate(caches):
         pool.k[layer][flat] = cache.k[:, :, start:].transpose(1, 2).reshape(B * L, *pool.k[layer].shape[1:])
         pool.v[layer][flat] = cache.v[:, :, start:].transpose(1, 2).reshape(B * L, *pool.v[layer].shape[1:])
@@ -85,11 +86,6 @@ class _Piece:
     seq: int  # index into the sorted unique sequences
     start: int
     end: int
-
-
-def _kv_bytes_per_token(model: Llama) -> int:
-    c = model.config
-    return 2 * c.n_layers * c.n_kv_heads * c.head_dim * model.norm.weight.element_size()
 
 
 def loglikelihood(model: Llama, requests: Sequence[Request], *, max_length: int | None = None,
@@ -105,7 +101,6 @@ def loglikelihood(model: Llama, requests: Sequence[Request], *, max_length: int 
     requests ("tokens_requested", what scoring each on its own costs) and those computed ("tokens_computed").
     """
     max_length = max_length or model.config.max_seq_len
-    device = model.norm.weight.device
     seq_index: dict[tuple[int, ...], int] = {}
     wanted: list[tuple[int, int, list[int]]] = []  # per request: sequence, position scoring cont[0], cont
     vocab = model.config.vocab_size
@@ -126,7 +121,8 @@ def loglikelihood(model: Llama, requests: Sequence[Request], *, max_length: int 
     wanted = [(rank[i], first, cont) for i, first, cont in wanted]
 
     # plan: the new tokens of each sequence (after its common prefix with the one before), in pool chunks
-    pool_tokens = max(1, pool_bytes // _kv_bytes_per_token(model))
+    c = model.config  # pool size counted at 4 bytes a value (fp32; a bf16 model keeps twice the tokens' worth)
+    pool_tokens = max(1, pool_bytes // (2 * c.n_layers * c.n_kv_heads * c.head_dim * 4))
     slots: list[np.ndarray] = []
     chunks: list[list[_Piece]] = [[]]
     chunk_first_slot = [0]
@@ -158,7 +154,7 @@ def loglikelihood(model: Llama, requests: Sequence[Request], *, max_length: int 
     try:
         for c, pieces in enumerate(chunks):
             base, size = chunk_first_slot[c], chunk_first_slot[c + 1] - chunk_first_slot[c]
-            pool = KVPool.empty(model, size + 1)  # the last slot takes the padding's keys and values
+            pool = KVPool(size + 1)  # the last slot takes the padding's keys and values
             trash = size
             for start, batch in _batches(pieces, batch_tokens, piece_tokens):
                 # a row reads its piece from `start`: tokens before the piece's own start are recomputed
@@ -179,9 +175,8 @@ def loglikelihood(model: Llama, requests: Sequence[Request], *, max_length: int 
                         if int(row[j]) in needed:
                             sel_index.append(b * L + j - start)
                             sel_slot.append(int(row[j]))
-                logits = forward_from_kv(model, ids.to(device), start, pool, prefix.to(device),
-                                         new_slots.to(device), torch.tensor(sel_index, dtype=torch.long,
-                                                                            device=device))
+                logits = forward_from_kv(model, ids, start, pool, prefix, new_slots,
+                                         torch.tensor(sel_index, dtype=torch.long))
                 if sel_slot:
                     _collect(logits, sel_slot, needed, logprob, greedy)
                 done += sum(p.end - p.start for p in batch)

@@ -12,7 +12,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from camelid import CamelidError
 from camelid.eval.engine import Request, _batches, _Piece, loglikelihood, rolling_windows
-from camelid.quantize import quantize_model
+from camelid.variants.quantized import quantize_model
 
 
 def reference(model: torch.nn.Module, r: Request, max_length: int) -> tuple[float, bool]:
