@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from camelid.fileio import atomic_write, atomic_write_text
+from camelid.fileio import atomic_write_text
 
 # the metrics a table shows per task kind, and whether higher is better
 SHOWN = {
@@ -70,43 +70,24 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Grouped bars per task (one bar per run) with chance as a dashed line; accuracy metrics on the left,
-    bits per byte on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    bits per byte on the right (camelid.train.plot.plot_bars)."""
+    from camelid.train.plot import BarPanel, plot_bars
 
     all_rows = rows(report)
     acc = [r for r in all_rows if r["metric"] in ("acc_norm", "exact_match", "rouge_l")]
     if not acc:
         acc = [r for r in all_rows if r["metric"] == "acc"]
     bpb = [r for r in all_rows if r["metric"] == "bits_per_byte"]
-    panels = [(p, title) for p, title in ((acc, "accuracy (higher is better)"),
-                                          (bpb, "bits per byte (lower is better)")) if p]
     labels = [run["label"] for run in report["runs"]]
-    widths = [max(3.0, 1.1 * len(p) * (len(labels) + 1) * 0.35) for p, _ in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 1, 4.2),
-                             gridspec_kw={"width_ratios": widths}, squeeze=False)
-    bar = 0.8 / max(len(labels), 1)
-    for ax, (panel, title) in zip(axes[0], panels, strict=True):
-        for j, label in enumerate(labels):
-            xs = [i + (j - (len(labels) - 1) / 2) * bar for i in range(len(panel))]
-            ax.bar(xs, [r["values"][j] or 0 for r in panel], bar, label=label, color=f"C{j}")
-        for i, r in enumerate(panel):
-            if r["chance"] is not None:
-                ax.hlines(r["chance"], i - 0.45, i + 0.45, colors="black", linestyles="dashed",
-                          label="chance" if i == 0 else None)
-        ax.set_xticks(range(len(panel)))
-        ax.set_xticklabels([f"{r['task']}\n{r['metric']}" if len(panel) > 1 else r["task"] for r in panel],
-                           rotation=30 if len(panel) > 3 else 0, ha="right" if len(panel) > 3 else "center",
-                           fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(report.get("title") or "camelid eval", fontsize=11)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
+    panels = []
+    for panel_rows, title in ((acc, "accuracy (higher is better)"), (bpb, "bits per byte (lower is better)")):
+        if panel_rows:
+            series = {label: [r["values"][j] or 0.0 for r in panel_rows] for j, label in enumerate(labels)}
+            panels.append(BarPanel(
+                title=title, series=series,
+                categories=[f"{r['task']} {r['metric']}" if len(panel_rows) > 1 else r["task"] for r in panel_rows],
+                references=[r["chance"] for r in panel_rows], reference_label="chance"))
+    plot_bars([], panels, path, title=report.get("title") or "camelid eval")
 
 
 def write(report: dict[str, Any], out: Path) -> dict[str, Path]:
