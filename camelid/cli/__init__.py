@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "camelid.cli.quantize",
     "camelid.cli.finetune",
     "camelid.cli.serve",
+    "camelid.cli.eval",
 ]
 
 

@@ -80,14 +80,20 @@ class BarPanel:
     ylim: tuple[float, float] | None = None
     zero_label: str = ""  # written where a value is 0 (e.g. "none" for an arm that trains nothing)
     colors: list[str] = field(default_factory=list)
+    categories: Sequence[str] | None = None  # this panel's own x axis (default: plot_bars' categories)
+    references: Sequence[float | None] = ()  # per category, a dashed line (e.g. chance level); None: none
+    reference_label: str = ""
 
 
 def plot_bars(categories: Sequence[str], panels: Sequence[BarPanel], png: str | Path, title: str = "") -> Path:
-    """Panels of bar charts side by side, sharing the categories on their x axes."""
+    """Panels of bar charts side by side, sharing the categories on their x axes (unless a panel has its own)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4), squeeze=False)
-    x = list(range(len(categories)))
+    widths = [max(3.0, 0.6 * len(p.categories or categories) * (len(p.series) + 1)) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.4 * len(panels), sum(widths) + 1), 4), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, panel in zip(axes[0], panels, strict=True):
+        names = list(panel.categories if panel.categories is not None else categories)
+        x = list(range(len(names)))
         n = len(panel.series)
         width = 0.8 / n
         for i, (name, values) in enumerate(panel.series.items()):
@@ -97,6 +103,12 @@ def plot_bars(categories: Sequence[str], panels: Sequence[BarPanel], png: str | 
             for c, v in zip(x, values, strict=True):
                 if v <= 0 and panel.zero_label:
                     ax.text(c + offset, 0, panel.zero_label, ha="center", va="bottom")
+        drawn = False
+        for c, ref in zip(x, panel.references, strict=False):
+            if ref is not None:
+                ax.hlines(ref, c - 0.45, c + 0.45, colors="black", linestyles="dashed",
+                          label=None if drawn else panel.reference_label or None)
+                drawn = True
         if panel.ylim is not None:
             ax.set_ylim(*panel.ylim)
         values = [v for vs in panel.series.values() for v in vs]
@@ -104,11 +116,11 @@ def plot_bars(categories: Sequence[str], panels: Sequence[BarPanel], png: str | 
             ax.set_yscale("symlog", linthresh=1.0)
         elif panel.yscale == "log" and all(v > 0 for v in values):
             ax.set_yscale("log")
-        if n > 1:
-            ax.legend()
+        if n > 1 or (drawn and panel.reference_label):
+            ax.legend(fontsize=8)
         ax.set_title(panel.title)
         ax.set_xticks(x)
-        ax.set_xticklabels(list(categories), rotation=30, ha="right")
+        ax.set_xticklabels(names, rotation=30, ha="right")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
