@@ -277,7 +277,7 @@ def test_every_pre_tokenizer_matches_llama_cpp_on_random_text(tmp_path, gpt2_arr
     # names sharing a row of the table share the splitter: the first of them gets the most random examples
     first = next(name for name in sorted(PRE_TOKENIZERS) if PRE_TOKENIZERS[name] is PRE_TOKENIZERS[pre])
 
-    @settings(max_examples=40 if pre == first else 10, deadline=None, database=None)
+    @settings(max_examples=20 if pre == first else 5, deadline=None, database=None)
     @given(_random_text.map(strip))
     def same(text: str) -> None:
         assert ours.encode(text) == llama_cpp_encode(llm, text)
