@@ -2,7 +2,7 @@
 
 Sources: a registered name (`camelid list`, default "smollm2-135m-instruct"), a Hugging Face Hub id
 (org/name), a Hugging Face directory (config.json + safetensors), a .gguf file, or a Meta directory
-(params.json + consolidated.*.pth).
+(params.json + consolidated.*.pth), or a vision model's folder (vision.json: camelid/vision/).
 """
 
 from __future__ import annotations
@@ -55,9 +55,13 @@ class LLM:
     def stream(self, prompt: str | list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                seed: int | None = None, stop: Iterable[str] = (), add_bos: bool | None = None,
-               stats: dict[str, float] | None = None) -> Iterator[str]:
+               stats: dict[str, float] | None = None, image: Any = None) -> Iterator[str]:
         """Yield the completion as text pieces while it decodes. Generation ends at the model's end-of-turn
-        or end-of-text token (not included) or at the first `stop` string (not included)."""
+        or end-of-text token (not included) or at the first `stop` string (not included). `image` needs a
+        vision model (camelid.vision.llm.VisionLLM)."""
+        if image is not None:
+            raise CamelidError(f"{self.source or 'this model'} is a text-only model and cannot look at an image; "
+                               "give a vision model trained with `camelid vision train` (its output folder)")
         tok = self._need_tokenizer()
         ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, add_bos)
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -153,6 +157,10 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
     `camelid quantize` loads quantised directly, without an fp32 copy.
     """
     path = resolve(source)
+    if path.is_dir() and (path / "vision.json").is_file():  # `camelid vision train`: a ViT + a text model
+        from camelid.vision.checkpoint import load_vision
+
+        return load_vision(path, dtype=dtype, device=device, tokenizer=tokenizer, quantize=quantize)
     if path.is_file() and path.suffix == ".safetensors":
         from camelid.quantize import load_quantized
 

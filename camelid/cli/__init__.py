@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "camelid.cli.classify",
     "camelid.cli.compare",
     "camelid.cli.quantize",
+    "camelid.cli.vision",
 ]
 
 

@@ -17,6 +17,7 @@ from camelid.errors import CamelidError
 from camelid.hub import DEFAULT_MODEL
 
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="model name (camelid list), HF dir, .gguf or Meta dir")
+ImageOpt = typer.Option(None, "--image", "-i", help="a picture for a vision model to look at (PNG, JPEG, ...)")
 QuantizeOpt = typer.Option(
     "fp32", "--quantize",
     help="fp32: the same weights, fused, with camelid's C++ decode step (fastest exact path); int8 / int4: "
@@ -38,6 +39,18 @@ def _load(model: str, quiet: bool, quantize: str) -> Any:
         print(f"camelid: loaded {llm.config.name} ({n / 1e6:.1f}M parameters) from {llm.source} "
               f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return llm
+
+
+def _picture(llm: Any, image: str | None) -> dict[str, Any]:
+    """{"image": the picture, read once} for a vision model; one-line errors before any generation."""
+    if image is None:
+        return {}
+    if not hasattr(llm.model, "vision_config"):
+        raise CamelidError(f"{llm.source}: a text-only model cannot look at an image; give a vision model trained "
+                           "with `camelid vision train` (-m its output folder)")
+    from camelid.vision.image import open_image
+
+    return {"image": open_image(image, llm.model.vision_config.vit.image_size)}
 
 
 def _report(stats: dict[str, float]) -> None:
@@ -67,6 +80,7 @@ def generate(
     system: str | None = typer.Option(None, "--system", help="system prompt (with --chat)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="nothing on stderr"),
     quantize: str = QuantizeOpt,
+    image: str | None = ImageOpt,
 ) -> None:
     """Complete PROMPT and print the completion alone on stdout."""
     if prompt == "-":
@@ -74,7 +88,7 @@ def generate(
     llm = _load(model, quiet, quantize)
     stats: dict[str, float] = {}
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                repetition_penalty=repetition_penalty, seed=seed, stop=stop, stats=stats)
+                repetition_penalty=repetition_penalty, seed=seed, stop=stop, stats=stats, **_picture(llm, image))
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         pieces = llm.chat_stream(messages, **opts)
@@ -115,11 +129,13 @@ def chat(
     repetition_penalty: float = typer.Option(1.0, min=0.0),
     seed: int | None = typer.Option(None),
     quantize: str = QuantizeOpt,
+    image: str | None = ImageOpt,
 ) -> None:
     """Talk with a model: replies stream as they are generated; the conversation is kept as history."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
     llm = _load(model, quiet=False, quantize=quantize)
+    picture = _picture(llm, image)  # the same picture for the whole conversation
     print(CHAT_HELP, file=sys.stderr)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     turn = 0
@@ -163,7 +179,7 @@ def chat(
         try:
             for piece in llm.chat_stream(messages, max_new_tokens=max_new_tokens, temperature=temperature,
                                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                                         seed=None if seed is None else seed + turn):
+                                         seed=None if seed is None else seed + turn, **picture):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

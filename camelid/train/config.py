@@ -27,7 +27,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-OBJECTIVES = ("clm", "mlm+nsp")  # next-token prediction (LLaMA); masked-LM + next-sentence prediction (BERT)
+# next-token prediction (LLaMA); masked-LM + next-sentence prediction (BERT); questions about pictures
+# (a frozen LLaMA joined to an image encoder: camelid/vision/objective.py)
+OBJECTIVES = ("clm", "mlm+nsp", "vision")
 
 
 @dataclass

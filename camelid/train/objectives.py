@@ -276,14 +276,22 @@ class _Constant(nn.Module):
 
 
 KINDS: dict[str, type[CausalLM] | type[MaskedLM]] = {"clm": CausalLM, "mlm+nsp": MaskedLM}
-assert set(KINDS) == set(OBJECTIVES)
+assert set(KINDS) | {"vision"} == set(OBJECTIVES)
 
 
-def get_objective(cfg: TrainConfig, device: torch.device) -> CausalLM | MaskedLM:
-    return KINDS[cfg.objective](cfg, device)
+def _kind(name: str) -> type:
+    if name == "vision":  # imported here: camelid.vision imports this module
+        from camelid.vision.objective import VisionQA
+
+        return VisionQA
+    return KINDS[name]
+
+
+def get_objective(cfg: TrainConfig, device: torch.device) -> Any:
+    return _kind(cfg.objective)(cfg, device)
 
 
 def describe(cfg: TrainConfig, metrics: dict[str, float]) -> str:
     """The validation metrics in words (nan where there was no evaluation)."""
-    kind = KINDS[cfg.objective]
+    kind = _kind(cfg.objective)
     return kind.describe({k: metrics.get(k, float("nan")) for k in kind.log_fields})

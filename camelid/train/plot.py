@@ -1,5 +1,5 @@
 """The loss-curve PNG: training loss and validation loss, and validation bits per byte with references
-(MLM accuracy for a BERT run)."""
+(MLM accuracy for a BERT run, exact match for a vision run)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def plot_log(log_csv: str | Path, png: str | Path, references: dict[str, float] 
     steps = [int(r["step"]) for r in rows]
     loss = [float(r["loss"]) for r in rows]
     evals = [r for r in rows if r.get("val_loss")]
-    key, label = ("val_bpb", "bits per byte") if "val_bpb" in (rows[0] if rows else {}) else \
-        ("val_mlm_acc", "MLM accuracy")
+    metrics = {"val_bpb": "bits per byte", "val_mlm_acc": "MLM accuracy", "val_acc": "held-out exact match"}
+    key = next((k for k in metrics if k in (rows[0] if rows else {})), "val_bpb")
+    label = metrics[key]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot(steps, loss, lw=0.8, alpha=0.7, label="train")
     if evals:

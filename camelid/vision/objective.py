@@ -1,0 +1,197 @@
+"""objective "vision" for the training loop (`camelid vision train`): answer questions about generated scenes.
+
+The text model is frozen; the image encoder and the cross-attention layers (or the projector) learn to answer
+"What colour is the circle?" and five other kinds of question about scenes from camelid/vision/data.py. The loss
+is the cross-entropy of the answer's tokens (and the end token) given the picture and the question.
+
+Evaluation scores the held-out questions (unseen colour-shape combinations) and fresh questions on seen
+combinations by exact match: an answer counts when the model's top token is the right one at every position of
+the answer and at the end token, which is exactly when greedy decoding writes the answer and stops.
+val_text_loss is the answer loss with no image: the text model's own, which training must not move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camelid.errors import CamelidError
+from camelid.train.config import TrainConfig
+from camelid.vision.data import KINDS, Question, Scene, heldout_set, seen_set, training_example
+from camelid.vision.image import to_pixels
+from camelid.vision.model import IGNORE, VisionConfig, VisionLlama
+from camelid.vision.prompt import answer_ids, end_id, question_ids
+
+HELDOUT_QUESTIONS = 600  # 100 of each kind, every one about an unseen colour-shape pair
+SEEN_QUESTIONS = 300
+EVAL_BATCH = 50
+DATA = "scenes"  # the only data this objective knows: generated on the fly
+
+
+class VisionQA:
+    log_fields = ["val_loss", "val_acc", "val_seen_acc", "val_text_loss", *(f"val_acc_{k}" for k in KINDS)]
+    references: dict[str, float] = {}
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        from camelid.llm import load
+
+        if cfg.data != DATA:
+            raise CamelidError(f"objective vision trains on generated scenes: set data: {DATA} (got {cfg.data!r})")
+        if not isinstance(cfg.model, dict) or "preset" in cfg.model:
+            raise CamelidError("objective vision: model must be a mapping of vision settings (base, fusion, vit, "
+                               "every, layers, cross_hidden, projector_hidden, pixel_shuffle), not a text preset")
+        self.cfg, self.device = cfg, device
+        config = VisionConfig.from_dict(cfg.model)
+        if Path(config.base).exists():  # a folder or file: recorded absolute, so the checkpoint finds it later
+            config.base = str(Path(config.base).resolve())
+        self.vision_config = config
+        # the frozen text model in the autocast dtype (nothing to update, so no fp32 master copy is needed); the
+        # trained parts stay float32 (build_model)
+        low = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+        self.base = load(config.base, device=device, dtype=low)
+        if self.base.tokenizer is None:
+            raise CamelidError(f"{config.base}: no tokenizer beside the text model; questions need one")
+        self.tokenizer = self.base.tokenizer
+        end_id(self.tokenizer)
+        self.heldout = heldout_set(HELDOUT_QUESTIONS)
+        self.seen = seen_set(SEEN_QUESTIONS)
+        self._batches: dict[tuple[str, int], list[dict[str, Tensor]]] = {}
+
+    def build_model(self) -> nn.Module:
+        return VisionLlama(self.base.model, self.vision_config, dtype=torch.float32)
+
+    @staticmethod
+    def blocks(model: nn.Module) -> nn.ModuleList:
+        return model.vision.layers
+
+    def flops_per_token(self) -> float:
+        """An estimate per token of block_size (the loop's unit): the frozen text model's forward, its backward
+        for activations from the first place the image enters, the trained parts' 6 per weight, the image
+        encoder's work spread over the tokens."""
+        c, v, T = self.base.config, self.vision_config, self.cfg.block_size
+        text = c.num_params(exclude_embeddings=True)
+        first = 0 if v.fusion == "projector" else v.cross_layers(c.n_layers)[0]
+        backward = text * (c.n_layers - first) / c.n_layers
+        vit = v.vit.n_layers * 12 * v.vit.dim ** 2 * v.vit.n_patches
+        return 2.0 * text + 2.0 * backward + 6.0 * vit / T
+
+    # -- batches --------------------------------------------------------------------------------------
+    def collate(self, examples: list[tuple[Scene, Question]]) -> dict[str, Tensor]:
+        """Pixels [B, 3, size, size], input ids [B, T] (image placeholders, question, answer; padded with the end
+        token) and targets [B, T] (the answer's tokens and the end token where they are predicted, else IGNORE)."""
+        tok, v = self.tokenizer, self.vision_config
+        rows, targets = [], []
+        for _, q in examples:
+            prompt = [0] * v.image_tokens + question_ids(tok, q.question)
+            answer = answer_ids(tok, q.answer)
+            rows.append((prompt + answer)[:-1])
+            targets.append([IGNORE] * (len(prompt) - 1) + answer)
+        T = max(len(r) for r in rows)
+        if T > self.cfg.block_size:
+            raise CamelidError(f"a question and its answer take {T} tokens, more than block_size "
+                               f"{self.cfg.block_size}; raise block_size")
+        pad = end_id(tok)
+        ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+        tgt = torch.tensor([t + [IGNORE] * (T - len(t)) for t in targets])
+        pixels = torch.cat([to_pixels(scene.render(v.vit.image_size)) for scene, _ in examples])
+        return {"input_ids": ids.to(self.device), "targets": tgt.to(self.device), "pixels": pixels.to(self.device)}
+
+    def batch(self, step: int, index: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng([self.cfg.seed, step, index])
+        return self.collate([training_example(rng) for _ in range(self.cfg.batch_size)])
+
+    @staticmethod
+    def loss(forward: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return forward(batch["input_ids"], images=batch["pixels"], targets=batch["targets"])
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def _eval_batches(self, name: str, n: int) -> list[dict[str, Tensor]]:
+        if (name, n) not in self._batches:
+            examples = (self.heldout if name == "heldout" else self.seen)[:n]
+            self._batches[(name, n)] = [self.collate(examples[i:i + EVAL_BATCH])
+                                        for i in range(0, len(examples), EVAL_BATCH)]
+        return self._batches[(name, n)]
+
+    @torch.no_grad()
+    def score(self, model: VisionLlama, batches: list[dict[str, Tensor]], image: bool = True) -> tuple[float, Tensor]:
+        """(mean answer-token loss, per-question exact match [n] as bools)."""
+        from camelid.train.objectives import autocast
+
+        nll, count, correct = 0.0, 0, []
+        for b in batches:
+            with autocast(self.cfg, self.device):
+                h = model.hidden_states(b["input_ids"], images=b["pixels"] if image else None)
+            scored = b["targets"] != IGNORE
+            logits = model.text.output(h[scored]).float()
+            target = b["targets"][scored]
+            nll += float(F.cross_entropy(logits, target, reduction="sum"))
+            count += target.numel()
+            wrong = torch.zeros(len(scored), dtype=torch.long, device=target.device)
+            rows = scored.nonzero()[:, 0]
+            wrong.index_add_(0, rows, (logits.argmax(-1) != target).long())
+            correct.append(wrong == 0)
+        return nll / max(1, count), torch.cat(correct).cpu()
+
+    def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
+        """Held-out questions (the first eval_tokens / block_size of them unless `full` or eval_tokens is 0)."""
+        cfg = self.cfg
+        n = HELDOUT_QUESTIONS if full or not cfg.eval_tokens else max(1, min(HELDOUT_QUESTIONS,
+                                                                             cfg.eval_tokens // cfg.block_size))
+        was_training = model.training
+        model.eval()
+        held = self._eval_batches("heldout", n)
+        loss, correct = self.score(model, held)
+        _, seen_correct = self.score(model, self._eval_batches("seen", max(1, n * SEEN_QUESTIONS // HELDOUT_QUESTIONS)))
+        text_loss, _ = self.score(model, held, image=False)
+        model.train(was_training)
+        metrics = {"val_loss": loss, "val_acc": float(correct.float().mean()),
+                   "val_seen_acc": float(seen_correct.float().mean()), "val_text_loss": text_loss}
+        kinds = [q.kind for _, q in self.heldout[:n]]
+        for kind in KINDS:
+            picked = [c for c, k in zip(correct.tolist(), kinds, strict=True) if k == kind]
+            metrics[f"val_acc_{kind}"] = sum(picked) / len(picked) if picked else float("nan")
+        return metrics
+
+    @staticmethod
+    def describe(metrics: dict[str, float]) -> str:
+        kinds = ", ".join(f"{k} {metrics.get(f'val_acc_{k}', float('nan')):.2f}" for k in KINDS)
+        return (f"held-out loss {metrics['val_loss']:.4f}, exact match {metrics['val_acc']:.3f} on unseen "
+                f"combinations ({kinds}), {metrics['val_seen_acc']:.3f} on seen ones; "
+                f"text-only loss {metrics['val_text_loss']:.4f}")
+
+    def intro(self) -> str:
+        v, c = self.vision_config, self.base.config
+        where = (f"cross-attention after text blocks {v.cross_layers(c.n_layers)}" if v.fusion == "cross-attention"
+                 else f"a projector: {v.image_tokens} image tokens in the text sequence")
+        return (f"{v.fusion}: a {v.vit.n_layers}-layer ViT ({v.vit.image_size}px, {v.vit.n_patches} patches) "
+                f"joined to the frozen {c.name} by {where}; held-out: {HELDOUT_QUESTIONS} questions on unseen "
+                "colour-shape pairs")
+
+    def sampler(self) -> Callable[[nn.Module, int], str]:
+        """A few held-out questions answered by greedy decoding, for the log and out/samples.txt."""
+        from camelid.generate import generate
+
+        examples = [self.heldout[i] for i in (0, 1, 3, 5)]  # colour, shape, position, caption
+
+        def sample(model: nn.Module, step: int) -> str:
+            lines = []
+            for scene, q in examples:
+                with model.image(to_pixels(scene.render(self.vision_config.vit.image_size))):
+                    ids = model.with_image_tokens(question_ids(self.tokenizer, q.question))
+                    out = generate(model, ids, 24, stop_ids=self.tokenizer.stop_ids)
+                answer = self.tokenizer.decode([i for i in out if i not in self.tokenizer.stop_ids]).strip()
+                lines.append(f"{q.question} -> {answer!r} (truth: {q.answer!r})")
+            return "\n".join(lines)
+
+        return sample
+
+    def export(self, raw: nn.Module, state: dict[str, Tensor], out: Path) -> None:
+        """The trained parts and the name of the text model (camelid/vision/checkpoint.py): camelid.load(out)."""
+        from camelid.vision.checkpoint import save_vision
+
+        save_vision(raw, out)
