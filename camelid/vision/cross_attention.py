@@ -54,10 +54,13 @@ class CrossAttention(nn.Module):
 class GatedCrossAttention(nn.Module):
     """x + tanh(g_attn) * cross_attn(norm(x)), then h + tanh(g_ffn) * ffn(norm(h)); both gates start at 0.
 
-    With the gates at 0 the output is x bit for bit: tanh(0) = 0, 0 * (anything finite) = 0, and x + 0 = x."""
+    With the gates at 0 the output is x bit for bit: tanh(0) = 0, 0 * (anything finite) = 0, and x + 0 = x.
+    `gate_scale` s reads each gate as s * (its parameter): Adam moves a parameter by about lr per step whatever its
+    gradient's size, so s > 1 lets the gates open in hundreds of steps rather than many thousands."""
 
-    def __init__(self, config: LlamaConfig, context_dim: int, hidden: int) -> None:
+    def __init__(self, config: LlamaConfig, context_dim: int, hidden: int, gate_scale: float = 1.0) -> None:
         super().__init__()
+        self.gate_scale = gate_scale
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = CrossAttention(config, context_dim)
         self.attention_gate = nn.Parameter(torch.zeros(1))
@@ -77,9 +80,9 @@ class GatedCrossAttention(nn.Module):
         if self.image_kv is None:
             raise RuntimeError("no image is set on this cross-attention layer; call set_image first")
         k, v = self.image_kv
-        h = x + self.attention_gate.tanh() * self.attention(self.attention_norm(x), k, v)
+        h = x + (self.gate_scale * self.attention_gate).tanh() * self.attention(self.attention_norm(x), k, v)
         # in the text model's dtype: fp32 layers on a bf16 text model hand it bf16, as its own blocks do
-        return (h + self.ffn_gate.tanh() * self.feed_forward(self.ffn_norm(h))).to(x.dtype)
+        return (h + (self.gate_scale * self.ffn_gate).tanh() * self.feed_forward(self.ffn_norm(h))).to(x.dtype)
 
 
 class BlockThenCrossAttention(nn.Module):

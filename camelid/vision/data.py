@@ -12,14 +12,16 @@ held-out set from its own fixed seed, so every run is scored on the same questio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 45, 40), "green": (40, 175, 65), "blue": (50, 95, 235),
-    "yellow": (235, 215, 45), "purple": (155, 65, 205), "orange": (245, 140, 30),
+    "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (235, 215, 45), "green": (40, 175, 65),
+    "cyan": (40, 200, 210), "blue": (50, 90, 235), "purple": (150, 60, 210), "pink": (240, 125, 190),
+    "brown": (135, 80, 35), "white": (235, 235, 235),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = ("small", "large")
@@ -39,8 +41,11 @@ class Shape:
     shape: str
     size: str
     cell: int  # 0..8, row by row
-    dx: float  # offset from the cell's centre, in cell widths
-    dy: float
+    dx: float = 0.0  # offset from the cell's centre, in cell widths
+    dy: float = 0.0
+    scale: float = 1.0  # of the size's radius
+    angle: float = 0.0  # degrees
+    tint: tuple[int, int, int] = (0, 0, 0)  # added to the colour
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,9 @@ class Scene:
         for s in self.shapes:
             cx = (s.cell % 3 + 0.5 + s.dx) * cell
             cy = (s.cell // 3 + 0.5 + s.dy) * cell
-            r = cell * (0.42 if s.size == "large" else 0.24)
-            _draw(draw, s.shape, cx, cy, r, COLOURS[s.colour])
+            r = cell * (0.42 if s.size == "large" else 0.24) * s.scale
+            fill = tuple(min(255, max(0, c + t)) for c, t in zip(COLOURS[s.colour], s.tint, strict=True))
+            _draw(draw, s.shape, cx, cy, r, s.angle, fill)
         return image.resize((size, size), Image.Resampling.LANCZOS)
 
     def caption(self) -> str:
@@ -69,20 +75,22 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
+OUTLINES = {  # corners around (0, 0) for a radius of 1
+    "square": [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)],
+    "triangle": [(0, -1), (1, 0.8), (-1, 0.8)],
+    "cross": [(-1, -0.36), (-0.36, -0.36), (-0.36, -1), (0.36, -1), (0.36, -0.36), (1, -0.36), (1, 0.36),
+              (0.36, 0.36), (0.36, 1), (-0.36, 1), (-0.36, 0.36), (-1, 0.36)],
+}
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float,
+          fill: tuple[int, ...]) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        h = r * 0.85
-        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
-    elif shape == "cross":
-        t = r * 0.36
-        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
-        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
+        return
+    a = math.radians(angle)
+    cos, sin = math.cos(a), math.sin(a)
+    draw.polygon([(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in OUTLINES[shape]], fill=fill)
 
 
 @dataclass(frozen=True)
@@ -127,9 +135,10 @@ def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:
         colours.remove(c)
         shapes.remove(s)
     cells = rng.choice(len(CELLS), size=n, replace=False)
-    return Scene(tuple(
-        Shape(c, s, SIZES[int(rng.integers(2))], int(cell), float(rng.uniform(-0.06, 0.06)),
-              float(rng.uniform(-0.06, 0.06)))
+    return Scene(tuple(  # each drawn a little differently: position, size, angle and colour vary
+        Shape(c, s, SIZES[int(rng.integers(2))], int(cell), dx=float(rng.uniform(-0.08, 0.08)),
+              dy=float(rng.uniform(-0.08, 0.08)), scale=float(rng.uniform(0.85, 1.1)),
+              angle=float(rng.uniform(-20, 20)), tint=tuple(int(t) for t in rng.integers(-15, 16, size=3)))
         for (c, s), cell in zip(pairs, cells, strict=True)
     ))
 

@@ -45,8 +45,9 @@ class VisionConfig:
     every: int = 5  # cross-attention: a layer after every `every`-th text block (blocks every-1, 2*every-1, ...)
     layers: list[int] | None = None  # ... or after exactly these blocks (0-based)
     cross_hidden: int = 0  # SwiGLU width of each cross-attention layer (0: the text model's intermediate_size)
+    gate_scale: float = 1.0  # each gate is tanh(gate_scale * parameter): > 1 opens the gates in fewer steps
     projector_hidden: int = 0  # projector: width of its MLP (0: the text model's dim)
-    pixel_shuffle: int = 2  # projector: s x s patches per image token
+    pixel_shuffle: int = 1  # projector: s x s neighbouring patches per image token
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> VisionConfig:
@@ -114,7 +115,8 @@ class VisionLlama(nn.Module):
         if config.fusion == "cross-attention":
             self.layer_ids = config.cross_layers(tc.n_layers)
             hidden = config.cross_hidden or tc.intermediate_size
-            self.cross.extend(GatedCrossAttention(tc, config.vit.dim, hidden) for _ in self.layer_ids)
+            self.cross.extend(GatedCrossAttention(tc, config.vit.dim, hidden, config.gate_scale)
+                              for _ in self.layer_ids)
             for i, cross in zip(self.layer_ids, self.cross, strict=True):
                 text.layers[i] = BlockThenCrossAttention(text.layers[i], cross)
         else:

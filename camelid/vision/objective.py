@@ -22,10 +22,58 @@ from torch import Tensor, nn
 
 from camelid.errors import CamelidError
 from camelid.train.config import TrainConfig
-from camelid.vision.data import KINDS, Question, Scene, heldout_set, seen_set, training_example
+from camelid.vision.data import (CELLS, COLOURS, KINDS, SHAPES, SIZES, Question, Scene, heldout_set, seen_set,
+                                 training_example)
 from camelid.vision.image import to_pixels
 from camelid.vision.model import IGNORE, VisionConfig, VisionLlama
 from camelid.vision.prompt import answer_ids, end_id, question_ids
+
+class SceneTrainer(nn.Module):
+    """What the loop trains: the vision model, plus a linear head that names what is in each cell of the scene
+    (colour, shape, size, or nothing) from the image features pooled to the 3x3 grid.
+
+    The head is a training aid, not part of the model (export writes `model` alone): a direct, dense signal that
+    teaches the image encoder to see in a few hundred steps, where the answers alone reach it only through the
+    frozen text model and the gates. Llama 3.2 Vision starts instead from an encoder pretrained on image-text
+    pairs; this one starts from nothing. Scene labels come from training scenes only (no held-out pair), and half
+    of the pictures the head sees are in shades of grey, their colours not asked: shape must then be seen apart
+    from colour, which is what a never-seen colour-shape pair needs."""
+
+    def __init__(self, model: VisionLlama, weight: float) -> None:
+        super().__init__()
+        self.model = model
+        self.weight = weight
+        self.scene_head = nn.Linear(model.vision_config.vit.dim, len(COLOURS) + len(SHAPES) + len(SIZES) + 3)
+
+    @property
+    def config(self):  # noqa: ANN201 - the text model's LlamaConfig (the loop titles its plot with the name)
+        return self.model.config
+
+    def tie_weights(self) -> None:
+        pass
+
+    def forward(self, input_ids: Tensor, pixels: Tensor, targets: Tensor, scene_pixels: Tensor,
+                cells: Tensor) -> Tensor:
+        loss = self.model(input_ids, images=pixels, targets=targets)
+        if not self.weight:
+            return loss
+        v = self.model.vision_config.vit
+        features = self.model.vision(scene_pixels)  # [B, grid*grid, dim] (the encoder costs little)
+        grid = features.view(-1, v.grid, v.grid, v.dim).permute(0, 3, 1, 2)
+        cell = F.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # [B, 9, dim]
+        logits = self.scene_head(cell)
+        parts = logits.split([len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1], dim=-1)
+        scene = sum(F.cross_entropy(p.flatten(0, 1), cells[..., i].flatten()) for i, p in enumerate(parts))
+        return loss + self.weight * scene / 3
+
+
+def cell_labels(scene: Scene) -> list[list[int]]:
+    """Per cell (reading order): colour, shape and size indices, each with 'nothing here' as the last class."""
+    labels = [[len(COLOURS), len(SHAPES), len(SIZES)] for _ in CELLS]
+    for s in scene.shapes:
+        labels[s.cell] = [list(COLOURS).index(s.colour), SHAPES.index(s.shape), SIZES.index(s.size)]
+    return labels
+
 
 HELDOUT_QUESTIONS = 600  # 100 of each kind, every one about an unseen colour-shape pair
 SEEN_QUESTIONS = 300
@@ -46,7 +94,9 @@ class VisionQA:
             raise CamelidError("objective vision: model must be a mapping of vision settings (base, fusion, vit, "
                                "every, layers, cross_hidden, projector_hidden, pixel_shuffle), not a text preset")
         self.cfg, self.device = cfg, device
-        config = VisionConfig.from_dict(cfg.model)
+        spec = dict(cfg.model)
+        self.scene_loss = float(spec.pop("scene_loss", 1.0))  # weight of SceneTrainer's cell labels (0: off)
+        config = VisionConfig.from_dict(spec)
         if Path(config.base).exists():  # a folder or file: recorded absolute, so the checkpoint finds it later
             config.base = str(Path(config.base).resolve())
         self.vision_config = config
@@ -63,11 +113,12 @@ class VisionQA:
         self._batches: dict[tuple[str, int], list[dict[str, Tensor]]] = {}
 
     def build_model(self) -> nn.Module:
-        return VisionLlama(self.base.model, self.vision_config, dtype=torch.float32)
+        model = VisionLlama(self.base.model, self.vision_config, dtype=torch.float32)
+        return SceneTrainer(model, self.scene_loss).to(self.device)
 
     @staticmethod
     def blocks(model: nn.Module) -> nn.ModuleList:
-        return model.vision.layers
+        return model.model.vision.layers
 
     def flops_per_token(self) -> float:
         """An estimate per token of block_size (the loop's unit): the frozen text model's forward, its backward
@@ -99,7 +150,12 @@ class VisionQA:
         ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
         tgt = torch.tensor([t + [IGNORE] * (T - len(t)) for t in targets])
         pixels = torch.cat([to_pixels(scene.render(v.vit.image_size)) for scene, _ in examples])
-        return {"input_ids": ids.to(self.device), "targets": tgt.to(self.device), "pixels": pixels.to(self.device)}
+        cells = torch.tensor([cell_labels(scene) for scene, _ in examples])
+        grey = torch.tensor([i % 2 == 1 for i in range(len(examples))])  # the examples are in random order
+        scene_pixels = torch.where(grey[:, None, None, None], pixels.mean(1, keepdim=True), pixels)
+        cells[grey, :, 0] = IGNORE
+        return {"input_ids": ids.to(self.device), "targets": tgt.to(self.device), "pixels": pixels.to(self.device),
+                "scene_pixels": scene_pixels.to(self.device), "cells": cells.to(self.device)}
 
     def batch(self, step: int, index: int) -> dict[str, Tensor]:
         rng = np.random.default_rng([self.cfg.seed, step, index])
@@ -107,7 +163,7 @@ class VisionQA:
 
     @staticmethod
     def loss(forward: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        return forward(batch["input_ids"], images=batch["pixels"], targets=batch["targets"])
+        return forward(batch["input_ids"], batch["pixels"], batch["targets"], batch["scene_pixels"], batch["cells"])
 
     # -- evaluation -----------------------------------------------------------------------------------
     def _eval_batches(self, name: str, n: int) -> list[dict[str, Tensor]]:
@@ -142,6 +198,7 @@ class VisionQA:
         cfg = self.cfg
         n = HELDOUT_QUESTIONS if full or not cfg.eval_tokens else max(1, min(HELDOUT_QUESTIONS,
                                                                              cfg.eval_tokens // cfg.block_size))
+        model = model.model  # the vision model, without SceneTrainer's head
         was_training = model.training
         model.eval()
         held = self._eval_batches("heldout", n)
@@ -178,8 +235,8 @@ class VisionQA:
 
         examples = [self.heldout[i] for i in (0, 1, 3, 5)]  # colour, shape, position, caption
 
-        def sample(model: nn.Module, step: int) -> str:
-            lines = []
+        def sample(trainer: nn.Module, step: int) -> str:
+            model, lines = trainer.model, []
             for scene, q in examples:
                 with model.image(to_pixels(scene.render(self.vision_config.vit.image_size))):
                     ids = model.with_image_tokens(question_ids(self.tokenizer, q.question))
@@ -194,4 +251,4 @@ class VisionQA:
         """The trained parts and the name of the text model (camelid/vision/checkpoint.py): camelid.load(out)."""
         from camelid.vision.checkpoint import save_vision
 
-        save_vision(raw, out)
+        save_vision(raw.model, out)

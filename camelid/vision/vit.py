@@ -7,6 +7,7 @@ LayerNorm -> one feature vector per patch [B, patches, dim]. No class token: the
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,7 +20,7 @@ from camelid.errors import CamelidError
 @dataclass
 class ViTConfig:
     image_size: int = 48  # square images, in pixels
-    patch_size: int = 8
+    patch_size: int = 16
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -30,6 +31,8 @@ class ViTConfig:
         if self.image_size % self.patch_size:
             raise CamelidError(f"vit: image_size {self.image_size} is not a multiple of patch_size "
                                f"{self.patch_size}; pick sizes that tile the image")
+        if self.dim % 4:
+            raise CamelidError(f"vit: dim {self.dim} must be a multiple of 4 (the 2-D sin/cos positions)")
         if self.dim % self.n_heads:
             raise CamelidError(f"vit: dim {self.dim} is not divisible by n_heads {self.n_heads}")
 
@@ -46,13 +49,25 @@ class ViTConfig:
         return asdict(self)
 
 
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """[grid*grid, dim]: half the channels sin/cos of the row, half of the column, at frequencies from pi/2 to
+    grid*pi/2 per patch (so that even a 3x3 grid's positions differ: no two share more than ~60% of their norm)."""
+    n = dim // 4
+    freqs = (math.pi / 2) * float(grid) ** (torch.arange(n, dtype=torch.float64) / max(1, n - 1))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = [f(pos.flatten()[:, None].double() * freqs) for pos in (rows, cols) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1).float()
+
+
 class PatchEmbedding(nn.Module):
     """Each patch_size x patch_size patch -> one dim-vector, plus its position's learned embedding."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.proj = nn.Conv2d(3, config.dim, kernel_size=config.patch_size, stride=config.patch_size)
-        self.position = nn.Parameter(torch.randn(1, config.n_patches, config.dim) * 0.02)
+        # learned, but started from 2-D sin/cos (as MAE fixes them) rather than ViT's N(0, 0.02): at the scale of
+        # the patch features, so attention can tell the patches apart from the first step of a short training
+        self.position = nn.Parameter(sincos_2d(config.grid, config.dim)[None])
 
     def forward(self, pixels: Tensor) -> Tensor:
         x = self.proj(pixels)  # [B, dim, grid, grid]

@@ -100,8 +100,8 @@ def test_image_keys_and_values_are_computed_once_per_image() -> None:
 
 
 def test_projector_puts_image_tokens_in_the_sequence() -> None:
-    model = tiny_vision("projector")
-    assert model.image_tokens == (16 // 4 // 2) ** 2
+    model = tiny_vision("projector", pixel_shuffle=2)
+    assert model.image_tokens == (16 // 4 // 2) ** 2 == model.vision_config.image_tokens
     ids = torch.randint(0, 320, (1, 10))
     with torch.no_grad():
         expected = tiny_text()(ids)

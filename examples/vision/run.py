@@ -1,0 +1,212 @@
+"""Cross-attention (Llama 3.2 Vision) against a token projector (LLaVA / nanoVLM) on a frozen SmolLM2-135M, at equal
+trainable parameters and equal CPU time; writes the table and the plot of docs/multimodal.md.
+
+    python examples/vision/run.py --minutes 30              # both designs, 30 minutes of training each
+    python examples/vision/run.py --minutes 30 --only cross-attention
+
+Each design is trained with `camelid vision train` (its YAML beside this script). The projector's MLP width is
+chosen so that it trains as many parameters as the cross-attention layers; the number of steps of each is the
+time budget divided by its step time, measured on this machine just before. Then each trained model is scored
+the way a user runs it: greedy `llm.generate(question, image=picture)` on the 600 held-out questions about
+unseen colour-shape pairs (and 300 on seen ones), decode speed with a picture, and the text model's loss on
+held-out Austen (benchmarks/heldout.txt) without a picture, which must not move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+DESIGNS = ("cross-attention", "projector")
+
+
+def camelid(*args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-m", "camelid", *args], check=True, env=env)
+
+
+def settings(design: str, out: Path, extra: dict[str, object]) -> list[str]:
+    sets = {"out": str(out / design), **extra}
+    return [HERE / f"{design.replace('-', '_')}.yaml", *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
+
+
+def build(design: str, overrides: dict[str, object]):  # noqa: ANN201 - (objective, model)
+    from camelid.train import load_config
+    from camelid.train.config import read_config_file
+    from camelid.vision.objective import VisionQA
+
+    path = HERE / f"{design.replace('-', '_')}.yaml"
+    cfg = load_config(path, [f"{k}={v}" for k, v in overrides.items()])
+    assert read_config_file(path)["objective"] == "vision"
+    objective = VisionQA(cfg, torch.device("cpu"))
+    torch.manual_seed(cfg.seed)
+    return objective, objective.build_model()
+
+
+def matching_projector_hidden(target: int) -> int:
+    """The projector MLP width that gives the projector design `target` trainable parameters."""
+    from camelid.train.config import read_config_file
+    from camelid.vision.model import VisionConfig
+    from camelid.vision.vit import ViT
+
+    v = VisionConfig.from_dict(read_config_file(HERE / "projector.yaml")["model"])
+    vit = sum(p.numel() for p in ViT(v.vit).parameters())
+    fan_in, dim = v.pixel_shuffle ** 2 * v.vit.dim, 576
+    return round((target - vit - dim) / (fan_in + 1 + dim))
+
+
+def step_seconds(design: str, overrides: dict[str, object], steps: int = 6) -> float:
+    """CPU seconds per optimizer step (batch, forward, backward, AdamW; one thread), the median of `steps` after
+    one warm-up. CPU time, not wall time: on a shared machine the wall clock counts the others' work too."""
+    from camelid.train.objectives import autocast
+
+    objective, model = build(design, overrides)
+    torch.set_num_threads(objective.cfg.threads or torch.get_num_threads())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for step in range(steps + 1):
+        t0 = time.process_time()
+        with autocast(objective.cfg, torch.device("cpu")):
+            loss = objective.loss(model, objective.batch(step, 0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.process_time() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def austen_loss(model, tokenizer) -> float:  # noqa: ANN001
+    """Mean next-token loss (nats) of the model with no image on held-out Austen, 4 windows of 256 tokens."""
+    ids = tokenizer.encode((ROOT / "benchmarks" / "heldout.txt").read_text(encoding="utf-8"))
+    windows = torch.tensor([ids[i * 256:(i + 1) * 256 + 1] for i in range(4)])
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()))
+
+
+def cpu_name() -> str:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    return name + "".join(f" +{f}" for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+def evaluate(design: str, out: Path, train_info: dict[str, object]) -> dict[str, object]:
+    import camelid
+    from camelid.vision.data import heldout_set, seen_set
+    from camelid.vision.evaluate import answer_accuracy, decode_speed
+
+    llm = camelid.load(out / design / "hf", quantize=None)  # fp32 text model, as `camelid generate` loads it
+    base = camelid.load(llm.model.vision_config.base, quantize=None)
+    text_before, text_after = austen_loss(base.model, base.tokenizer), austen_loss(llm.model, llm.tokenizer)
+    held, seen = heldout_set(600), seen_set(300)
+    heldout = answer_accuracy(llm, held)
+    seen_result = answer_accuracy(llm, seen)
+    speed = decode_speed(llm, held[5][0])
+    return {"design": design, **train_info, "trainable_parameters": llm.model.trainable_parameters(),
+            "heldout_exact_match": heldout["exact_match"], "heldout_by_kind": heldout["by_kind"],
+            "seen_exact_match": seen_result["exact_match"], "mistakes": heldout["mistakes"][:10],
+            "image_tokens": llm.model.image_tokens, **speed,
+            "austen_loss_text_model": text_before, "austen_loss_vision_model_no_image": text_after}
+
+
+def plot(results: list[dict[str, object]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from camelid.train.plot import read_log
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        rows = read_log(HERE / "logs" / f"{r['design']}.csv")
+        minutes = [float(x["elapsed_s"]) / 60 for x in rows]
+        ax1.plot(minutes, [float(x["loss"]) for x in rows], lw=0.8, alpha=0.8, label=str(r["design"]))
+        evals = [x for x in rows if x.get("val_acc")]
+        ax2.plot([float(x["elapsed_s"]) / 60 for x in evals], [float(x["val_acc"]) for x in evals], "o-",
+                 label=f"{r['design']} ({r['image_tokens']} image tokens)")
+    ax2.axhline(0.9, ls="--", color="grey", lw=0.8)
+    ax1.set(xlabel="training minutes (wall clock)", ylabel="answer loss (nats / token)", title="training loss")
+    ax2.set(xlabel="training minutes (wall clock)", ylabel="exact match", ylim=(0, 1),
+            title="held-out questions on unseen colour-shape pairs")
+    ax1.legend()
+    ax2.legend(loc="lower right")
+    fig.suptitle("frozen SmolLM2-135M-Instruct + a 0.8M-parameter ViT, equal trainable parameters and time")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def table(results: list[dict[str, object]]) -> str:
+    lines = ["| design | trainable parameters | steps | training: CPU (wall clock) | held-out exact match (unseen pairs) "
+             "| seen pairs | context tokens per image | prefill | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['design']} | {r['trainable_parameters'] / 1e6:.2f}M | {r['steps']} | "
+                     f"{r['train_cpu_minutes']:.1f} min ({r['train_minutes']:.1f}) | {r['heldout_exact_match']:.3f} | {r['seen_exact_match']:.3f} | "
+                     f"{r['image_tokens']} | {1000 * r['prefill_s']:.0f} ms | {r['decode_tok_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=30.0, help="training CPU time per design (one thread)")
+    parser.add_argument("--only", choices=DESIGNS, action="append", help="train and score only this design")
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "vision")
+    parser.add_argument("--skip-training", action="store_true", help="score the models already in --out")
+    args = parser.parse_args()
+    designs = args.only or list(DESIGNS)
+    results_file = HERE / "results.json"
+    known = {r["design"]: r for r in json.loads(results_file.read_text())} if results_file.is_file() else {}
+
+    _, cross = build("cross-attention", {})
+    target = cross.trainable_parameters()
+    del cross
+    overrides = {"cross-attention": {}, "projector": {"model.projector_hidden": matching_projector_hidden(target)}}
+    for design in designs:
+        info_file = args.out / design / "run.json"
+        if not args.skip_training:
+            seconds = step_seconds(design, overrides[design])
+            steps = max(10, math.floor(args.minutes * 60 / seconds))
+            print(f"{design}: {seconds:.2f} CPU s/step measured, so {steps} steps for {args.minutes:g} CPU minutes "
+                  f"(load average {load_avg():.1f})", flush=True)
+            t0, cpu0, load0 = time.time(), os.times(), load_avg()
+            camelid("vision", "train", *map(str, settings(design, args.out, {**overrides[design],
+                                                                              "max_steps": steps})))
+            cpu1 = os.times()
+            info = {"steps": steps, "train_minutes": (time.time() - t0) / 60, "measured_step_s": seconds,
+                    "train_cpu_minutes": (cpu1.children_user + cpu1.children_system - cpu0.children_user
+                                          - cpu0.children_system) / 60,
+                    "load_average_start": load0, "load_average_end": load_avg(),
+                    "cpu": cpu_name()}
+            info_file.write_text(json.dumps(info, indent=2) + "\n")
+            (HERE / "logs").mkdir(exist_ok=True)
+            shutil.copyfile(args.out / design / "log.csv", HERE / "logs" / f"{design}.csv")
+            shutil.copyfile(args.out / design / "loss.png", HERE / "logs" / f"{design}.png")
+        known[design] = evaluate(design, args.out, json.loads(info_file.read_text()))
+        print(json.dumps({k: v for k, v in known[design].items() if k != "mistakes"}, indent=2), flush=True)
+        results_file.write_text(json.dumps(list(known.values()), indent=2) + "\n")
+    results = [known[d] for d in DESIGNS if d in known]
+    (HERE / "results.md").write_text(table(results))
+    plot(results, ROOT / "docs" / "multimodal.png")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
