@@ -22,11 +22,22 @@ from torch import Tensor, nn
 
 from camelid.errors import CamelidError
 from camelid.train.config import TrainConfig
-from camelid.vision.data import (CELLS, COLOURS, KINDS, SHAPES, SIZES, Question, Scene, heldout_set, seen_set,
-                                 training_example)
+from camelid.vision.data import (
+    CELLS,
+    COLOURS,
+    KINDS,
+    SHAPES,
+    SIZES,
+    Question,
+    Scene,
+    heldout_set,
+    seen_set,
+    training_example,
+)
 from camelid.vision.image import to_pixels
 from camelid.vision.model import IGNORE, VisionConfig, VisionLlama
 from camelid.vision.prompt import answer_ids, end_id, question_ids
+
 
 class SceneTrainer(nn.Module):
     """What the loop trains: the vision model, plus a linear head that names what is in each cell of the scene
@@ -52,9 +63,11 @@ class SceneTrainer(nn.Module):
     def tie_weights(self) -> None:
         pass
 
-    def forward(self, input_ids: Tensor, pixels: Tensor, targets: Tensor, scene_pixels: Tensor,
+    def forward(self, input_ids: Tensor | None, pixels: Tensor, targets: Tensor | None, scene_pixels: Tensor,
                 cells: Tensor) -> Tensor:
-        loss = self.model(input_ids, images=pixels, targets=targets)
+        """The answers' loss plus `weight` x the cells' loss; without input_ids (the encoder's first steps) the
+        cells' loss alone, and the text model is not run at all."""
+        loss = 0.0 if input_ids is None else self.model(input_ids, images=pixels, targets=targets)
         if not self.weight:
             return loss
         v = self.model.vision_config.vit
@@ -73,6 +86,15 @@ def cell_labels(scene: Scene) -> list[list[int]]:
     for s in scene.shapes:
         labels[s.cell] = [list(COLOURS).index(s.colour), SHAPES.index(s.shape), SIZES.index(s.size)]
     return labels
+
+
+TRAINING_SETTINGS = ("scene_loss", "encoder_steps")  # in the `model` mapping, but this objective's, not the model's
+
+
+def split_settings(model: dict) -> tuple[dict, dict]:
+    """The `model` mapping of a vision config -> (VisionConfig fields, this objective's TRAINING_SETTINGS)."""
+    return ({k: v for k, v in model.items() if k not in TRAINING_SETTINGS},
+            {k: v for k, v in model.items() if k in TRAINING_SETTINGS})
 
 
 HELDOUT_QUESTIONS = 600  # 100 of each kind, every one about an unseen colour-shape pair
@@ -94,8 +116,11 @@ class VisionQA:
             raise CamelidError("objective vision: model must be a mapping of vision settings (base, fusion, vit, "
                                "every, layers, cross_hidden, projector_hidden, pixel_shuffle), not a text preset")
         self.cfg, self.device = cfg, device
-        spec = dict(cfg.model)
-        self.scene_loss = float(spec.pop("scene_loss", 1.0))  # weight of SceneTrainer's cell labels (0: off)
+        spec, training = split_settings(cfg.model)
+        self.scene_loss = float(training.get("scene_loss", 1.0))  # weight of SceneTrainer's cell labels (0: off)
+        self.encoder_steps = int(training.get("encoder_steps", 0))  # first steps: the encoder alone, on the cells
+        if self.encoder_steps and not self.scene_loss:
+            raise CamelidError("model.encoder_steps trains the encoder on the scene labels: set model.scene_loss > 0")
         config = VisionConfig.from_dict(spec)
         if Path(config.base).exists():  # a folder or file: recorded absolute, so the checkpoint finds it later
             config.base = str(Path(config.base).resolve())
@@ -159,7 +184,10 @@ class VisionQA:
 
     def batch(self, step: int, index: int) -> dict[str, Tensor]:
         rng = np.random.default_rng([self.cfg.seed, step, index])
-        return self.collate([training_example(rng) for _ in range(self.cfg.batch_size)])
+        batch = self.collate([training_example(rng) for _ in range(self.cfg.batch_size)])
+        if step < self.encoder_steps:  # the encoder learns to see first, the text model idle
+            batch["input_ids"] = batch["targets"] = None
+        return batch
 
     @staticmethod
     def loss(forward: nn.Module, batch: dict[str, Tensor]) -> Tensor:
