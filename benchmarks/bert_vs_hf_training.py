@@ -15,15 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camelid.bert.model import BertConfig, BertForPreTraining
-from camelid.bert.pretrain import IGNORE, batch_seed, load_pairs
+from camelid.bert.data import batch_seed, load_pairs
+from camelid.bert.model import IGNORE, BertConfig, BertForPreTraining
 from camelid.train.loop import lr_factor
 
 
 def hf_model(config: BertConfig) -> nn.Module:
     import transformers
 
-    hf = transformers.BertForPreTraining(transformers.BertConfig(**config.to_hf()))
+    from camelid.interop.bert_hf import bert_config_to_hf
+
+    hf = transformers.BertForPreTraining(transformers.BertConfig(**bert_config_to_hf(config)))
     hf.tie_weights()
     return hf
 

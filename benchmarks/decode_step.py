@@ -17,9 +17,9 @@ import time
 import torch
 
 from camelid.config import LlamaConfig
-from camelid.kernels.step import decode_step
 from camelid.model import Llama
-from camelid.quantize import quantize_model
+from camelid.variants.decode_step import decode_step
+from camelid.variants.quantized import quantize_model
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
             m.setup_cache(1, P + args.steps + 1)
             m(ids, torch.arange(P), last_only=True)
         tok = torch.tensor([[5]])
-        for mode in ("fp32", "int8", "int4"):  # the whole step in one C++ call (camelid/kernels/step.cpp)
+        for mode in ("fp32", "int8", "int4"):  # the whole step in one C++ call (camelid/ops/csrc/decode_step.cpp)
             fast = decode_step(models[mode])
             if fast is not None:
                 steps[mode + "-step"] = lambda t, p, last_only, f=fast: f(int(t), int(p))

@@ -23,7 +23,7 @@ from gguf.quants import dequantize
 
 from camelid.config import LlamaConfig
 from camelid.model import Llama
-from camelid.quantize import quantize_model
+from camelid.variants.quantized import quantize_model
 
 NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
          "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
@@ -79,7 +79,7 @@ def perplexity(model: Llama, ids: torch.Tensor, window: int = 512) -> float:
 def step_perplexity(model: Llama, ids: torch.Tensor, int8_activations: bool, window: int = 512) -> float | None:
     """Perplexity with every token fed through the one-call C++ decode step (the path generation uses), so
     the int8-activation kernels' error shows; None where the step cannot run."""
-    from camelid.kernels.step import decode_step
+    from camelid.variants.decode_step import decode_step
 
     step = decode_step(model, int8_activations=int8_activations)
     if step is None:

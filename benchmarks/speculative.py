@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from camelid.generate import generate
-from camelid.quantize import quantize_model
 from camelid.speculative import speculative_generate
+from camelid.variants.quantized import quantize_model
 
 PROMPTS = {  # SmolLM2 ChatML prompts (system prompt included), tokenised with the model's own tokenizer
     "capital of France": [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,

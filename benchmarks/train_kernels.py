@@ -1,4 +1,4 @@
-"""The training kernels one by one: camelid's C++ (camelid/kernels/attention.cpp, train.cpp) against the PyTorch
+"""The training kernels one by one: camelid's C++ (camelid/ops/csrc/*.cpp) against the PyTorch
 ops they replace, forward + backward, same inputs, same run.
 
     python benchmarks/train_kernels.py --threads 2        # the Austen model's shapes: 8 x 256 tokens
@@ -53,15 +53,15 @@ def fwd_bwd(forward: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable
 
 
 def main() -> None:
-    from camelid import kernels
     from camelid.config import LlamaConfig
     from camelid.model import FeedForward, RMSNorm, apply_rope
-    from camelid.train import fast
+    from camelid.ops import attention, head_loss, native, rmsnorm, rope
+    from camelid.variants.training import TrainFeedForward
 
     args = parse()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if kernels.load() is None or not kernels._attention_ok:
+    if native.module() is None or not attention.choose().impl.startswith("C++"):
         raise SystemExit("train_kernels: the C++ kernels are unavailable here (a C++ compiler and MKL are needed)")
     B, T, H, KV = args.batch, args.seq, args.heads, args.kv_heads
     d = args.dim // H
@@ -80,8 +80,8 @@ def main() -> None:
     norm = RMSNorm(args.dim)
     cfg = LlamaConfig(name="bench", vocab_size=args.vocab, dim=args.dim, n_layers=1, n_heads=H, n_kv_heads=KV,
                       intermediate_size=args.ffn, max_seq_len=T)
-    ffn, fast_ffn = FeedForward(cfg), fast.TrainFeedForward(cfg)
-    fast_ffn.load_state_dict(ffn.state_dict())
+    ffn = FeedForward(cfg)
+    fast_ffn = TrainFeedForward(ffn)  # the same weights
     ang = torch.rand(T, d // 2, generator=g)
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
     half = (cos[:, : d // 2].contiguous(), sin[:, : d // 2].contiguous())
@@ -89,20 +89,21 @@ def main() -> None:
     targets = torch.randint(0, args.vocab, (B * T,), generator=g)
     one = torch.tensor(1.0)
 
-    def head_torch() -> None:
-        cpp, fast._cpp = fast._cpp, lambda *t: None
+    def head_torch() -> None:  # the fused head's PyTorch twin: as on a machine without the kernels
+        real, native.module = native.module, lambda: None
         try:
-            fast.LinearCrossEntropy.apply(h, w, targets).backward(one)
+            head_loss.LinearCrossEntropy.apply(h, w, targets).backward(one)
         finally:
-            fast._cpp = cpp
+            native.module = real
 
     pairs = {  # name: (camelid, reference)
-        "causal attention": (fwd_bwd(lambda: kernels.causal_attention(q, k, v), dy), fwd_bwd(sdpa, dy)),
-        "RMSNorm": (fwd_bwd(lambda: fast._RMSNormFn.apply(x, norm.weight, norm.eps), dx), fwd_bwd(lambda: norm(x), dx)),
+        "causal attention": (fwd_bwd(lambda: attention.causal_attention(q, k, v), dy), fwd_bwd(sdpa, dy)),
+        "RMSNorm": (fwd_bwd(lambda: rmsnorm.RMSNormFunction.apply(x, norm.weight, norm.eps), dx),
+                    fwd_bwd(lambda: norm(x), dx)),
         "SwiGLU feed-forward": (fwd_bwd(lambda: fast_ffn(x), dx), fwd_bwd(lambda: ffn(x), dx)),
-        "RoPE (q)": (fwd_bwd(lambda: fast._RopeFn.apply(q, *half), dy),
+        "RoPE (q)": (fwd_bwd(lambda: rope.RopeFunction.apply(q, *half), dy),
                      fwd_bwd(lambda: apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2), dy)),
-        "head + cross-entropy": (fwd_bwd(lambda: fast.LinearCrossEntropy.apply(h, w, targets), one), head_torch),
+        "head + cross-entropy": (fwd_bwd(lambda: head_loss.LinearCrossEntropy.apply(h, w, targets), one), head_torch),
     }
     ms: dict[str, dict[str, list[float]]] = {name: {"camelid": [], "reference": []} for name in pairs}
     for r in range(args.rounds):

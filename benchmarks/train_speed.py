@@ -5,7 +5,7 @@
         --kv-heads 12 --ffn 2048 --vocab 32000 --batch 16 --seq 1024   # a GPU, bf16 autocast
 
 camelid is timed on the code path of `camelid pretrain`: the model its clm objective builds (TrainLlama,
-camelid/train/fast.py), its loss (`CausalLM.loss`), and the loop's AdamW (`build_optimizer`); transformers
+camelid/variants/training.py), its loss (`CausalLM.loss`), and the loop's AdamW (`build_optimizer`); transformers
 gets the same AdamW and the mean cross-entropy of its fp32 logits. Both start from the same weights
 (camelid's, copied over under HF names) and train on the same batch. Also timed: the reference `Llama`
 (camelid/model.py) with the same loss, and TrainLlama under torch.compile (`--set compile=true`). Rounds
@@ -61,7 +61,7 @@ def build(args: argparse.Namespace):
     from camelid.config import LlamaConfig
     from camelid.interop.hf import config_to_hf, hf_state_dict
     from camelid.model import Llama
-    from camelid.train.fast import TrainLlama
+    from camelid.variants.training import TrainLlama
 
     cfg = LlamaConfig(name="bench", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                       n_kv_heads=args.kv_heads, intermediate_size=args.ffn, max_seq_len=args.seq,

@@ -5,7 +5,7 @@ Data is jsonl, one `{"text": ..., "label": ...}` per line; an optional `"split"`
 "test") fixes the split, otherwise a seeded stratified 80/20 split is made. A trained classifier is a
 folder: for BERT a Hugging Face BertForSequenceClassification (transformers loads it) plus the tokenizer;
 for LLaMA the head (and, when fine-tuned, the backbone as a Hugging Face directory). `classifier.json`
-beside them says which.
+beside them says which. Training goes through the training loop: camelid.train.classify.train_classifier.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -31,6 +30,7 @@ from camelid.bert.model import BertForClassification
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write, atomic_write_text, iter_jsonl
 from camelid.model import Llama
+from camelid.tokenizer import Tokenizer
 from camelid.tokenizer.wordpiece import WordPiece
 
 MODES = ("finetune", "probe")
@@ -86,6 +86,13 @@ def train_test_split(examples: Sequence[Example], test_fraction: float = 0.2,
     return train, test
 
 
+def dev_split(examples: Sequence[Example]) -> list[Example]:
+    """The file's dev examples when it has a test split besides them (otherwise train_test_split tests on dev)."""
+    if any(e.split == "test" for e in examples):
+        return [e for e in examples if e.split in ("dev", "validation")]
+    return []
+
+
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> dict[str, float]:
     """Accuracy and macro-F1 (F1 per class, unweighted mean over classes, 0 for a class never predicted nor true)."""
     if not y_true:
@@ -98,37 +105,6 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], n_label
         fn = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == c and p != c)
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
     return {"accuracy": acc, "macro_f1": sum(f1s) / n_labels}
-
-
-# ---------------------------------------------------------------------------------------------------
-# a tokenizers.Tokenizer with the small interface the LLaMA side needs (until camelid.tokenizer is merged)
-
-
-class HFTokenizer:
-    """encode(text, add_bos) / decode / eos_id over a `tokenizers.Tokenizer` (tokenizer.json)."""
-
-    def __init__(self, tokenizer: Any, bos_id: int | None = None, eos_id: int | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.bos_id, self.eos_id = bos_id, eos_id
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, bos_id: int | None = None,
-                  eos_id: int | None = None) -> HFTokenizer:
-        from tokenizers import Tokenizer
-
-        return cls(Tokenizer.from_file(str(path)), bos_id, eos_id)
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        from camelid.fileio import atomic_write
-
-        atomic_write(Path(path) / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -159,12 +135,17 @@ class TextClassifier(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.head(self.dropout(self.features(batch)))
 
+    def device_batch(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """`batch`, on the device the classifier's weights are on."""
+        device = self.head.weight.device
+        return {k: v.to(device) for k, v in self.batch(texts).items()}
+
     @torch.no_grad()
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[int]:
         self.eval()
         out: list[int] = []
         for i in range(0, len(texts), batch_size):
-            out += self(self.batch(texts[i:i + batch_size])).argmax(-1).tolist()
+            out += self(self.device_batch(texts[i:i + batch_size])).argmax(-1).tolist()
         return out
 
     def param_counts(self) -> dict[str, int]:
@@ -203,7 +184,7 @@ class LlamaClassifier(TextClassifier):
 
     family = "llama"
 
-    def __init__(self, model: Llama, tokenizer: Any, labels: Sequence[str], max_len: int = 256,
+    def __init__(self, model: Llama, tokenizer: Tokenizer, labels: Sequence[str], max_len: int = 256,
                  dropout: float = 0.0) -> None:
         super().__init__(labels, model.config.dim, max_len)
         self.model, self.tokenizer = model, tokenizer
@@ -228,23 +209,16 @@ class LlamaClassifier(TextClassifier):
 
 
 # ---------------------------------------------------------------------------------------------------
-# training and evaluation
+# features, labels and evaluation
 
 
-@dataclass
-class TrainArgs:
-    mode: str = "finetune"  # or "probe": backbone frozen, only the head learns
-    epochs: int = 3
-    lr: float | None = None  # default: 5e-5 (BERT finetune), 2e-5 (LLaMA finetune), 1e-2 (probe)
-    batch_size: int = 16
-    weight_decay: float = 0.01
-    seed: int = 0
-
-
-def _default_lr(clf: TextClassifier, mode: str) -> float:
-    if mode == "probe":
-        return 1e-2
-    return 5e-5 if clf.family == "bert" else 2e-5
+def label_ids(clf: TextClassifier, examples: Sequence[Example], what: str = "the data's") -> list[int]:
+    """Each example's label as the index of the classifier's output; an unknown label is a one-line error."""
+    index = {name: i for i, name in enumerate(clf.labels)}
+    unknown = sorted({e.label for e in examples} - set(index))
+    if unknown:
+        raise CamelidError(f"{what} labels {unknown[:3]} are not among the classifier's labels {clf.labels}")
+    return [index[e.label] for e in examples]
 
 
 @torch.no_grad()
@@ -253,75 +227,13 @@ def extract_features(clf: TextClassifier, texts: Sequence[str], batch_size: int 
     clf.eval()
     chunks = []
     for i in tqdm(range(0, len(texts), batch_size), desc=desc, file=sys.stderr, leave=False):
-        chunks.append(clf.features(clf.batch(texts[i:i + batch_size])).float())
+        chunks.append(clf.features(clf.device_batch(texts[i:i + batch_size])).float())
     return torch.cat(chunks)
-
-
-def train_classifier(clf: TextClassifier, train: Sequence[Example], args: TrainArgs | None = None,
-                     quiet: bool = False) -> dict[str, Any]:
-    """Fit the classifier in place. 'probe' freezes the backbone and computes its features once (the head is
-    all that learns, so re-running the backbone every epoch would change nothing); 'finetune' trains all."""
-    args = args or TrainArgs()
-    if args.mode not in MODES:
-        raise CamelidError(f"unknown mode {args.mode!r}; use one of {', '.join(MODES)}")
-    index = {name: i for i, name in enumerate(clf.labels)}
-    unknown = sorted({e.label for e in train} - set(index))
-    if unknown:
-        raise CamelidError(f"training labels {unknown[:3]} are not among the classifier's labels {clf.labels}")
-    texts = [e.text for e in train]
-    y = torch.tensor([index[e.label] for e in train])
-    lr = args.lr or _default_lr(clf, args.mode)
-    g = torch.Generator().manual_seed(args.seed)
-    t0 = time.perf_counter()
-    clf.backbone.requires_grad_(args.mode == "finetune")
-    losses: list[float] = []
-    if args.mode == "probe":
-        feats = extract_features(clf, texts, desc="probe: backbone features")
-        opt = torch.optim.AdamW(clf.head.parameters(), lr=lr, weight_decay=args.weight_decay)
-        steps = args.epochs * max(1, len(texts) // args.batch_size)
-        clf.train()
-        for _ in tqdm(range(steps), desc="probe: head", file=sys.stderr, disable=quiet):
-            idx = torch.randint(len(texts), (args.batch_size,), generator=g)
-            loss = F.cross_entropy(clf.head(clf.dropout(feats[idx])), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    else:
-        params = [p for p in clf.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-        n_batches = (len(texts) + args.batch_size - 1) // args.batch_size
-        total = args.epochs * n_batches
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))  # linear decay
-        clf.train()
-        bar = tqdm(total=total, desc=f"finetune {clf.family}", file=sys.stderr, disable=quiet)
-        for _ in range(args.epochs):
-            order = torch.randperm(len(texts), generator=g).tolist()
-            for i in range(0, len(order), args.batch_size):
-                idx = order[i:i + args.batch_size]
-                logits = clf(clf.batch([texts[j] for j in idx]))
-                loss = F.cross_entropy(logits.float(), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                bar.update()
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-        bar.close()
-    clf.eval()
-    return {"train_seconds": time.perf_counter() - t0, "train_examples": len(texts), "mode": args.mode,
-            "lr": lr, "epochs": args.epochs, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-            **{f"params_{k}": v for k, v in clf.param_counts().items()}}
 
 
 def evaluate_classifier(clf: TextClassifier, examples: Sequence[Example], batch_size: int = 32) -> dict[str, Any]:
     """Accuracy, macro-F1 and timing: per-example latency (batch of 1) on a sample, and batched throughput."""
-    index = {name: i for i, name in enumerate(clf.labels)}
-    unknown = sorted({e.label for e in examples} - set(index))
-    if unknown:
-        raise CamelidError(f"labels {unknown[:3]} in the data are not among the classifier's labels {clf.labels}")
+    y = label_ids(clf, examples)
     texts = [e.text for e in examples]
     t0 = time.perf_counter()
     pred = clf.predict(texts, batch_size)
@@ -330,7 +242,7 @@ def evaluate_classifier(clf: TextClassifier, examples: Sequence[Example], batch_
     t0 = time.perf_counter()
     clf.predict(sample, batch_size=1)
     latency = (time.perf_counter() - t0) / len(sample)
-    out = classification_metrics([index[e.label] for e in examples], pred, len(clf.labels))
+    out = classification_metrics(y, pred, len(clf.labels))
     return {**out, "n": len(texts), "latency_ms": latency * 1000, "throughput_per_s": len(texts) / batched,
             "predictions": [clf.labels[p] for p in pred]}
 
@@ -340,7 +252,7 @@ def evaluate_classifier(clf: TextClassifier, examples: Sequence[Example], batch_
 
 
 def model_family(source: str | os.PathLike) -> str:
-    """'bert' or 'llama' for a model name, a Hugging Face folder or a GGUF file."""
+    """'bert' or 'llama' for a model name, a Hugging Face folder, a GGUF file or a trained classifier folder."""
     from camelid import hub
 
     text = str(source)
@@ -349,28 +261,21 @@ def model_family(source: str | os.PathLike) -> str:
     path = Path(text)
     if (path / "classifier.json").is_file():
         return json.loads((path / "classifier.json").read_text())["family"]
-    if (path / "config.json").is_file():
-        return "bert" if json.loads((path / "config.json").read_text()).get("model_type") == "bert" else "llama"
+    if path.exists():
+        from camelid.formats import Format, detect
+
+        return "bert" if detect(path) is Format.BERT else "llama"
     return "llama"
 
 
-def _load_llm(source: str | os.PathLike) -> tuple[Llama, Any]:
-    """A LLaMA-family model and its tokenizer: camelid's own tokenizer where it reads the files, else (e.g. a
-    WordLevel tokenizer.json) the `tokenizers` library through `HFTokenizer`."""
-    import camelid
-    from camelid.llm import _load_tokenizer
+def load_llm(source: str | os.PathLike) -> tuple[Llama, Tokenizer]:
+    """A LLaMA-family model (fp32) and its tokenizer, as camelid.load reads them."""
+    from camelid.llm import load
 
-    llm = camelid.load(source, tokenizer=False)
-    path = Path(llm.source)
-    try:
-        tok = _load_tokenizer(path)
-    except CamelidError:
-        tok = None
-    if tok is None and path.is_dir() and (path / "tokenizer.json").is_file():
-        tok = HFTokenizer.from_file(path / "tokenizer.json", llm.config.bos_token_id, None)
-    if tok is None:
+    llm = load(source)
+    if llm.tokenizer is None:
         raise CamelidError(f"{source}: no tokenizer found beside the model; a LLaMA classifier needs one")
-    return llm.model.float(), tok
+    return llm.model.float(), llm.tokenizer
 
 
 def new_classifier(source: str | os.PathLike, labels: Sequence[str], max_len: int | None = None) -> TextClassifier:
@@ -386,7 +291,7 @@ def new_classifier(source: str | os.PathLike, labels: Sequence[str], max_len: in
         model = BertForClassification(config, len(labels), raw.get("classifier_dropout"))
         model.bert = encoder
         return BertClassifier(model, WordPiece.from_dir(path), labels, max_len or 128)
-    model, tok = _load_llm(source)
+    model, tok = load_llm(source)
     return LlamaClassifier(model, tok, labels, max_len or 256)
 
 
@@ -410,13 +315,19 @@ def save_classifier(clf: TextClassifier, path: str | os.PathLike, backbone_sourc
             from camelid.interop.hf import save_hf_dir
 
             save_hf_dir(clf.model, path / "backbone")
-            if hasattr(clf.tokenizer, "save_pretrained"):
-                clf.tokenizer.save_pretrained(path / "backbone")
+            clf.tokenizer.save_pretrained(path / "backbone")
             meta["backbone"] = "backbone"
     else:
         raise CamelidError(f"cannot save a {type(clf).__name__}")
     atomic_write_text(path / "classifier.json", json.dumps(meta, indent=2) + "\n")
     return path
+
+
+def add_to_classifier_json(path: str | os.PathLike, **sections: Any) -> None:
+    """Record more about a saved classifier (e.g. its test scores) in its classifier.json."""
+    meta_file = Path(path) / "classifier.json"
+    meta = {**json.loads(meta_file.read_text()), **sections}
+    atomic_write_text(meta_file, json.dumps(meta, indent=2) + "\n")
 
 
 def load_classifier(path: str | os.PathLike) -> TextClassifier:
@@ -432,7 +343,7 @@ def load_classifier(path: str | os.PathLike) -> TextClassifier:
         return BertClassifier(model, WordPiece.from_dir(path), meta["labels"], meta["max_len"]).eval()
     backbone = meta["backbone"]
     source = path / backbone if backbone == "backbone" else backbone
-    model, tok = _load_llm(source)
+    model, tok = load_llm(source)
     clf = LlamaClassifier(model, tok, meta["labels"], meta["max_len"])
     clf.head.load_state_dict(load_file(str(path / "head.safetensors")))
     return clf.eval()
@@ -445,7 +356,8 @@ def label_set(examples: Sequence[Example]) -> list[str]:
 
 
 __all__ = [
-    "BertClassifier", "Example", "HFTokenizer", "LlamaClassifier", "TextClassifier", "TrainArgs",
-    "classification_metrics", "evaluate_classifier", "label_set", "load_classifier",
-    "new_classifier", "read_jsonl", "save_classifier", "train_classifier", "train_test_split",
+    "BertClassifier", "Example", "LlamaClassifier", "TextClassifier", "add_to_classifier_json",
+    "classification_metrics", "dev_split", "evaluate_classifier", "extract_features", "label_ids", "label_set",
+    "load_classifier", "load_llm", "model_family", "new_classifier", "read_jsonl", "save_classifier",
+    "train_test_split",
 ]

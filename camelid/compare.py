@@ -9,7 +9,8 @@ Arms, all on the same train/test split:
 
 Each arm runs in its own subprocess, so its peak resident memory (`ru_maxrss` of that process: weights,
 activations, optimizer state) is its own. Timings are wall-clock on this machine: training time, latency per
-example at batch size 1, and batched throughput.
+example at batch size 1, and batched throughput. The trained arms go through the training loop
+(camelid.train.classify); their log.csv and loss.png land in OUT/runs/ARM.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ from tqdm import tqdm
 
 from camelid.classify import (
     Example,
-    TrainArgs,
     classification_metrics,
     label_set,
+    load_llm,
+    new_classifier,
     read_jsonl,
     train_test_split,
 )
 from camelid.errors import CamelidError
+from camelid.train.classify import TrainArgs, train_classifier
 
 ARMS = ("bert-finetune", "llm-zeroshot", "llm-kshot", "llm-probe", "llm-finetune")
 
@@ -182,9 +185,8 @@ def _timed_predict(predict, texts: Sequence[str], batch_size: int) -> tuple[list
     return pred, latency, len(texts) / batched
 
 
-def run_arm(arm: str, args: CompareArgs) -> dict[str, Any]:
-    from camelid.classify import _load_llm, new_classifier, train_classifier
-
+def run_arm(arm: str, args: CompareArgs, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """One arm, measured. run_dir: where a trained arm's run goes (log.csv, loss.png); a temporary folder if None."""
     torch.manual_seed(args.seed)
     train, test, labels = load_split(args)
     index = {lab: i for i, lab in enumerate(labels)}
@@ -198,12 +200,12 @@ def run_arm(arm: str, args: CompareArgs) -> dict[str, Any]:
         lr = {"bert-finetune": args.bert_lr, "llm-probe": args.probe_lr, "llm-finetune": args.llm_lr}[arm]
         epochs = max(args.epochs, 20) if mode == "probe" else args.epochs  # the head alone is cheap to train
         stats = train_classifier(clf, train, TrainArgs(mode=mode, epochs=epochs, lr=lr, batch_size=args.batch_size,
-                                                       seed=args.seed))
+                                                       seed=args.seed), out=run_dir)
         result.update(train_examples=len(train), train_seconds=stats["train_seconds"],
                       params_trainable=stats["params_trainable"], params_total=stats["params_total"])
         pred, latency, throughput = _timed_predict(clf.predict, texts, 32)
     elif arm in ("llm-zeroshot", "llm-kshot"):
-        model, tok = _load_llm(args.llm)
+        model, tok = load_llm(args.llm)
         shots = pick_shots(train, labels, args.k_shot) if arm == "llm-kshot" else []
         clf = PromptClassifier(model, tok, labels, shots, max_len=model.config.max_seq_len)
         n = sum(p.numel() for p in model.parameters())
@@ -231,10 +233,11 @@ def run_compare(args: CompareArgs, out: str | os.PathLike | None = None, in_proc
     for arm in args.arms:
         if not quiet:
             print(f"[compare] {arm} ...", file=sys.stderr)
+        run_dir = None if out is None else str(Path(out) / "runs" / arm)
         if in_process:
-            results.append(run_arm(arm, args))
+            results.append(run_arm(arm, args, run_dir))
             continue
-        cmd = [sys.executable, "-m", "camelid.compare", arm, json.dumps(asdict(args))]
+        cmd = [sys.executable, "-m", "camelid.compare", arm, json.dumps(asdict(args)), json.dumps(run_dir)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if not quiet else subprocess.PIPE, text=True)
         if proc.returncode != 0:
             err = (proc.stderr or "").strip().splitlines()
@@ -268,46 +271,25 @@ def write_report(results: Sequence[dict[str, Any]], args: CompareArgs, out: Path
     plot(results, out / "compare.png", title=Path(args.data).name)
 
 
-def plot(results: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
-    import matplotlib
+def plot(results: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Quality, latency and training time of each arm, side by side."""
+    from camelid.train.plot import BarPanel, plot_bars
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from camelid.fileio import atomic_write
-
-    arms = [r["arm"] for r in results]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    x = range(len(arms))
-    axes[0].bar([i - 0.2 for i in x], [r["accuracy"] for r in results], width=0.4, label="accuracy")
-    axes[0].bar([i + 0.2 for i in x], [r["macro_f1"] for r in results], width=0.4, label="macro-F1")
-    axes[0].set_ylim(0, 1)
-    axes[0].legend()
-    axes[0].set_title("quality")
-    axes[1].bar(x, [r["latency_ms"] for r in results], color="tab:orange")
-    axes[1].set_yscale("log")
-    axes[1].set_title("latency per example, batch 1 (ms, log)")
-    trained = [r["train_seconds"] for r in results]
-    axes[2].bar(x, trained, color="tab:green")
-    for i, t in enumerate(trained):
-        if t <= 0:
-            axes[2].text(i, 0, "none", ha="center", va="bottom")
-    if any(t > 0 for t in trained):
-        axes[2].set_yscale("symlog", linthresh=1.0)
-    axes[2].set_title("training time (s)")
-    for ax in axes:
-        ax.set_xticks(list(x))
-        ax.set_xticklabels(arms, rotation=30, ha="right")
-    fig.suptitle(f"BERT vs decoder LLM: {title}")
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
+    panels = [
+        BarPanel("quality", {"accuracy": [r["accuracy"] for r in results],
+                             "macro-F1": [r["macro_f1"] for r in results]}, ylim=(0, 1)),
+        BarPanel("latency per example, batch 1 (ms, log)", {"latency": [r["latency_ms"] for r in results]},
+                 yscale="log", colors=["tab:orange"]),
+        BarPanel("training time (s)", {"train": [r["train_seconds"] for r in results]}, yscale="symlog",
+                 zero_label="none", colors=["tab:green"]),
+    ]
+    return plot_bars([r["arm"] for r in results], panels, path, title=f"BERT vs decoder LLM: {title}")
 
 
 def _main(argv: list[str]) -> None:
-    arm, raw = argv
+    arm, raw, run_dir = argv
     try:
-        result = run_arm(arm, CompareArgs(**json.loads(raw)))
+        result = run_arm(arm, CompareArgs(**json.loads(raw)), json.loads(run_dir))
     except CamelidError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

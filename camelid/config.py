@@ -3,10 +3,54 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from camelid.errors import CamelidError
+
+
+class ConfigError(CamelidError):
+    """A config field of the wrong type or out of range; `field` names it, so that loaders can name the file's own
+    key instead (config.json's num_hidden_layers for n_layers)."""
+
+    def __init__(self, config: str, field: str, problem: str) -> None:
+        super().__init__(f"config {config!r}: {field} {problem}")
+        self.field, self.problem = field, problem
+
+
+# Sane bounds, far beyond every published model (Llama 3.1 405B: dim 16384, 126 layers, 128 heads, FFN 53248;
+# vocabularies up to ~260k; contexts up to 10M) and far below what would take minutes to allocate.
+INT_LIMITS = {
+    "vocab_size": (1, 1 << 22),
+    "dim": (1, 1 << 16),
+    "n_layers": (1, 1024),
+    "n_heads": (1, 1024),
+    "n_kv_heads": (1, 1024),
+    "head_dim": (2, 1024),
+    "intermediate_size": (1, 1 << 20),
+    "max_seq_len": (1, 1 << 24),
+}
+FLOAT_LIMITS = {"norm_eps": (1e-12, 1.0), "rope_theta": (1e-6, 1e12)}
+TOKEN_ID_MAX = (1 << 31) - 1
+
+
+def _integer(config: str, field: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(config, field, f"= {value!r} must be an integer")
+    if not low <= value <= high:
+        bound = f"at least {low}" if value < low else f"at most {high} (a sane bound; is the file damaged?)"
+        raise ConfigError(config, field, f"= {value} must be {bound}")
+    return int(value)
+
+
+def _real(config: str, field: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(config, field, f"= {value!r} must be a finite number")
+    if not low <= value <= high:
+        raise ConfigError(config, field, f"= {value} must lie in [{low:g}, {high:g}]")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -40,23 +84,77 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
+            try:
+                self.rope_scaling = RopeScaling(**self.rope_scaling)
+            except TypeError:
+                raise ConfigError(self.name, "rope_scaling", f"{self.rope_scaling!r} has unknown keys; give factor, "
+                                  "low_freq_factor, high_freq_factor, original_max_seq_len") from None
+        self._check_types_and_ranges()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                raise CamelidError(
-                    f"config {self.name!r}: dim {self.dim} is not divisible by n_heads {self.n_heads}; "
-                    "set head_dim explicitly"
-                )
+                raise ConfigError(self.name, "dim", f"{self.dim} is not divisible by n_heads {self.n_heads}; "
+                                  "set head_dim explicitly")
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise CamelidError(
-                f"config {self.name!r}: n_heads {self.n_heads} is not a multiple of n_kv_heads "
-                f"{self.n_kv_heads}; grouped-query attention needs whole groups"
-            )
+            raise ConfigError(self.name, "n_heads", f"{self.n_heads} is not a multiple of n_kv_heads "
+                              f"{self.n_kv_heads}; grouped-query attention needs whole groups")
         if self.head_dim % 2:
-            raise CamelidError(f"config {self.name!r}: head_dim {self.head_dim} must be even for RoPE")
+            raise ConfigError(self.name, "head_dim", f"{self.head_dim} must be even for RoPE")
+
+    def _check_types_and_ranges(self) -> None:
+        """Every field of the right type and within sane bounds, so that a damaged or hostile config fails
+        here, in one line naming the field, instead of allocating for minutes or deep inside torch."""
+        for field, (low, high) in INT_LIMITS.items():
+            value = getattr(self, field)
+            if value is None and field in ("n_kv_heads", "head_dim"):
+                continue
+            setattr(self, field, _integer(self.name, field, value, low, high))
+        for field, (low, high) in FLOAT_LIMITS.items():
+            setattr(self, field, _real(self.name, field, getattr(self, field), low, high))
+        for field in ("tie_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(self.name, field, f"= {getattr(self, field)!r} must be true or false")
+        if not isinstance(self.name, str):
+            raise ConfigError(str(self.name), "name", f"= {self.name!r} must be a string")
+        if self.bos_token_id is not None:
+            self.bos_token_id = _integer(self.name, "bos_token_id", self.bos_token_id, 0, TOKEN_ID_MAX)
+        eos = self.eos_token_id
+        if isinstance(eos, list | tuple):
+            if not eos:
+                raise ConfigError(self.name, "eos_token_id", "is an empty list; give at least one id, or null")
+            self.eos_token_id = [_integer(self.name, "eos_token_id", i, 0, TOKEN_ID_MAX) for i in eos]
+        elif eos is not None:
+            self.eos_token_id = _integer(self.name, "eos_token_id", eos, 0, TOKEN_ID_MAX)
+        s = self.rope_scaling
+        if s is not None:
+            if not isinstance(s, RopeScaling):
+                raise ConfigError(self.name, "rope_scaling", f"= {s!r} must be a mapping of Llama 3.1 scaling "
+                                  "parameters, or null")
+            _real(self.name, "rope_scaling.factor", s.factor, 1.0, 1e6)
+            _real(self.name, "rope_scaling.low_freq_factor", s.low_freq_factor, 1e-6, 1e6)
+            _real(self.name, "rope_scaling.high_freq_factor", s.high_freq_factor, 1e-6, 1e6)
+            _integer(self.name, "rope_scaling.original_max_seq_len", s.original_max_seq_len, 1,
+                     INT_LIMITS["max_seq_len"][1])
+            if s.high_freq_factor <= s.low_freq_factor:
+                raise ConfigError(self.name, "rope_scaling.high_freq_factor", f"{s.high_freq_factor} must be above "
+                                  f"low_freq_factor {s.low_freq_factor}")
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "config") -> LlamaConfig:
+        """A config from `to_dict()`'s output (e.g. read back from a file); unknown keys are an error."""
+        if not isinstance(d, dict):
+            raise CamelidError(f"{source}: a model config must be a mapping, not {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CamelidError(f"{source}: unknown config field(s) {', '.join(map(str, unknown))}; LlamaConfig fields "
+                               f"are {', '.join(sorted(known))}")
+        try:
+            return cls(**d)
+        except CamelidError as e:
+            raise CamelidError(f"{source}: {e}") from None
 
     # -- registry -------------------------------------------------------------------------------
     @classmethod
@@ -69,18 +167,6 @@ class LlamaConfig:
     @staticmethod
     def names() -> list[str]:
         return list(PRESETS)
-
-    # -- Hugging Face config.json (the mapping itself lives in the interop layer) ----------------
-    @classmethod
-    def from_hf(cls, config: dict[str, Any], source: str = "config.json") -> LlamaConfig:
-        from camelid.interop.hf import config_from_hf
-
-        return config_from_hf(config, source)
-
-    def to_hf(self) -> dict[str, Any]:
-        from camelid.interop.hf import config_to_hf
-
-        return config_to_hf(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

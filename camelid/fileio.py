@@ -1,5 +1,6 @@
 """Atomic file writes: a temporary file in the target's folder, then a rename, so that readers (and a
-crash) never see half a file. The result gets the usual permissions (0666 minus the umask), not mkstemp's 0600."""
+crash) never see half a file. The result gets the usual permissions (0666 minus the umask), not mkstemp's 0600.
+Also the small readers several modules share (jsonl lines, the text files under a folder)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,19 @@ def read_json_or_none(path: Path) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def text_files(paths: list[str | Path], suffixes: tuple[str, ...] = (".txt", ".md")) -> list[Path]:
+    """Files as given, directories expanded (recursively, sorted) to their text files."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
+            if not found:
+                raise CamelidError(f"{p}: no {'/'.join(suffixes)} files in this directory")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise CamelidError(f"{p}: no such file or directory")
+    return out

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from camelid.errors import CamelidError
-from camelid.kernels.step import decode_step
 from camelid.model import Llama
+from camelid.variants.decode_step import decode_step
 
 
 @dataclass
@@ -46,23 +46,33 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
     return logits.scatter(-1, seen, picked)
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
-    """logits [B, V] -> next token ids [B]."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
+def filter_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """logits [B, V] -> the distribution `sample` draws from [B, V] (temperature > 0), filtered tokens at 0.
+
+    The same warpers as transformers' sampling, in its order: temperature, top-k, top-p, min-p (the repetition
+    penalty comes before, on the raw logits, as transformers' logits processors run before its warpers).
+    tests/test_generate.py compares the result with transformers' warpers on the same logits."""
     logits = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    if params.min_p > 0:
+        # relative to the top token, whose probability top-p never removes (renormalising keeps the ratios)
+        probs = probs.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+    """logits [B, V] -> next token ids [B]: the argmax at temperature 0, else a draw from `filter_probs`."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(filter_probs(logits, params), 1, generator=generator).squeeze(-1)
 
 
 _COMPILED: weakref.WeakKeyDictionary[Llama, Callable[..., Tensor]] = weakref.WeakKeyDictionary()
@@ -110,7 +120,7 @@ def generate_tokens(
     stop = set(stop_ids)
     cache_len = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_seq_len) if compile else total
     step = compiled_decode_step(model) if compile else model
-    fast = None if compile else decode_step(model)  # the whole step in one C++ call (fused fp32 CPU models)
+    fast = None if compile else decode_step(model)  # the whole step in one C++ call (fused CPU models it implements)
     model.setup_cache(1, cache_len)
     try:
         tokens = torch.tensor([prompt], device=device)

@@ -176,6 +176,8 @@ def resolve(source: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return path
+    if os.path.lexists(path):  # a link that cannot be followed: local all the same, never a Hub id
+        raise CamelidError(f"{source}: a link that cannot be resolved (dangling, or a loop); fix or remove it")
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return pull_hf_hub(text)
     raise CamelidError(f"{source}: no such file or directory, and not a known name (known: {', '.join(MODELS)})")

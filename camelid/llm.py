@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
+from camelid import hub
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
+from camelid.formats import Format, detect
 from camelid.generate import SamplingParams, generate_tokens
 from camelid.model import Llama
+from camelid.tokenizer import Tokenizer
 
 Message = dict[str, str]
 
@@ -28,7 +31,7 @@ Message = dict[str, str]
 class LLM:
     model: Llama
     config: LlamaConfig
-    tokenizer: Any = None  # camelid.tokenizer.Tokenizer once loaded
+    tokenizer: Tokenizer | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -37,12 +40,12 @@ class LLM:
         from camelid.interop.hf import save_hf_dir
 
         out = save_hf_dir(self.model, path, dtype=dtype)
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+        if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out)
         return out
 
     # -- text in, text out -------------------------------------------------------------------------
-    def _need_tokenizer(self) -> Any:
+    def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise CamelidError(f"{self.source or 'this model'} has no tokenizer; load one with the model "
                                "(tokenizer.json / tokenizer.model beside it) or pass token ids to camelid.generate")
@@ -57,13 +60,17 @@ class LLM:
                seed: int | None = None, stop: Iterable[str] = (), add_bos: bool | None = None,
                stats: dict[str, float] | None = None, image: Any = None) -> Iterator[str]:
         """Yield the completion as text pieces while it decodes. Generation ends at the model's end-of-turn
-        or end-of-text token (not included) or at the first `stop` string (not included). `image` needs a
-        vision model (camelid.vision.llm.VisionLLM)."""
-        if image is not None:
-            raise CamelidError(f"{self.source or 'this model'} is a text-only model and cannot look at an image; "
-                               "give a vision model trained with `camelid vision train` (its output folder)")
+        or end-of-text token (not included) or at the first `stop` string (not included). `image` (a path, bytes
+        or PIL image) needs a vision model (`camelid vision train`; camelid/vision/)."""
         tok = self._need_tokenizer()
         ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, add_bos)
+        if image is not None:
+            pixels = self.image_pixels(image)
+            with self.model.image(pixels):  # the image's keys and values (or tokens) are computed once, here
+                yield from self.stream(self.model.with_image_tokens(ids), max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       repetition_penalty=repetition_penalty, seed=seed, stop=stop, stats=stats)
+            return
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty)
         stop_ids = tok.stop_ids
@@ -93,9 +100,24 @@ class LLM:
         """The completion of `prompt` as one string (see `stream` for the options; temperature 0 is greedy)."""
         return "".join(self.stream(prompt, **kwargs))
 
+    def image_pixels(self, image: Any) -> torch.Tensor:
+        """A picture as the pixels this vision model takes; a one-line error for a text-only model or a bad file."""
+        vision = getattr(self.model, "vision_config", None)
+        if vision is None:
+            raise CamelidError(f"{self.source or 'this model'} is a text-only model and cannot look at an image; "
+                               "give a vision model trained with `camelid vision train` (its output folder)")
+        from camelid.vision.image import load_image
+
+        return load_image(image, vision.vit.image_size)
+
     def chat_prompt(self, messages: list[Message]) -> list[int]:
-        """Render `messages` with the model's chat template and tokenise them, ready for the reply."""
+        """Render `messages` with the model's chat template and tokenise them, ready for the reply (a vision
+        model: in the format it was trained on, camelid/vision/prompt.py)."""
         tok = self._need_tokenizer()
+        if hasattr(self.model, "vision_config"):
+            from camelid.vision.prompt import conversation_ids
+
+            return conversation_ids(tok, messages)
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
         starts_with_bos = bool(tok.bos_token) and text.startswith(tok.bos_token)
         return tok.encode(text, add_bos=tok.add_bos and not starts_with_bos)
@@ -132,20 +154,25 @@ def cut_at_stop_strings(pieces: Iterable[str], stop: list[str]) -> Iterator[str]
 
 def resolve(source: str | os.PathLike) -> Path:
     """A name, Hub id or path of a model -> a local path (camelid.hub.resolve; a tokenizer's name is refused)."""
-    from camelid import hub
-
     text = str(source)
     if text in hub.MODELS and hub.MODELS[text].kind == "tokenizer":
         raise CamelidError(f"{text} is a tokenizer, not a model; use camelid.tokenizer.Tokenizer.load({text!r})")
     return hub.resolve(source)
 
 
-def _load_tokenizer(path: Path) -> Any:
-    from camelid.tokenizer import Tokenizer
+def model_tokenizer(path: Path, fmt: Format | None = None) -> Tokenizer | None:
+    """The tokenizer stored with the model at `path` (a GGUF's embedded vocabulary, the tokenizer files of a
+    Hugging Face or Meta folder, those beside a quantised file), or None when it has none."""
+    fmt = fmt or detect(path)
+    if fmt is Format.GGUF:
+        from camelid.tokenizer.gguf import has_vocabulary
 
-    if path.suffix == ".gguf":
-        return Tokenizer.from_gguf(path)
-    return Tokenizer.from_dir(path)
+        return Tokenizer.from_gguf(path) if has_vocabulary(path) else None
+    folder = path.parent if fmt is Format.QUANTIZED else path
+    names = ("tokenizer.json",) if fmt is Format.QUANTIZED else ("tokenizer.json", "tokenizer.model")
+    if folder.is_dir() and any((folder / f).is_file() for f in names):
+        return Tokenizer.from_dir(folder)
+    return None
 
 
 def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dtype | None = None,
@@ -157,40 +184,45 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
     `camelid quantize` loads quantised directly, without an fp32 copy.
     """
     path = resolve(source)
-    if path.is_dir() and (path / "vision.json").is_file():  # `camelid vision train`: a ViT + a text model
-        from camelid.vision.checkpoint import load_vision
+    fmt = detect(path)
+    if fmt is Format.VISION:  # `camelid vision train`: an image encoder joined to the text model it names
+        from camelid.vision.checkpoint import base_model, load_vision
 
-        return load_vision(path, dtype=dtype, device=device, tokenizer=tokenizer, quantize=quantize)
-    if path.is_file() and path.suffix == ".safetensors":
-        from camelid.quantize import load_quantized
+        base = load(base_model(path), dtype=dtype, device=device, tokenizer=tokenizer, quantize=quantize)
+        return LLM(model=load_vision(path, base.model), config=base.config, tokenizer=base.tokenizer,
+                   source=str(path), extra={"base": base.source})
+    if fmt is Format.QUANTIZED:
+        from camelid.variants.quantized import load_quantized
 
         model = load_quantized(path)
-        tok = _load_tokenizer(path.parent) if tokenizer and (path.parent / "tokenizer.json").is_file() else None
+        tok = model_tokenizer(path, fmt) if tokenizer else None
         return LLM(model=model, config=model.config, tokenizer=tok, source=str(path))
-    if path.is_dir() and (path / "config.json").is_file():
+    if fmt is Format.HF:
         from camelid.interop.hf import load_hf_dir
 
         config, model = load_hf_dir(path, dtype=dtype, device=device)
-        has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-    elif path.is_file() and path.suffix == ".gguf":
+    elif fmt is Format.GGUF:
         from camelid.interop.gguf import load_gguf
-        from camelid.tokenizer.vocab import read_gguf_metadata
 
         config, model = load_gguf(path, dtype=dtype, device=device)
-        has_tok = "tokenizer.ggml.model" in read_gguf_metadata(path, prefix="tokenizer.ggml.model")
-    elif path.is_dir() and (path / "params.json").is_file():
+    elif fmt is Format.META:
         from camelid.interop.meta import load_meta_dir
 
         config, model = load_meta_dir(path, dtype=dtype, device=device)
-        has_tok = (path / "tokenizer.model").is_file()
+    elif fmt is Format.BERT:
+        raise CamelidError(f"{source}: a BERT model; camelid.load reads LLaMA-family models, load BERT with "
+                           "camelid.interop.bert_hf.load_bert_hf_dir or use it in `camelid classify`")
+    elif fmt is Format.CHECKPOINT:
+        raise CamelidError(f"{source}: a training checkpoint; `camelid pretrain` writes the finished model to "
+                           "OUT/hf, load that (or resume training with --resume)")
     else:
         raise CamelidError(
-            f"{source}: not a model camelid can load; expected a Hugging Face directory (config.json), "
+            f"{source}: a tokenizer, not a model camelid can load; expected a Hugging Face directory (config.json), "
             "a .gguf file or a Meta directory (params.json + consolidated.*.pth)"
         )
-    tok = _load_tokenizer(path) if tokenizer and has_tok else None
+    tok = model_tokenizer(path, fmt) if tokenizer else None
     if quantize:
-        from camelid.quantize import quantize_model
+        from camelid.variants.quantized import quantize_model
 
         quantize_model(model, quantize)
     return LLM(model=model.eval(), config=config, tokenizer=tok, source=str(path))

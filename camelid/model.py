@@ -53,15 +53,20 @@ def rope_inv_freq(config: LlamaConfig, device: torch.device | str | None = None)
 
 
 class RotaryEmbedding(nn.Module):
-    """Turns positions into the cos/sin tables that rotate q and k; computed per call (cheap: T x d/2)."""
+    """Turns positions into the cos/sin tables that rotate q and k; computed per call (cheap: T x d/2).
+
+    positions [T] (shared by the batch) give tables [T, d]; positions [B, T] (one row per sequence) give
+    [B, 1, T, d], which broadcast over the heads of q and k [B, H, T, d]."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = torch.outer(positions.float(), self.inv_freq)  # [T, d/2], in fp32
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, d]
+        freqs = positions.float()[..., None] * self.inv_freq  # [..., T, d/2], in fp32
+        emb = torch.cat((freqs, freqs), dim=-1)  # [..., T, d]
+        if emb.dim() == 3:
+            emb = emb[:, None]  # [B, 1, T, d]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -82,9 +87,15 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, KV, T, d] at `positions`: [T] for every row, or [B, T] (each row its own slots)."""
         batch = k.shape[0]
-        self.k[:batch].index_copy_(2, positions, k)
-        self.v[:batch].index_copy_(2, positions, v)
+        if positions.dim() == 1:
+            self.k[:batch].index_copy_(2, positions, k)
+            self.v[:batch].index_copy_(2, positions, v)
+        else:
+            index = positions[:, None, :, None].expand_as(k)
+            self.k[:batch].scatter_(2, index, k)
+            self.v[:batch].scatter_(2, index, v)
         return self.k[:batch], self.v[:batch]
 
 
@@ -99,24 +110,12 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
-        self.wqkv: nn.Linear | None = None  # set by fuse(): one product instead of three for inference
-
-    @torch.no_grad()
-    def fuse(self) -> None:
-        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
-        b = torch.cat([self.wq.bias, self.wk.bias, self.wv.bias]) if self.wq.bias is not None else None
-        self.wqkv = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-        self.wqkv.weight.copy_(w)
-        if b is not None:
-            self.wqkv.bias.copy_(b)
-        del self.wq, self.wk, self.wv
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
+        """x [B, T, dim]; positions: where these tokens go in the KV cache (None: no cache); mask: True where a
+        query may see a key, [T, S] or [B, 1, T, S] (None: causal)."""
         B, T, _ = x.shape
-        if self.wqkv is not None:
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2, -1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -137,19 +136,8 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
-        self.w13: nn.Linear | None = None  # set by fuse(): gate and up in one product
-
-    @torch.no_grad()
-    def fuse(self) -> None:
-        w = torch.cat([self.w1.weight, self.w3.weight])
-        self.w13 = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        self.w13.weight.copy_(w)
-        del self.w1, self.w3
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -209,56 +197,57 @@ class Llama(nn.Module):
                                                self.config.head_dim, dtype or p.dtype, p.device)
         self.cache_len = max_seq_len
 
-    def fuse(self) -> None:
-        """Inference only: concatenate wq/wk/wv and w1/w3 so each block does 4 products, not 7. Idempotent."""
-        for block in self.layers:
-            if block.attention.wqkv is None:
-                block.attention.fuse()
-            if block.feed_forward.w13 is None:
-                block.feed_forward.fuse()
-
     def clear_cache(self) -> None:
         for block in self.layers:
             block.attention.kv_cache = None
         self.cache_len = 0
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, *, last_only: bool = False,
-                key_mask: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only); see hidden_states."""
-        x = self.hidden_states(input_ids, positions, key_mask=key_mask)
+        x = self.hidden_states(input_ids, positions, key_mask=key_mask, mask=mask)
         if last_only:
             x = x[:, -1:]
         return self.output(x).float()
 
-    def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None, *,
-                      key_mask: Tensor | None = None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None, *, key_mask: Tensor | None = None,
+                      mask: Tensor | None = None) -> Tensor:
         """input_ids [B, T] -> the final-norm hidden states [B, T, dim] that the output head reads.
 
         Without `positions` this is a plain causal pass over the whole sequence (training, scoring). With
-        `positions` ([T], absolute positions of these tokens) keys and values go through the KV cache, and
-        the step has no data-dependent Python branches, so `torch.compile` can capture it whole.
+        `positions` and a KV cache (`setup_cache`), keys and values go through the cache at those positions:
+        [T] for every row, or [B, T] for rows at different positions (continuous batching); the step has no
+        data-dependent Python branches, so `torch.compile` can capture it whole.
         `key_mask` ([B, cache_len] bool, False at left-padding slots) hides padding in batched generation.
+        `mask` ([B, 1, T, S] bool, True = may attend; S = cache_len with a cache, else T) replaces the causal
+        mask, e.g. a block-diagonal one for packed sequences, whose `positions` [B, T] then restart at 0 per
+        sequence (without a cache, positions only place RoPE).
         """
         B, T = input_ids.shape
+        cache_positions = None
         if positions is None:
             if T > self.config.max_seq_len:
                 raise CamelidError(f"sequence of {T} tokens exceeds the context window of {self.config.max_seq_len}")
-            positions_for_rope, mask, cache_positions = torch.arange(T, device=input_ids.device), None, None
-        else:
-            if self.cache_len == 0:
-                raise CamelidError("positions were given but no KV cache is set up; call model.setup_cache() first")
-            positions_for_rope, cache_positions = positions, positions
-            slots = torch.arange(self.cache_len, device=input_ids.device)
-            mask = positions[:, None] >= slots[None, :]
-            if key_mask is not None:
-                # a padding query may see itself, so no softmax row is empty (that would put NaN in the cache)
-                mask = mask & (key_mask[:, None, None, :] | (positions[:, None] == slots[None, :]))
+            positions = torch.arange(T, device=input_ids.device)
+        elif self.cache_len:
+            cache_positions = positions
+            if mask is None:
+                slots = torch.arange(self.cache_len, device=input_ids.device)
+                mask = positions[..., None] >= slots  # [T, S] or [B, T, S]
+                if key_mask is not None:
+                    # a padding query may see itself, so no softmax row is empty (that would put NaN in the cache)
+                    mask = mask & (key_mask[:, None, :] | (positions[..., None] == slots))
+                if mask.dim() == 3:
+                    mask = mask[:, None]  # [B, 1, T, S]: broadcast over the heads
+        elif mask is None:
+            raise CamelidError("positions were given but no KV cache is set up; call model.setup_cache() first "
+                               "(or pass mask= for a pass without a cache)")
         x = self.tok_embeddings(input_ids)
-        cos, sin = self.rope(positions_for_rope, x.dtype)
+        cos, sin = self.rope(positions, x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, cache_positions, mask)
         return self.norm(x)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """The same after fuse() or quantisation (counted from the config; tests check it against the tensors)."""
+        """The same after fusing or quantising (counted from the config; tests check it against the tensors)."""
         return self.config.num_params(exclude_embeddings)

@@ -4,7 +4,7 @@ The target keeps the longest prefix where its own greedy choice equals the draft
 so the output is the target's greedy output (up to float rounding between a k+1-token pass and single-token
 steps). KV caches never need rolling back: entries past the accepted length are masked by position and
 overwritten on the next pass. The draft can be a smaller model with the same tokenizer, or an int4 copy of
-the target (camelid.quantize.quantize_model(copy.deepcopy(target), "int4")).
+the target (camelid.variants.quantized.quantize_model(copy.deepcopy(target), "int4")).
 """
 
 from __future__ import annotations

@@ -55,3 +55,44 @@ def small_tokenizer(small_corpus, tmp_path_factory) -> Path:
     train_tokenizer([small_corpus / "emma.txt", small_corpus / "pride_and_prejudice.txt"], 512, out,
                     show_progress=False)
     return out / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def cue_examples():
+    """(90 training, 30 test) texts whose label is one cue word among filler (tests/classify_helpers.py)."""
+    from classify_helpers import synthetic_examples
+
+    return synthetic_examples(90, 0), synthetic_examples(30, 1)
+
+
+@pytest.fixture()
+def tiny_llama_dir(tmp_path, cue_examples) -> Path:
+    """A random tiny-mha LLaMA as a Hugging Face folder, with a BPE vocabulary trained on the cue examples."""
+    from classify_helpers import bpe_tokenizer
+
+    from camelid import Llama, LlamaConfig
+    from camelid.interop.hf import save_hf_dir
+
+    train, test = cue_examples
+    (tmp_path / "llama").mkdir()
+    tok = bpe_tokenizer([e.text for e in train + test], tmp_path / "llama")
+    model = Llama(LlamaConfig.from_name("tiny-mha", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id))
+    save_hf_dir(model, tmp_path / "llama")
+    return tmp_path / "llama"
+
+
+@pytest.fixture()
+def tiny_bert_dir(tmp_path, cue_examples) -> Path:
+    """A random 2-layer BERT encoder (no dropout) as a Hugging Face folder, with a WordPiece vocabulary of whole
+    words trained on the cue examples."""
+    from camelid import BertConfig
+    from camelid.bert.model import BertForClassification
+    from camelid.interop.bert_hf import save_bert_hf_dir
+    from camelid.tokenizer.wordpiece import WordPiece
+
+    wp = WordPiece.train([e.text for e in cue_examples[0]], vocab_size=200, min_frequency=1)
+    config = BertConfig.from_name("bert-test", vocab_size=wp.vocab_size, dim=64, intermediate_size=128, dropout=0.0,
+                                  attention_dropout=0.0)
+    save_bert_hf_dir(BertForClassification(config, 2).bert, tmp_path / "bert")
+    wp.save(tmp_path / "bert")
+    return tmp_path / "bert"

@@ -6,7 +6,7 @@ from helpers import peaked_model
 from camelid.batch import generate_batch
 from camelid.errors import CamelidError
 from camelid.generate import SamplingParams, generate
-from camelid.quantize import quantize_model
+from camelid.variants.quantized import quantize_model
 
 PROMPTS = [[1, 5, 9], [1, 42, 7, 100, 3, 8, 11, 2], [1], [1, 200, 13, 14, 15]]
 

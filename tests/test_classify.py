@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from classify_helpers import CUES, synthetic_examples
 
-from camelid import BertConfig, CamelidError, LlamaConfig
-from camelid.bert.model import BertForClassification
+from camelid import CamelidError
 from camelid.classify import (
     BertClassifier,
-    Example,
-    HFTokenizer,
     LlamaClassifier,
-    TrainArgs,
     classification_metrics,
     evaluate_classifier,
     label_set,
@@ -25,17 +20,10 @@ from camelid.classify import (
     new_classifier,
     read_jsonl,
     save_classifier,
-    train_classifier,
     train_test_split,
 )
 from camelid.cli import main
-from camelid.interop.bert_hf import save_bert_hf_dir
-from camelid.interop.hf import save_hf_dir
-from camelid.model import Llama
-from camelid.tokenizer.wordpiece import WordPiece
-
-CUES = {"pos": ["good", "great", "lovely"], "neg": ["bad", "awful", "poor"], "neu": ["okay", "average", "fine"]}
-FILLER = ["the", "room", "was", "food", "and", "staff", "really", "quite", "very", "hotel", "service", "overall"]
+from camelid.train.classify import TrainArgs, train_classifier
 
 
 @pytest.fixture(autouse=True)
@@ -47,47 +35,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def synthetic_examples(n: int, seed: int) -> list[Example]:
-    """The label is given by one cue word hidden among filler words."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        label = list(CUES)[i % 3]
-        words = [rng.choice(FILLER) for _ in range(rng.randint(4, 9))]
-        words.insert(rng.randrange(len(words) + 1), rng.choice(CUES[label]))
-        out.append(Example(" ".join(words), label))
-    return out
-
-
-def word_tokenizer(texts: list[str]) -> HFTokenizer:
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>"]))
-    return HFTokenizer(tok, bos_id=2)
-
-
 @pytest.fixture(scope="module")
-def data():
-    return synthetic_examples(90, 0), synthetic_examples(30, 1)
-
-
-@pytest.fixture()
-def tiny_llama_dir(tmp_path, data):
-    tok = word_tokenizer([e.text for e in data[0] + data[1]] + ["<unk>"])
-    model = Llama(LlamaConfig.from_name("tiny-mha", vocab_size=tok.tokenizer.get_vocab_size(), bos_token_id=2))
-    save_hf_dir(model, tmp_path / "llama")
-    tok.save_pretrained(tmp_path / "llama")
-    return tmp_path / "llama"
-
-
-@pytest.fixture()
-def tiny_bert_dir(tmp_path, data):
-    wp = WordPiece.train([e.text for e in data[0]], vocab_size=200, min_frequency=1)  # whole words
-    config = BertConfig.from_name("bert-test", vocab_size=wp.vocab_size, dim=64, intermediate_size=128, dropout=0.0,
-                                  attention_dropout=0.0)
-    save_bert_hf_dir(BertForClassification(config, 2).bert, tmp_path / "bert")
-    wp.save(tmp_path / "bert")
-    return tmp_path / "bert"
+def data(cue_examples):
+    return cue_examples
 
 
 def test_read_jsonl_and_split(tmp_path):
@@ -124,7 +74,7 @@ def test_llama_last_token_pooling_matches_transformers(tiny_llama_dir):
     with torch.no_grad():
         ref.score.weight.copy_(clf.head.weight)
         batch = clf.batch(["the room was good", "bad", "the food and staff were really quite average overall"])
-        assert (batch["input_ids"] == 0).any()  # padded
+        assert len(set(batch["last"].tolist())) == 3  # three lengths: two of the rows are padded
         expected = ref(input_ids=batch["input_ids"]).logits
         got = clf.eval()(batch)
     assert (got - expected).abs().max() < 1e-5
@@ -134,7 +84,9 @@ def test_bert_finetune_learns_saves_and_loads_in_transformers(tiny_bert_dir, dat
     train, test = data
     clf = new_classifier(tiny_bert_dir, label_set(train))
     assert isinstance(clf, BertClassifier)
-    stats = train_classifier(clf, train, TrainArgs(mode="finetune", epochs=12, lr=1e-3, batch_size=8), quiet=True)
+    # a BERT from random weights sits on a plateau (two classes merged, accuracy 2/3) before it finds the cue
+    # words; 25 epochs leave it room to get off it whatever the data order (12 epochs did for 2 seeds in 3)
+    stats = train_classifier(clf, train, TrainArgs(mode="finetune", epochs=25, lr=1e-3, batch_size=8), quiet=True)
     assert stats["params_trainable"] == stats["params_total"]
     result = evaluate_classifier(clf, test)
     assert result["accuracy"] >= 0.9, result
@@ -172,11 +124,20 @@ def test_llama_probe_freezes_the_backbone(tiny_llama_dir, data, tmp_path):
 
 
 def test_llama_finetune_learns_and_round_trips(tiny_llama_dir, data, tmp_path):
+    """A random 2-layer LLaMA fine-tuned on 90 examples fits them, and finds the cue words well above chance.
+
+    What a correct implementation does on any CPU, not one machine's rounding: it fits the training set (final
+    loss about 0.005 from ln 3 = 1.1, every training example right, for each of 10 seeds); its test accuracy
+    is 0.77 to 0.97 over those seeds (a small model fitted to 90 examples generalises by luck of the draw).
+    0.6 on 30 test examples is 18 right, which a model that learned nothing (chance: 1 in 3) reaches with
+    probability 0.002."""
     train, test = data
     clf = new_classifier(tiny_llama_dir, label_set(train))
-    train_classifier(clf, train, TrainArgs(mode="finetune", epochs=15, lr=3e-3, batch_size=8), quiet=True)
+    stats = train_classifier(clf, train, TrainArgs(mode="finetune", epochs=15, lr=3e-3, batch_size=8), quiet=True)
+    assert stats["final_loss"] < 0.1, stats
+    assert evaluate_classifier(clf, train)["accuracy"] >= 0.95
     result = evaluate_classifier(clf, test)
-    assert result["accuracy"] >= 0.9, result
+    assert result["accuracy"] >= 0.6, result
     out = save_classifier(clf, tmp_path / "ft", mode="finetune")
     assert (out / "backbone" / "config.json").is_file()
     again = load_classifier(out)
@@ -198,7 +159,7 @@ def test_cli_train_eval_predict(tiny_bert_dir, data, tmp_path, capsys):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "clf"
     assert cli("classify", "train", "--data", str(f), "--model", str(tiny_bert_dir), "--out", str(out),
-               "--epochs", "12", "--lr", "1e-3", "--batch-size", "8") == 0
+               "--epochs", "25", "--lr", "1e-3", "--batch-size", "8") == 0
     assert "test accuracy" in capsys.readouterr().out
     assert cli("classify", "eval", "--model", str(out), "--data", str(f)) == 0
     result = json.loads(capsys.readouterr().out)

@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 import transformers
-from test_classify import synthetic_examples, tiny_bert_dir, tiny_llama_dir  # noqa: F401 - fixtures
 
 from camelid import CamelidError
-from camelid.classify import _load_llm
+from camelid.classify import load_llm
 from camelid.cli import main
 from camelid.compare import ARMS, CompareArgs, PromptClassifier, markdown_table, pick_shots, run_compare
 
@@ -24,8 +23,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def data():
-    return synthetic_examples(90, 0), synthetic_examples(30, 1)
+def data(cue_examples):
+    return cue_examples
 
 
 @pytest.fixture()
@@ -37,8 +36,8 @@ def jsonl(tmp_path, data):
     return f
 
 
-def test_label_scores_match_transformers(tiny_llama_dir, data):  # noqa: F811
-    model, tok = _load_llm(tiny_llama_dir)
+def test_label_scores_match_transformers(tiny_llama_dir, data):
+    model, tok = load_llm(tiny_llama_dir)
     labels = ["pos", "neg", "neu"]
     shots = pick_shots(data[0], labels, 3)
     assert sorted(s.label for s in shots) == sorted(labels)
@@ -58,10 +57,10 @@ def test_label_scores_match_transformers(tiny_llama_dir, data):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_all_arms_end_to_end(tiny_llama_dir, tiny_bert_dir, jsonl, tmp_path, monkeypatch):  # noqa: F811
+def test_all_arms_end_to_end(tiny_llama_dir, tiny_bert_dir, jsonl, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = CompareArgs(data=str(jsonl), bert=str(tiny_bert_dir), llm=str(tiny_llama_dir), k_shot=3, max_test=15,
-                       epochs=12, bert_lr=1e-3, llm_lr=3e-3, batch_size=8, max_len=64)
+                       epochs=20, bert_lr=1e-3, llm_lr=3e-3, batch_size=8, max_len=64)
     results = run_compare(args, tmp_path / "out", quiet=True)  # one subprocess per arm
     assert [r["arm"] for r in results] == list(ARMS)
     by_arm = {r["arm"]: r for r in results}
@@ -79,7 +78,7 @@ def test_all_arms_end_to_end(tiny_llama_dir, tiny_bert_dir, jsonl, tmp_path, mon
     assert (tmp_path / "out" / "compare.png").stat().st_size > 5000
 
 
-def test_cli_and_errors(tiny_llama_dir, tiny_bert_dir, jsonl, tmp_path, capsys):  # noqa: F811
+def test_cli_and_errors(tiny_llama_dir, tiny_bert_dir, jsonl, tmp_path, capsys):
     with pytest.raises(CamelidError, match="unknown arm"):
         run_compare(CompareArgs(data=str(jsonl), arms=["gpt-5"]))
     with pytest.raises(SystemExit) as e:

@@ -10,9 +10,10 @@ import torch
 
 from camelid.batch import generate_batch
 from camelid.generate import generate
-from camelid.kernels.step import decode_step
-from camelid.quantize import quantize_model
 from camelid.speculative import speculative_generate
+from camelid.variants.decode_step import decode_step
+from camelid.variants.fused import fuse
+from camelid.variants.quantized import quantize_model
 
 # SmolLM2's ChatML prompts (its own tokenizer, system prompt included) for three questions:
 # "What is the capital of France?", "Write a haiku about camels.", "List three prime numbers."
@@ -40,8 +41,7 @@ def reference(smollm2) -> dict[str, list[int]]:
 
 
 def _dequantised(q: torch.nn.Module, base: torch.nn.Module) -> torch.nn.Module:
-    ref = copy.deepcopy(base)
-    ref.fuse()
+    ref = fuse(copy.deepcopy(base))
     qmods = dict(q.named_modules())
     for name, mod in list(ref.named_modules()):
         if isinstance(mod, torch.nn.Linear):

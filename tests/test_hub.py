@@ -64,3 +64,19 @@ def test_every_loader_resolves_names_paths_and_hub_ids_alike(monkeypatch, tmp_pa
             load("someone/not-cached-anywhere")
         with pytest.raises(CamelidError, match="not a known name"):
             load("no-such-model")
+
+
+def test_a_local_link_that_cannot_be_followed_is_never_sent_to_the_hub(monkeypatch, tmp_path) -> None:
+    import os
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a local path went to the Hugging Face Hub")
+
+    monkeypatch.setattr(hub, "pull_hf_hub", no_network)
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("org")
+    os.symlink("loop", "org/loop")  # a link to itself: exists() is False, but it is a local path
+    os.symlink("missing-target", "org/dangling")
+    for name in ("org/loop", "org/dangling"):
+        with pytest.raises(CamelidError, match="a link that cannot be resolved"):
+            hub.resolve(name)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from camelid import Llama, LlamaConfig, generate
 from camelid.errors import CamelidError
-from camelid.interop.hf import build_model
+from camelid.interop.hf import build_model, config_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,7 +29,7 @@ CONFIGS = {
 
 def hf_twin(cfg: LlamaConfig) -> tuple[torch.nn.Module, Llama]:
     """A random transformers model and a camelid model holding the very same weights."""
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(cfg))).eval()
     # spread the norms away from 1.0 so that a swapped norm would show
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -142,14 +142,15 @@ def test_tied_head_shares_storage_and_counts_once() -> None:
 
 @pytest.mark.parametrize("changes", [{}, {"tie_embeddings": False}, {"qkv_bias": True}, {"head_dim": 12}])
 def test_num_params_counts_the_tensors_and_survives_fusing_and_quantising(changes: dict) -> None:
-    from camelid.quantize import quantize_model
+    from camelid.variants.fused import fuse
+    from camelid.variants.quantized import quantize_model
 
     cfg = LlamaConfig.from_name("tiny-gqa", **changes)
     model = Llama(cfg)
     tensors = sum(p.numel() for p in model.parameters())  # a tied head is one Parameter
     assert model.num_params() == tensors
     assert model.num_params(exclude_embeddings=True) == tensors - cfg.vocab_size * cfg.dim
-    model.fuse()
+    fuse(model)
     assert model.num_params() == tensors
     assert quantize_model(Llama(cfg), "int8").num_params() == tensors
 
@@ -162,6 +163,50 @@ def test_too_long_input_and_missing_cache_are_clear_errors() -> None:
         model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
     with pytest.raises(CamelidError, match="12 tokens plus 8 new tokens exceeds the context window of 16"):
         generate(model, list(range(12)), max_new_tokens=8)
+
+
+def test_rows_at_different_positions_decode_as_they_would_alone() -> None:
+    """Continuous batching: per-row positions [B, T] (each row writes its own cache slots and sees only its own
+    past) give every row the logits of its sequence run alone."""
+    torch.manual_seed(0)
+    model = _small_model()
+    x, y = torch.randint(0, 320, (1, 10)), torch.randint(0, 320, (1, 7))
+    with torch.no_grad():
+        want_x, want_y = model(x)[0], model(y)[0]
+        model.setup_cache(2, 16)
+        # prefill rows of different lengths in one pass: row 1's 3 filler tokens go to slots 13-15, which its
+        # later queries never see (only slots <= their position) until they are overwritten
+        ids = torch.cat([x[:, :6], torch.cat([y[:, :3], torch.zeros(1, 3, dtype=torch.long)], 1)])
+        positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 13, 14, 15]])
+        out = model(ids, positions)
+        got_x, got_y = [out[0]], [out[1, :3]]
+        for t in range(4):  # then row 0 at positions 6..9 while row 1 is at 3..6
+            step = model(torch.stack([x[:, 6 + t], y[:, 3 + t]]), torch.tensor([[6 + t], [3 + t]]))
+            got_x.append(step[0])
+            got_y.append(step[1])
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(got_x), want_x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(got_y), want_y, atol=1e-5, rtol=0)
+
+
+def test_an_explicit_mask_packs_sequences_into_one_row() -> None:
+    """Two sequences in one row, positions restarting at 0 and a block-diagonal causal mask: the logits of each
+    sequence alone (no cache); with a cache, the same mask shape [B, 1, T, S] replaces the causal one."""
+    torch.manual_seed(0)
+    model = _small_model()
+    a, b = torch.randint(0, 320, (1, 5)), torch.randint(0, 320, (1, 9))
+    doc = torch.tensor([0] * 5 + [1] * 9)
+    mask = ((doc[:, None] == doc[None, :]) & torch.ones(14, 14, dtype=torch.bool).tril())[None, None]
+    positions = torch.cat([torch.arange(5), torch.arange(9)])[None]
+    with torch.no_grad():
+        packed = model(torch.cat([a, b], 1), positions, mask=mask)[0]
+        torch.testing.assert_close(packed, torch.cat([model(a)[0], model(b)[0]]), atol=1e-5, rtol=0)
+        model.setup_cache(1, 16)
+        cached = model(torch.cat([a, b], 1), torch.arange(14), mask=torch.nn.functional.pad(mask, (0, 2)))[0]
+        model.clear_cache()
+    torch.testing.assert_close(cached[:5], model(a)[0], atol=1e-5, rtol=0)
+    # b sits at positions 5..13 here: RoPE sees only position differences, so the same logits up to rounding
+    torch.testing.assert_close(cached[5:], model(b)[0], atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ from helpers import peaked_model
 
 from camelid.errors import CamelidError
 from camelid.generate import generate
-from camelid.quantize import quantize_model
 from camelid.speculative import speculative_generate
+from camelid.variants.quantized import quantize_model
 
 PROMPT = [1, 5, 9, 42, 7, 100, 3]
 

@@ -6,8 +6,8 @@ self-attention (padding mask only) -> residual -> LayerNorm -> GELU feed-forward
 
 Heads: `BertForPreTraining` (masked-LM head tied to the token embeddings + next-sentence head) and
 `BertForClassification` ([CLS] pooled -> dropout -> linear). Parameter names mirror `camelid.model` where the
-concept is the same (tok_embeddings, layers.N.attention.wq, feed_forward.w1 ...); Hugging Face names live only
-in `camelid.interop.bert_hf`.
+concept is the same (tok_embeddings, layers.N.attention.wq, feed_forward.w1 ...); Hugging Face names and
+config.json live only in `camelid.interop.bert_hf` (bert_config_from_hf / bert_config_to_hf).
 """
 
 from __future__ import annotations
@@ -63,17 +63,6 @@ class BertConfig:
     @staticmethod
     def names() -> list[str]:
         return list(BERT_PRESETS)
-
-    @classmethod
-    def from_hf(cls, config: dict[str, Any], source: str = "config.json") -> BertConfig:
-        from camelid.interop.bert_hf import bert_config_from_hf
-
-        return bert_config_from_hf(config, source)
-
-    def to_hf(self) -> dict[str, Any]:
-        from camelid.interop.bert_hf import bert_config_to_hf
-
-        return bert_config_to_hf(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,6 +257,18 @@ class BertForPreTraining(nn.Module):
         return self.mlm(hidden if masked is None else hidden[masked]), self.nsp(pooled)
 
 
+IGNORE = -100  # the label of positions that carry no MLM loss (PyTorch's cross_entropy default ignore_index)
+
+
+def pretraining_loss(mlm_logits: Tensor, nsp_logits: Tensor, mlm_labels: Tensor, nsp_labels: Tensor) -> Tensor:
+    """Mean MLM cross-entropy over the chosen positions + mean NSP cross-entropy (transformers'
+    BertForPreTraining loss). mlm_logits/labels: [B, T, vocab]/[B, T] with IGNORE where nothing was chosen, or
+    [n, vocab]/[n] for the chosen positions only."""
+    mlm = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]).float(), mlm_labels.reshape(-1),
+                          ignore_index=IGNORE)
+    return mlm + F.cross_entropy(nsp_logits.float(), nsp_labels)
+
+
 class BertForClassification(nn.Module):
     """[CLS] -> pooler -> dropout -> linear: HF's BertForSequenceClassification."""
 
@@ -286,4 +287,4 @@ class BertForClassification(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
-__all__ = ["Bert", "BertConfig", "BertForClassification", "BertForPreTraining", "MLMHead"]
+__all__ = ["IGNORE", "Bert", "BertConfig", "BertForClassification", "BertForPreTraining", "MLMHead", "pretraining_loss"]

@@ -46,9 +46,9 @@ def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: 
     import torch
 
     from camelid.config import LlamaConfig
-    from camelid.kernels.step import decode_step
     from camelid.model import Llama
-    from camelid.quantize import load_quantized, quantize_model
+    from camelid.variants.decode_step import decode_step
+    from camelid.variants.quantized import load_quantized, quantize_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -239,7 +239,7 @@ def _write_checkpoints(specs: list[dict], folder: str) -> None:
 
     from camelid.config import LlamaConfig
     from camelid.model import Llama
-    from camelid.quantize import quantize_model, save_quantized
+    from camelid.variants.quantized import quantize_model, save_quantized
 
     for s in specs:
         mode = s["precision"].removesuffix("-compile")

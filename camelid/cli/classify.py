@@ -31,19 +31,20 @@ def train(
     limit: int = typer.Option(0, help="Use only the first N training examples (0: all)."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Train a classifier; then report accuracy and macro-F1 on the test split."""
+    """Train a classifier (through the training loop: progress, OUT/training/log.csv and loss.png, scored on the
+    file's dev split if it has one); then report accuracy and macro-F1 on the test split."""
     import torch
 
     from camelid.classify import (
-        TrainArgs,
+        add_to_classifier_json,
+        dev_split,
         evaluate_classifier,
         label_set,
         new_classifier,
         read_jsonl,
-        save_classifier,
-        train_classifier,
         train_test_split,
     )
+    from camelid.train.classify import TrainArgs, train_classifier
 
     torch.manual_seed(seed)
     examples = read_jsonl(data)
@@ -52,11 +53,12 @@ def train(
         train_set = train_set[:limit]
     labels = label_set(examples)
     clf = new_classifier(model, labels, max_len or None)
-    stats = train_classifier(clf, train_set, TrainArgs(mode=mode, epochs=epochs, lr=lr or None,
-                                                       batch_size=batch_size, seed=seed))
+    stats = train_classifier(clf, train_set, TrainArgs(mode=mode, epochs=epochs, lr=lr or None, batch_size=batch_size,
+                                                       seed=seed), dev=dev_split(examples), out=out / "training",
+                             export_dir=out, backbone_source=model)
     result = evaluate_classifier(clf, test_set)
     result.pop("predictions")
-    save_classifier(clf, out, backbone_source=model, mode=mode, extra={"train": stats, "test": result})
+    add_to_classifier_json(out, train=stats, test=result)
     print(json.dumps({"train": stats, "test": result}, indent=2))
     print(f"test accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} on {result['n']} examples; "
           f"saved to {out}")

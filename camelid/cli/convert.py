@@ -7,13 +7,14 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
 import torch
 import typer
 
 from camelid.cli.app import app
 from camelid.errors import CamelidError
+from camelid.llm import model_tokenizer
+from camelid.tokenizer import Tokenizer
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -30,14 +31,10 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _tokenizer_for(path: Path) -> Any:
+def _tokenizer_for(path: Path) -> Tokenizer | None:
     """The source's tokenizer, to carry over; a checkpoint without one still converts (with a note)."""
     try:
-        from camelid.tokenizer import Tokenizer
-    except ImportError:  # the tokenizer package is optional for conversion
-        return None
-    try:
-        return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_dir(path)
+        return model_tokenizer(path)
     except CamelidError as e:
         print(f"note: no tokenizer carried over ({e})", file=sys.stderr)
         return None
@@ -65,12 +62,11 @@ def convert_checkpoint(src: str, dst: Path, to: str, dtype: str | None = None, q
     if to == "gguf":
         from camelid.interop.gguf import save_gguf
 
-        tok = llm.tokenizer if hasattr(llm.tokenizer, "write_gguf") else None
-        vocab_from = src_path if tok is None and src_path.suffix == ".gguf" else None
-        if tok is None and vocab_from is None:
+        tok = llm.tokenizer if llm.tokenizer is not None and llm.tokenizer.kind in ("spm", "bpe") else None
+        if tok is None:
             print(f"warning: {src} has no tokenizer camelid can embed; llama.cpp will refuse {dst.name} "
                   "(camelid and transformers read it)", file=sys.stderr)
-        return save_gguf(llm.model, dst, tokenizer=tok, qtype=qtype, vocab_from=vocab_from)
+        return save_gguf(llm.model, dst, tokenizer=tok, qtype=qtype)
     if to == "meta":
         from camelid.interop.meta import save_meta_dir
 

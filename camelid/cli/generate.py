@@ -27,10 +27,14 @@ QuantizeOpt = typer.Option(
 
 def _load(model: str, quiet: bool, quantize: str) -> Any:
     import camelid
+    from camelid.ops import native
 
     if quantize not in ("none", "fp32", "int8", "int4"):
         raise CamelidError(f"--quantize {quantize!r}: choose one of none, fp32, int8, int4")
     t0 = time.perf_counter()
+    camelid.llm.resolve(model)  # a wrong name is the one line on stderr, before anything else is said
+    if quantize != "none":
+        native.load(wait=False, quiet=quiet)  # never wait on a kernel build: meanwhile PyTorch answers
     llm = camelid.load(model, quantize=None if quantize == "none" else quantize)
     if llm.tokenizer is None:
         raise CamelidError(f"{model}: no tokenizer found beside the weights; text generation needs one")
@@ -38,6 +42,12 @@ def _load(model: str, quiet: bool, quantize: str) -> Any:
         n = llm.config.num_params()
         print(f"camelid: loaded {llm.config.name} ({n / 1e6:.1f}M parameters) from {llm.source} "
               f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        if quantize != "none":
+            from camelid.variants.decode_step import refusal
+
+            why = refusal(llm.model)
+            if why:
+                print(f"camelid: {why}; decoding through the per-layer path", file=sys.stderr)
     return llm
 
 

@@ -1,4 +1,5 @@
-"""`camelid info NAME`: sizes of a model config, computed on the meta device (405B costs nothing)."""
+"""`camelid info NAME`: sizes of a model config, computed on the meta device (405B costs nothing).
+`camelid info --kernels`: which implementation each operation runs on this machine, and why."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from rich.table import Table
 
 from camelid.cli.app import app
 from camelid.config import LlamaConfig
+from camelid.errors import CamelidError
+from camelid.formats import Format, detect
 from camelid.model import Llama
 
 # int8/int4 are weight-only group-wise formats: one fp16 scale per group (int4 adds a zero point)
@@ -40,17 +43,50 @@ def _human(nbytes: float) -> str:
 
 def _resolve(name: str) -> LlamaConfig:
     path = Path(name)
-    if path.is_dir() and (path / "config.json").is_file():
-        return LlamaConfig.from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    if path.is_dir() and detect(path) is Format.HF:
+        from camelid.interop.hf import config_from_hf, read_config
+
+        return config_from_hf(read_config(path), str(path / "config.json"))
     return LlamaConfig.from_name(name)
+
+
+def print_kernels(as_json: bool) -> None:
+    """The implementation of every op on this machine (camelid.ops.implementations) and the C++ decode step's."""
+    from camelid import ops
+    from camelid.ops import native
+
+    rows = {op: (c.impl, c.reason) for op, c in ops.implementations().items()}
+    if native.loaded() is not None:
+        rows["decode step"] = (f"C++ {native.label()}", "the whole batch-1 step of a fused fp32/int8/int4 model in "
+                                                        "one call (camelid.variants.decode_step)")
+    else:
+        rows["decode step"] = ("PyTorch", f"per-layer path: {native.reason()}")
+    cpu = sorted(f for f in native.cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx")))
+    if as_json:
+        print(json.dumps({"cpu_flags": cpu, "isa": native.isa(), "build_dir": str(native.build_dir()),
+                          "ops": {op: {"implementation": i, "reason": r} for op, (i, r) in rows.items()}}, indent=2))
+        return
+    table = Table(title=f"camelid operations on this machine (CPU: {' '.join(cpu) or 'no AVX flags'})")
+    for col in ("op", "implementation", "why"):
+        table.add_column(col)
+    for op, (impl, why) in rows.items():
+        table.add_row(op, impl, why)
+    Console().print(table)
 
 
 @app.command()
 def info(
-    name: str = typer.Argument(..., help="A config name (see `camelid info --list`) or a HF model directory."),
+    name: str | None = typer.Argument(None, help="A config name (see `camelid configs`) or a HF model directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    kernels: bool = typer.Option(False, "--kernels", help="Show which implementation each operation uses here."),
 ) -> None:
-    """Parameter count, weight memory at fp32/bf16/int8/int4 and KV-cache bytes per token."""
+    """Parameter count, weight memory at fp32/bf16/int8/int4 and KV-cache bytes per token (or, with --kernels,
+    the implementation of each operation on this machine)."""
+    if kernels:
+        print_kernels(as_json)
+        return
+    if name is None:
+        raise CamelidError("give a config name or a model directory (`camelid configs` lists the names), or --kernels")
     config = _resolve(name)
     sizes = model_sizes(config)
     if as_json:

@@ -16,9 +16,9 @@ def quantize(
     output: Path = typer.Argument(..., help="output .safetensors file (config in its metadata)"),
     mode: str = typer.Option("int8", help="int8 (one scale per row) or int4 (groups of 32, scale + min)"),
 ) -> None:
-    """Quantise a model's linear weights and save them; load the file with camelid.quantize.load_quantized."""
+    """Quantise a model's linear weights and save them; load the file with camelid.variants.quantized.load_quantized."""
     import camelid.llm
-    from camelid.quantize import quantize_model, save_quantized
+    from camelid.variants.quantized import quantize_model, save_quantized
 
     if mode not in ("int8", "int4"):
         raise CamelidError(f"unknown --mode {mode!r}; choose int8 or int4")

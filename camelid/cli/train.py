@@ -34,11 +34,11 @@ def tokenizer_train(
     min_frequency: int = typer.Option(2, help="Merge only pairs seen at least this often."),
 ) -> None:
     """Train a byte-level BPE tokenizer (Hugging Face tokenizers) and save it as tokenizer.json."""
-    from camelid.tokenizer.train import load_tokenizer, train_tokenizer
+    from camelid.tokenizer import Tokenizer
+    from camelid.tokenizer.train import train_tokenizer
 
     path = train_tokenizer(files, vocab_size, out, special_tokens=special or None, min_frequency=min_frequency)
-    tok = load_tokenizer(path)
-    typer.echo(f"wrote {path} ({tok.get_vocab_size(with_added_tokens=True)} tokens)")
+    typer.echo(f"wrote {path} ({Tokenizer.from_file(path).vocab_size} tokens)")
 
 
 @app.command()
@@ -79,7 +79,7 @@ def prepare(
     else:
         docs = read_documents(sources, field=field, val_files=val_files, val_fraction=val_fraction, seed=seed)
     if objective == "mlm+nsp":
-        from camelid.bert.pretrain import prepare_pairs
+        from camelid.bert.data import prepare_pairs
 
         meta = prepare_pairs([(d.text, d.val) for d in docs], out, vocab_size=vocab_size, tokenizer=tokenizer)
         typer.echo(f"{out}: train {meta['train_sentences']:,} sentences ({meta['train_docs']} documents), "

@@ -29,10 +29,9 @@ def train(
 ) -> None:
     """Train the image encoder and the cross-attention layers (or the projector) of a vision model on
     generated scenes, with the text model frozen; the model is written to OUT/hf."""
-    from camelid.train import load_config
-    from camelid.train import train as run
-    from camelid.train.config import read_config_file
-    from camelid.train.objectives import describe
+    from camelid.train.config import load_config, read_config_file
+    from camelid.train.loop import train as run
+    from camelid.vision.objective import VisionQA
 
     given = read_config_file(config) if config is not None else {}
     defaults = [f"{k}={v}" for k, v in (("objective", "vision"), ("data", "scenes"), ("model", "{}")) if k not in given]
@@ -40,9 +39,9 @@ def train(
     if cfg.objective != "vision":
         raise CamelidError(f"objective is {cfg.objective!r}; `camelid vision train` trains objective vision "
                            "(use `camelid pretrain` for the others)")
-    result = run(cfg, resume=resume, progress=progress)
+    result = run(cfg, resume=resume, progress=progress, objective=VisionQA)
     typer.echo(f"done: {result.steps} steps in {result.seconds / 60:.1f} min, train loss {result.final_loss:.4f}; "
-               f"{describe(cfg, result.val_metrics)}; the model is in {result.out / 'hf'}")
+               f"{VisionQA.describe(result.val_metrics)}; the model is in {cfg.export_path}")
 
 
 @vision_app.command("scenes")

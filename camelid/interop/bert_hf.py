@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from camelid.bert.model import Bert, BertConfig, BertForClassification, BertForPreTraining
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write, atomic_write_text
-from camelid.interop.hf import _weight_files, iter_tensors, read_config
+from camelid.interop.hf import iter_tensors, read_config, weight_files
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
@@ -231,7 +231,7 @@ def load_bert_hf_dir(path: str | os.PathLike, task: str = "auto", num_labels: in
     target = _wrap(model)
     expected = target.state_dict()
     state: dict[str, Tensor] = {}
-    files = _weight_files(path)
+    files = weight_files(path)
     for file in files:
         for hf_name, t in iter_tensors(file):
             name = hf_to_camelid_name(hf_name)

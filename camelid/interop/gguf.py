@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from camelid.config import LlamaConfig, RopeScaling
+from camelid.config import ConfigError, LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
+from camelid.formats import gguf_value, open_gguf
 from camelid.interop.hf import build_model, hf_state_dict
 from camelid.interop.meta import from_interleaved, to_interleaved
 from camelid.model import Llama, rope_inv_freq
@@ -65,31 +66,19 @@ def hf_to_gguf_name(name: str) -> str:
 # reading
 
 
-def _open(path: Path) -> gguf.GGUFReader:
-    if not path.is_file():
-        raise CamelidError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise CamelidError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); check the path")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - the reader raises ValueError/IndexError/... on short files
-        raise CamelidError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e}); "
-                           "re-download or re-convert it") from None
-
-
-def _value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _f32(x: float) -> float:
-    """GGUF stores floats as float32: print them back as the decimal they were written from (1e-05, not 9.99e-06)."""
+def _f32(x: Any) -> Any:
+    """GGUF stores floats as float32: print them back as the decimal they were written from (1e-05, not 9.99e-06).
+    Anything but a number is passed on for LlamaConfig to refuse."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return x
     return float(f"{float(x):.7g}")
+
+
+# LlamaConfig fields under their GGUF keys ({arch}. in front), to name the file's own key in errors
+GGUF_FIELD_NAMES = {"dim": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
+                    "n_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+                    "intermediate_size": "feed_forward_length", "norm_eps": "attention.layer_norm_rms_epsilon",
+                    "rope_theta": "rope.freq_base", "max_seq_len": "context_length"}
 
 
 def rope_scaling_from_freqs(factors: np.ndarray, config: LlamaConfig, source: str,
@@ -113,21 +102,25 @@ def rope_scaling_from_freqs(factors: np.ndarray, config: LlamaConfig, source: st
                             original_max_seq_len=int(round(slope * (high - 1.0))))
     else:
         guess = RopeScaling(factor=factor)  # Meta's published 1 / 4 / 8192
-    mine = base / rope_inv_freq(config.replace(rope_scaling=guess)).double().numpy()
+    not_llama31 = CamelidError(f"{source}: rope_freqs are not Llama 3.1-style frequency scaling; camelid cannot "
+                               "run this rotary variant")
+    try:
+        mine = base / rope_inv_freq(config.replace(rope_scaling=guess)).double().numpy()
+    except CamelidError:  # the fit gave parameters no Llama 3.1 scaling has
+        raise not_llama31 from None
     if not np.allclose(mine, factors, rtol=1e-4):
-        raise CamelidError(f"{source}: rope_freqs are not Llama 3.1-style frequency scaling; camelid cannot run "
-                           "this rotary variant")
+        raise not_llama31
     return guess
 
 
 def config_from_gguf(reader: gguf.GGUFReader, source: str) -> LlamaConfig:
-    arch = _value(reader, "general.architecture")
+    arch = gguf_value(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise CamelidError(f"{source}: GGUF architecture {arch!r} is not supported; camelid loads "
                            f"{', '.join(ARCHITECTURES)}")
 
     def need(key: str) -> Any:
-        value = _value(reader, f"{arch}.{key}")
+        value = gguf_value(reader, f"{arch}.{key}")
         if value is None:
             raise CamelidError(f"{source}: missing GGUF metadata {arch}.{key}; the file is incomplete, re-convert it")
         return value
@@ -135,46 +128,50 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> LlamaConfig:
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise CamelidError(f"{source}: no token_embd.weight tensor; the file is incomplete, re-convert it")
-    dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = int(_value(reader, f"{arch}.attention.key_length") or dim // n_heads)
-    rot = _value(reader, f"{arch}.rope.dimension_count")
-    if rot is not None and int(rot) != head_dim:
-        raise CamelidError(f"{source}: rotary embedding on {rot} of {head_dim} head dims (partial RoPE) is not "
-                           "supported by camelid's llama model")
-    kind = _value(reader, f"{arch}.rope.scaling.type", "none")
+    kind = gguf_value(reader, f"{arch}.rope.scaling.type", "none")
     if kind not in ("none", None):
         raise CamelidError(f"{source}: rope scaling type {kind!r} is not supported; camelid runs unscaled RoPE "
                            "and Llama 3.1 scaling")
-    kv = _value(reader, f"{arch}.attention.head_count_kv", n_heads)
-    if isinstance(kv, list):
+    n_heads = need("attention.head_count")
+    kv = gguf_value(reader, f"{arch}.attention.head_count_kv", n_heads)
+    if isinstance(kv, list) or isinstance(n_heads, list):
         raise CamelidError(f"{source}: per-layer head counts are not supported")
     try:
         config = LlamaConfig(
             name=source and Path(source).stem,
             vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml shape is [dim, vocab]
-            dim=dim,
-            n_layers=int(need("block_count")),
+            dim=need("embedding_length"),
+            n_layers=need("block_count"),
             n_heads=n_heads,
-            n_kv_heads=int(kv),
-            head_dim=head_dim,
-            intermediate_size=int(need("feed_forward_length")),
+            n_kv_heads=kv,
+            head_dim=gguf_value(reader, f"{arch}.attention.key_length"),
+            intermediate_size=need("feed_forward_length"),
             norm_eps=_f32(need("attention.layer_norm_rms_epsilon")),
-            rope_theta=_f32(_value(reader, f"{arch}.rope.freq_base", 10000.0)),
-            max_seq_len=int(_value(reader, f"{arch}.context_length", 2048)),
+            rope_theta=_f32(gguf_value(reader, f"{arch}.rope.freq_base", 10000.0)),
+            max_seq_len=gguf_value(reader, f"{arch}.context_length", 2048),
             tie_embeddings="output.weight" not in tensors,
             qkv_bias=arch == "qwen2",
-            bos_token_id=_value(reader, "tokenizer.ggml.bos_token_id"),
-            eos_token_id=_value(reader, "tokenizer.ggml.eos_token_id"),
+            bos_token_id=gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=gguf_value(reader, "tokenizer.ggml.eos_token_id"),
         )
-    except CamelidError as e:
-        raise CamelidError(f"{source}: {e}") from None
+    except ConfigError as e:  # name the file's own key
+        key = f"{arch}.{GGUF_FIELD_NAMES[e.field]}" if e.field in GGUF_FIELD_NAMES else e.field
+        raise CamelidError(f"{source}: {key} {e.problem}") from None
+    rot = gguf_value(reader, f"{arch}.rope.dimension_count")
+    if rot is not None and rot != config.head_dim:
+        raise CamelidError(f"{source}: rotary embedding on {rot} of {config.head_dim} head dims (partial RoPE) is not "
+                           "supported by camelid's llama model")
     if "rope_freqs.weight" in tensors:
         given = None
         key = "camelid.rope.scaling"
-        if _value(reader, f"{key}.factor") is not None:
-            given = RopeScaling(*(_f32(_value(reader, f"{key}.{k}"))
+        if gguf_value(reader, f"{key}.factor") is not None:
+            given = RopeScaling(*(_f32(gguf_value(reader, f"{key}.{k}"))
                                   for k in ("factor", "low_freq_factor", "high_freq_factor")),
-                                original_max_seq_len=int(_value(reader, f"{key}.original_context_length")))
+                                original_max_seq_len=gguf_value(reader, f"{key}.original_context_length"))
+            try:
+                config.replace(rope_scaling=given)  # checked like every other field
+            except CamelidError as e:
+                raise CamelidError(f"{source}: {key}: {e}") from None
         config.rope_scaling = rope_scaling_from_freqs(_dequantize(tensors["rope_freqs.weight"], source), config,
                                                       source, given)
     return config
@@ -220,42 +217,30 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
               device: torch.device | str = "cpu") -> tuple[LlamaConfig, Llama]:
     """Read a llama/qwen2 GGUF file into a camelid model (dequantised to fp32, or to `dtype`)."""
     path = Path(path)
-    reader = _open(path)
+    reader = open_gguf(path)
     source = str(path)
-    config = config_from_gguf(reader, source)
     try:
+        config = config_from_gguf(reader, source)
         model = build_model(config, _gguf_tensors(reader, config, source), source, dtype=dtype, device=device)
-    except (ValueError, IndexError, OSError) as e:
-        if isinstance(e, CamelidError):
-            raise
-        raise CamelidError(f"{source}: corrupt or truncated GGUF file ({type(e).__name__}: {e}); "
+    except CamelidError:
+        raise
+    except (ValueError, IndexError, OSError, OverflowError, TypeError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise CamelidError(f"{source}: corrupt or truncated GGUF file ({type(e).__name__}: {detail}); "
                            "re-download or re-convert it") from None
     return config, model
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """All key/values of a GGUF file except the (long) vocabulary arrays, for inspection and tests."""
-    reader = _open(Path(path))
-    return {k: _value(reader, k) for k in reader.fields
+    reader = open_gguf(path)
+    return {k: gguf_value(reader, k) for k in reader.fields
             if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                          "tokenizer.ggml.scores")}
 
 
 # ---------------------------------------------------------------------------------------------------
 # writing
-
-
-def copy_vocab_from_gguf(writer: gguf.GGUFWriter, source: str | os.PathLike) -> None:
-    """Stopgap until camelid's Tokenizer.write_gguf is available: copy every tokenizer.* key/value of a GGUF file."""
-    reader = _open(Path(source))
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
-        else:
-            writer.add_key_value(key, field.contents(), vtype)
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:
@@ -279,11 +264,11 @@ def _rope_freqs(config: LlamaConfig) -> np.ndarray:
 
 
 def save_gguf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, qtype: str = "f32",
-              vocab_from: str | os.PathLike | None = None, progress: bool = True) -> Path:
+              progress: bool = True) -> Path:
     """Write `model` as a GGUF file llama.cpp runs (f32, f16 or q8_0), atomically.
 
-    The vocabulary comes from `tokenizer.write_gguf(writer)`; without a tokenizer, `vocab_from` (a GGUF file)
-    lends its tokenizer.* metadata. llama.cpp refuses files without a vocabulary; camelid reads them.
+    The vocabulary comes from `tokenizer.write_gguf(writer)` (a camelid Tokenizer). llama.cpp refuses files
+    without a vocabulary; camelid reads them.
     """
     if qtype not in QTYPES:
         raise CamelidError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(QTYPES)}")
@@ -307,10 +292,8 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, q
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
-    if tokenizer is not None and hasattr(tokenizer, "write_gguf"):
+    if tokenizer is not None:
         tokenizer.write_gguf(writer)
-    elif vocab_from is not None:
-        copy_vocab_from_gguf(writer, vocab_from)
     else:
         if config.bos_token_id is not None:
             writer.add_bos_token_id(config.bos_token_id)
@@ -345,5 +328,5 @@ def save_gguf(model: Llama, path: str | os.PathLike, *, tokenizer: Any = None, q
     return path
 
 
-__all__ = ["ARCHITECTURES", "QTYPES", "config_from_gguf", "copy_vocab_from_gguf", "gguf_to_hf_name", "load_gguf",
-           "read_metadata", "save_gguf"]
+__all__ = ["ARCHITECTURES", "QTYPES", "config_from_gguf", "gguf_to_hf_name", "load_gguf", "read_metadata",
+           "save_gguf"]

@@ -18,9 +18,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from camelid.config import LlamaConfig, RopeScaling
+from camelid.config import ConfigError, LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write, atomic_write_text
+from camelid.formats import read_json_object
 from camelid.model import Llama, rope_inv_freq
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -29,9 +30,21 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # config.json
 
 
+# camelid's LlamaConfig fields under their config.json names, to name the file's own key in errors
+HF_FIELD_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                  "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps",
+                  "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
+                  "rope_scaling.original_max_seq_len": "rope_scaling.original_max_position_embeddings"}
+_CAMELID_NAME = re.compile(r"\b(" + "|".join(re.escape(k) for k in HF_FIELD_NAMES) + r")\b")
+
+
 def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfig:
-    """Map a Hugging Face LlamaForCausalLM config.json dict to a LlamaConfig, or say what is wrong."""
+    """Map a Hugging Face LlamaForCausalLM config.json dict to a LlamaConfig, or say what is wrong (every field is
+    checked for type and range by LlamaConfig; errors name config.json's own keys)."""
+    if not isinstance(d, dict):
+        raise CamelidError(f"{source}: holds a JSON {type(d).__name__}, not an object; fix or re-download it")
     archs = d.get("architectures") or []
+    archs = archs if isinstance(archs, list) else [archs]
     model_type = d.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "qwen2") or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
         name = archs[0] if archs else model_type
@@ -44,20 +57,6 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfi
             raise CamelidError(f"{source}: missing required field {key!r}; add it to the config")
         return d[key]
 
-    dim, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
-    n_kv_heads = int(d.get("num_key_value_heads") or n_heads)
-    head_dim = d.get("head_dim")
-    if head_dim is None:
-        if dim % n_heads:
-            raise CamelidError(
-                f"{source}: hidden_size {dim} is not divisible by num_attention_heads {n_heads} "
-                "and no head_dim is given"
-            )
-        head_dim = dim // n_heads
-    if n_heads % n_kv_heads:
-        raise CamelidError(
-            f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}"
-        )
     if d.get("mlp_bias"):
         raise CamelidError(f"{source}: mlp_bias=true is not supported (no released LLaMA uses it)")
     if d.get("attention_bias") and model_type != "qwen2":
@@ -69,6 +68,8 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfi
     # transformers >= 5 may write rope settings under "rope_parameters"
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling") or (params if isinstance(params, dict) else None)
+    if scaling is not None and not isinstance(scaling, dict):
+        raise CamelidError(f"{source}: rope_scaling = {scaling!r} must be an object or null")
     if scaling and rope_theta is None:
         rope_theta = scaling.get("rope_theta")
     rope_scaling = None
@@ -76,36 +77,38 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> LlamaConfi
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "llama3":
             rope_scaling = RopeScaling(
-                factor=float(scaling["factor"]),
-                low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-                original_max_seq_len=int(scaling.get("original_max_position_embeddings", 8192)),
+                factor=scaling.get("factor"),
+                low_freq_factor=scaling.get("low_freq_factor", 1.0),
+                high_freq_factor=scaling.get("high_freq_factor", 4.0),
+                original_max_seq_len=scaling.get("original_max_position_embeddings", 8192),
             )
         elif kind != "default":
             raise CamelidError(f"{source}: rope_scaling type {kind!r} is not supported; camelid supports 'llama3'")
 
+    n_heads = need("num_attention_heads")
     try:
-        config = LlamaConfig(
-            name=d.get("_name_or_path") or "custom",
-            vocab_size=int(need("vocab_size")),
-            dim=dim,
-            n_layers=int(need("num_hidden_layers")),
+        return LlamaConfig(
+            name=str(d.get("_name_or_path") or "custom"),
+            vocab_size=need("vocab_size"),
+            dim=need("hidden_size"),
+            n_layers=need("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
-            head_dim=head_dim,
-            intermediate_size=int(need("intermediate_size")),
-            norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            n_kv_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=d.get("head_dim"),
+            intermediate_size=need("intermediate_size"),
+            norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta if rope_theta is not None else 10000.0,
             rope_scaling=rope_scaling,
-            max_seq_len=int(d.get("max_position_embeddings", 2048)),
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_seq_len=d.get("max_position_embeddings", 2048),
+            tie_embeddings=d.get("tie_word_embeddings", False),
             qkv_bias=model_type == "qwen2",
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
         )
-    except CamelidError as e:  # contradictions caught by LlamaConfig itself
-        raise CamelidError(f"{source}: {e}") from None
-    return config
+    except ConfigError as e:  # name config.json's keys, not camelid's
+        field = HF_FIELD_NAMES.get(e.field, e.field)
+        problem = _CAMELID_NAME.sub(lambda m: HF_FIELD_NAMES[m.group(1)], e.problem)
+        raise CamelidError(f"{source}: {field} {problem}") from None
 
 
 def config_to_hf(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -248,20 +251,21 @@ def read_config(path: Path) -> dict[str, Any]:
     file = path / "config.json"
     if not file.is_file():
         raise CamelidError(f"{path}: no config.json; is this a Hugging Face model directory?")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CamelidError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it") from None
+    return read_json_object(file)
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face folder (its shard index's, else model.safetensors or every
+    *.safetensors; a legacy pytorch_model.bin last), each checked to exist."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CamelidError(f"{index}: unreadable shard index ({e}); re-download it") from None
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
+            names = [str(f) for f in dict.fromkeys(read_json_object(index)["weight_map"].values())]
+        except (KeyError, AttributeError, TypeError) as e:
+            raise CamelidError(f"{index}: unreadable shard index ({type(e).__name__}: {e}); re-download it") from None
+        if any(Path(f).name != f for f in names):
+            raise CamelidError(f"{index}: a shard name is a path, not a file name in this folder; re-download it")
+        files = [path / f for f in names]
         for f in files:
             if not f.is_file():
                 raise CamelidError(f"{index}: lists shard {f.name} which is missing; download every shard")
@@ -299,7 +303,7 @@ def load_hf_dir(path: str | os.PathLike, dtype: torch.dtype | None = None,
     path = Path(path)
     config = config_from_hf(read_config(path), str(path / "config.json"))
     config.name = path.name
-    files = _weight_files(path)
+    files = weight_files(path)
     source = str(files[0]) if len(files) == 1 else f"{path} (safetensors shards)"
     tensors = (pair for file in files for pair in iter_tensors(file))  # streamed: one tensor in flight
     return config, build_model(config, tensors, source, dtype=dtype, device=device)
@@ -310,7 +314,7 @@ def plain_state_dict(model: Llama) -> dict[str, Tensor]:
     format has wqkv / w13 tensors."""
     state = model.state_dict()
     if "layers.0.attention.wqkv.weight" in state or "layers.0.feed_forward.w13.weight" in state:
-        raise CamelidError("the model has fused projections (model.fuse()); save it before fusing")
+        raise CamelidError("the model has fused projections (camelid.variants.fused.fuse); save it before fusing")
     return state
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from camelid.config import LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write, atomic_write_text
+from camelid.formats import read_json_object
 from camelid.interop.hf import build_model, camelid_to_hf_name, plain_state_dict
 from camelid.model import Llama
 
@@ -81,6 +82,16 @@ def config_from_params(params: dict[str, Any], vocab_size: int, source: str) -> 
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise CamelidError(f"{source}: missing required field {key!r}; is this a Meta params.json?")
+    numbers = {k: int for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size",
+                                "max_seq_len")} | {k: float for k in ("norm_eps", "rope_theta", "ffn_dim_multiplier",
+                                                                       "rope_scaling_factor")}
+    for key, kind in numbers.items():
+        value = params.get(key)
+        ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
+        if value is not None and (isinstance(value, bool) or not ok):
+            raise CamelidError(f"{source}: {key} = {value!r} must be {'an integer' if kind is int else 'a number'}")
+    if int(params.get("multiple_of", 256)) < 1:
+        raise CamelidError(f"{source}: multiple_of = {params['multiple_of']} must be at least 1")
     dim, n_heads = int(params["dim"]), int(params["n_heads"])
     scaled = bool(params.get("use_scaled_rope", False))
     rope_scaling = None
@@ -111,6 +122,8 @@ def config_from_params(params: dict[str, Any], vocab_size: int, source: str) -> 
         )
     except CamelidError as e:
         raise CamelidError(f"{source}: {e}") from None
+    except (OverflowError, ValueError) as e:  # e.g. ffn_dim_multiplier: Infinity
+        raise CamelidError(f"{source}: a size field is out of range ({e}); fix or re-download params.json") from None
 
 
 def params_from_config(config: LlamaConfig) -> dict[str, Any]:
@@ -211,11 +224,7 @@ def load_meta_dir(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     params_file = path / "params.json"
     if not params_file.is_file():
         raise CamelidError(f"{path}: no params.json; is this a Meta checkpoint directory?")
-    try:
-        params = json.loads(params_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CamelidError(f"{params_file}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it") \
-            from None
+    params = read_json_object(params_file)
     files = _shard_files(path)
     shards = [_load_shard(f) for f in files]
     emb = shards[0].get("tok_embeddings.weight")

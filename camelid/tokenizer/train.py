@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from camelid.errors import CamelidError
-from camelid.train.data import text_files
+from camelid.fileio import atomic_write, text_files
+from camelid.tokenizer.base import Tokenizer
 
 EOS = "<|endoftext|>"
 CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
@@ -34,9 +35,8 @@ def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Pat
                     special_tokens: list[str] | None = None, min_frequency: int = 2,
                     show_progress: bool = True) -> Path:
     """Train byte-level BPE on `files` and write out_dir/tokenizer.json (+ tokenizer_config.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    from camelid.fileio import atomic_write
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
     specials = list(dict.fromkeys(special_tokens if special_tokens is not None else DEFAULT_SPECIALS))
     if not specials:
@@ -46,7 +46,7 @@ def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Pat
         raise CamelidError(f"vocab size {vocab_size} is below the {floor} that the 256 bytes and "
                            f"{len(specials)} special tokens need; choose a larger --vocab-size")
     paths = text_files(list(files))
-    tok = Tokenizer(models.BPE())
+    tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -69,25 +69,12 @@ def train_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str | Pat
     return out / "tokenizer.json"
 
 
-def load_tokenizer(path: str | Path):
-    """A `tokenizers.Tokenizer` from tokenizer.json (or a folder holding one), with a clear error if absent."""
-    from tokenizers import Tokenizer
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise CamelidError(f"{p}: no tokenizer.json; train one with `camelid tokenizer train`")
-    try:
-        return Tokenizer.from_file(str(p))
-    except Exception as e:  # noqa: BLE001 - the Rust side raises a generic Exception
-        raise CamelidError(f"{p}: not a valid tokenizer.json ({' '.join(str(e).split())[:200]})") from None
-
-
-def eos_id(tok, path: str | Path = "tokenizer.json") -> int:
-    """The id of the document separator: <|endoftext|> if present, else </s> or <eos>."""
+def separator_id(tok: Tokenizer, source: str | Path = "tokenizer.json") -> int:
+    """The id of the token that ends each document in prepared data: <|endoftext|> if present, else </s>,
+    <eos>, <|end_of_text|>, else the tokenizer's EOS."""
     for name in (EOS, "</s>", "<eos>", "<|end_of_text|>"):
-        i = tok.token_to_id(name)
-        if i is not None:
-            return i
-    raise CamelidError(f"{path}: the tokenizer has no end-of-text token ({EOS}); retrain it with that special token")
+        if name in tok.special_tokens:
+            return tok.special_tokens[name]
+    if tok.eos_id is not None:
+        return tok.eos_id
+    raise CamelidError(f"{source}: the tokenizer has no end-of-text token ({EOS}); retrain it with that special token")

@@ -1,36 +1,111 @@
-"""Build Hugging Face `tokenizers` objects from raw vocabularies (GGUF arrays, SentencePiece pieces).
+"""What a tokenizer backend hands the `Tokenizer`, and the `tokenizers` pipelines built from raw vocabularies.
 
-Two recipes, the ones llama.cpp implements natively and HF's converters produce:
-- SentencePiece-style BPE ("llama" in GGUF): ▁ for spaces (and one in front of the text), merges ordered
-  by the score of the merged piece, unknown bytes as <0xNN> tokens;
-- byte-level BPE ("gpt2" in GGUF): the pre-tokenizer regexes of `tokenizer.ggml.pre`, GPT-2's byte alphabet.
+A backend (hf_json, sentencepiece, tiktoken, gguf) reads a file into a `Vocabulary`: the encoder object and
+the facts camelid needs beside it (special ids, token types, chat template). The recipes below turn raw
+vocabularies into Hugging Face `tokenizers` objects, the ones llama.cpp implements natively and HF's
+converters produce:
+- SentencePiece-style BPE ("llama" in GGUF): ▁ for spaces (and one in front of the text), merges ordered by
+  the score of the merged piece, unknown bytes as <0xNN> tokens;
+- byte-level BPE ("gpt2" in GGUF): the pre-tokenizer regexes of `tokenizer.ggml.pre`, GPT-2's byte alphabet;
+- WordPiece (BERT's vocab.txt): BERT's normaliser and splitter, greedy longest-match word pieces.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from camelid.errors import CamelidError
-from camelid.tokenizer import (
-    _IGNORE_MERGES,
-    CONTROL,
-    NORMAL,
-    PRE_TOKENIZER_REGEXES,
-    UNKNOWN,
-    USER_DEFINED,
-    Tokenizer,
-)
+
+# GGUF token types (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# end-of-generation tokens llama.cpp recognises by their text (llama-vocab.cpp, special_eog_ids)
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                      "<|end_of_text|>", "<EOT>", "<end_of_utterance>")
+
+# Pre-tokenizer regexes by GGUF `tokenizer.ggml.pre`, applied in sequence (each splits the pieces of the
+# previous one, keeping matches and gaps), as llama.cpp's llm_tokenizer_bpe does. Taken from the
+# tokenizer.json files of the models (HF) and llama.cpp's llama-vocab.cpp.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_REGEXES: dict[str, list[str]] = {
+    "gpt-2": [GPT2_REGEX],
+    # llama.cpp's fall-back for BPE vocabularies without a known pre-tokenizer
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"],
+    "llama-bpe": [LLAMA3_REGEX],
+    "llama3": [LLAMA3_REGEX],
+    "qwen2": [QWEN2_REGEX],
+    # SmolLM/StarCoder: every digit on its own, then GPT-2's regex
+    "smollm": [r"\p{N}", GPT2_REGEX],
+    "starcoder": [r"\p{N}", GPT2_REGEX],
+}
+# llama.cpp's llama3 pre-tokenizer also looks a whole word up in the vocabulary before merging
+IGNORE_MERGES = frozenset({"llama-bpe", "llama3"})
+
+# BERT's special tokens, in the order of their ids in the published vocabularies' conventions ([PAD] first)
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def _vocab_dict(tokens: list[str]) -> dict[str, int]:
+@dataclass
+class Vocabulary:
+    """A tokenizer as read from a file: its encoder and what camelid must know beside it.
+
+    `kind` says how it tokenises: "spm" (SentencePiece-style BPE), "bpe" (byte-level BPE), "wordpiece" (BERT),
+    "wordlevel" or "unigram" (tokenizer.json files of other models; encode/decode only)."""
+
+    kind: str
+    hf: Any = None  # a tokenizers.Tokenizer
+    tiktoken: Any = None  # a tiktoken.Encoding (Llama 3's tokenizer.model)
+    pre: str | None = None  # the GGUF pre-tokenizer name, for byte-level BPE
+    bos_id: int | None = None
+    eos_id: int | None = None
+    unk_id: int | None = None
+    pad_id: int | None = None
+    add_bos: bool = False
+    chat_template: str | None = None
+    token_types: list[int] | None = None
+    scores: list[float] | None = None
+    max_len: int | None = None  # the longest input the model takes (BERT's 512), when the files say
+
+    def id_of(self, token: str) -> int | None:
+        """The id of a token string, or None when the vocabulary has no such token."""
+        if self.hf is not None:
+            return self.hf.token_to_id(token)
+        try:
+            return self.tiktoken.encode_single_token(token)
+        except KeyError:
+            return None
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (the byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def vocab_dict(tokens: list[str]) -> dict[str, int]:
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)  # a few vocabularies repeat a piece; the first id wins, as in llama.cpp
     return vocab
 
 
-def _add_specials(hf: Any, tokens: list[str], types: list[int]) -> None:
+def add_specials(hf: Any, tokens: list[str], types: list[int]) -> None:
+    """Control and unknown tokens as special added tokens, user-defined ones as plain added tokens: both are
+    matched whole in the text before the model splits it."""
     from tokenizers import AddedToken
 
     special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True)
@@ -59,13 +134,13 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
 
 def build_spm(tokens: list[str], scores: list[float], types: list[int], *, add_space_prefix: bool = True,
               split_words: bool = False) -> Any:
-    """`split_words`: SentencePiece models trained without allow_whitespace_only_pieces cut the text before
-    every ▁ before merging (Llama's allow them, and llama.cpp never cuts)."""
+    """SentencePiece-style BPE. `split_words`: SentencePiece models trained without allow_whitespace_only_pieces
+    cut the text before every ▁ before merging (Llama's allow them, and llama.cpp never cuts)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers
 
     unk = next((tokens[i] for i, t in enumerate(types) if t == UNKNOWN), None)
-    hf = HFTokenizer(models.BPE(_vocab_dict(tokens), spm_merges(tokens, scores, types), unk_token=unk,
+    hf = HFTokenizer(models.BPE(vocab_dict(tokens), spm_merges(tokens, scores, types), unk_token=unk,
                                 fuse_unk=True, byte_fallback=True))
     replace = normalizers.Replace(" ", "▁")
     # Prepend puts the dummy space in front of every text fragment, also after a special token, as llama.cpp
@@ -77,131 +152,69 @@ def build_spm(tokens: list[str], scores: list[float], types: list[int], *, add_s
     if add_space_prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     hf.decoder = decoders.Sequence(steps)
-    _add_specials(hf, tokens, types)
+    add_specials(hf, tokens, types)
     return hf
 
 
-def build_bpe(tokens: list[str], types: list[int], merges: list[tuple[str, str]], *, pre: str) -> Any:
+def build_bpe(tokens: list[str], types: list[int], merges: list[tuple[str, str]], *, pre: str,
+              source: str = "the vocabulary") -> Any:
+    """Byte-level BPE with the pre-tokenizer regexes llama.cpp uses for `pre` (tokenizer.ggml.pre)."""
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     if pre not in PRE_TOKENIZER_REGEXES:
-        raise CamelidError(f"unknown byte-level BPE pre-tokenizer {pre!r} (tokenizer.ggml.pre); camelid knows "
-                           f"{', '.join(PRE_TOKENIZER_REGEXES)}")
-    hf = HFTokenizer(models.BPE(_vocab_dict(tokens), merges, ignore_merges=pre in _IGNORE_MERGES))
+        raise CamelidError(f"{source}: unknown byte-level BPE pre-tokenizer {pre!r} (tokenizer.ggml.pre); camelid "
+                           f"knows {', '.join(PRE_TOKENIZER_REGEXES)}")
+    try:
+        hf = HFTokenizer(models.BPE(vocab_dict(tokens), merges, ignore_merges=pre in IGNORE_MERGES))
+    except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception (a merge of unknown pieces)
+        detail = " ".join(str(e).split())[:160]
+        raise CamelidError(f"{source}: the merges do not fit the tokens ({detail}); the vocabulary is "
+                           "damaged") from None
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_REGEXES[pre]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
-    _add_specials(hf, tokens, types)
+    add_specials(hf, tokens, types)
     return hf
 
 
-# ---- GGUF ----------------------------------------------------------------------------------------------------
+def bert_pipeline(hf: Any, *, lowercase: bool = True, strip_accents: bool | None = None) -> Any:
+    """BERT's recipe around a WordPiece model: clean control characters, split CJK characters, lowercase and
+    strip accents for uncased models; split on whitespace and punctuation; '##' marks continuations."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                               strip_accents=strip_accents, lowercase=lowercase)
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece(prefix="##")
+    return hf
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+def bert_specials(hf: Any, source: str = "the vocabulary") -> dict[str, int]:
+    """BERT's special tokens marked special (ids unchanged: "[MASK]" in a text stays one token, decode can skip
+    them), and [CLS] A [SEP] / [CLS] A [SEP] B [SEP] around texts, B's tokens in segment 1. Returns their ids."""
+    from tokenizers import processors
+
+    ids = {t: hf.token_to_id(t) for t in BERT_SPECIAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise CamelidError(f"{source}: the vocabulary has no {missing[0]} token; a BERT vocabulary needs "
+                           f"{', '.join(BERT_SPECIAL_TOKENS)}")
+    hf.add_special_tokens(list(BERT_SPECIAL_TOKENS))
+    hf.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    return ids
 
 
-def read_gguf_metadata(path: Path, prefix: str = "") -> dict[str, Any]:
-    """The key/value metadata of a GGUF file (keys starting with `prefix`), without reading tensors.
+def build_wordpiece(tokens: list[str], *, lowercase: bool = True, strip_accents: bool | None = None,
+                    source: str = "vocab.txt") -> Any:
+    """BERT's WordPiece tokenizer from the lines of a vocab.txt (the line number is the id)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
 
-    gguf.GGUFReader parses every array element into its own numpy view, which takes seconds for a 150k-token
-    vocabulary; this reads the header sequentially (arrays of numbers in one numpy call)."""
-    import mmap
-    import struct
-
-    import numpy as np
-
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise CamelidError(f"{path}: not a GGUF file (bad magic); pass a .gguf model or vocabulary")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version < 2:
-            raise CamelidError(f"{path}: GGUF version {version} is too old; re-convert it with a current llama.cpp")
-        pos = 24
-
-        def string() -> str:
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            pos += 8 + n
-            return buf[pos - n:pos].decode("utf-8", errors="replace")
-
-        def value(kind: int) -> Any:
-            nonlocal pos
-            if kind == 8:
-                return string()
-            if kind == 9:
-                elem, n = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if elem in _NUMPY:
-                    arr = np.frombuffer(buf, dtype=_NUMPY[elem], count=n, offset=pos).copy()
-                    pos += arr.nbytes
-                    return arr.tolist()
-                return [value(elem) for _ in range(n)]
-            fmt = _SCALARS[kind]
-            (v,) = struct.unpack_from(fmt, buf, pos)
-            pos += struct.calcsize(fmt)
-            return v
-
-        out: dict[str, Any] = {}
-        try:
-            for _ in range(n_kv):
-                key = string()
-                (kind,) = struct.unpack_from("<I", buf, pos)
-                pos += 4
-                v = value(kind)
-                if key.startswith(prefix):
-                    out[key] = v
-        except (struct.error, KeyError, ValueError) as e:
-            raise CamelidError(f"{path}: truncated or corrupt GGUF metadata ({type(e).__name__}); "
-                               "re-download or re-convert it") from e
-    return out
-
-
-def read_gguf_vocab(path: Path) -> dict[str, Any]:
-    """The `tokenizer.*` keys of a GGUF file as plain Python values."""
-    if not path.is_file():
-        raise CamelidError(f"{path}: no such GGUF file; check the path")
-    f = read_gguf_metadata(path, "tokenizer.")
-    if "tokenizer.ggml.model" not in f or "tokenizer.ggml.tokens" not in f:
-        raise CamelidError(f"{path}: has no embedded vocabulary (tokenizer.ggml.* keys); pass the model's "
-                           "tokenizer.json folder instead")
-    tokens = f["tokenizer.ggml.tokens"]
-    out: dict[str, Any] = {
-        "model": f["tokenizer.ggml.model"],
-        "pre": f.get("tokenizer.ggml.pre", "default"),
-        "tokens": tokens,
-        "types": f.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens)),
-        "scores": f.get("tokenizer.ggml.scores"),
-        "merges": f.get("tokenizer.ggml.merges", []),
-        "chat_template": f.get("tokenizer.chat_template"),
-    }
-    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "add_bos_token",
-                "add_space_prefix"):
-        out[key] = f.get(f"tokenizer.ggml.{key}")
-    return out
-
-
-def tokenizer_from_gguf(path: Path) -> Tokenizer:
-    v = read_gguf_vocab(path)
-    tokens, types, kind = v["tokens"], v["types"], v["model"]
-    if kind == "llama":
-        scores = v["scores"] or [0.0] * len(tokens)
-        add_space_prefix = True if v["add_space_prefix"] is None else bool(v["add_space_prefix"])
-        hf = build_spm(tokens, scores, types, add_space_prefix=add_space_prefix)
-        add_bos_default, ours, pre = True, "spm", None
-    elif kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in v["merges"]]
-        pre = v["pre"] or "default"
-        hf = build_bpe(tokens, types, merges, pre=pre)
-        # llama.cpp adds BOS by default only for Llama 3 style vocabularies
-        add_bos_default, ours, scores = pre in _IGNORE_MERGES, "bpe", v["scores"]
-    else:
-        raise CamelidError(f"{path}: GGUF vocabulary kind {kind!r} (tokenizer.ggml.model) is not supported; "
-                           "camelid reads 'llama' (SentencePiece) and 'gpt2' (byte-level BPE)")
-    add_bos = add_bos_default if v["add_bos_token"] is None else bool(v["add_bos_token"])
-    return Tokenizer(hf, kind=ours, pre=pre, bos_id=v["bos_token_id"], eos_id=v["eos_token_id"],
-                     unk_id=v["unknown_token_id"], pad_id=v["padding_token_id"], add_bos=add_bos,
-                     chat_template=v["chat_template"], token_types=types, scores=scores)
+    hf = HFTokenizer(models.WordPiece(vocab_dict(tokens), unk_token="[UNK]", max_input_chars_per_word=100))
+    bert_pipeline(hf, lowercase=lowercase, strip_accents=strip_accents)
+    bert_specials(hf, source)
+    return hf

@@ -1,7 +1,7 @@
 """TrainConfig: every knob of a pretraining run in one dataclass, loaded from YAML or TOML plus overrides.
 
 A config file is a flat mapping of TrainConfig fields; `model` is either a preset name (see
-`camelid info --list`) or a mapping of LlamaConfig fields (optionally with `preset:` to start from one);
+`camelid configs`) or a mapping of LlamaConfig fields (optionally with `preset:` to start from one);
 with objective mlm+nsp, a BERT preset name (bert-mini, ...) or a mapping of BertConfig fields.
 Overrides are `key=value` strings; the value is parsed as YAML, so `lr=3e-4`, `compile=true` and
 `model.dim=128` all do what they look like.
@@ -27,14 +27,17 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-# next-token prediction (LLaMA); masked-LM + next-sentence prediction (BERT); questions about pictures
-# (a frozen LLaMA joined to an image encoder: camelid/vision/objective.py)
-OBJECTIVES = ("clm", "mlm+nsp", "vision")
+# what `camelid pretrain` trains from a prepared data folder: next-token prediction (LLaMA); masked-LM +
+# next-sentence prediction (BERT). Other objectives (a classifier's fine-tuning) are handed to the loop by their
+# callers (camelid/train/objectives.py).
+OBJECTIVES = ("clm", "mlm+nsp")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
 class TrainConfig:
-    # what is trained: clm (a LLaMA, next-token prediction) or mlm+nsp (a BERT: masked-LM + next sentence)
+    # what is trained: clm (a LLaMA, next-token prediction) or mlm+nsp (a BERT: masked-LM + next sentence);
+    # `classify` is recorded here when camelid.train.classify fine-tunes a classifier through the loop
     objective: str = "clm"
     # where things are
     data: str = "data"  # a folder written by `camelid prepare` (with the same --objective)
@@ -47,10 +50,11 @@ class TrainConfig:
     block_size: int = 256  # tokens per sequence (mlm+nsp: the most tokens of a sentence pair)
     grad_accum: int = 1  # micro-batches per optimizer step, per process
     max_steps: int = 1000
-    # AdamW with linear warmup then cosine decay to min_lr
+    # AdamW with linear warmup from 0, then lr_schedule down to min_lr at the last step
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # cosine, linear, or constant (stays at lr after the warmup)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -71,7 +75,11 @@ class TrainConfig:
     log_interval: int = 10  # progress-bar refresh; the CSV gets every step
     checkpoint_interval: int = 100
     keep_checkpoints: int = 2
-    export: bool = True  # write a Hugging Face folder (out/hf) at the end
+    export: bool = True  # write a Hugging Face folder at the end
+    export_dir: str = ""  # where the export goes; empty: out/hf
+    # stop after this much wall time (evaluation included) with the schedule decayed: max_steps shrinks to the
+    # steps that fit, re-estimated every step (one process only; such a run's length depends on the machine)
+    time_budget_s: float = 0.0
     seed: int = 1337
     peak_flops: float = 0.0  # per device, for MFU; 0: a table for known GPUs, a measured fp32 matmul peak on CPU
 
@@ -124,9 +132,12 @@ class TrainConfig:
             return BertConfig.from_name(str(preset), **spec)
         return BertConfig(**spec)
 
+    @property
+    def export_path(self) -> Path:
+        return Path(self.export_dir) if self.export_dir else Path(self.out) / "hf"
+
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise CamelidError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        """The settings every objective shares (the objective's name is checked where it is looked up)."""
         for name in ("batch_size", "block_size", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise CamelidError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -136,6 +147,10 @@ class TrainConfig:
             raise CamelidError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.min_lr > self.lr:
             raise CamelidError(f"min_lr {self.min_lr} is above lr {self.lr}; lower min_lr")
+        if self.lr_schedule not in SCHEDULES:
+            raise CamelidError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.time_budget_s < 0:
+            raise CamelidError(f"time_budget_s must be 0 (none) or a number of seconds, got {self.time_budget_s}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

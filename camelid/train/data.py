@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from camelid.errors import CamelidError
-from camelid.fileio import atomic_write, iter_jsonl, read_json_or_none
+from camelid.fileio import atomic_write, iter_jsonl, read_json_or_none, text_files
 
 META_VERSION = 1
 _PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this many characters
@@ -51,22 +51,6 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
         if not isinstance(record, dict) or field not in record:
             raise CamelidError(f"{path}:{n}: no field {field!r}; choose the text field with --field")
         yield str(record[field])
-
-
-def text_files(paths: list[str | Path], suffixes: tuple[str, ...] = (".txt", ".md")) -> list[Path]:
-    """Files as given, directories expanded (recursively, sorted) to their text files."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
-            if not found:
-                raise CamelidError(f"{p}: no {'/'.join(suffixes)} files in this directory")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise CamelidError(f"{p}: no such file or directory")
-    return out
 
 
 def read_documents(paths: list[str | Path], field: str = "text", val_files: list[str] | None = None,
@@ -132,7 +116,7 @@ _worker_tok: Any = None
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tok
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core is our parallelism
-    from tokenizers import Tokenizer
+    from camelid.tokenizer import Tokenizer
 
     _worker_tok = Tokenizer.from_file(tokenizer_path)
 
@@ -157,7 +141,7 @@ def split_pieces(text: str, size: int = _PIECE_CHARS) -> list[str]:
 
 
 def _encode(text: str) -> list[int]:
-    return _worker_tok.encode(text, add_special_tokens=False).ids
+    return _worker_tok.encode(text)
 
 
 def _fingerprint(docs: list[Document], tokenizer_bytes: bytes) -> str:
@@ -185,17 +169,20 @@ def prepare(docs: list[Document], tokenizer_path: str | Path, out_dir: str | Pat
     """Encode `docs` into out_dir/{train,val}.bin; returns the metadata (also written to meta.json)."""
     from tqdm import tqdm
 
-    from camelid.tokenizer.train import eos_id, load_tokenizer
+    from camelid.tokenizer import Tokenizer
+    from camelid.tokenizer.train import separator_id
 
     if not docs:
         raise CamelidError("no documents to prepare; check the input paths")
     tokenizer_path = Path(tokenizer_path)
     if tokenizer_path.is_dir():
         tokenizer_path = tokenizer_path / "tokenizer.json"
-    tok = load_tokenizer(tokenizer_path)
+    if not tokenizer_path.is_file():
+        raise CamelidError(f"{tokenizer_path}: no tokenizer.json; train one with `camelid tokenizer train`")
+    tok = Tokenizer.from_file(tokenizer_path)
     tok_bytes = tokenizer_path.read_bytes()
-    eos = eos_id(tok, tokenizer_path)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    eos = separator_id(tok, tokenizer_path)
+    vocab_size = tok.vocab_size
     dtype = token_dtype(vocab_size)
     fingerprint = _fingerprint(docs, tok_bytes)
     out = Path(out_dir)

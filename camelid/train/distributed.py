@@ -58,9 +58,14 @@ def teardown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
-    """DDP: a full replica per process, gradients all-reduced. FSDP2: parameters sharded per block and
-    gathered just in time. Both wrap from the outside; the model class never knows."""
+def world_size() -> int:
+    """Processes in the run (1 outside torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def wrap(model: nn.Module, mode: str, info: DistInfo, blocks: nn.ModuleList | None = None) -> nn.Module:
+    """DDP: a full replica per process, gradients all-reduced. FSDP2: parameters sharded per block (`blocks`)
+    and gathered just in time. Both wrap from the outside; the model class never knows."""
     if not info.enabled:
         return model
     if mode == "ddp":
@@ -71,7 +76,7 @@ def wrap(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
-    for block in model.layers:
+    for block in blocks if blocks is not None else []:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the root holds the embedding, final norm and (tied) output head
     return model

@@ -1,10 +1,10 @@
-"""The pretraining loop, top to bottom (in the spirit of nanoGPT), for every objective (camelid/train/objectives.py:
-a LLaMA's next-token prediction, or BERT's masked-LM + next-sentence prediction).
+"""The training loop, top to bottom (in the spirit of nanoGPT), for every objective (camelid/train/objectives.py:
+a LLaMA's next-token prediction, BERT's masked-LM + next-sentence prediction, a text classifier's fine-tuning).
 
 One optimizer step = grad_accum micro-batches per process x world_size processes. Micro-batch g of step s
-(g counted across all processes) is drawn from (seed, s, g) alone, so a run split over 2 processes sees
-the same tokens as one process accumulating 2 micro-batches, and a resumed run sees what it would have
-seen had it never stopped.
+(g counted across all processes) is drawn from (seed, s, g) alone, and so is the torch RNG state its forward
+pass starts from (dropout), so a run split over 2 processes sees the same data and masks as one process
+accumulating 2 micro-batches, and a resumed run sees what it would have seen had it never stopped.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as recompute
@@ -29,7 +30,7 @@ from camelid.train import checkpoint as ckpt
 from camelid.train import distributed as D
 from camelid.train.config import TrainConfig
 from camelid.train.flops import gpu_peak, measure_matmul_peak
-from camelid.train.objectives import autocast, get_objective
+from camelid.train.objectives import Objective, ObjectiveFactory, autocast, get_objective
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "val_loss", "val_bpb", "tokens", "elapsed_s", "tokens_per_s", "mfu"]
 
@@ -43,13 +44,27 @@ def log_fields(val_fields: list[str]) -> list[str]:
 # pieces
 
 
-def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup from 0, then cosine decay to min_ratio (the formula of transformers'
-    get_cosine_with_min_lr_schedule_with_warmup)."""
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float, schedule: str = "cosine") -> float:
+    """Linear warmup from 0, then down to min_ratio at max_steps: "cosine" (the formula of transformers'
+    get_cosine_with_min_lr_schedule_with_warmup), "linear", or "constant" (no decay)."""
     if step < warmup:
         return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
     return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The torch RNG seed micro-batch `index` of step `step` starts from: its dropout masks depend on these alone."""
+    return int(np.random.SeedSequence([seed, step, index, 1]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def steps_that_fit(budget_s: float, spent_s: float, done: int, seconds_per_step: float, max_steps: int) -> int:
+    """The last step a time budget reaches at the current pace (never before `done`, never past max_steps)."""
+    return max(done, min(max_steps, done + int((budget_s - spent_s) / max(seconds_per_step, 1e-9))))
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
@@ -137,7 +152,7 @@ class CsvLog:
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # optimizer steps done (fewer than max_steps when a time budget ended the run)
     final_loss: float
     val_loss: float
     val_bpb: float  # nan for mlm+nsp
@@ -151,24 +166,31 @@ class TrainResult:
 # the loop
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          objective: ObjectiveFactory | None = None) -> TrainResult:
+    """Train what `objective` (a factory called with (cfg, device); default: the one cfg.objective names)
+    builds, writing logs, plot, checkpoints and the export under cfg.out."""
     cfg.validate()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     info = D.setup(cfg.device)
     try:
-        result = _train(cfg, info, resume, progress)
+        result = _train(cfg, info, resume, progress, objective or get_objective)
         D.barrier(info)  # no rank tears the process group down while another is still in a collective
         return result
     finally:
         D.teardown(info)
 
 
-def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> TrainResult:
+def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
+           make_objective: ObjectiveFactory) -> TrainResult:
     from tqdm import tqdm
 
     device, out = info.device, Path(cfg.out)
-    objective = get_objective(cfg, device)  # the data, and what is trained on it
+    if cfg.time_budget_s and info.enabled:
+        raise CamelidError("time_budget_s needs one process (each would stop at its own step); under torchrun "
+                           "set max_steps instead")
+    objective: Objective = make_objective(cfg, device)  # the data, and what is trained on it
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(out)
@@ -177,23 +199,29 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
     # the model, identical on every process (same seed), then wrapped for DDP / FSDP2
     torch.manual_seed(cfg.seed)
     raw = objective.build_model().to(device)
-    if cfg.activation_checkpointing:
-        use_activation_checkpointing(objective.blocks(raw))
+    blocks = objective.blocks(raw)
+    if cfg.activation_checkpointing and blocks is not None:
+        use_activation_checkpointing(blocks)
     fsdp = info.enabled and cfg.distributed == "fsdp"
-    model = D.wrap(raw, cfg.distributed, info)  # `raw` itself when there is one process
+    model = D.wrap(raw, cfg.distributed, info, blocks)  # `raw` itself when there is one process
     compile_opt = compiles_optimizer(cfg, device, fsdp)
     optimizer = build_optimizer(model, cfg, device, compiled=compile_opt)
-    schedule = functools.partial(lr_factor, warmup=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                 min_ratio=cfg.min_lr / cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    horizon = cfg.max_steps  # the step the schedule ends at; a time budget may bring it closer
+    min_ratio = cfg.min_lr / cfg.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, horizon, min_ratio, cfg.lr_schedule))
 
-    start = 0
+    start, spent_before = 0, 0.0
     if resume:
-        start = _restore(out, raw, model, optimizer, scheduler, fsdp)
+        state = _restore(out, raw, model, optimizer, scheduler, fsdp)
+        start = int(state["step"])
         match_optimizer_step(optimizer, scheduler, compile_opt)
         if start >= cfg.max_steps:
             raise CamelidError(f"the checkpoint is at step {start}, already at max_steps {cfg.max_steps}; "
                                "raise max_steps to train further")
+        if cfg.time_budget_s:  # the budget counts the time before the interruption too
+            horizon = min(cfg.max_steps, int(state.get("horizon", cfg.max_steps)))
+            spent_before = float(state.get("train_seconds", 0.0))
     forward = torch.compile(model) if cfg.compile else model
     optimizer_step = torch.compile(optimizer.step) if compile_opt else optimizer.step
 
@@ -203,30 +231,31 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
     peak = (cfg.peak_flops or (gpu_peak(device) if device.type == "cuda" else None) or
             measure_matmul_peak(device)) * info.world_size
     sampler = objective.sampler() if cfg.sample_interval and info.is_main and not fsdp else None
-    fields = log_fields(objective.log_fields)
-    log = CsvLog(out / "log.csv", start if resume else None, fields) if info.is_main else None
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True,
+    log = CsvLog(out / "log.csv", start if resume else None, log_fields(objective.log_fields)) if info.is_main else None
+    bar = tqdm(total=horizon, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=not (progress and info.is_main))
+    n_params = sum(p.numel() for p in raw.parameters())  # tied weights are counted once
     if info.is_main:
-        n_params = sum(p.numel() for p in raw.parameters())  # tied weights are counted once
         bar.write(f"model {n_params / 1e6:.2f}M parameters, {tok_per_step} tokens/step, "
                   f"{info.world_size} process(es) on {device.type}" + (f" ({cfg.distributed})" if info.enabled else ""))
         if cfg.eval_interval and (intro := objective.intro()):
             bar.write(intro)
 
     t_start = time.perf_counter()
-    loss_value, val_metrics = float("nan"), {}
+    loss_value, val_metrics, done = float("nan"), {}, start
     model.train()
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
         lr = float(scheduler.get_last_lr()[0])  # a tensor when the optimizer step is compiled
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            last = micro == cfg.grad_accum - 1
-            batch = objective.batch(step, info.rank * cfg.grad_accum + micro)
-            with _sync(model, info, fsdp, last), autocast(cfg, device):
+            last_micro = micro == cfg.grad_accum - 1
+            index = info.rank * cfg.grad_accum + micro
+            torch.manual_seed(micro_batch_seed(cfg.seed, step, index))
+            batch = objective.batch(step, index)
+            with _sync(model, info, fsdp, last_micro), autocast(cfg, device):
                 loss = objective.loss(forward, batch)
-            with _sync(model, info, fsdp, last):
+            with _sync(model, info, fsdp, last_micro):
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -234,12 +263,17 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         optimizer_step()
+        done = step + 1
+        if cfg.time_budget_s:  # the schedule decays to the last step that fits, re-estimated at every step
+            now = time.perf_counter() - t_start
+            horizon = steps_that_fit(cfg.time_budget_s, spent_before + now, done, now / (done - start), cfg.max_steps)
+            bar.total = horizon
+        last = done >= horizon
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = D.all_mean(loss_sum / cfg.grad_accum, info).item()
         if not math.isfinite(loss_value):
-            raise CamelidError(f"the loss became {loss_value} at step {step + 1}; lower lr or raise warmup_steps")
-        done = step + 1
+            raise CamelidError(f"the loss became {loss_value} at step {done}; lower lr or raise warmup_steps")
         dt = time.perf_counter() - t0
         mfu = flops_tok * tok_per_step / dt / peak
         # repr() writes the shortest string that reads back to the same float: resumed runs compare bitwise
@@ -248,38 +282,42 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool) -> 
                                "elapsed_s": f"{time.perf_counter() - t_start:.3f}",
                                "tokens_per_s": f"{tok_per_step / dt:.1f}", "mfu": f"{mfu:.4f}"}
 
-        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.max_steps):
+        if cfg.eval_interval and (done % cfg.eval_interval == 0 or last):
             # the last evaluation always covers the whole validation split
-            val_metrics = objective.evaluate(raw, full=done == cfg.max_steps)
+            val_metrics = objective.evaluate(raw, full=last)
             row.update({k: repr(v) for k, v in val_metrics.items()})
             if info.is_main:
                 bar.write(f"step {done}: train loss {loss_value:.4f}, {objective.describe(val_metrics)}")
-        if sampler is not None and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.max_steps):
+        if sampler is not None and (done % cfg.sample_interval == 0 or last):
             text = sampler(raw, done)
             bar.write(f"--- sample at step {done} ---\n{text}\n---")
             with open(out / "samples.txt", "a") as fh:
                 fh.write(f"--- step {done} ---\n{text}\n")
         if log is not None:
             log.write(row)
-        if done % max(1, cfg.log_interval) == 0 or done == cfg.max_steps:
+        if done % max(1, cfg.log_interval) == 0 or last:
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_per_step / dt:,.0f}",
                             mfu=f"{100 * mfu:.1f}%", refresh=False)
         bar.update(1)
-        if cfg.checkpoint_interval and (done % cfg.checkpoint_interval == 0 or done == cfg.max_steps):
-            _save(out, done, raw, model, optimizer, scheduler, cfg, info, fsdp)
+        if cfg.checkpoint_interval and (done % cfg.checkpoint_interval == 0 or last):
+            spent = spent_before + time.perf_counter() - t_start
+            _save(out, done, raw, model, optimizer, scheduler, cfg, info, fsdp, {"horizon": horizon,
+                                                                                  "train_seconds": spent})
+        if last:
+            break
     bar.close()
     seconds = time.perf_counter() - t_start
     if info.is_main and log is not None:
         log.close()
         from camelid.train.plot import plot_log
 
-        plot_log(out / "log.csv", out / "loss.png", references=objective.references or None,
-                 title=f"{raw.config.name}: {n_params / 1e6:.2f}M parameters")
+        plot_log(out / "log.csv", out / "loss.png", metric=objective.plot_metric,
+                 references=objective.references or None, title=f"{objective.name}: {n_params / 1e6:.2f}M parameters")
     if cfg.export:
-        _export(out, raw, model, objective, info, fsdp)
+        _export(raw, model, objective, info, fsdp)
     nan = float("nan")
-    return TrainResult(cfg.max_steps, loss_value, val_metrics.get("val_loss", nan), val_metrics.get("val_bpb", nan),
-                       cfg.max_steps * tok_per_step, seconds, out, val_metrics)
+    return TrainResult(done, loss_value, val_metrics.get("val_loss", nan), val_metrics.get("val_bpb", nan),
+                       done * tok_per_step, seconds, out, val_metrics)
 
 
 def _sync(model: nn.Module, info: D.DistInfo, fsdp: bool, last: bool) -> contextlib.AbstractContextManager:
@@ -307,11 +345,11 @@ def _full_states(raw: nn.Module, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def _save(out: Path, step: int, raw: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-          scheduler: Any, cfg: TrainConfig, info: D.DistInfo, fsdp: bool) -> None:
+          scheduler: Any, cfg: TrainConfig, info: D.DistInfo, fsdp: bool, extra: dict[str, Any]) -> None:
     model_state, optim_state = _full_states(raw, model, optimizer, fsdp)  # every process takes part under FSDP
     if info.is_main:
         train_state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                       "rng": ckpt.rng_state(), "world_size": info.world_size}
+                       "rng": ckpt.rng_state(), "world_size": info.world_size, **extra}
         meta = {"tokens": step * cfg.batch_size * cfg.block_size * cfg.grad_accum * info.world_size,
                 "config": cfg.to_dict()}
         ckpt.save(out, step, model_state, train_state, meta, keep=cfg.keep_checkpoints)
@@ -319,7 +357,8 @@ def _save(out: Path, step: int, raw: nn.Module, model: nn.Module, optimizer: tor
 
 
 def _restore(out: Path, raw: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             fsdp: bool) -> int:
+             fsdp: bool) -> dict[str, Any]:
+    """Load the latest checkpoint into the model, optimizer, scheduler and RNGs; returns its train state."""
     path = ckpt.latest(out)
     weights, state, _meta = ckpt.load(path)
     expected = set(raw.state_dict())
@@ -336,8 +375,7 @@ def _restore(out: Path, raw: nn.Module, model: nn.Module, optimizer: torch.optim
                        options=StateDictOptions(full_state_dict=True))
     else:
         device = next(raw.parameters()).device
-        raw.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)
-        raw.tie_weights()
+        raw.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)  # in place: ties hold
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
@@ -345,7 +383,7 @@ def _restore(out: Path, raw: nn.Module, model: nn.Module, optimizer: torch.optim
                                "config and number of processes") from None
     scheduler.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(state["rng"])
-    return int(state["step"])
+    return state
 
 
 def _tied_names(raw: nn.Module) -> set[str]:
@@ -358,8 +396,8 @@ def _tied_names(raw: nn.Module) -> set[str]:
     return tied
 
 
-def _export(out: Path, raw: nn.Module, model: nn.Module, objective: Any, info: D.DistInfo, fsdp: bool) -> None:
-    """The final weights as a Hugging Face folder (out/hf), with the tokenizer beside them."""
+def _export(raw: nn.Module, model: nn.Module, objective: Objective, info: D.DistInfo, fsdp: bool) -> None:
+    """The final weights, written by the objective where users load them from (cfg.export_path)."""
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -367,5 +405,5 @@ def _export(out: Path, raw: nn.Module, model: nn.Module, objective: Any, info: D
     else:
         state = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
     if info.is_main:
-        objective.export(raw, state, out / "hf")
+        objective.export(raw, state)
     D.barrier(info)

@@ -1,12 +1,16 @@
-"""What `camelid pretrain` trains, chosen by `objective`: the pieces of the loop that depend on the model.
+"""What the training loop trains: the pieces of a run that depend on the model and its data.
 
-    clm       next-token prediction for a LLaMA, on token shards from `camelid prepare`
-    mlm+nsp   BERT's masked-LM (15%, 80/10/10) + next-sentence prediction (50% random), on sentence pairs from
-              `camelid prepare --objective mlm+nsp`
+    clm        next-token prediction for a LLaMA, on token shards from `camelid prepare`
+    mlm+nsp    BERT's masked-LM (15%, 80/10/10) + next-sentence prediction (50% random), on sentence pairs from
+               `camelid prepare --objective mlm+nsp`
+    classify   a text classifier (BERT or LLaMA backbone + linear head) on labelled examples, the whole model
+               or only its head over frozen features (camelid.train.classify builds it from the examples)
 
-An objective builds the model, draws micro-batch `index` of step `step` from (seed, step, index) alone (so
-exact resume holds for both), computes the loss, evaluates on the held-out split, and exports a Hugging Face
-folder. The loop (camelid/train/loop.py) does everything else the same way for both.
+Each is an `Objective`: it builds the model, draws micro-batch `index` of step `step` from (seed, step, index)
+alone (so exact resume and "2 processes = 1 process accumulating 2 micro-batches" hold for all), computes the
+loss, evaluates on held-out data, and exports the trained model. The loop (camelid/train/loop.py) does
+everything else the same way for all of them; a new objective (SFT, LoRA, DPO, distillation) is one more class
+here, handed to `train(cfg, objective=...)` or registered by name in KINDS.
 """
 
 from __future__ import annotations
@@ -14,18 +18,81 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camelid.errors import CamelidError
+from camelid.train import distributed as D
 from camelid.train.config import OBJECTIVES, TrainConfig
 
+if TYPE_CHECKING:
+    from camelid.classify import Example, TextClassifier
+
 Batch = Any  # whatever an objective's batch() returns and its loss() reads
+
+
+class Objective(Protocol):
+    """What the loop needs from an objective. Attributes: `name` (the model, for the plot's title),
+    `log_fields` (the validation metrics evaluate() returns, as log.csv columns; val_loss first), `plot_metric`
+    ((log field, axis label) drawn beside the loss), `references` (dashed lines on that panel, e.g. a baseline)."""
+
+    name: str
+    log_fields: list[str]
+    plot_metric: tuple[str, str]
+    references: dict[str, float]
+
+    def build_model(self) -> nn.Module:
+        """The module to train (its parameters that require grad are optimised). Called once, after
+        torch.manual_seed(cfg.seed), so a fresh initialisation is the same on every process."""
+        ...
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList | None:
+        """The repeated blocks: recomputed in backward (activation_checkpointing), sharded one by one (FSDP)."""
+        ...
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token slot (batch_size x block_size per micro-batch): the MFU numerator."""
+        ...
+
+    def batch(self, step: int, index: int) -> Batch:
+        """Micro-batch `index` (counted across processes: 0 .. grad_accum x world_size - 1) of optimizer step
+        `step`, drawn from (cfg.seed, step, index) alone, on the device."""
+        ...
+
+    def loss(self, forward: nn.Module, batch: Batch) -> Tensor:
+        """The scalar loss of one micro-batch; `forward` is the model as the loop calls it (DDP, compiled)."""
+        ...
+
+    def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
+        """Validation metrics (log_fields at least; more go to TrainResult.val_metrics only). `full`: all of the
+        validation data (the last evaluation), else its first cfg.eval_tokens."""
+        ...
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        """The validation metrics in words, for the log."""
+        ...
+
+    def intro(self) -> str:
+        """A line printed before training (e.g. a baseline's score; it may set `references`), or ''."""
+        ...
+
+    def sampler(self) -> Callable[[nn.Module, int], str] | None:
+        """(model, step) -> text printed every sample_interval steps, or None."""
+        ...
+
+    def export(self, model: nn.Module, state: dict[str, Tensor]) -> Path:
+        """Write the trained model where users load it from (cfg.export_path) and return that path. `state` holds
+        the final weights (gathered from every process under FSDP)."""
+        ...
+
+
+ObjectiveFactory = Callable[[TrainConfig, torch.device], Objective]
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -43,7 +110,8 @@ class CausalLM:
     """Next-token prediction on random windows of the token shards; validation loss and bits per byte."""
 
     log_fields = ["val_loss", "val_bpb"]
-    references: dict[str, float] = {}  # horizontal lines on the validation plot
+    plot_metric = ("val_bpb", "bits per byte")
+    references: dict[str, float] = {}
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         from camelid.train.data import TokenShards
@@ -60,9 +128,10 @@ class CausalLM:
                                                                                 else {}):
             mcfg = mcfg.replace(bos_token_id=data.meta["eos_id"], eos_token_id=data.meta["eos_id"])
         self.model_config = mcfg
+        self.name = mcfg.name
 
     def build_model(self) -> nn.Module:
-        from camelid.train.fast import TrainLlama
+        from camelid.variants.training import TrainLlama
 
         return TrainLlama(self.model_config)  # Llama's parameters and function, computed faster for training
 
@@ -118,21 +187,22 @@ class CausalLM:
 
     def sampler(self) -> Callable[[nn.Module, int], str]:
         """A sample generation from the prompt, for the log and out/samples.txt."""
-        from camelid.tokenizer.train import load_tokenizer
+        from camelid.tokenizer import Tokenizer
 
-        tokenizer = load_tokenizer(self.cfg.tokenizer or self.data.dir / "tokenizer.json")
+        tokenizer = Tokenizer.load(self.cfg.tokenizer or self.data.dir / "tokenizer.json")
         return lambda model, step: sample_text(model, tokenizer, self.data.meta["eos_id"], self.cfg, step)
 
-    def export(self, raw: nn.Module, state: dict[str, Tensor], out: Path) -> None:
+    def export(self, model: nn.Module, state: dict[str, Tensor]) -> Path:
         """The final weights as a Hugging Face LlamaForCausalLM folder, with the tokenizer beside them."""
         from camelid.interop.hf import save_hf_dir
         from camelid.model import Llama
 
+        out = self.cfg.export_path
         with torch.device("meta"):
-            plain = Llama(raw.config)
+            plain = Llama(model.config)
         plain.load_state_dict(state, assign=True, strict=False)
         plain.tie_weights()
-        plain.rope.inv_freq = raw.rope.inv_freq.detach().cpu()
+        plain.rope.inv_freq = model.rope.inv_freq.detach().cpu()
         save_hf_dir(plain, out)
         tok = Path(self.cfg.tokenizer) if self.cfg.tokenizer else self.data.dir / "tokenizer.json"
         if tok.is_dir():
@@ -140,12 +210,13 @@ class CausalLM:
         shutil.copyfile(tok, out / "tokenizer.json")
         if (tok.parent / "tokenizer_config.json").is_file():
             shutil.copyfile(tok.parent / "tokenizer_config.json", out / "tokenizer_config.json")
+        return out
 
 
 def sample_text(model: nn.Module, tokenizer: Any, eos: int, cfg: TrainConfig, step: int) -> str:
     from camelid.generate import SamplingParams, generate
 
-    prompt = tokenizer.encode(cfg.sample_prompt, add_special_tokens=False).ids if cfg.sample_prompt else []
+    prompt = tokenizer.encode(cfg.sample_prompt) if cfg.sample_prompt else []
     prompt = [eos, *prompt]
     n = max(1, min(cfg.sample_tokens, model.config.max_seq_len - len(prompt)))
     params = SamplingParams(temperature=0.8, top_k=50)
@@ -163,10 +234,10 @@ class MaskedLM:
     [CLS] A [SEP] B [SEP], longest-first truncated; a micro-batch is padded to its longest pair."""
 
     log_fields = ["val_loss", "val_mlm_loss", "val_mlm_acc", "val_nsp_acc"]
-    references: dict[str, float] = {}  # the unigram baseline's accuracy, once intro() has scored it
+    plot_metric = ("val_mlm_acc", "MLM accuracy")
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        from camelid.bert.pretrain import load_pairs
+        from camelid.bert.data import load_pairs
 
         if cfg.distributed == "fsdp":
             raise CamelidError("objective mlm+nsp trains under torchrun with distributed=ddp, not fsdp")
@@ -180,6 +251,8 @@ class MaskedLM:
         if cfg.block_size > self.model_config.max_seq_len:
             raise CamelidError(f"block_size {cfg.block_size} exceeds the model's max_seq_len "
                                f"{self.model_config.max_seq_len}")
+        self.name = self.model_config.name
+        self.references: dict[str, float] = {}  # the unigram baseline's accuracy, once intro() has scored it
         self._unigram = None
 
     def build_model(self) -> nn.Module:
@@ -199,17 +272,12 @@ class MaskedLM:
         return 6.0 * (encoder + head) + 12.0 * c.n_layers * c.dim * T
 
     def batch(self, step: int, index: int) -> Batch:
-        from camelid.bert.pretrain import batch_seed
-
         b = self.train_data.batch_at(self.cfg.seed, step, index, self.cfg.batch_size)
-        # dropout, too, is drawn from (seed, step, index) alone: a resumed run, or the same global batch split
-        # over more processes, drops the same units
-        torch.manual_seed(batch_seed(self.cfg.seed + 1, step, index))
         return {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
 
     @staticmethod
     def loss(forward: nn.Module, batch: Batch) -> Tensor:
-        from camelid.bert.pretrain import IGNORE, pretraining_loss
+        from camelid.bert.model import IGNORE, pretraining_loss
 
         chosen = batch["mlm_labels"] != IGNORE
         mlm_logits, nsp_logits = forward(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
@@ -217,7 +285,7 @@ class MaskedLM:
         return pretraining_loss(mlm_logits, nsp_logits, batch["mlm_labels"][chosen], batch["nsp_labels"])
 
     def _scores(self, model: nn.Module, full: bool) -> dict[str, float]:
-        from camelid.bert.pretrain import score, unigram_counts
+        from camelid.bert.data import score, unigram_counts
 
         if self._unigram is None:
             self._unigram = unigram_counts(self.train_data.documents, self.tokenizer)
@@ -229,10 +297,13 @@ class MaskedLM:
 
     def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
         """On held-out pairs (each held-out sentence once as A; the first eval_tokens / block_size pairs unless
-        `full`): val_loss (MLM + NSP, as the training loss), MLM loss and accuracy, NSP accuracy."""
+        `full`): val_loss (MLM + NSP, as the training loss), MLM loss and accuracy, NSP accuracy; and beside them
+        the NSP loss and the unigram baselines on the same masked positions."""
         s = self._scores(model, full)
         return {"val_loss": s["mlm_loss"] + s["nsp_loss"], "val_mlm_loss": s["mlm_loss"],
-                "val_mlm_acc": s["mlm_accuracy"], "val_nsp_acc": s["nsp_accuracy"]}
+                "val_mlm_acc": s["mlm_accuracy"], "val_nsp_acc": s["nsp_accuracy"], "val_nsp_loss": s["nsp_loss"],
+                "val_unigram_acc": s["unigram_top1_accuracy"], "val_unigram_loss": s["unigram_loss"],
+                "val_masked_tokens": s["masked_tokens"]}
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:
@@ -249,17 +320,19 @@ class MaskedLM:
     def sampler(self) -> None:
         return None  # nothing to generate
 
-    def export(self, raw: nn.Module, state: dict[str, Tensor], out: Path) -> None:
+    def export(self, model: nn.Module, state: dict[str, Tensor]) -> Path:
         """The final weights as a Hugging Face BertForPreTraining folder, with the WordPiece vocabulary."""
         from camelid.bert.model import BertForPreTraining
         from camelid.interop.bert_hf import save_bert_hf_dir
 
+        out = self.cfg.export_path
         with torch.device("meta"):
-            plain = BertForPreTraining(raw.config)
+            plain = BertForPreTraining(model.config)
         plain.load_state_dict(state, assign=True, strict=False)
         plain.tie_weights()
         save_bert_hf_dir(plain, out)
         self.tokenizer.save(out)
+        return out
 
 
 class _Constant(nn.Module):
@@ -275,23 +348,155 @@ class _Constant(nn.Module):
             input_ids.new_zeros(len(input_ids), 2, dtype=torch.float)
 
 
+# ---------------------------------------------------------------------------------------------------
+# classify: a text classifier's fine-tuning (or linear probe)
+
+
+class Classification:
+    """Cross-entropy of a text classifier's logits (camelid.classify: BERT [CLS] or LLaMA last token -> linear
+    head) on labelled examples. mode "finetune" trains the whole classifier; "probe" freezes the backbone,
+    computes its features once, and trains the head (with its dropout) on them.
+
+    The examples form an endless stream of epochs, each a permutation drawn from (seed, epoch); micro-batch g
+    of step s is the stream's batch_size examples from position (s x micro-batches per step + g) x batch_size.
+    So every example is seen once per epoch, and batches depend on (seed, step, index) alone. Validation: loss
+    and accuracy on the dev examples, with the majority class's accuracy as the reference line."""
+
+    log_fields = ["val_loss", "val_acc"]
+    plot_metric = ("val_acc", "dev accuracy")
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, *, classifier: TextClassifier,
+                 train: Sequence[Example], dev: Sequence[Example] = (), mode: str = "finetune",
+                 backbone_source: str | None = None) -> None:
+        from camelid.classify import MODES, extract_features, label_ids
+
+        if mode not in MODES:
+            raise CamelidError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if cfg.distributed == "fsdp":
+            raise CamelidError("a classifier trains under torchrun with distributed=ddp, not fsdp")
+        if not train:
+            raise CamelidError("no training examples; the data's train split is empty")
+        self.cfg, self.device, self.mode = cfg, device, mode
+        self.classifier, self.backbone_source = classifier.to(device), backbone_source
+        self.name = f"{classifier.family} classifier ({mode})"
+        self.texts = [e.text for e in train]
+        self.labels = torch.tensor(label_ids(classifier, train, "training"))
+        self.dev_texts = [e.text for e in dev]
+        self.dev_labels = torch.tensor(label_ids(classifier, dev, "dev"), dtype=torch.long)
+        classifier.backbone.requires_grad_(mode == "finetune")
+        self.features = self.dev_features = None
+        if mode == "probe":  # the backbone is frozen: its features never change, so compute them once
+            self.features = extract_features(classifier, self.texts, desc="probe: backbone features")
+            if dev:
+                self.dev_features = extract_features(classifier, self.dev_texts, desc="probe: dev features")
+        self.references: dict[str, float] = {}
+        self._orders: dict[int, np.ndarray] = {}
+
+    def build_model(self) -> nn.Module:
+        clf = self.classifier
+        return clf if self.mode == "finetune" else nn.Sequential(clf.dropout, clf.head)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList | None:
+        if self.mode == "probe":
+            return None
+        backbone = self.classifier.backbone
+        return backbone.layers
+
+    def flops_per_token(self) -> float:
+        """6 per weight of the backbone's matmuls and attention per token; the head once per text."""
+        clf, T = self.classifier, self.cfg.block_size
+        head = 6.0 * clf.head.weight.numel() / T
+        if self.mode == "probe":
+            return head
+        layers = self.classifier.backbone.layers
+        matmuls = sum(p.numel() for p in layers.parameters() if p.dim() == 2)
+        return 6.0 * matmuls + 12.0 * len(layers) * clf.head.in_features * T + head
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.texts))
+        return self._orders[epoch]
+
+    def indices(self, step: int, index: int) -> list[int]:
+        """The training examples of micro-batch `index` of step `step`."""
+        cfg, n = self.cfg, len(self.texts)
+        first = (step * cfg.grad_accum * D.world_size() + index) * cfg.batch_size
+        return [int(self._order(p // n)[p % n]) for p in range(first, first + cfg.batch_size)]
+
+    def batch(self, step: int, index: int) -> Batch:
+        idx = self.indices(step, index)
+        return self._inputs(idx, self.texts, self.features), self.labels[idx].to(self.device)
+
+    def _inputs(self, idx: list[int], texts: list[str], features: Tensor | None) -> Any:
+        if features is not None:
+            return features[idx].to(self.device)
+        return {k: v.to(self.device) for k, v in self.classifier.batch([texts[i] for i in idx]).items()}
+
+    @staticmethod
+    def loss(forward: nn.Module, batch: Batch) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(forward(x).float(), y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
+        """val_loss (mean cross-entropy) and val_acc on the dev examples (all of them: a dev set is small)."""
+        n = len(self.dev_texts)
+        if n == 0:
+            return {"val_loss": float("nan"), "val_acc": float("nan")}
+        was_training = model.training
+        model.eval()
+        loss_sum, correct = 0.0, 0
+        for i in range(0, n, 32):
+            idx = list(range(i, min(n, i + 32)))
+            with autocast(self.cfg, self.device):
+                logits = model(self._inputs(idx, self.dev_texts, self.dev_features)).float()
+            y = self.dev_labels[idx].to(self.device)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+        model.train(was_training)
+        return {"val_loss": loss_sum / n, "val_acc": correct / n}
+
+    @staticmethod
+    def describe(metrics: dict[str, float]) -> str:
+        return f"dev loss {metrics['val_loss']:.4f}, dev accuracy {metrics['val_acc']:.3f}"
+
+    def intro(self) -> str:
+        if not len(self.dev_labels):
+            return ""
+        majority = float(torch.bincount(self.dev_labels).max()) / len(self.dev_labels)
+        self.references = {"majority class": majority}
+        return f"dev set: {len(self.dev_labels)} examples; always answering the majority class scores {majority:.3f}"
+
+    def sampler(self) -> None:
+        return None
+
+    def export(self, model: nn.Module, state: dict[str, Tensor]) -> Path:
+        """The classifier folder `camelid.classify.load_classifier` reads (for BERT a transformers
+        BertForSequenceClassification); a probed classifier names its backbone instead of copying it."""
+        from camelid.classify import save_classifier
+
+        return save_classifier(self.classifier, self.cfg.export_path, backbone_source=self.backbone_source,
+                               mode=self.mode)
+
+
+# ---------------------------------------------------------------------------------------------------
+# by name
+
+
 KINDS: dict[str, type[CausalLM] | type[MaskedLM]] = {"clm": CausalLM, "mlm+nsp": MaskedLM}
-assert set(KINDS) | {"vision"} == set(OBJECTIVES)
+assert set(KINDS) == set(OBJECTIVES)
 
 
-def _kind(name: str) -> type:
-    if name == "vision":  # imported here: camelid.vision imports this module
-        from camelid.vision.objective import VisionQA
-
-        return VisionQA
-    return KINDS[name]
-
-
-def get_objective(cfg: TrainConfig, device: torch.device) -> Any:
-    return _kind(cfg.objective)(cfg, device)
+def get_objective(cfg: TrainConfig, device: torch.device) -> Objective:
+    """The objective `cfg.objective` names (what `camelid pretrain` trains from a prepared data folder)."""
+    if cfg.objective not in KINDS:
+        raise CamelidError(f"objective must be one of {', '.join(KINDS)}, got {cfg.objective!r}")
+    return KINDS[cfg.objective](cfg, device)
 
 
 def describe(cfg: TrainConfig, metrics: dict[str, float]) -> str:
     """The validation metrics in words (nan where there was no evaluation)."""
-    kind = _kind(cfg.objective)
+    kind = KINDS[cfg.objective]
     return kind.describe({k: metrics.get(k, float("nan")) for k in kind.log_fields})

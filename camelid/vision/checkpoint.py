@@ -15,12 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write, atomic_write_text
+from camelid.model import Llama
 from camelid.vision.model import VisionConfig, VisionLlama
 
 CONFIG_FILE = "vision.json"
@@ -70,12 +70,17 @@ def read_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
-def load_vision(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                tokenizer: bool = True, quantize: str | None = None) -> Any:
-    """The vision model in folder `path` as a VisionLLM (its text model loaded by the name it records)."""
-    from camelid.llm import load
-    from camelid.vision.llm import VisionLLM
+def base_model(path: str | Path) -> str:
+    """The name or path of the text model a vision checkpoint was trained on (what camelid.load loads first)."""
+    base = read_spec(Path(path)).get("base")
+    if not isinstance(base, str) or not base:
+        raise CamelidError(f"{Path(path) / CONFIG_FILE}: no 'base' text model recorded; the checkpoint is damaged")
+    return base
 
+
+def load_vision(path: str | Path, text: Llama) -> VisionLlama:
+    """The vision model in folder `path`, joined to `text` (the text model it names, loaded by camelid.load):
+    weights checked against their sha256, the text model against the recorded shape."""
     path = Path(path)
     spec = read_spec(path)
     weights_file = path / WEIGHTS_FILE
@@ -90,19 +95,17 @@ def load_vision(path: str | Path, *, dtype: torch.dtype | None = None, device: s
         raise CamelidError(f"{weights_file}: not readable ({' '.join(str(e).split())[:100]})") from None
     fields = set(VisionConfig.__dataclass_fields__)
     config = VisionConfig.from_dict({k: v for k, v in spec.items() if k in fields})
-    base = load(config.base, dtype=dtype, device=device, tokenizer=tokenizer, quantize=quantize)
     recorded = spec.get("text_model", {})
-    differs = [k for k in TEXT_SHAPE if recorded.get(k) != getattr(base.config, k)]
+    differs = [k for k in TEXT_SHAPE if recorded.get(k) != getattr(text.config, k)]
     if differs:
         was = ", ".join(f"{k}={recorded.get(k)}" for k in differs)
-        now = ", ".join(f"{k}={getattr(base.config, k)}" for k in differs)
+        now = ", ".join(f"{k}={getattr(text.config, k)}" for k in differs)
         raise CamelidError(f"{path}: trained on a text model with {was}, but {config.base} has {now}; give the text "
                            f"model it was trained on as 'base' in {CONFIG_FILE}")
-    model = VisionLlama(base.model, config)
+    model = VisionLlama(text, config)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # a tensor of the wrong shape
         raise CamelidError(f"{weights_file}: the tensors do not fit {CONFIG_FILE} "
                            f"({' '.join(str(e).split())[:160]})") from None
-    return VisionLLM(model=model.eval(), config=base.config, tokenizer=base.tokenizer, source=str(path),
-                     extra={"base": base.source, "vision": spec})
+    return model.eval()

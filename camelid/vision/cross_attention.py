@@ -104,6 +104,14 @@ class BlockThenCrossAttention(nn.Module):
         except AttributeError:
             return getattr(self.block, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A child module of the block replaced through the wrapper (a variant's fuse) is replaced in the block."""
+        block = self.__dict__.get("_modules", {}).get("block")
+        if block is not None and name != "cross" and name in dict(block.named_children()):
+            setattr(block, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
         x = self.block(x, cos, sin, positions, mask)
         return x if self.cross.image_kv is None else self.cross(x)

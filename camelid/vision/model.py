@@ -149,9 +149,6 @@ class VisionLlama(nn.Module):
         """Frees the text model's KV cache; the image (and its keys and values) stays set."""
         self.text.clear_cache()
 
-    def tie_weights(self) -> None:
-        """Nothing to tie: the text model's head is frozen with it (the training loop calls this after a resume)."""
-
     # -- images ---------------------------------------------------------------------------------------
     @property
     def image_tokens(self) -> int:
@@ -220,7 +217,7 @@ class VisionLlama(nn.Module):
     def _locate(self, positions: Tensor | None) -> None:
         """The projector's image tokens go in only where a call starts at position 0 (not in decode steps)."""
         if self.projector is not None:
-            self.text.tok_embeddings.at_start = positions is None or int(positions[0]) == 0
+            self.text.tok_embeddings.at_start = positions is None or int(positions.reshape(-1)[0]) == 0
 
     # -- what is trained and saved --------------------------------------------------------------------
     def trainable_parameters(self) -> int:

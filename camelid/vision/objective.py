@@ -1,4 +1,4 @@
-"""objective "vision" for the training loop (`camelid vision train`): answer questions about generated scenes.
+"""The vision objective for the training loop (`camelid vision train`): answer questions about generated scenes.
 
 The text model is frozen; the image encoder and the cross-attention layers (or the projector) learn to answer
 "What colour is the circle?" and five other kinds of question about scenes from camelid/vision/data.py. The loss
@@ -56,13 +56,6 @@ class SceneTrainer(nn.Module):
         self.weight = weight
         self.scene_head = nn.Linear(model.vision_config.vit.dim, len(COLOURS) + len(SHAPES) + len(SIZES) + 3)
 
-    @property
-    def config(self):  # noqa: ANN201 - the text model's LlamaConfig (the loop titles its plot with the name)
-        return self.model.config
-
-    def tie_weights(self) -> None:
-        pass
-
     def forward(self, input_ids: Tensor | None, pixels: Tensor, targets: Tensor | None, scene_pixels: Tensor,
                 cells: Tensor) -> Tensor:
         """The answers' loss plus `weight` x the cells' loss; without input_ids (the encoder's first steps) the
@@ -104,7 +97,10 @@ DATA = "scenes"  # the only data this objective knows: generated on the fly
 
 
 class VisionQA:
+    """An Objective (camelid/train/objectives.py) that `camelid vision train` hands to the training loop."""
+
     log_fields = ["val_loss", "val_acc", "val_seen_acc", "val_text_loss", *(f"val_acc_{k}" for k in KINDS)]
+    plot_metric = ("val_acc", "held-out exact match")
     references: dict[str, float] = {}
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
@@ -125,6 +121,7 @@ class VisionQA:
         if Path(config.base).exists():  # a folder or file: recorded absolute, so the checkpoint finds it later
             config.base = str(Path(config.base).resolve())
         self.vision_config = config
+        self.name = f"{config.fusion} vision model"
         # the frozen text model in the autocast dtype (nothing to update, so no fp32 master copy is needed); the
         # trained parts stay float32 (build_model)
         low = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
@@ -244,6 +241,7 @@ class VisionQA:
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:
+        metrics = {k: metrics.get(k, float("nan")) for k in VisionQA.log_fields}  # nan: no evaluation ran
         kinds = ", ".join(f"{k} {metrics.get(f'val_acc_{k}', float('nan')):.2f}" for k in KINDS)
         return (f"held-out loss {metrics['val_loss']:.4f}, exact match {metrics['val_acc']:.3f} on unseen "
                 f"combinations ({kinds}), {metrics['val_seen_acc']:.3f} on seen ones; "
@@ -275,8 +273,9 @@ class VisionQA:
 
         return sample
 
-    def export(self, raw: nn.Module, state: dict[str, Tensor], out: Path) -> None:
-        """The trained parts and the name of the text model (camelid/vision/checkpoint.py): camelid.load(out)."""
+    def export(self, model: nn.Module, state: dict[str, Tensor]) -> Path:
+        """The trained parts and the name of the text model (camelid/vision/checkpoint.py) in cfg.export_path,
+        which camelid.load reads."""
         from camelid.vision.checkpoint import save_vision
 
-        save_vision(raw.model, out)
+        return save_vision(model.model, self.cfg.export_path)

@@ -1,14 +1,18 @@
 """Cross-attention (Llama 3.2 Vision) against a token projector (LLaVA / nanoVLM) on a frozen SmolLM2-135M, at equal
 trainable parameters and equal CPU time; writes the table and the plot of docs/multimodal.md.
 
-    python examples/vision/run.py --minutes 30              # both designs, 30 minutes of training each
+    python examples/vision/run.py --minutes 30              # both designs, 30 minutes of training CPU each
     python examples/vision/run.py --minutes 30 --only cross-attention
+    python examples/vision/run.py --wall-minutes 20 --eval-n 120   # a wall-clock budget (a shared machine)
 
 Each design is trained with `camelid vision train` (its YAML beside this script). The projector's MLP width is
 chosen so that it trains as many parameters as the cross-attention layers; the number of steps of each is the
-time budget divided by its step time, measured on this machine just before. Then each trained model is scored
-the way a user runs it: greedy `llm.generate(question, image=picture)` on the 600 held-out questions about
-unseen colour-shape pairs (and 300 on seen ones), decode speed with a picture, and the text model's loss on
+time budget divided by its step time, measured on this machine just before (or, with --wall-minutes, the
+training loop's own time_budget_s: each run stops, its schedule decayed, when its wall-clock time is spent).
+The loop's last evaluation scores all 600 held-out questions about unseen colour-shape pairs (and 300 on seen
+ones) by exact match of the top token at every answer position, which is when greedy decoding writes the
+answer. Then each trained model is scored the way a user runs it: greedy `llm.generate(question,
+image=picture)` on --eval-n of those questions, decode speed with a picture, and the text model's loss on
 held-out Austen (benchmarks/heldout.txt) without a picture, which must not move.
 """
 
@@ -120,7 +124,7 @@ def load_avg() -> float:
     return os.getloadavg()[0]
 
 
-def evaluate(design: str, out: Path, train_info: dict[str, object]) -> dict[str, object]:
+def evaluate(design: str, out: Path, train_info: dict[str, object], n: int = 600) -> dict[str, object]:
     import camelid
     from camelid.vision.data import heldout_set, seen_set
     from camelid.vision.evaluate import answer_accuracy, decode_speed
@@ -128,11 +132,16 @@ def evaluate(design: str, out: Path, train_info: dict[str, object]) -> dict[str,
     llm = camelid.load(out / design / "hf", quantize=None)  # fp32 text model, as `camelid generate` loads it
     base = camelid.load(llm.model.vision_config.base, quantize=None)
     text_before, text_after = austen_loss(base.model, base.tokenizer), austen_loss(llm.model, llm.tokenizer)
-    held, seen = heldout_set(600), seen_set(300)
+    held, seen = heldout_set(600)[:n], seen_set(300)[:max(1, n // 2)]
     heldout = answer_accuracy(llm, held)
     seen_result = answer_accuracy(llm, seen)
     speed = decode_speed(llm, held[5][0])
+    from camelid.train.plot import read_log
+
+    last = read_log(out / design / "log.csv")[-1]  # the loop's last evaluation: all 600 held-out questions
     return {"design": design, **train_info, "trainable_parameters": llm.model.trainable_parameters(),
+            "steps": int(last["step"]), "loop_heldout_exact_match": float(last["val_acc"]),
+            "loop_seen_exact_match": float(last["val_seen_acc"]), "generated_questions": len(held),
             "heldout_exact_match": heldout["exact_match"], "heldout_by_kind": heldout["by_kind"],
             "seen_exact_match": seen_result["exact_match"], "mistakes": heldout["mistakes"][:10],
             "image_tokens": llm.model.image_tokens, **speed,
@@ -169,14 +178,17 @@ def plot(results: list[dict[str, object]], png: Path) -> None:
 
 def table(results: list[dict[str, object]]) -> str:
     lines = ["| design | trainable parameters | steps (encoder alone + joint) | training CPU time (wall clock) "
-             "| held-out exact match (unseen pairs) | seen pairs | context tokens per image | prefill | decode tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| held-out exact match, 600 unseen-pair questions | by greedy generation (questions) | seen pairs "
+             "| context tokens per image | prefill | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['design']} | {r['trainable_parameters'] / 1e6:.2f}M | {r['max_steps']} "
-                     f"({r['encoder_steps']} + {r['max_steps'] - r['encoder_steps']}) | "
-                     f"{r['train_cpu_minutes']:.1f} min ({r['train_minutes']:.1f}) | {r['heldout_exact_match']:.3f} "
-                     f"| {r['seen_exact_match']:.3f} | {r['image_tokens']} | {1000 * r['prefill_s']:.0f} ms "
-                     f"| {r['decode_tok_s']:.1f} |")
+        steps = int(r.get("steps", r["max_steps"]))
+        lines.append(f"| {r['design']} | {r['trainable_parameters'] / 1e6:.2f}M | {steps} "
+                     f"({r['encoder_steps']} + {steps - int(r['encoder_steps'])}) | "
+                     f"{r['train_cpu_minutes']:.1f} min ({r['train_minutes']:.1f}) | "
+                     f"{r.get('loop_heldout_exact_match', float('nan')):.3f} | {r['heldout_exact_match']:.3f} "
+                     f"({r.get('generated_questions', 600)}) | {r['seen_exact_match']:.3f} | {r['image_tokens']} "
+                     f"| {1000 * r['prefill_s']:.0f} ms | {r['decode_tok_s']:.1f} |")
     kinds = list(results[0]["heldout_by_kind"]) if results else []
     lines += ["", "| held-out exact match by kind | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for r in results:
@@ -184,15 +196,25 @@ def table(results: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train_all(designs: list[str], overrides: dict[str, dict[str, object]], minutes: float, out: Path) -> None:
-    """Both designs at once (one thread each), each for `minutes` of its own CPU time."""
+def train_all(designs: list[str], overrides: dict[str, dict[str, object]], minutes: float, out: Path,
+              wall_minutes: float = 0.0) -> None:
+    """Both designs at once (one thread each), each for `minutes` of its own CPU time (or `wall_minutes` of wall
+    clock, through the loop's time_budget_s)."""
+    from camelid.train.config import read_config_file
+
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs = {}
     for design in designs:
-        plan = plan_steps(design, overrides[design], minutes)
+        if wall_minutes:
+            spec = read_config_file(HERE / f"{design.replace('-', '_')}.yaml")
+            plan = {"max_steps": int(spec["max_steps"]), "encoder_steps": int(spec["model"].get("encoder_steps", 0)),
+                    "time_budget_s": wall_minutes * 60}
+        else:
+            plan = plan_steps(design, overrides[design], minutes)
         print(f"{design}: {plan}; load average {load_avg():.1f}", flush=True)
         (out / design).mkdir(parents=True, exist_ok=True)
-        args = settings(design, out, {**overrides[design], "max_steps": plan["max_steps"]})
+        budget = {"time_budget_s": plan["time_budget_s"]} if wall_minutes else {}
+        args = settings(design, out, {**overrides[design], "max_steps": plan["max_steps"], **budget})
         log = open(out / design / "train.log", "w")  # noqa: SIM115 - closed below
         procs[design] = (subprocess.Popen([sys.executable, "-m", "camelid", "vision", "train", *map(str, args),
                                            "--no-progress"], env=env, stdout=log, stderr=subprocess.STDOUT),
@@ -214,6 +236,9 @@ def train_all(designs: list[str], overrides: dict[str, dict[str, object]], minut
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0, help="training CPU time per design (one thread)")
+    parser.add_argument("--wall-minutes", type=float, default=0.0,
+                        help="instead of --minutes: each design trains for this much wall-clock time (time_budget_s)")
+    parser.add_argument("--eval-n", type=int, default=600, help="held-out questions answered by greedy generation")
     parser.add_argument("--only", choices=DESIGNS, action="append", help="train and score only this design")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "vision")
     parser.add_argument("--skip-training", action="store_true", help="score the models already in --out")
@@ -227,9 +252,10 @@ def main() -> None:
     del cross
     overrides = {"cross-attention": {}, "projector": {"model.projector_hidden": matching_projector_hidden(target)}}
     if not args.skip_training:
-        train_all(designs, overrides, args.minutes, args.out)
+        train_all(designs, overrides, args.minutes, args.out, args.wall_minutes)
     for design in designs:
-        known[design] = evaluate(design, args.out, json.loads((args.out / design / "run.json").read_text()))
+        known[design] = evaluate(design, args.out, json.loads((args.out / design / "run.json").read_text()),
+                                 args.eval_n)
         print(json.dumps({k: v for k, v in known[design].items() if k != "mistakes"}, indent=2), flush=True)
         results_file.write_text(json.dumps(list(known.values()), indent=2) + "\n")
     results = [known[d] for d in DESIGNS if d in known]

@@ -9,8 +9,9 @@ import torch
 import transformers
 
 from camelid import Bert, BertConfig, CamelidError
-from camelid.bert.model import BertForClassification, BertForPreTraining
-from camelid.interop.bert_hf import load_bert_hf_dir, save_bert_hf_dir
+from camelid.bert.data import mask_tokens
+from camelid.bert.model import BertForClassification, BertForPreTraining, pretraining_loss
+from camelid.interop.bert_hf import bert_config_from_hf, bert_config_to_hf, load_bert_hf_dir, save_bert_hf_dir
 from camelid.tokenizer.wordpiece import WordPiece
 
 SENTENCES = [
@@ -98,7 +99,7 @@ def test_pretraining_heads_match_transformers(tmp_path, direction):
         _, ours, _ = load_bert_hf_dir(tmp_path)
         assert isinstance(ours, BertForPreTraining)
     else:
-        ours = BertForPreTraining(BertConfig.from_hf(tiny_hf_config().to_dict()))
+        ours = BertForPreTraining(bert_config_from_hf(tiny_hf_config().to_dict()))
         _randomize(ours)
         # the MLM decoder is tied: randomising the embeddings changed it too
         assert ours.mlm.decoder.weight is ours.bert.embeddings.tok_embeddings.weight
@@ -124,7 +125,7 @@ def test_classification_head_matches_transformers(tmp_path, direction):
         _, ours, raw = load_bert_hf_dir(tmp_path)
         assert isinstance(ours, BertForClassification) and ours.num_labels == 3
     else:
-        ours = BertForClassification(BertConfig.from_hf(tiny_hf_config().to_dict()), num_labels=3)
+        ours = BertForClassification(bert_config_from_hf(tiny_hf_config().to_dict()), num_labels=3)
         _randomize(ours)
         save_bert_hf_dir(ours.eval(), tmp_path, labels=labels)
         ref = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path)).eval()
@@ -158,7 +159,7 @@ def test_presets_have_the_published_sizes(name):
     config = BertConfig.from_name(name)
     with torch.device("meta"):
         ours = Bert(config)
-        ref = transformers.BertModel(transformers.BertConfig(**config.to_hf()))
+        ref = transformers.BertModel(transformers.BertConfig(**bert_config_to_hf(config)))
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
     if name == "bert-base":
         assert sum(p.numel() for p in ours.parameters()) == 109_482_240  # bert-base-uncased, as published
@@ -166,7 +167,7 @@ def test_presets_have_the_published_sizes(name):
 
 def test_config_json_round_trip():
     c = BertConfig.from_name("minilm-l6-h384")
-    back = BertConfig.from_hf(json.loads(json.dumps(c.to_hf())))
+    back = bert_config_from_hf(json.loads(json.dumps(bert_config_to_hf(c))))
     assert back.replace(name=c.name) == c
 
 
@@ -174,9 +175,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(CamelidError, match="unknown BERT config"):
         BertConfig.from_name("bert-gigantic")
     with pytest.raises(CamelidError, match="not BERT"):
-        BertConfig.from_hf({"model_type": "llama", "hidden_size": 8})
+        bert_config_from_hf({"model_type": "llama", "hidden_size": 8})
     with pytest.raises(CamelidError, match="missing required field 'num_hidden_layers'"):
-        BertConfig.from_hf({"model_type": "bert", "vocab_size": 10, "hidden_size": 8, "num_attention_heads": 2})
+        bert_config_from_hf({"model_type": "bert", "vocab_size": 10, "hidden_size": 8, "num_attention_heads": 2})
     # weights that do not match config.json
     save_bert_hf_dir(Bert(BertConfig.from_name("bert-test")), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -187,3 +188,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     model = Bert(BertConfig.from_name("bert-test"))
     with pytest.raises(CamelidError, match="learned positions"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_loss_matches_transformers_bert_for_pretraining(tmp_path):
+    config = BertConfig.from_name("bert-test")
+    ours = BertForPreTraining(config).eval()
+    save_bert_hf_dir(ours, tmp_path)
+    ref = transformers.BertForPreTraining.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(5, config.vocab_size, (4, 20))
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = True
+    corrupted, labels = mask_tokens(ids, special, config.vocab_size, mask_id=4, prob=0.3)
+    nsp = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        expected = ref(input_ids=corrupted, labels=labels, next_sentence_label=nsp).loss
+        mlm, nsp_logits = ours(corrupted)
+        got = pretraining_loss(mlm, nsp_logits, labels, nsp)
+    assert abs(float(got) - float(expected)) < 1e-5

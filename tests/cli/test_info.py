@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -50,3 +51,29 @@ def test_unknown_name_is_one_line_error_from_the_console_script() -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: unknown model config 'llama-9000b'; known: llama-7b")
     assert "Traceback" not in proc.stderr
+
+
+def test_info_kernels_lists_every_op_with_its_implementation_and_reason() -> None:
+    from camelid import ops
+
+    result = runner.invoke(app, ["info", "--kernels", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert set(ops.implementations()) | {"decode step"} == set(data["ops"])
+    for row in data["ops"].values():
+        assert row["implementation"].startswith(("C++ ", "PyTorch")) and row["reason"]
+    table = runner.invoke(app, ["info", "--kernels"])
+    assert table.exit_code == 0 and "attention (training)" in table.output and "decode step" in table.output
+
+
+def test_info_kernels_says_why_when_they_are_switched_off() -> None:
+    proc = subprocess.run([sys.executable, "-m", "camelid", "info", "--kernels", "--json"], capture_output=True,
+                          text=True, env={**os.environ, "CAMELID_NO_KERNELS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["ops"]
+    assert all(r["implementation"] == "PyTorch" and "CAMELID_NO_KERNELS=1" in r["reason"] for r in rows.values())
+
+
+def test_info_without_a_name_is_a_one_line_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "camelid", "info"], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--kernels" in proc.stderr

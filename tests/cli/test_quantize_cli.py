@@ -11,7 +11,7 @@ from camelid.config import LlamaConfig
 from camelid.generate import generate
 from camelid.interop.hf import load_hf_dir, save_hf_dir
 from camelid.model import Llama
-from camelid.quantize import load_quantized, quantize_model
+from camelid.variants.quantized import load_quantized, quantize_model
 
 
 def test_quantize_cli_writes_a_checkpoint_equal_to_in_memory_quantisation(tmp_path) -> None:

@@ -78,20 +78,15 @@ def ours_out(ours: Llama, prompt: list[int]) -> tuple[torch.Tensor, list[int]]:
 
 @pytest.fixture(scope="module")
 def written(ours: Llama, smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The real model written back out by camelid: an HF dir, and GGUF files at f32 and q8_0.
+    """The real model written back out by camelid: an HF dir, and GGUF files at f32 and q8_0 whose vocabulary
+    camelid's Tokenizer wrote (`write_gguf`), so llama.cpp also checks what our tokenizer writes."""
+    from camelid.tokenizer import Tokenizer
 
-    The f32 file copies the source's tokenizer metadata as is; the q8_0 one gets it from camelid's Tokenizer
-    (`write_gguf`) when that is installed, so llama.cpp also checks what our tokenizer writes."""
     d = tmp_path_factory.mktemp("written")
+    tok = Tokenizer.from_gguf(smollm2_gguf)
     out = {"hf": save_hf_dir(ours, d / "hf")}
-    out["f32"] = save_gguf(ours, d / "smollm2-f32.gguf", qtype="f32", vocab_from=smollm2_gguf, progress=False)
-    try:
-        from camelid.tokenizer import Tokenizer
-
-        vocab = {"tokenizer": Tokenizer.from_gguf(smollm2_gguf)}
-    except ImportError:
-        vocab = {"vocab_from": smollm2_gguf}
-    out["q8_0"] = save_gguf(ours, d / "smollm2-q8_0.gguf", qtype="q8_0", progress=False, **vocab)
+    out["f32"] = save_gguf(ours, d / "smollm2-f32.gguf", qtype="f32", tokenizer=tok, progress=False)
+    out["q8_0"] = save_gguf(ours, d / "smollm2-q8_0.gguf", qtype="q8_0", tokenizer=tok, progress=False)
     return out
 
 

@@ -11,14 +11,15 @@ from safetensors.torch import load_file, save_file
 
 import camelid
 from camelid import CamelidError, Llama, LlamaConfig
-from camelid.interop.hf import save_hf_dir
+from camelid.interop.hf import config_to_hf, save_hf_dir
+from camelid.variants.fused import fuse
 
 transformers = pytest.importorskip("transformers")
 
 
 def _hf_model(cfg: LlamaConfig) -> torch.nn.Module:
     torch.manual_seed(7)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(cfg))).eval()
 
 
 @pytest.mark.parametrize("name", ["tiny-gqa", "tiny-llama3"])
@@ -136,7 +137,7 @@ def test_missing_and_unexpected_tensors(saved: Path) -> None:
 def test_not_a_model_dir(tmp_path: Path) -> None:
     with pytest.raises(CamelidError, match="no such file or directory"):
         camelid.load(tmp_path / "nope")
-    (tmp_path / "config.json").write_text(json.dumps(LlamaConfig.from_name("tiny-gqa").to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(LlamaConfig.from_name("tiny-gqa"))))
     _one_line_error(tmp_path, "no model.safetensors")
 
 
@@ -148,8 +149,7 @@ def test_unsupported_architecture(saved: Path) -> None:
 
 
 def test_a_fused_model_is_refused_with_one_line(tmp_path: Path) -> None:
-    model = Llama(LlamaConfig.from_name("tiny-gqa")).eval()
-    model.fuse()
+    model = fuse(Llama(LlamaConfig.from_name("tiny-gqa")).eval())
     with pytest.raises(CamelidError, match="fused projections"):
         save_hf_dir(model, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()

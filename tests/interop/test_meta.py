@@ -205,3 +205,22 @@ def test_what_meta_cannot_express(tmp_path: Path) -> None:
         save_meta_dir(Llama(LlamaConfig.from_name("tiny-mqa")), tmp_path, n_shards=2)
     with pytest.raises(CamelidError, match="original context 8192"):
         save_meta_dir(Llama(LlamaConfig.from_name("tiny-llama3")), tmp_path)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"dim": "big"}, "dim = 'big' must be an integer"),
+    ({"n_layers": 10**6}, "n_layers = 1000000 must be at most 1024"),
+    ({"norm_eps": -1.0}, "norm_eps = -1.0 must lie in"),
+    ({"ffn_dim_multiplier": float("inf")}, "a size field is out of range"),
+    ({"multiple_of": 0}, "multiple_of = 0 must be at least 1"),
+])
+def test_params_fields_are_checked(saved: Path, change: dict, match: str) -> None:
+    params = json.loads((saved / "params.json").read_text())
+    params.update(change)
+    (saved / "params.json").write_text(json.dumps(params))
+    assert str(saved / "params.json") in _one_line(saved, match)
+
+
+def test_params_json_must_be_an_object(saved: Path) -> None:
+    (saved / "params.json").write_text("[4096, 32]")
+    _one_line(saved, "params.json: holds a JSON list, not an object")

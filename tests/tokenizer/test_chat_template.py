@@ -13,7 +13,7 @@ from camelid.errors import CamelidError
 from camelid.tokenizer import Tokenizer
 from camelid.tokenizer.chat_template import BUILTIN_TEMPLATES, render_chat, validate_messages
 
-LLAMA_CPP = Path(__file__).parents[1] / "data" / "tokenizers" / "llama.cpp"
+LLAMA_CPP = Path(__file__).parent / "data" / "llama.cpp"
 
 # The templates Meta published with its Hugging Face checkpoints (tokenizer_config.json "chat_template" of
 # meta-llama/Meta-Llama-3-8B-Instruct and meta-llama/Llama-2-7b-chat-hf), used here as references only.

@@ -10,7 +10,7 @@ import transformers
 from camelid import CamelidError
 from camelid.tokenizer.wordpiece import WordPiece
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "data" / "llama.cpp"
 TEXTS = [
     "Hello world",
     "  Héllo, WORLD!!!  naïve café — déjà vu",
@@ -37,7 +37,7 @@ def slow_ref(minilm_dir):
 
 def test_single_texts_match_transformers_python_tokenizer(wp, slow_ref):
     for text in TEXTS:
-        assert wp.encode(text) == slow_ref(text)["input_ids"], text
+        assert wp.encode(text, add_bos=True) == slow_ref(text)["input_ids"], text
         assert wp.tokenize(text) == slow_ref.tokenize(text), text
 
 
@@ -62,18 +62,21 @@ def test_llama_cpp_reference_vectors(wp):
     inputs[-1] = inputs[-1].removesuffix("\n__ggml_vocab_test__\n").removesuffix("\n")
     assert len(inputs) >= 30
     for text, line in zip(inputs, expected, strict=False):
-        assert wp.encode(text, add_special_tokens=False) == [int(x) for x in line.split()], repr(text)
+        assert wp.encode(text) == [int(x) for x in line.split()], repr(text)
 
 
 def test_decode_special_ids_and_save(wp, tmp_path):
-    ids = wp.encode("The quick brown fox.")
+    ids = wp.encode("The quick brown fox.", add_bos=True)
     assert ids[0] == wp.cls_id and ids[-1] == wp.sep_id
-    assert wp.decode(ids) == "the quick brown fox."
+    assert wp.decode(ids, skip_special=True) == "the quick brown fox."
     assert [wp.pad_id, wp.unk_id, wp.cls_id, wp.sep_id, wp.mask_id] == [0, 100, 101, 102, 103]
     wp.save(tmp_path)
     again = WordPiece.from_vocab(tmp_path / "vocab.txt")
     assert again.encode(TEXTS[2]) == wp.encode(TEXTS[2])
-    assert WordPiece.from_file(tmp_path / "tokenizer.json").encode(TEXTS[1], TEXTS[2]) == wp.encode(TEXTS[1], TEXTS[2])
+    pair = wp.encode(TEXTS[1], True, pair=TEXTS[2])
+    assert pair == wp.encode_with_types(TEXTS[1], TEXTS[2])[0] and pair.count(wp.sep_id) == 2
+    assert WordPiece.from_file(tmp_path / "tokenizer.json").encode(TEXTS[1], True, pair=TEXTS[2]) == pair
+    assert WordPiece.from_dir(tmp_path).max_len == wp.max_len
 
 
 def test_train_new_vocabulary(tmp_path):
@@ -83,11 +86,11 @@ def test_train_new_vocabulary(tmp_path):
     assert wp.special_ids == [0, 1, 2, 3, 4]
     assert wp.vocab_size <= 200
     text = "a single man, handsome and clever"
-    assert wp.decode(wp.encode(text)) == text
+    assert wp.decode(wp.encode(text, add_bos=True), skip_special=True) == text
     # a transformers tokenizer reading our saved vocab.txt agrees
     wp.save(tmp_path)
     ref = transformers.BertTokenizer(str(tmp_path / "vocab.txt"), do_lower_case=True)
-    assert wp.encode("Emma, a clever wife") == ref("Emma, a clever wife")["input_ids"]
+    assert wp.encode("Emma, a clever wife", add_bos=True) == ref("Emma, a clever wife")["input_ids"]
 
 
 def test_errors(tmp_path):
@@ -96,5 +99,5 @@ def test_errors(tmp_path):
     (tmp_path / "vocab.txt").write_text("a\nb\n")
     with pytest.raises(CamelidError, match="no \\[PAD\\] token"):
         WordPiece.from_vocab(tmp_path / "vocab.txt")
-    with pytest.raises(CamelidError, match="no tokenizer.json or vocab.txt"):
+    with pytest.raises(CamelidError, match="not a folder"):
         WordPiece.from_dir(tmp_path / "nowhere")

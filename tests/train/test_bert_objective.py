@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import ROOT, run_camelid
 
-from camelid.bert.pretrain import IGNORE, load_pairs
+from camelid.bert.data import load_pairs
+from camelid.bert.model import IGNORE
 from camelid.errors import CamelidError
 from camelid.train.config import load_config
 from camelid.train.plot import read_log

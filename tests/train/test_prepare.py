@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 import train_helpers
+from tokenizers import Tokenizer
 
 from camelid.errors import CamelidError
-from camelid.tokenizer.train import load_tokenizer
 from camelid.train import data as data_mod
 from camelid.train.data import Document, TokenShards, prepare, read_documents, split_pieces, token_dtype
 
 
 def test_prepare_round_trips_text(small_data, small_corpus, small_tokenizer) -> None:
-    tok = load_tokenizer(small_tokenizer)
+    tok = Tokenizer.from_file(str(small_tokenizer))  # the `tokenizers` library itself
     meta = json.loads((small_data / "meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["train_docs"] == 2 and meta["val_docs"] == 1
     shards = TokenShards(small_data)
@@ -34,7 +34,7 @@ def test_prepare_round_trips_text(small_data, small_corpus, small_tokenizer) -> 
 
 
 def test_long_documents_split_only_where_encoding_is_unchanged(small_corpus, small_tokenizer) -> None:
-    tok = load_tokenizer(small_tokenizer)
+    tok = Tokenizer.from_file(str(small_tokenizer))  # the `tokenizers` library itself
     text = (small_corpus / "emma.txt").read_text()
     pieces = split_pieces(text, size=3000)
     assert len(pieces) > 10 and "".join(pieces) == text

@@ -6,7 +6,7 @@ import pytest
 
 from camelid.errors import CamelidError
 from camelid.train.config import TrainConfig, load_config
-from camelid.train.loop import lr_factor
+from camelid.train.loop import lr_factor, steps_that_fit
 
 
 def test_yaml_and_toml_configs_with_overrides(tmp_path) -> None:
@@ -28,6 +28,8 @@ def test_yaml_and_toml_configs_with_overrides(tmp_path) -> None:
     (["compile=maybe"], "true or false"),
     (["distributed=horovod"], "'ddp' or 'fsdp'"),
     (["min_lr=1", "lr=0.1"], "above lr"),
+    (["lr_schedule=step"], "cosine, linear, constant"),
+    (["time_budget_s=-1"], "time_budget_s must be"),
 ])
 def test_bad_settings_are_one_line_errors(overrides, message) -> None:
     with pytest.raises(CamelidError, match=message):
@@ -55,3 +57,23 @@ def test_lr_schedule_matches_transformers() -> None:
         assert math.isclose(ours, ref.get_last_lr()[0], rel_tol=1e-12, abs_tol=1e-15), step
         opt.step()
         ref.step()
+
+
+def test_linear_and_constant_schedules_match_transformers() -> None:
+    import torch
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    linear = get_linear_schedule_with_warmup(opt, num_warmup_steps=10, num_training_steps=100)
+    constant = get_constant_schedule_with_warmup(opt, num_warmup_steps=10)
+    for step in range(100):
+        assert math.isclose(lr_factor(step, 10, 100, 0.0, "linear"), linear.lr_lambdas[0](step), abs_tol=1e-12)
+        assert math.isclose(lr_factor(step, 10, 100, 0.0, "constant"), constant.lr_lambdas[0](step), abs_tol=1e-12)
+    assert lr_factor(100, 0, 100, 0.25, "linear") == 0.25  # linear ends at min_lr too
+
+
+def test_a_time_budget_fits_the_steps_to_the_pace() -> None:
+    # 10 s spent on 10 steps, 100 s budget: 90 more steps fit
+    assert steps_that_fit(100.0, 10.0, 10, 1.0, 1000) == 100
+    assert steps_that_fit(100.0, 10.0, 10, 1.0, 50) == 50  # never past max_steps
+    assert steps_that_fit(100.0, 120.0, 10, 1.0, 1000) == 10  # over budget: this step is the last

@@ -41,4 +41,4 @@ def dying_encode(text: str) -> list[int]:
     _encoded += 1
     if _encoded > 1:
         raise RuntimeError("simulated crash")
-    return _worker_tok.encode(text, add_special_tokens=False).ids
+    return _worker_tok.encode(text)

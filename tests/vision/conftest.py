@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from camelid import Llama, LlamaConfig
+from camelid.variants.fused import fuse
 from camelid.vision import VisionConfig, VisionLlama, ViTConfig
 
 TINY_VIT = ViTConfig(image_size=16, patch_size=4, dim=32, n_layers=1, n_heads=2)
@@ -17,13 +18,16 @@ def tiny_text(n_layers: int = 4, name: str = "tiny-gqa") -> Llama:
     return Llama(LlamaConfig.from_name(name, n_layers=n_layers)).eval()
 
 
-def tiny_vision(fusion: str = "cross-attention", open_gates: bool = False, **kwargs) -> VisionLlama:
-    """A random tiny VisionLlama on a random tiny text model; open_gates: gates and weights away from their
-    zero-change start, so the image does change the logits."""
+def tiny_vision(fusion: str = "cross-attention", open_gates: bool = False, fused: bool = False,
+                **kwargs) -> VisionLlama:
+    """A random tiny VisionLlama on a random tiny text model (fused first: camelid.variants.fused, as
+    camelid.load(quantize="fp32") does); open_gates: gates and weights away from their zero-change start, so the
+    image does change the logits."""
     config = VisionConfig(base="unused", fusion=fusion, vit=TINY_VIT, every=2, cross_hidden=48, projector_hidden=48,
                           **kwargs)
     torch.manual_seed(1)
-    model = VisionLlama(tiny_text(), config).eval()
+    text = tiny_text()
+    model = VisionLlama(fuse(text) if fused else text, config).eval()
     if open_gates:
         with torch.no_grad():
             for p in [*model.cross.parameters(), *model.vision.parameters()]:

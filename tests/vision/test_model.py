@@ -10,21 +10,18 @@ from conftest import pixels, tiny_text, tiny_vision
 from camelid import CamelidError
 from camelid.generate import generate
 from camelid.model import Block
+from camelid.variants.fused import fuse
 from camelid.vision import VisionConfig, VisionLlama
 from camelid.vision.cross_attention import BlockThenCrossAttention
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_zero_gates_equal_the_text_model_bit_for_bit(fused: bool) -> None:
-    text = tiny_text()
-    if fused:
-        text.fuse()
+    text = fuse(tiny_text()) if fused else tiny_text()
     ids = torch.randint(0, text.config.vocab_size, (2, 12))
     with torch.no_grad():
         expected = text(ids)
-    model = tiny_vision()
-    if fused:
-        model.text.fuse()
+    model = tiny_vision(fused=fused)
     with torch.no_grad():
         assert torch.equal(model(ids), expected)  # no image
         assert torch.equal(model(ids, images=pixels(2)), expected)  # an image, gates closed

@@ -16,11 +16,13 @@ import torch
 
 import camelid
 from camelid import CamelidError
+from camelid.formats import Format, detect
 from camelid.train import load_config, train
 from camelid.train.plot import read_log
 from camelid.vision.data import heldout_set
 from camelid.vision.image import to_pixels
-from camelid.vision.llm import VisionLLM
+from camelid.vision.model import VisionLlama
+from camelid.vision.objective import VisionQA
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPARED = ("step", "loss", "lr", "grad_norm", "val_loss", "val_acc", "val_seen_acc", "val_text_loss")
@@ -72,8 +74,9 @@ def test_the_run_writes_logs_plot_samples_and_a_loadable_model(trained: Path, ti
     spec = json.loads((trained / "hf" / "vision.json").read_text())
     assert spec["base"] == str(tiny_base) and spec["layers"] == [1, 3] and spec["fusion"] == "cross-attention"
 
+    assert detect(trained / "hf") is Format.VISION
     llm = camelid.load(trained / "hf")
-    assert isinstance(llm, VisionLLM) and llm.model.trainable_parameters() == spec["trainable_parameters"]
+    assert isinstance(llm.model, VisionLlama) and llm.model.trainable_parameters() == spec["trainable_parameters"]
     assert any(c.attention_gate.item() != 0 for c in llm.model.cross)  # training opened the gates
     base = camelid.load(tiny_base)
     ids = torch.tensor([base.tokenizer.encode("What colour is the circle? It was a fine day.")])
@@ -128,12 +131,13 @@ def test_resume_repeats_an_uninterrupted_run_exactly(tiny_base: Path, tmp_path: 
     from safetensors.torch import load_file
 
     args = ["objective=vision", "data=scenes", "model={}", *settings(tiny_base, tmp_path / "a", export="false")]
-    full = train(load_config(None, args), progress=False)
+    full = train(load_config(None, args), progress=False, objective=VisionQA)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     ckpts = tmp_path / "b" / "checkpoints"
     shutil.rmtree(ckpts / "step-000012")
     (ckpts / "latest").write_text("step-000006\n")
-    resumed = train(load_config(None, [*args, f"out={tmp_path / 'b'}"]), resume=True, progress=False)
+    resumed = train(load_config(None, [*args, f"out={tmp_path / 'b'}"]), resume=True, progress=False,
+                    objective=VisionQA)
     assert resumed.final_loss == full.final_loss
     ref = [{k: r[k] for k in COMPARED} for r in read_log(tmp_path / "a" / "log.csv")]
     got = [{k: r[k] for k in COMPARED} for r in read_log(tmp_path / "b" / "log.csv")]
@@ -179,7 +183,7 @@ def test_projector_design_trains_and_answers(tiny_base: Path, tmp_path: Path) ->
     args = ["objective=vision", "data=scenes", "model={}", *settings(tiny_base, tmp_path, max_steps=4,
                                                                        eval_interval=0, sample_interval=0),
             "model.fusion=projector", "model.pixel_shuffle=2", "model.projector_hidden=32"]
-    train(load_config(None, args), progress=False)
+    train(load_config(None, args), progress=False, objective=VisionQA)
     llm = camelid.load(tmp_path / "hf")
     assert llm.model.image_tokens == 4 and llm.model.projector is not None
     spec = json.loads((tmp_path / "hf" / "vision.json").read_text())

@@ -1,0 +1,157 @@
+"""Causal self-attention with grouped-query heads: softmax(q k^T / sqrt(d), masked) v.
+
+Implementations: `reference` (camelid.model.Attention's math: PyTorch's scaled_dot_product_attention on
+[B, H, T, d]); for training, a C++ kernel with its backward (csrc/attention.cpp) that multiplies only the
+causal triangle and reads the projections' [B, T, H, d] layout, registered as the custom op
+`camelid::causal_attention` so `torch.compile` keeps it in its graph; for decoding, one C++ call that splits the
+fused qkv product, applies RoPE, writes the KV cache and attends for a few new tokens. Two dispatch functions,
+one per situation: `causal_attention` (training: whole sequences, autograd) and `cached_attention` (inference:
+new tokens against the KV cache).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from camelid.ops import native
+from camelid.ops.rope import reference as rope_reference
+
+# Forward + backward against SDPA on 2 threads (benchmarks/train_kernels.py): 1.33x at 256 tokens, 1.56x at 512,
+# 1.16x at 1024, 0.96x at 2048, where SDPA's 512-key blocks skip most of the masked square themselves.
+MAX_ATTENTION_T = 1024
+MAX_FUSED_TOKENS = 8  # decode steps and speculative verification; prompts go through SDPA
+
+_blas: bool | None = None  # the training kernel also needs PyTorch's BLAS (sgemm_), which every x86 wheel has
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """q [B, H, T, d], k and v [B, KV, S, d]; mask True where a query may see a key (None: causal)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+# -- training -----------------------------------------------------------------------------------------------
+@torch.library.custom_op("camelid::causal_attention", mutates_args=())
+def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    o, lse = native.module().causal_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+    return o, lse
+
+
+@torch.library.custom_op("camelid::causal_attention_backward", mutates_args=())
+def _attention_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = native.module().causal_attention_backward(grad_o.contiguous(), q, k, v, o, lse, scale)
+    return dq, dk, dv
+
+
+@_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    B, T, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(B, H, T)
+
+
+@_attention_backward.register_fake
+def _(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+      scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001 - ctx
+    q, k, v, ctx.scale = inputs
+    ctx.save_for_backward(q.contiguous(), k.contiguous(), v.contiguous(), *output)
+
+
+def _backward(ctx, grad_o: Tensor, _grad_lse: Tensor | None) -> tuple:  # noqa: ANN001 - ctx
+    dq, dk, dv = torch.ops.camelid.causal_attention_backward(grad_o, *ctx.saved_tensors, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _why_not(q: Tensor, k: Tensor, mask: Tensor | None) -> str | None:
+    """None when the training kernel takes these inputs, else why not (the one place this decision is made)."""
+    global _blas
+    if mask is not None:
+        return "an explicit mask (the kernel is causal only)"
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32:
+        return "the kernel takes fp32 CPU tensors"
+    if q.shape[1] > MAX_ATTENTION_T:
+        return f"longer than {MAX_ATTENTION_T} tokens, where SDPA's blocks skip the masked square themselves"
+    # the build cannot be traced: under compile, a module built before counts
+    mod = native.loaded() if torch.compiler.is_compiling() else native.module()
+    if mod is None:
+        return native.reason()
+    if _blas is None:
+        _blas = bool(mod.causal_attention_available())
+    return None if _blas else "this PyTorch has no BLAS sgemm for the kernel"
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Attention with autograd for q [B, T, H, d], k and v [B, T, KV, d] (the projections' layout; returns
+    [B, T, H, d]): the C++ kernel where it runs, else SDPA on transposed views. mask as in `reference`."""
+    if _why_not(q, k, mask) is None:
+        return torch.ops.camelid.causal_attention(q, k, v, q.shape[-1] ** -0.5)[0]
+    return reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+
+
+# -- decoding -----------------------------------------------------------------------------------------------
+def _why_not_cached(qkv: Tensor, positions: Tensor, cache_k: Tensor) -> str | None:
+    """None when the fused decode kernel takes this step, else why not."""
+    if torch.compiler.is_compiling():
+        return "under torch.compile, inductor fuses the reference ops"
+    if qkv.shape[1] > MAX_FUSED_TOKENS:
+        return f"more than {MAX_FUSED_TOKENS} new tokens (a prompt): SDPA"
+    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or cache_k.dtype != torch.float32:
+        return "the kernel takes fp32 CPU tensors and an fp32 cache"
+    if positions.dim() != 1:
+        return "rows at different positions (the kernel takes one row of positions)"
+    if native.module() is None:
+        return native.reason()
+    return None
+
+
+def cached_attention(qkv: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, cache: Any,
+                     mask: Tensor | None, n_heads: int, n_kv_heads: int) -> Tensor:
+    """One attention layer of inference from the fused projection qkv [B, T, (H + 2 KV) d]: split, RoPE, write
+    the new keys and values into `cache` (a camelid.model.KVCache) at `positions` (None: no cache), attend.
+    Returns [B, T, H d]. A few new tokens go through one C++ call; the rest through the reference ops."""
+    B, T, width = qkv.shape
+    d = width // (n_heads + 2 * n_kv_heads)
+    if (cache is not None and positions is not None and mask is not None
+            and _why_not_cached(qkv, positions, cache.k) is None):
+        S = cache.k.shape[2]
+        visible = mask.reshape(-1, T, S).expand(B, T, S)  # [T, S] or [B, 1, T, S] -> [B, T, S]
+        return native.module().attend_cached(qkv, cos, sin, positions, cache.k, cache.v, visible, n_heads,
+                                             n_kv_heads)
+    q, k, v = qkv.split([n_heads * d, n_kv_heads * d, n_kv_heads * d], dim=-1)
+    q = q.view(B, T, n_heads, d).transpose(1, 2)
+    k = k.view(B, T, n_kv_heads, d).transpose(1, 2)
+    v = v.view(B, T, n_kv_heads, d).transpose(1, 2)
+    q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    if cache is not None and positions is not None:
+        k, v = cache.update(positions, k, v)
+    return reference(q, k, v, mask).transpose(1, 2).reshape(B, T, n_heads * d)
+
+
+def choose(q: Tensor | None = None) -> native.Choice:
+    """Which implementation `causal_attention` runs for q [B, T, H, d] (default: fp32, CPU, 256 tokens)."""
+    q = q if q is not None else torch.empty(1, 256, 1, 2)
+    why = _why_not(q, q, None)
+    if why is None:
+        return native.Choice(f"C++ {native.label()}", f"training, up to {MAX_ATTENTION_T} tokens (SDPA beyond)")
+    return native.Choice("PyTorch", f"SDPA: {why}")
+
+
+def choose_cached(qkv: Tensor | None = None) -> native.Choice:
+    """Which implementation `cached_attention` runs for qkv [B, T, width] (default: one fp32 CPU token)."""
+    qkv = qkv if qkv is not None else torch.empty(1, 1, 6)
+    why = _why_not_cached(qkv, torch.zeros(qkv.shape[1], dtype=torch.long), qkv)
+    if why is None:
+        return native.Choice(f"C++ {native.label()}", f"RoPE + cache write + attention in one call for up to "
+                                                      f"{MAX_FUSED_TOKENS} new tokens (SDPA for prompts)")
+    return native.Choice("PyTorch", f"SDPA: {why}")

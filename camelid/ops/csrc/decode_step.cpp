@@ -1,0 +1,239 @@
+// The whole batch-1 decode step of a Llama model in one call: embedding lookup, then per layer RMSNorm, fused
+// QKV product, RoPE, KV-cache write, grouped-query attention over the cache, wo + residual, RMSNorm, fused
+// gate+up product, SiLU(gate) * up, down product + residual; then the final norm and the output head.
+//
+// Why: in eager PyTorch a step is ~250 small ops and ~150 OpenMP parallel regions (microseconds of dispatch
+// and thread wake-up each), which at 2 threads cost more than streaming the weights. Here the whole step is
+// ONE `omp parallel` region: each phase splits its rows statically over the threads and a barrier separates
+// phases that read what another thread wrote. The weights and the KV cache are the model's own tensors (no
+// copies), so prompt passes through PyTorch and steps through this kernel interleave freely. With
+// int8_activations, int8/int4 weights multiply an int8 copy of each activation vector (dot.h, *_q8).
+// camelid/model.py is the reference; tests/variants/test_decode_step.py compares the two.
+#include "decode_step.h"
+#include <omp.h>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+using namespace camelid;
+
+namespace {
+
+// Thread t's share [n0, n1) of N rows: contiguous, in multiples of 4 (the kernels' row block).
+inline void share(int64_t N, int t, int T, int64_t& n0, int64_t& n1) {
+  const int64_t per = ((N + T - 1) / T + 3) / 4 * 4;
+  n0 = std::min(N, t * per);
+  n1 = std::min(N, n0 + per);
+}
+
+inline void rms_norm(const float* x, const float* w, int64_t D, float eps, float* y) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / (float)D + eps);
+  for (int64_t i = 0; i < D; ++i) y[i] = w[i] * (x[i] * inv);
+}
+
+// Hugging Face rotate-half RoPE of one head: pairs (i, i + d/2)
+inline void rope(const float* x, const float* c, const float* s, int64_t d, float* out) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    out[i] = x[i] * c[i] - x[i + half] * s[i];
+    out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+  }
+}
+
+Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t, std::vector<at::Tensor>& keep) {
+  Linear L;
+  TORCH_CHECK(kind >= F32 && kind <= INT4, "unknown weight kind ", kind);
+  L.kind = static_cast<Kind>(kind);
+  for (const auto& x : t) TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "contiguous CPU weights expected");
+  keep.insert(keep.end(), t.begin(), t.end());
+  L.N = t[0].size(0);
+  switch (L.kind) {
+    case F32:
+      TORCH_CHECK(t.size() == 1 && t[0].scalar_type() == at::kFloat, "fp32 weight expected");
+      L.K = t[0].size(1); L.w = t[0].data_ptr<float>(); break;
+    case INT8:
+      TORCH_CHECK(t.size() == 2 && t[0].scalar_type() == at::kChar && t[1].scalar_type() == at::kFloat,
+                  "int8 weight and fp32 scale expected");
+      L.K = t[0].size(1); L.w = t[0].data_ptr<int8_t>(); L.scale8 = t[1].data_ptr<float>(); break;
+    case INT4:
+      TORCH_CHECK(t.size() == 3 && t[0].scalar_type() == at::kByte && t[1].scalar_type() == at::kHalf &&
+                  t[2].scalar_type() == at::kHalf, "uint8 weight and fp16 scale/minimum expected");
+      L.K = t[0].size(1) * 2; L.w = t[0].data_ptr<uint8_t>();
+      L.scale4 = t[1].data_ptr<at::Half>(); L.min4 = t[2].data_ptr<at::Half>(); break;
+  }
+  return L;
+}
+
+}  // namespace
+
+DecodeStep::DecodeStep(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn, double eps,
+                       bool int8_activations)
+    : D(dim), H(n_heads), KV(n_kv_heads), d(head_dim), F(ffn), eps((float)eps), q8(int8_activations) {
+  TORCH_CHECK(H % KV == 0, "n_heads must be a multiple of n_kv_heads");
+}
+
+void DecodeStep::set_embedding(int64_t kind, std::vector<at::Tensor> t) {
+  TORCH_CHECK(kind != INT4, "int4 embeddings are not supported");
+  embed = make_linear(kind, t, keep);
+  TORCH_CHECK(embed.K == D, "embedding width does not match dim");
+}
+
+void DecodeStep::add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, std::vector<int64_t> kinds,
+                           std::vector<std::vector<at::Tensor>> t) {
+  TORCH_CHECK(kinds.size() == 4 && t.size() == 4, "four linears expected: wqkv, wo, w13, w2");
+  keep.push_back(attn_norm); keep.push_back(ffn_norm);
+  Layer L;
+  L.attn_norm = attn_norm.data_ptr<float>(); L.ffn_norm = ffn_norm.data_ptr<float>();
+  L.wqkv = make_linear(kinds[0], t[0], keep); L.wo = make_linear(kinds[1], t[1], keep);
+  L.w13 = make_linear(kinds[2], t[2], keep); L.w2 = make_linear(kinds[3], t[3], keep);
+  TORCH_CHECK(L.wqkv.N == (H + 2 * KV) * d && L.wqkv.K == D && L.wo.N == D && L.wo.K == H * d &&
+              L.w13.N == 2 * F && L.w13.K == D && L.w2.N == D && L.w2.K == F, "layer shapes do not match the config");
+  layers.push_back(L);
+}
+
+void DecodeStep::set_head(at::Tensor norm_w, int64_t kind, std::vector<at::Tensor> t) {
+  keep.push_back(norm_w);
+  norm = norm_w.data_ptr<float>();
+  head = make_linear(kind, t, keep);
+  TORCH_CHECK(head.K == D, "output head width does not match dim");
+}
+
+// The model's KV cache (one [1, KV, S, d] k and v per layer) and the RoPE tables [S, d] for its positions.
+void DecodeStep::bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> vs, at::Tensor cos_t,
+                            at::Tensor sin_t) {
+  TORCH_CHECK(ks.size() == layers.size() && vs.size() == layers.size(), "one k and v cache per layer expected");
+  TORCH_CHECK(cos_t.is_contiguous() && sin_t.is_contiguous() && cos_t.size(1) == d, "[S, head_dim] tables expected");
+  S = cos_t.size(0);
+  cache.clear();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    for (auto* c : {&ks[i], &vs[i]})
+      TORCH_CHECK(c->is_contiguous() && c->scalar_type() == at::kFloat && c->size(1) == KV && c->size(2) == S &&
+                  c->size(3) == d, "fp32 contiguous [B, KV, S, head_dim] cache expected");
+    layers[i].cache_k = ks[i].data_ptr<float>(); layers[i].cache_v = vs[i].data_ptr<float>();
+    cache.push_back(ks[i]); cache.push_back(vs[i]);
+  }
+  cos = cos_t; sin = sin_t;
+}
+
+// Logits [1, 1, vocab] of `token` at position `pos`; writes this position's keys and values into the cache.
+at::Tensor DecodeStep::forward(int64_t token, int64_t pos) {
+  TORCH_CHECK(embed.w && norm && !cache.empty(), "decode step is not fully set up");
+  TORCH_CHECK(0 <= token && token < embed.N, "token id outside the vocabulary");
+  TORCH_CHECK(0 <= pos && pos < S, "position outside the cache");
+  const int64_t W = (H + 2 * KV) * d, G = H / KV, V = head.N;
+  x.resize(D); qkv.resize(W); att.resize(H * d); gu.resize(2 * F); hid.resize(F); tmp.resize(std::max(D, V));
+  auto logits = at::empty({1, 1, V}, at::TensorOptions().dtype(at::kFloat));
+  float* out = logits.data_ptr<float>();
+  // embedding row (dequantised)
+  if (embed.kind == F32) {
+    std::copy_n(static_cast<const float*>(embed.w) + token * D, D, x.data());
+  } else {
+    const int8_t* r = static_cast<const int8_t*>(embed.w) + token * D;
+    for (int64_t i = 0; i < D; ++i) x[i] = (float)r[i] * embed.scale8[token];
+  }
+  const float* c = cos.data_ptr<float>() + pos * d;
+  const float* s = sin.data_ptr<float>() + pos * d;
+  const float scale = 1.f / std::sqrt((float)d);
+  const int T = std::max(1, at::get_num_threads());
+
+#pragma omp parallel num_threads(T)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    // private scratch: each thread normalises x itself (576 floats: cheaper than a barrier)
+    const int64_t maxK = std::max({D, H * d, F});
+    std::vector<float> xn(D), xs(maxK / 32 + 1), dq(maxK / 32 + 1), q(d), kcur(d), p(pos + 1);
+    std::vector<int8_t> xq(maxK);
+    Act a;
+    a.xs = xs.data(); a.q = xq.data(); a.dq = dq.data();
+    int64_t n0, n1;
+    for (const Layer& L : layers) {
+      // -- attention: x += wo(attend(rope(wqkv(norm(x)))))
+      rms_norm(x.data(), L.attn_norm, D, eps, xn.data());
+      a.set(xn.data(), D, q8);
+      share(W, t, nt, n0, n1);
+      L.wqkv.rows(a, n0, n1, qkv.data());
+#pragma omp barrier
+      n0 = H * t / nt; n1 = H * (t + 1) / nt;  // heads are few: split them evenly, not in blocks of 4
+      for (int64_t h = n0; h < n1; ++h) {
+        const int64_t kvh = h / G;
+        float* K = L.cache_k + kvh * S * d;
+        float* Vc = L.cache_v + kvh * S * d;
+        rope(qkv.data() + h * d, c, s, d, q.data());
+        rope(qkv.data() + (H + kvh) * d, c, s, d, kcur.data());
+        const float* vcur = qkv.data() + (H + KV + kvh) * d;
+        // the group's first head writes the new key and value; every head reads positions < pos only
+        // from the cache, so no other thread waits on this write
+        if (h % G == 0) {
+          std::copy_n(kcur.data(), d, K + pos * d);
+          std::copy_n(vcur, d, Vc + pos * d);
+        }
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j <= pos; ++j) {
+          const float* kj = j == pos ? kcur.data() : K + j * d;
+          float acc = 0.f;
+          for (int64_t e = 0; e < d; ++e) acc += q[e] * kj[e];
+          p[j] = acc * scale;
+          mx = std::max(mx, p[j]);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j <= pos; ++j) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+        float* o = att.data() + h * d;
+        std::fill(o, o + d, 0.f);
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j <= pos; ++j) {
+          const float* vj = j == pos ? vcur : Vc + j * d;
+          const float pj = p[j] * inv;
+          for (int64_t e = 0; e < d; ++e) o[e] += pj * vj[e];
+        }
+      }
+#pragma omp barrier
+      a.set(att.data(), H * d, q8);
+      share(D, t, nt, n0, n1);
+      L.wo.rows(a, n0, n1, tmp.data());
+      for (int64_t n = n0; n < n1; ++n) x[n] += tmp[n];
+#pragma omp barrier
+      // -- feed-forward: x += w2(silu(gate) * up), gate and up = w13(norm(x)); a thread computes the gate
+      // and up rows of the same features, so it can apply SiLU * up without waiting
+      rms_norm(x.data(), L.ffn_norm, D, eps, xn.data());
+      a.set(xn.data(), D, q8);
+      share(F, t, nt, n0, n1);
+      L.w13.rows(a, n0, n1, gu.data());
+      L.w13.rows(a, F + n0, F + n1, gu.data());
+      for (int64_t n = n0; n < n1; ++n) {
+        const float g = gu[n];
+        hid[n] = g / (1.f + std::exp(-g)) * gu[F + n];
+      }
+#pragma omp barrier
+      a.set(hid.data(), F, q8);
+      share(D, t, nt, n0, n1);
+      L.w2.rows(a, n0, n1, tmp.data());
+      for (int64_t n = n0; n < n1; ++n) x[n] += tmp[n];
+#pragma omp barrier
+    }
+    rms_norm(x.data(), norm, D, eps, xn.data());
+    a.set(xn.data(), D, q8);
+    share(V, t, nt, n0, n1);
+    head.rows(a, n0, n1, out);
+  }
+  return logits;
+}
+
+// y = W x for one activation row with int8 activations (what the step does per linear); for the tests.
+at::Tensor gemv_q8(at::Tensor x, int64_t kind, std::vector<at::Tensor> t) {
+  std::vector<at::Tensor> keep;
+  const Linear L = make_linear(kind, t, keep);
+  x = x.contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.numel() == L.K && L.K % 32 == 0,
+              "fp32 x of K (a multiple of 32) expected");
+  std::vector<float> xs(L.K / 32), dq(L.K / 32);
+  std::vector<int8_t> q(L.K);
+  Act a;
+  a.xs = xs.data(); a.q = q.data(); a.dq = dq.data();
+  a.set(x.data_ptr<float>(), L.K, true);
+  auto y = at::empty({L.N}, x.options());
+  L.rows(a, 0, L.N, y.data_ptr<float>());
+  return y;
+}

@@ -1,0 +1,109 @@
+// The whole-model decode step (decode_step.cpp): its class, for the Python bindings in module.cpp, and the
+// weight and activation formats it reads.
+#pragma once
+#include "dot.h"
+#include <vector>
+
+namespace camelid {
+
+inline void group_sums(const float* x, int64_t K, float* xs) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    float s = 0.f;
+    for (int j = 0; j < 32; ++j) s += x[g * 32 + j];
+    xs[g] = s;
+  }
+}
+
+enum Kind : int64_t { F32 = 0, INT8 = 1, INT4 = 2 };
+
+// An activation vector as the kernels read it: fp32, its sums over groups of 32 (int4's minimum), and
+// optionally an int8 copy in blocks of 32 (q8: the integer dot-product kernels).
+struct Act {
+  const float* x = nullptr;
+  float* xs = nullptr;
+  int8_t* q = nullptr;
+  float* dq = nullptr;
+  bool q8 = false;
+
+  void set(const float* v, int64_t K, bool int8_activations) {
+    x = v;
+    q8 = int8_activations && K % 32 == 0;
+    if (!q8) {
+      group_sums(v, K, xs);
+      return;
+    }
+    quantize_q8(v, K, q, dq);
+    // int4's minimum then multiplies the sums of the int8 activations, not of x: the product is exactly
+    // dequantised W times dequantised x. (Exact sums leave (w - min) * rounding error, and w - min runs
+    // from 0 to twice |w|: measured +2.0% perplexity instead of +0.x%.)
+    for (int64_t g = 0; g < K / 32; ++g) {
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) sum += q[g * 32 + j];
+      xs[g] = (float)sum * dq[g];
+    }
+  }
+};
+
+// One linear layer y = W x, W [N, K], in one of the three weight formats (camelid/variants/quantized.py's layouts).
+struct Linear {
+  Kind kind = F32;
+  const void* w = nullptr;
+  const float* scale8 = nullptr;   // int8: one scale per row
+  const at::Half* scale4 = nullptr; // int4: fp16 scale and minimum per group of 32
+  const at::Half* min4 = nullptr;
+  int64_t N = 0, K = 0;
+
+  // rows [n0, n1) of y = W x; int8/int4 weights use the int8 copy of x when there is one
+  void rows(const Act& a, int64_t n0, int64_t n1, float* y) const {
+    if (n0 >= n1) return;
+    switch (kind) {
+      case F32: dot_f32(a.x, static_cast<const float*>(w), K, n0, n1, y); break;
+      case INT8:
+        if (a.q8) dot_int8_q8(a.q, a.dq, static_cast<const int8_t*>(w), scale8, K, n0, n1, y);
+        else dot_int8(a.x, static_cast<const int8_t*>(w), scale8, K, n0, n1, y);
+        break;
+      case INT4:
+        if (a.q8) dot_int4_q8(a.q, a.dq, a.xs, static_cast<const uint8_t*>(w), scale4, min4, K, n0, n1, y);
+        else dot_int4(a.x, a.xs, static_cast<const uint8_t*>(w), scale4, min4, K, n0, n1, y);
+        break;
+    }
+  }
+};
+
+struct Layer {
+  const float* attn_norm;
+  const float* ffn_norm;
+  Linear wqkv, wo, w13, w2;
+  float* cache_k = nullptr;  // [1, KV, S, d] of this layer, bound per generation
+  float* cache_v = nullptr;
+};
+
+}  // namespace camelid
+
+class DecodeStep {
+ public:
+  DecodeStep(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn, double eps,
+             bool int8_activations);
+  void set_embedding(int64_t kind, std::vector<at::Tensor> t);
+  void add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, std::vector<int64_t> kinds,
+                 std::vector<std::vector<at::Tensor>> t);
+  void set_head(at::Tensor norm_w, int64_t kind, std::vector<at::Tensor> t);
+  // The model's KV cache (one [1, KV, S, d] k and v per layer) and the RoPE tables [S, d] for its positions.
+  void bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> vs, at::Tensor cos_t,
+                  at::Tensor sin_t);
+  // Logits [1, 1, vocab] of `token` at position `pos`; writes this position's keys and values into the cache.
+  at::Tensor forward(int64_t token, int64_t pos);
+
+ private:
+  int64_t D, H, KV, d, F, S = 0;
+  float eps;
+  bool q8;  // int8 activations for int8/int4 weights
+  camelid::Linear embed, head;
+  const float* norm = nullptr;
+  std::vector<camelid::Layer> layers;
+  std::vector<at::Tensor> keep, cache;  // keep the weights and caches alive while their pointers are held
+  at::Tensor cos, sin;
+  std::vector<float> x, qkv, att, gu, hid, tmp;  // shared activations, reused across steps
+};
+
+at::Tensor gemv_q8(at::Tensor x, int64_t kind, std::vector<at::Tensor> t);

@@ -1,0 +1,118 @@
+// Matrix-vector products for batch-1 decode on CPU. Decode is memory bound: each kernel streams every
+// weight row once, rows split across threads with at::parallel_for. Activations stay fp32; weights may be
+// fp32, int8 with one scale per row, or int4 in groups of 32 (Q4_1's layout: fp16 scale and min per group).
+// The inner loops live in dot.h (shared with decode_step.cpp). camelid/ops/linear.py holds the references.
+#include "dot.h"
+#include "kernels.h"
+
+static constexpr int64_t GRAIN = 32;  // rows per task: enough work to amortise scheduling
+
+#ifdef CAMELID_AVX2
+// A few activation rows at once (speculative verification, small batches): each weight vector is loaded
+// once and multiplied into M accumulators, so the weights are streamed once, not M times.
+template <int M>
+static void dot_f32_rows(const float* x, const float* w, int64_t K, int64_t N, int64_t n0, int64_t n1, float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* row = w + n * K;
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 wv = _mm256_loadu_ps(row + k);
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m]);
+    }
+    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]);
+  }
+}
+
+static bool dot_f32_multi(int64_t M, const float* x, const float* w, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                          float* y) {
+  if (K % 8) return false;
+  switch (M) {
+    case 2: dot_f32_rows<2>(x, w, K, N, n0, n1, y); return true;
+    case 3: dot_f32_rows<3>(x, w, K, N, n0, n1, y); return true;
+    case 4: dot_f32_rows<4>(x, w, K, N, n0, n1, y); return true;
+    case 5: dot_f32_rows<5>(x, w, K, N, n0, n1, y); return true;
+    case 6: dot_f32_rows<6>(x, w, K, N, n0, n1, y); return true;
+    case 7: dot_f32_rows<7>(x, w, K, N, n0, n1, y); return true;
+    case 8: dot_f32_rows<8>(x, w, K, N, n0, n1, y); return true;
+    default: return false;
+  }
+}
+#endif
+
+at::Tensor gemv_f32(at::Tensor x, at::Tensor w) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "fp32 expected");
+  x = x.contiguous(); w = w.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+#ifdef CAMELID_AVX2
+    if (M > 1 && dot_f32_multi(M, xp, wp, K, N, n0, n1, yp)) return;
+#endif
+    for (int64_t m = 0; m < M; ++m) dot_f32(xp + m * K, wp, K, n0, n1, yp + m * N);
+  });
+  return y;
+}
+
+at::Tensor gemv_int8(at::Tensor x, at::Tensor w, at::Tensor scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar, "fp32 x and int8 w expected");
+  x = x.contiguous(); w = w.contiguous(); scale = scale.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>(); const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) dot_int8(xp + m * K, wp, sp, K, n0, n1, yp + m * N);
+  });
+  return y;
+}
+
+at::Tensor gemv_int4(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor minimum) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kByte, "fp32 x and uint8 w expected");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && minimum.scalar_type() == at::kHalf, "fp16 scale and minimum expected");
+  x = x.contiguous(); w = w.contiguous(); scale = scale.contiguous(); minimum = minimum.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / 32;
+  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
+  auto y = at::empty({M, N}, x.options());
+  auto xsum = x.view({M, G, 32}).sum(-1).contiguous();
+  const float* xp = x.data_ptr<float>(); const float* xs = xsum.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>(); const at::Half* sp = scale.data_ptr<at::Half>();
+  const at::Half* mp = minimum.data_ptr<at::Half>(); float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) dot_int4(xp + m * K, xs + m * G, wp, sp, mp, K, n0, n1, yp + m * N);
+  });
+  return y;
+}
+
+// Whole-matrix dequantisation for prompt passes (then torch's GEMM): one parallel pass instead of ~8 tensor ops.
+at::Tensor dequant_int8(at::Tensor w, at::Tensor scale) {
+  w = w.contiguous(); scale = scale.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto out = at::empty({N, K}, scale.options());
+  const int8_t* wp = w.data_ptr<int8_t>(); const float* sp = scale.data_ptr<float>(); float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) op[n * K + k] = (float)wp[n * K + k] * sp[n];
+  });
+  return out;
+}
+
+at::Tensor dequant_int4(at::Tensor w, at::Tensor scale, at::Tensor minimum) {
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && minimum.scalar_type() == at::kHalf, "fp16 scale and minimum expected");
+  w = w.contiguous(); scale = scale.contiguous(); minimum = minimum.contiguous();
+  const int64_t N = w.size(0), K = w.size(1) * 2, G = K / 32;
+  auto out = at::empty({N, K}, scale.options().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>(); const at::Half* sp = scale.data_ptr<at::Half>();
+  const at::Half* mp = minimum.data_ptr<at::Half>(); float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* b = wp + n * (K / 2) + g * 16;
+        float* o = op + n * K + g * 32;
+        const float s = h2f(sp[n * G + g]), m = h2f(mp[n * G + g]);
+        for (int j = 0; j < 16; ++j) { o[j] = (float)(b[j] & 15) * s + m; o[j + 16] = (float)(b[j] >> 4) * s + m; }
+      }
+  });
+  return out;
+}

@@ -1,0 +1,140 @@
+"""Linear layers y = x W^T with weights stored as fp32, int8 (one fp32 scale per output row) or int4 (groups of 32
+along the input, an fp16 scale and minimum per group, as llama.cpp's Q4_1; two codes per byte).
+
+Implementations: the references (`dequantize_reference`, then torch's GEMM); C++ GEMV kernels
+(csrc/linear.cpp) for a few activation rows, which stream each packed weight row once (decode is memory
+bound); C++ whole-matrix dequantisation for prompts. `linear` and `dequantize` pick one. The formats
+themselves (quantisation, int4 packing) live here too, so the kernels and their references share one
+definition.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from camelid.errors import CamelidError
+from camelid.ops import native
+
+GROUP = 32  # int4 group size along the input dimension
+MAX_GEMV_ROWS = 8  # decode, small batches, speculative verification: each weight row is streamed from RAM once
+KINDS = ("f32", "int8", "int4")
+
+
+# -- formats ------------------------------------------------------------------------------------------------
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """fp weight [N, K] -> (int8 codes [N, K], fp32 scale [N]): symmetric, one scale per output row."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """uint8 codes 0..15 [N, K] -> uint8 [N, K/2]: in each group of 32, byte j = code j | code j+16 << 4."""
+    N, K = codes.shape
+    g = codes.view(N, K // GROUP, GROUP)
+    return (g[..., :16] | (g[..., 16:] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """The inverse of `pack_int4`: uint8 [N, K/2] -> codes [N, K]."""
+    b = packed.view(packed.shape[0], -1, 16)
+    return torch.cat((b & 15, b >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def quantize_int4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """fp weight [N, K] -> (packed codes [N, K/2], fp16 scale [N, K/32], fp16 minimum [N, K/32])."""
+    w = weight.detach().float()
+    N, K = w.shape
+    if K % GROUP:
+        raise CamelidError(f"int4 needs in_features divisible by {GROUP}, got {K}; use quantize='int8'")
+    g = w.view(N, K // GROUP, GROUP)
+    # scale and minimum are stored in fp16 (as in Q4_1: 0.5625 bytes per weight); the codes are computed from
+    # the rounded values so that dequantisation reproduces them exactly
+    lo = g.amin(-1).clamp(-65504, 65504).half()
+    scale = ((g.amax(-1) - lo.float()) / 15).clamp(min=1e-7, max=65504).half()
+    q = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    return pack_int4(q.view(N, K)), scale, lo
+
+
+def dequantize_reference(kind: str, *weight: Tensor) -> Tensor:
+    """The fp32 matrix [N, K] that stored `weight` tensors of `kind` stand for."""
+    if kind == "f32":
+        return weight[0].float()
+    if kind == "int8":
+        qweight, scale = weight
+        return qweight.float() * scale[:, None]
+    qweight, scale, minimum = weight
+    N = qweight.shape[0]
+    q = unpack_int4(qweight).view(N, -1, GROUP).float()
+    return (q * scale.float()[..., None] + minimum.float()[..., None]).view(N, -1)
+
+
+def reference(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
+    """x [..., K] @ W^T with W dequantised in fp32."""
+    return x @ dequantize_reference(kind, *weight).to(x.dtype).T
+
+
+# -- kernels as custom ops, so that torch.compile keeps them in its graph (eager code calls them directly: the
+# custom-op wrapper costs microseconds per call) -------------------------------------------------------------
+@torch.library.custom_op("camelid::gemv_f32", mutates_args=())
+def _gemv_f32(x: Tensor, w: Tensor) -> Tensor:
+    return native.loaded().gemv_f32(x, w)
+
+
+@torch.library.custom_op("camelid::gemv_int8", mutates_args=())
+def _gemv_int8(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    return native.loaded().gemv_int8(x, w, scale)
+
+
+@torch.library.custom_op("camelid::gemv_int4", mutates_args=())
+def _gemv_int4(x: Tensor, w: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:
+    return native.loaded().gemv_int4(x, w, scale, minimum)
+
+
+for _op in (_gemv_f32, _gemv_int8, _gemv_int4):
+    _op.register_fake(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[0]))
+
+
+def _why_not(x2d: Tensor) -> str | None:
+    """None when the C++ GEMV takes these activation rows, else why not (the one place this is decided)."""
+    if x2d.shape[0] > MAX_GEMV_ROWS:
+        return f"more than {MAX_GEMV_ROWS} rows (a prompt): dequantise, then torch's GEMM"
+    if x2d.device.type != "cpu" or x2d.dtype != torch.float32:
+        return "the kernels take fp32 CPU activations"
+    # the build cannot be traced: under compile, a module built before counts
+    if (native.loaded() if torch.compiler.is_compiling() else native.module()) is None:
+        return native.reason()
+    return None
+
+
+def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
+    """x [..., K] @ W^T for W stored as `kind` ("f32": weight; "int8": codes, scale; "int4": packed codes,
+    scale, minimum): the C++ GEMV for a few rows, else dequantisation and torch's GEMM."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if _why_not(x2d) is not None:
+        w = weight[0] if kind == "f32" else dequantize(kind, *weight)
+        y = x2d @ w.to(x.dtype).T
+    elif torch.compiler.is_compiling():
+        y = getattr(torch.ops.camelid, f"gemv_{kind}")(x2d, *weight)
+    else:
+        y = getattr(native.module(), f"gemv_{kind}")(x2d, *weight)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def dequantize(kind: str, *weight: Tensor) -> Tensor:
+    """The fp32 matrix of int8/int4 weights: one parallel C++ pass on the CPU, else the reference."""
+    if kind != "f32" and weight[0].device.type == "cpu" and not torch.compiler.is_compiling():
+        mod = native.module()
+        if mod is not None:
+            return getattr(mod, f"dequant_{kind}")(*weight)
+    return dequantize_reference(kind, *weight)
+
+
+def choose(kind: str = "f32", x: Tensor | None = None) -> native.Choice:
+    """Which implementation `linear` runs for activations x (default: one fp32 CPU row), and why."""
+    why = _why_not(x.reshape(-1, x.shape[-1]) if x is not None else torch.empty(1, 1))
+    if why is None:
+        return native.Choice(f"C++ {native.label()}", f"{kind} GEMV for up to {MAX_GEMV_ROWS} rows (torch's GEMM "
+                                                      "for more)")
+    return native.Choice("PyTorch", why)

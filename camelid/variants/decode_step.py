@@ -1,0 +1,149 @@
+"""The whole batch-1 decode step in one C++ call (camelid/ops/csrc/decode_step.cpp), for fused fp32/int8/int4 models.
+
+`decode_step(model)` returns a `DecodeStep` (call it with a token id and a position, get logits [1, 1, vocab])
+or None where the step cannot run the model; `refusal(model)` says why in one line. The step implements an
+exact set of config fields and module types: a config field outside that set with a non-default value, or any
+module of another type (a LoRA adapter, a hook, a future layer kind), is refused, never silently ignored, and
+the caller keeps the per-layer path. It reads the model's own weight tensors and writes the model's own KV
+cache, so prompts through PyTorch and steps through C++ interleave freely. Built per generation: it costs a
+walk over the modules, no copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from camelid.model import Attention, Block, FeedForward, KVCache, Llama, RMSNorm, RotaryEmbedding
+from camelid.ops import native
+from camelid.variants.fused import FastRMSNorm, FusedAttention, FusedFeedForward
+from camelid.variants.quantized import FastLinear, Int4Linear, Int8Embedding, Int8Linear
+
+F32, INT8, INT4 = 0, 1, 2
+
+# the LlamaConfig fields the C++ step implements (RoPE scaling is in the tables it is given); any other field
+# must keep its default
+IMPLEMENTED_CONFIG = {"name", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                      "intermediate_size", "norm_eps", "rope_theta", "rope_scaling", "max_seq_len", "tie_embeddings",
+                      "bos_token_id", "eos_token_id"}
+# the exact module types it reads (subclasses may change what runs, so they are refused too)
+KNOWN_MODULES = {Llama, nn.Embedding, Int8Embedding, nn.ModuleList, Block, RMSNorm, FastRMSNorm, FusedAttention,
+                 FusedFeedForward, nn.Linear, FastLinear, Int8Linear, Int4Linear, RotaryEmbedding, KVCache}
+
+
+def _linear(mod: nn.Module) -> tuple[int, list[Tensor]]:
+    """(kind, tensors) of a linear layer in the format decode_step.cpp reads (refusal() has checked the type)."""
+    if type(mod) is Int8Linear:
+        return INT8, [mod.qweight, mod.scale]
+    if type(mod) is Int4Linear:
+        return INT4, [mod.qweight, mod.scale, mod.minimum]
+    return F32, [mod.weight]
+
+
+def _embedding(mod: nn.Module) -> tuple[int, list[Tensor]]:
+    if type(mod) is Int8Embedding:
+        return INT8, [mod.table.qweight, mod.table.scale]
+    return F32, [mod.weight]
+
+
+def _config_refusal(config: Any) -> str | None:
+    for f in dataclasses.fields(config):
+        if f.name in IMPLEMENTED_CONFIG:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(config, f.name)
+        if default is dataclasses.MISSING or value != default:
+            return f"the config sets {f.name}={value!r}, which the C++ decode step does not implement"
+    return None
+
+
+def refusal(model: nn.Module) -> str | None:
+    """None when the C++ step implements `model` exactly; else the reason, in one line (kernels not checked)."""
+    if type(model) is not Llama:
+        return f"the model is a {type(model).__name__}, not a camelid Llama"
+    why = _config_refusal(model.config)
+    if why:
+        return why
+    for name, mod in model.named_modules():
+        where = name or "the model"
+        if type(mod) in (Attention, FeedForward):
+            return f"{where} is not fused (camelid.variants.fused.fuse or quantize_model lays it out for the C++ step)"
+        if type(mod) not in KNOWN_MODULES:
+            return f"{where} is of type {type(mod).__name__}, which the C++ decode step does not implement"
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return f"{where} has a forward hook, which the C++ decode step would skip"
+        if type(mod) is nn.Linear and mod.bias is not None:
+            return f"{where} has a bias, which the C++ decode step does not implement"
+    for i, block in enumerate(model.layers):
+        if type(block.attention) is not FusedAttention or type(block.feed_forward) is not FusedFeedForward:
+            return f"layers.{i} is not fused (camelid.variants.fused.fuse or quantize_model)"
+    if type(model.tok_embeddings) not in (nn.Embedding, Int8Embedding):
+        return f"tok_embeddings is a {type(model.tok_embeddings).__name__}, which the C++ decode step does not read"
+    norms = [model.norm.weight] + [w for b in model.layers for w in (b.attention_norm.weight, b.ffn_norm.weight)]
+    parts = [_embedding(model.tok_embeddings), _linear(model.output)]
+    for block in model.layers:
+        parts += [_linear(m) for m in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13,
+                                       block.feed_forward.w2)]
+    tensors = norms + [t for _, ts in parts for t in ts]
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return "the weights are not contiguous CPU tensors"
+    if any(t.dtype != torch.float32 for t in norms) or any(k == F32 and ts[0].dtype != torch.float32
+                                                             for k, ts in parts):
+        return "the weights are not fp32 (or int8/int4)"
+    return None
+
+
+class DecodeStep:
+    """One generated token per call through decode_step.cpp: `step(token_id, position)` -> logits [1, 1, vocab]."""
+
+    def __init__(self, model: Llama, native_step: Any) -> None:
+        self.model, self.native = model, native_step
+        self._bound: Tensor | None = None  # layer 0's cache k tensor the kernel was last bound to
+
+    def __call__(self, token: int, position: int) -> Tensor:
+        cache = self.model.layers[0].attention.kv_cache
+        if cache is None or cache.k is not self._bound:
+            self._bind()
+        return self.native.forward(token, position)
+
+    def _bind(self) -> None:
+        """Point the kernel at the model's current KV cache (setup_cache makes new tensors every generation)."""
+        m = self.model
+        caches = [b.attention.kv_cache for b in m.layers]
+        if any(c is None for c in caches):
+            raise RuntimeError("no KV cache is set up; call model.setup_cache() first")
+        cos, sin = m.rope(torch.arange(m.cache_len), torch.float32)  # exactly the tables the PyTorch path uses
+        self.native.bind_cache([c.k for c in caches], [c.v for c in caches], cos.contiguous(), sin.contiguous())
+        self._bound = caches[0].k
+
+
+@torch.no_grad()
+def decode_step(model: nn.Module, int8_activations: bool | None = None) -> DecodeStep | None:
+    """A C++ decode step for `model`, or None where it cannot run (`refusal(model)`, or no kernels: then use the
+    model itself).
+
+    int8_activations: int8/int4 weights multiply an int8 copy of the activations (blocks of 32, one scale
+    each, as llama.cpp's Q8_0/Q4_1 kernels do) with integer dot products: ~20% faster steps, but no longer
+    equal to the PyTorch path up to float rounding (benchmarks/quality.py measures the cost). Default: on,
+    unless CAMELID_INT8_ACTIVATIONS=0. fp32 weights always use fp32 activations."""
+    if int8_activations is None:
+        int8_activations = os.environ.get("CAMELID_INT8_ACTIVATIONS", "1") != "0"
+    if refusal(model) is not None:
+        return None
+    mod = native.module()
+    if mod is None:
+        return None
+    cfg = model.config
+    step = mod.DecodeStep(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                          float(model.norm.eps), int8_activations)
+    step.set_embedding(*_embedding(model.tok_embeddings))
+    for block in model.layers:
+        att, ffn = block.attention, block.feed_forward
+        lin = [_linear(m) for m in (att.wqkv, att.wo, ffn.w13, ffn.w2)]
+        step.add_layer(block.attention_norm.weight, block.ffn_norm.weight, [k for k, _ in lin], [t for _, t in lin])
+    step.set_head(model.norm.weight, *_linear(model.output))
+    return DecodeStep(model, step)

@@ -1,0 +1,187 @@
+"""Weight-only quantisation for inference, applied from outside the reference model: int8 (one scale per output
+row) and int4 (groups of 32 with an fp16 scale and minimum, like llama.cpp's Q4_1). Activations stay fp32
+(except in the one-call decode step, camelid.variants.decode_step, which by default multiplies int8/int4 weights
+with int8 activations).
+
+Decode (1-8 rows of activations) goes through camelid's C++ GEMV kernels (camelid.ops.linear), which stream the
+packed weights; PyTorch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were measured 5-25x slower than an
+fp32 GEMV on this class of CPU, so they are not used. Prompts (many rows) dequantise the layer and use torch's
+GEMM. `quantize_model` first fuses the model (camelid.variants.fused); mode "fp32" does only that and puts the
+fp32 weights behind the same GEMV kernels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from camelid.config import LlamaConfig
+from camelid.errors import CamelidError
+from camelid.model import Llama, rope_inv_freq
+from camelid.ops import linear, native
+from camelid.variants.fused import fuse
+
+MODES = ("int8", "int4")
+GROUP = linear.GROUP
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W as int8 codes `qweight` [N, K] times one fp32 `scale` per row."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        qweight, scale = linear.quantize_int8(weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.out_features, self.in_features = weight.shape
+
+    def dequantize(self) -> Tensor:
+        return linear.dequantize("int8", self.qweight, self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear.linear(x, "int8", self.qweight, self.scale)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W as packed 4-bit codes `qweight` [N, K/2] and an fp16 `scale` and `minimum` per group of 32."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        qweight, scale, minimum = linear.quantize_int4(weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("minimum", minimum)
+        self.out_features, self.in_features = weight.shape
+
+    def dequantize(self) -> Tensor:
+        return linear.dequantize("int4", self.qweight, self.scale, self.minimum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear.linear(x, "int4", self.qweight, self.scale, self.minimum)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows as int8 with one scale per row: Int8Linear's format, so a tied int8 output head and the
+    embedding share one matrix (for SmolLM2 that saves the 113 MB fp32 table)."""
+
+    def __init__(self, weight: Tensor | None = None, shared: Int8Linear | None = None) -> None:
+        super().__init__()
+        if shared is not None:
+            self.__dict__["table"] = shared  # not registered: its tensors are saved once, under output.*
+        else:
+            self.table = Int8Linear(weight)
+
+    def dequantize(self) -> Tensor:
+        return self.table.dequantize()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = self.table
+        return t.qweight[ids].float() * t.scale[ids].unsqueeze(-1)
+
+
+class FastLinear(nn.Module):
+    """fp32 linear whose few-row products use camelid's streaming GEMV (torch's GEMM otherwise)."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().contiguous(), requires_grad=False)
+        self.out_features, self.in_features = self.weight.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear.linear(x, "f32", self.weight)
+
+
+LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp32": FastLinear}
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    return [(f"{pname}.{name}".lstrip("."), parent, name, child) for pname, parent in model.named_modules()
+            for name, child in parent.named_children() if isinstance(child, nn.Linear) and child.bias is None]
+
+
+@torch.no_grad()
+def quantize_model(model: Llama, mode: str, head: str | None = None) -> Llama:
+    """Fuse `model` (camelid.variants.fused.fuse), then replace every bias-free nn.Linear in place, one at a
+    time, by its weight-only quantised twin ("int8", "int4") or by the fp32 fast-GEMV linear ("fp32"); each fp32
+    weight is freed as soon as it is replaced, so peak memory is the fp32 model plus one layer. In int8/int4 mode
+    the embedding becomes int8 too (sharing the head's matrix when they are tied and the head is int8). The
+    output head uses `head` (default: int8 in int4 mode, because the head's error shows directly in every logit;
+    else `mode`). In int4 mode a layer whose input width is not a multiple of 32 is quantised to int8."""
+    if mode not in LINEARS:
+        raise CamelidError(f"unknown quantize mode {mode!r}; choose one of int8, int4, fp32")
+    head = head or ("int8" if mode == "int4" else mode)
+    if head not in LINEARS:
+        raise CamelidError(f"unknown head mode {head!r}; choose one of int8, int4, fp32")
+    native.module()  # build (or find) the kernels now, not inside the first (possibly compiled) forward
+    fuse(model)  # fewer, larger GEMVs: QKV and gate+up read x once
+    for path, parent, name, lin in _linears(model):
+        kind = LINEARS[head if path == "output" else mode]
+        if kind is Int4Linear and lin.in_features % GROUP:
+            kind = Int8Linear  # groups of 32 do not tile this row; int8 keeps it exact enough
+        setattr(parent, name, kind(lin.weight))
+    emb = model.tok_embeddings
+    if mode in MODES and isinstance(emb, nn.Embedding):
+        tied = model.config.tie_embeddings and isinstance(model.output, Int8Linear)
+        model.tok_embeddings = Int8Embedding(shared=model.output) if tied else Int8Embedding(emb.weight)
+    model.quantized = mode  # type: ignore[assignment]
+    return model
+
+
+def save_quantized(model: Llama, path: str | Path) -> None:
+    """Write the quantised weights as safetensors (atomically), with the mode and the model's config in the
+    metadata so that `load_quantized(path)` needs nothing else."""
+    from camelid.fileio import atomic_write
+
+    mode = getattr(model, "quantized", None)
+    if mode not in MODES:
+        raise CamelidError("model is not quantised; call quantize_model(model, 'int8'|'int4') first")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    meta = {"camelid_quantize": mode, "camelid_config": json.dumps(model.config.to_dict())}
+    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of `path` (a one-line CamelidError if it is not a safetensors file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad header
+        raise CamelidError(f"{path}: not a readable safetensors file ({e}); write one with `camelid quantize`") from e
+
+
+@torch.no_grad()
+def load_quantized(path: str | Path) -> Llama:
+    """Build the model described in a file written by `save_quantized`/`camelid quantize` and load its
+    quantised weights. The model is built on the meta device, so no fp32 copy is ever allocated: peak
+    memory is the quantised weights. safetensors only, nothing is unpickled."""
+    meta = read_metadata(path)
+    mode = meta.get("camelid_quantize")
+    if mode not in MODES or "camelid_config" not in meta:
+        raise CamelidError(f"{path}: no camelid quantisation metadata; write it with `camelid quantize`")
+    config = LlamaConfig(**json.loads(meta["camelid_config"]))
+    with torch.device("meta"):
+        model = Llama(config)
+        quantize_model(model, mode, head=_head_mode(meta, path))
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise CamelidError(f"{path}: weights do not match the config (missing {missing[:3]}, extra {unexpected[:3]})")
+    model.rope.inv_freq = rope_inv_freq(config)  # a non-persistent buffer: not in the file
+    return model.eval()
+
+
+def _head_mode(meta: dict[str, str], path: str | Path) -> str:
+    # the file's own tensors say which kind the head is: int4 heads carry a `minimum`
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    if "output.minimum" in keys:
+        return "int4"
+    return "int8" if "output.scale" in keys else meta["camelid_quantize"]

@@ -1,0 +1,129 @@
+"""Causal attention: the training kernel (values and gradients) and the fused decode kernel against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import needs_kernels
+
+from camelid.config import LlamaConfig
+from camelid.model import KVCache, RotaryEmbedding
+from camelid.ops import attention, native
+from camelid.ops.rope import reference as rope_reference
+
+
+def sdpa_bthd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The reference on [B, T, heads, D] tensors."""
+    return attention.reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+@needs_kernels
+# T around the 64-query blocks (1, 63, 64, 65, 130), MHA / GQA / MQA, head sizes 16-64
+@pytest.mark.parametrize("B,T,H,KV,D", [(2, 1, 4, 2, 16), (1, 63, 4, 4, 32), (2, 64, 8, 2, 32), (1, 65, 6, 1, 64),
+                                        (3, 130, 4, 2, 32)])
+def test_causal_attention_matches_sdpa_values_and_gradients(B: int, T: int, H: int, KV: int, D: int,
+                                                            threads: int) -> None:
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(B, T, n, D, generator=g, dtype=torch.float64) for n in (H, KV, KV))
+    dy = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    sdpa_bthd(*ref).backward(dy)  # float64: the exact answer, to compare float32 against
+    ours = [t.float().requires_grad_() for t in (q, k, v)]
+    assert attention.choose(ours[0]).impl.startswith("C++")
+    y = attention.causal_attention(*ours)
+    y.backward(dy.float())
+    torch.testing.assert_close(y.double(), sdpa_bthd(*ref).detach(), rtol=0, atol=2e-6)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=1e-5)
+
+
+@needs_kernels
+def test_causal_attention_under_compile_and_on_strided_inputs() -> None:
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 70, 8, 32, generator=g, requires_grad=True)  # q, k, v: strided slices of one tensor
+    dy = torch.randn(2, 70, 4, 32, generator=g)
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return attention.causal_attention(t[:, :, :4], t[:, :, 4:6], t[:, :, 6:])
+
+    outs = []
+    for fn in (f, torch.compile(f, fullgraph=True), lambda t: sdpa_bthd(t[:, :, :4], t[:, :, 4:6], t[:, :, 6:])):
+        y = fn(qkv)
+        y.backward(dy)
+        outs.append((y.detach(), qkv.grad))
+        qkv.grad = None
+    for y, grad in outs[:2]:
+        torch.testing.assert_close(y, outs[2][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(grad, outs[2][1], rtol=0, atol=1e-5)
+
+
+@needs_kernels
+def test_the_training_kernel_is_available_where_torch_has_blas() -> None:
+    # x86 wheels link MKL (sgemm_); were it missing, training would silently fall back to SDPA
+    assert native.module().causal_attention_available()
+    assert attention.choose().impl.startswith("C++")
+
+
+def test_what_the_training_kernel_does_not_do_goes_to_sdpa() -> None:
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 2, 16, generator=g, dtype=torch.bfloat16)
+    assert torch.equal(attention.causal_attention(q, q, q), sdpa_bthd(q, q, q))  # not fp32
+    assert "fp32" in attention.choose(q).reason
+    q = torch.randn(1, attention.MAX_ATTENTION_T + 1, 1, 16, generator=g)
+    assert "longer than" in attention.choose(q).reason  # SDPA skips the masked blocks itself
+    q = torch.randn(2, 6, 2, 16, generator=g)
+    mask = torch.rand(2, 1, 6, 6, generator=g) > 0.3
+    mask |= torch.eye(6, dtype=torch.bool)  # every query sees something
+    want = attention.reference(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), mask).transpose(1, 2)
+    assert torch.equal(attention.causal_attention(q, q, q, mask), want)
+
+
+def test_without_kernels_causal_attention_is_sdpa(no_kernels: None) -> None:
+    q = torch.randn(2, 9, 4, 16)
+    assert torch.equal(attention.causal_attention(q, q[:, :, :2], q[:, :, 2:]), sdpa_bthd(q, q[:, :, :2], q[:, :, 2:]))
+    assert attention.choose(q) == native.Choice("PyTorch", f"SDPA: {native.reason()}")
+
+
+def _cached_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                      cache: KVCache, mask: torch.Tensor, H: int, KV: int) -> torch.Tensor:
+    """camelid.model.Attention's steps after its projections, spelled out."""
+    B, T, W = qkv.shape
+    d = W // (H + 2 * KV)
+    q, k, v = qkv.split([H * d, KV * d, KV * d], -1)
+    q, k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in (q, k, v))
+    q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    k, v = cache.update(positions, k, v)
+    return attention.reference(q, k, v, mask).transpose(1, 2).reshape(B, T, H * d)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("kernels", [pytest.param(True, marks=needs_kernels), False], ids=["c++", "torch"])
+def test_cached_attention_matches_the_models_steps(padded: bool, kernels: bool,
+                                                   request: pytest.FixtureRequest) -> None:
+    """A prompt (SDPA), single tokens and a 3-token chunk (one C++ call each) against the reference's steps,
+    both writing their own KV cache; with a left-padded row hidden by its mask."""
+    if not kernels:
+        request.getfixturevalue("no_kernels")
+    cfg = LlamaConfig.from_name("tiny-gqa")
+    H, KV, d, S, B = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 24, 2
+    rot = RotaryEmbedding(cfg)
+    g = torch.Generator().manual_seed(3)
+    qkv_all = torch.randn(B, 20, (H + 2 * KV) * d, generator=g)
+    caches = [KVCache(B, KV, S, d, torch.float32) for _ in range(2)]
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    if padded:
+        key_mask[0, :4] = False
+    for a, b in [(0, 10)] + [(t, t + 1) for t in range(10, 17)] + [(17, 20)]:
+        positions = torch.arange(a, b)
+        slots = torch.arange(S)
+        mask = (positions[:, None] >= slots) & (key_mask[:, None, None, :] | (positions[:, None] == slots))
+        cos, sin = rot(positions, torch.float32)
+        qkv = qkv_all[:, a:b]
+        got = attention.cached_attention(qkv, cos, sin, positions, caches[0], mask, H, KV)
+        want = _cached_reference(qkv, cos, sin, positions, caches[1], mask, H, KV)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(caches[0].v, caches[1].v, rtol=0, atol=0)
+    expected = "C++" if kernels else "PyTorch"
+    assert attention.choose_cached(qkv_all[:, :1]).impl.startswith(expected)
+    assert "new tokens" in attention.choose_cached(qkv_all[:, :10]).reason  # a prompt: SDPA

@@ -1,0 +1,118 @@
+"""Linear layers over fp32 / int8 / int4 weights: the C++ GEMV and dequantisation against the references, and the
+formats themselves (quantisation, int4 packing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import needs_kernels
+
+from camelid.errors import CamelidError
+from camelid.ops import linear, native
+
+
+def _weights(kind: str, N: int, K: int, g: torch.Generator) -> list[torch.Tensor]:
+    if kind == "f32":
+        return [torch.randn(N, K, generator=g)]
+    if kind == "int8":
+        return [torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g), torch.rand(N, generator=g) / 100]
+    return [torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g),
+            (torch.rand(N, K // 32, generator=g) / 10).half(), (torch.randn(N, K // 32, generator=g) / 10).half()]
+
+
+def _reference64(x: torch.Tensor, kind: str, w: list[torch.Tensor]) -> torch.Tensor:
+    return x.double() @ linear.dequantize_reference(kind, *w).double().T
+
+
+@needs_kernels
+# N not a multiple of 4 and K not a multiple of 8 exercise the plain-loop tails beside the AVX2 blocks; K = 72
+# (a multiple of 8, not of 16) the 8-float tail after dot_f32's 16-float, prefetching steps
+@pytest.mark.parametrize("kind,M,N,K", [("f32", 1, 96, 64), ("f32", 1, 1536, 576), ("f32", 3, 40, 96),
+                                        ("f32", 2, 37, 100), ("f32", 8, 64, 64), ("f32", 1, 42, 72),
+                                        ("int8", 1, 96, 64), ("int8", 2, 1536, 576), ("int8", 1, 39, 72),
+                                        ("int4", 1, 96, 64), ("int4", 2, 576, 1536), ("int4", 3, 43, 96),
+                                        ("int4", 7, 40, 64)])
+def test_gemv_matches_the_reference(kind: str, M: int, N: int, K: int, threads: int) -> None:
+    g = torch.Generator().manual_seed(N)
+    x, w = torch.randn(M, K, generator=g), _weights(kind, N, K, g)
+    assert linear.choose(kind, x).impl.startswith("C++")
+    got = linear.linear(x, kind, *w)
+    torch.testing.assert_close(got.double(), _reference64(x, kind, w), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(getattr(native.module(), f"gemv_{kind}")(x, *w), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["f32", "int8", "int4"])
+def test_prompts_and_no_kernels_use_dequantisation_and_torch(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    w = _weights(kind, 40, 64, g)
+    x = torch.randn(2, 9, 64, generator=g)  # 18 rows: more than a GEMV's
+    assert "rows" in linear.choose(kind, x).reason
+    torch.testing.assert_close(linear.linear(x, kind, *w).double(), _reference64(x.reshape(-1, 64), kind, w).view(
+        2, 9, 40), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(native, "module", lambda: None)
+    x1 = x[:, :1]
+    torch.testing.assert_close(linear.linear(x1, kind, *w), linear.reference(x1, kind, *w), rtol=1e-5, atol=1e-5)
+    assert linear.choose(kind, x1).impl == "PyTorch"
+
+
+@needs_kernels
+def test_cpp_dequantisation_matches_the_reference() -> None:
+    g = torch.Generator().manual_seed(2)
+    w8 = _weights("int8", 37, 96, g)
+    assert torch.equal(linear.dequantize("int8", *w8), linear.dequantize_reference("int8", *w8))
+    w4 = _weights("int4", 37, 96, g)
+    torch.testing.assert_close(linear.dequantize("int4", *w4), linear.dequantize_reference("int4", *w4),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_int4_packing_layout_and_round_trip() -> None:
+    # byte j of a group holds weight j in the low nibble and weight j + 16 in the high nibble
+    q = torch.arange(32, dtype=torch.uint8).remainder(16)[None]
+    packed = linear.pack_int4(q)
+    assert packed[0, 0] == 0 | (0 << 4) and packed[0, 1] == 1 | (1 << 4) and packed.shape == (1, 16)
+    assert torch.equal(linear.unpack_int4(packed), q)
+    codes = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    assert torch.equal(linear.unpack_int4(linear.pack_int4(codes)), codes)
+
+
+def test_quantisation_formats_reproduce_their_weights() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 96, generator=g)
+    q8, s8 = linear.quantize_int8(w)
+    assert q8.dtype == torch.int8 and s8.shape == (48,)
+    assert (linear.dequantize_reference("int8", q8, s8) - w).abs().max() <= s8.max() / 2 + 1e-6  # half a step
+    q4, s4, m4 = linear.quantize_int4(w)
+    assert q4.shape == (48, 48) and s4.dtype == m4.dtype == torch.float16
+    err = (linear.dequantize_reference("int4", q4, s4, m4) - w).abs().view(48, 3, 32).amax(-1)
+    assert (err <= s4.float() / 2 + 1e-3).all()  # half a step per group (fp16 scale and minimum)
+    with pytest.raises(CamelidError, match="divisible by 32"):
+        linear.quantize_int4(torch.randn(4, 40))
+
+
+def _q8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 in blocks of 32 with one scale each (the decode step's int8 activations)."""
+    g = x.reshape(-1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    # x * (127 / amax), as the kernel computes it: a differently rounded x / (amax / 127) can land on the other
+    # side of a .5 and flip a code, which these peaked tiny models amplify to percents of a logit
+    return (torch.round(g * (127 / amax)) * (amax / 127)).reshape(x.shape)
+
+
+@needs_kernels
+@pytest.mark.parametrize("N,K", [(8, 64), (7, 96), (1536, 576)])  # 7: the plain-loop tail after the AVX2 rows
+def test_int8_activation_products_match_their_definition(N: int, K: int) -> None:
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(K, generator=g)
+    for kind, code in (("int8", 1), ("int4", 2)):
+        w = _weights(kind, N, K, g)
+        want = _reference64(_q8(x)[None], kind, w)[0]
+        torch.testing.assert_close(native.module().gemv_q8(x, code, w).double(), want, rtol=1e-4, atol=1e-3)
+
+
+@needs_kernels
+def test_gemv_under_compile_is_a_custom_op() -> None:
+    g = torch.Generator().manual_seed(4)
+    w = _weights("int4", 64, 96, g)
+    x = torch.randn(1, 96, generator=g)
+    compiled = torch.compile(lambda t: linear.linear(t, "int4", *w), fullgraph=True)
+    torch.testing.assert_close(compiled(x), linear.linear(x, "int4", *w), rtol=1e-5, atol=1e-5)

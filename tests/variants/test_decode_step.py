@@ -1,0 +1,250 @@
+"""The whole-model C++ decode step (camelid/ops/csrc/decode_step.cpp) against the PyTorch path of the same model,
+and its refusal of what it does not implement."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+
+import pytest
+import torch
+from helpers import needs_kernels
+
+from camelid.config import LlamaConfig
+from camelid.generate import generate
+from camelid.model import Llama
+from camelid.variants.decode_step import decode_step, refusal
+from camelid.variants.fused import fuse
+from camelid.variants.quantized import Int4Linear, Int8Linear, quantize_model
+
+PROMPT = [1, 5, 9, 42, 7, 100, 3]
+
+
+def _model(name: str, mode: str, tied: bool, **overrides: int) -> Llama:
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name(name, tie_embeddings=tied, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)  # peaked logits: greedy choices are not near-ties
+    if mode == "fused":
+        return fuse(model)  # plain nn.Linear weights, fused: the step reads them too
+    return quantize_model(model, mode)
+
+
+def _plain_generate(model: Llama, prompt: list[int], n: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    with monkeypatch.context() as m:
+        m.setattr(sys.modules["camelid.generate"], "decode_step", lambda _model: None)
+        return generate(model, prompt, n)
+
+
+CASES = [("tiny-mha", False), ("tiny-gqa", False), ("tiny-gqa", True), ("tiny-mqa", True), ("tiny-llama3", True)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["fused", "fp32", "int8", "int4"])
+@pytest.mark.parametrize("name,tied", CASES)
+def test_step_logits_and_greedy_tokens_match_the_torch_path(name: str, tied: bool, mode: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # intermediate 192 (a multiple of 32) keeps the int4 down projection int4; the presets' 176 makes it int8
+    model = _model(name, mode, tied, intermediate_size=192 if name == "tiny-gqa" else 176)
+    twin = copy.deepcopy(model)
+    step = decode_step(model, int8_activations=False)
+    assert step is not None
+    with torch.inference_mode():
+        for m in (model, twin):
+            m.setup_cache(1, 40)
+            m(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
+        _steps_agree(step, twin)
+        for a, b in zip(model.layers, twin.layers, strict=True):  # the caches hold the same keys and values
+            torch.testing.assert_close(a.attention.kv_cache.k, b.attention.kv_cache.k, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.attention.kv_cache.v, b.attention.kv_cache.v, rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv("CAMELID_INT8_ACTIVATIONS", "0")  # generate's step: exact, like the one above
+    assert generate(model, PROMPT, 20) == _plain_generate(model, PROMPT, 20, monkeypatch)
+
+
+def _steps_agree(step, twin: torch.nn.Module, n: int = 12) -> None:
+    """12 greedy steps after PROMPT: the C++ step's logits equal the PyTorch twin's."""
+    tok = 11
+    for pos in range(len(PROMPT), len(PROMPT) + n):
+        want = twin(torch.tensor([[tok]]), torch.tensor([pos]), last_only=True)
+        torch.testing.assert_close(step(tok, pos), want, rtol=1e-4, atol=1e-4)
+        tok = int(want.argmax())
+
+
+def _q8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 in blocks of 32 with one scale each (the step's int8 activations)."""
+    g = x.reshape(*x.shape[:-1], -1, 32)
+    amax = g.abs().amax(-1, keepdim=True)
+    # x * (127 / amax), as the kernel computes it: a differently rounded x / (amax / 127) can land on the other
+    # side of a .5 and flip a code, which these peaked tiny models amplify to percents of a logit
+    return (torch.round(g * (127 / amax)) * (amax / 127)).reshape(x.shape)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-llama3"])  # tiny-llama3: 331 rows, the kernels' tail loop
+def test_int8_activation_step_equals_torch_with_rounded_inputs(name: str, mode: str) -> None:
+    """With int8 activations the step is the PyTorch model whose quantised linears see int8-rounded inputs
+    (so the only difference from the exact path is that rounding, which benchmarks/quality.py prices)."""
+    model = _model(name, mode, True, intermediate_size=192)
+    twin = copy.deepcopy(model)
+    step = decode_step(model, int8_activations=True)
+    with torch.inference_mode():
+        for m in (model, twin):
+            m.setup_cache(1, 40)
+            m(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
+        for mod in twin.modules():
+            if isinstance(mod, (Int8Linear, Int4Linear)):
+                mod.register_forward_pre_hook(lambda _mod, args: (_q8(args[0]),))
+        _steps_agree(step, twin)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 3, 5])  # more threads than heads' fair share, fewer rows than threads
+def test_step_is_right_at_any_thread_count(threads: int) -> None:
+    model = _model("tiny-gqa", "int4", False, intermediate_size=192)
+    twin = copy.deepcopy(model)
+    step = decode_step(model, int8_activations=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for m in (model, twin):
+                m.setup_cache(1, 16)
+                m(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
+            for pos in range(len(PROMPT), 16):
+                want = twin(torch.tensor([[pos]]), torch.tensor([pos]), last_only=True)
+                torch.testing.assert_close(step(pos, pos), want, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["fp32", "int4"])
+def test_torch_prompt_cpp_steps_torch_chunk_interleave(mode: str) -> None:
+    """Prefill through torch, 5 C++ steps, a 3-token torch step, 5 more C++ steps: the same greedy tokens and
+    logits as the torch path alone (both write the same KV cache)."""
+    model = _model("tiny-gqa", mode, False)
+    twin = copy.deepcopy(model)
+    step = decode_step(model, int8_activations=False)
+    chunk = [17, 23, 5]
+
+    def run(m: Llama, fast: bool) -> tuple[list[int], list[torch.Tensor]]:
+        toks, logits = [], []
+        m.setup_cache(1, 40)
+        last = m(torch.tensor([PROMPT]), torch.arange(len(PROMPT)), last_only=True)
+        pos = len(PROMPT)
+        for phase in range(2):
+            for _ in range(5):
+                tok = int(last.argmax())
+                toks.append(tok)
+                last = step(tok, pos) if fast else m(torch.tensor([[tok]]), torch.tensor([pos]), last_only=True)
+                logits.append(last)
+                pos += 1
+            if phase == 0:
+                last = m(torch.tensor([chunk]), torch.arange(pos, pos + 3), last_only=True)
+                pos += 3
+        m.clear_cache()
+        return toks, logits
+
+    with torch.inference_mode():
+        got_toks, got = run(model, True)
+        want_toks, want = run(twin, False)
+    assert got_toks == want_toks
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_step_rebinds_to_a_new_cache() -> None:
+    model = _model("tiny-gqa", "int8", False)
+    step = decode_step(model, int8_activations=False)
+    with torch.inference_mode():
+        for length in (16, 24):  # setup_cache makes new tensors: the step must follow them
+            model.setup_cache(1, length)
+            model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
+            want = copy.deepcopy(model)(torch.tensor([[3]]), torch.tensor([len(PROMPT)]), last_only=True)
+            torch.testing.assert_close(step(3, len(PROMPT)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_and_unsupported_models_keep_the_torch_path() -> None:
+    plain = Llama(LlamaConfig.from_name("tiny-gqa")).eval()
+    assert decode_step(plain) is None  # not fused: the readable reference path
+    assert "not fused" in refusal(plain)
+    biased = fuse(Llama(LlamaConfig.from_name("tiny-gqa", qkv_bias=True)).eval())
+    assert decode_step(biased) is None  # a bias in the QKV product: the kernel has none
+    assert refusal(biased) == "the config sets qkv_bias=True, which the C++ decode step does not implement"
+    half = copy.deepcopy(fuse(Llama(LlamaConfig.from_name("tiny-gqa")))).to(torch.bfloat16)
+    assert decode_step(half) is None and "fp32" in refusal(half)
+
+
+@dataclasses.dataclass
+class FutureConfig(LlamaConfig):
+    """A config with a field the step does not know (as a future LlamaConfig field would be)."""
+
+    sliding_window: int | None = None
+
+
+class Adapter(torch.nn.Module):
+    """A module the step does not know, wrapping a linear layer (as a LoRA adapter would)."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) * 1.5
+
+
+@pytest.mark.parametrize("change", ["config", "module", "subclass", "hook"])
+def test_what_the_step_does_not_implement_is_refused_in_one_line_and_decoded_per_layer(
+        change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("tiny-gqa", "int8", False)
+    assert refusal(model) is None
+    want_plain = _plain_generate(model, PROMPT, 12, monkeypatch)
+    if change == "config":
+        model.config = FutureConfig(**dataclasses.asdict(model.config), sliding_window=4)
+        expected = "the config sets sliding_window=4, which the C++ decode step does not implement"
+    elif change == "module":
+        model.layers[1].feed_forward.w2 = Adapter(model.layers[1].feed_forward.w2)
+        expected = "layers.1.feed_forward.w2 is of type Adapter, which the C++ decode step does not implement"
+    elif change == "subclass":
+        model.layers[0].attention.wo = type("MyInt8Linear", (Int8Linear,), {})(torch.randn(64, 64))
+        expected = "layers.0.attention.wo is of type MyInt8Linear, which the C++ decode step does not implement"
+    else:
+        model.layers[0].ffn_norm.register_forward_hook(lambda _m, _a, out: out * 2)
+        expected = "layers.0.ffn_norm has a forward hook, which the C++ decode step would skip"
+    assert refusal(model) == expected and "\n" not in expected
+    assert decode_step(model) is None
+    # generate_tokens decodes through the per-layer path, so the change is honoured: the tokens are those of
+    # the per-layer path (and, except for the unused config field, no longer the unchanged model's)
+    assert generate(model, PROMPT, 12) == _plain_generate(model, PROMPT, 12, monkeypatch)
+    if change != "config":
+        assert generate(model, PROMPT, 12) != want_plain
+
+
+@needs_kernels
+def test_the_cli_says_why_it_decodes_per_layer_unless_quiet(tmp_path, small_tokenizer) -> None:
+    """`camelid generate` on a model the step does not implement (q/k/v biases, Qwen2-style) decodes through the
+    per-layer path and says why on stderr, in one line; with -q it says nothing."""
+    import os
+    import shutil
+    import subprocess
+
+    from camelid.interop.hf import save_hf_dir
+
+    model = Llama(LlamaConfig.from_name("tiny-gqa", vocab_size=512, qkv_bias=True)).eval()
+    save_hf_dir(model, tmp_path / "biased")
+    shutil.copy(small_tokenizer, tmp_path / "biased" / "tokenizer.json")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "camelid", "generate", "Emma", "-m", str(tmp_path / "biased"),
+                               "-n", "4", *args], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+
+    said = run()
+    assert said.returncode == 0, said.stderr
+    assert ("camelid: the config sets qkv_bias=True, which the C++ decode step does not implement; decoding "
+            "through the per-layer path\n") in said.stderr
+    quiet = run("-q")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == said.stdout
