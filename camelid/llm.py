@@ -60,8 +60,8 @@ class LLM:
                seed: int | None = None, stop: Iterable[str] = (), add_bos: bool | None = None,
                stats: dict[str, float] | None = None, image: Any = None) -> Iterator[str]:
         """Yield the completion as text pieces while it decodes. Generation ends at the model's end-of-turn
-        or end-of-text token (not included) or at the first `stop` string (not included). `image` (a path, bytes
-        or PIL image) needs a vision model (`camelid vision train`; camelid/vision/)."""
+        or end-of-text token (not included) or at the first `stop` string (not included). `image` (a path, bytes,
+        a PIL image or image_pixels' pixels) needs a vision model (`camelid vision train`; camelid/vision/)."""
         tok = self._need_tokenizer()
         ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, add_bos)
         if image is not None:
@@ -101,11 +101,14 @@ class LLM:
         return "".join(self.stream(prompt, **kwargs))
 
     def image_pixels(self, image: Any) -> torch.Tensor:
-        """A picture as the pixels this vision model takes; a one-line error for a text-only model or a bad file."""
+        """A picture (a path, bytes, a PIL image, or pixels this returned before) as the pixels this vision model
+        takes; a one-line error for a text-only model or a file that is not a picture."""
         vision = getattr(self.model, "vision_config", None)
         if vision is None:
             raise CamelidError(f"{self.source or 'this model'} is a text-only model and cannot look at an image; "
                                "give a vision model trained with `camelid vision train` (its output folder)")
+        if isinstance(image, torch.Tensor):
+            return image
         from camelid.vision.image import load_image
 
         return load_image(image, vision.vit.image_size)

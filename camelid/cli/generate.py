@@ -52,15 +52,8 @@ def _load(model: str, quiet: bool, quantize: str) -> Any:
 
 
 def _picture(llm: Any, image: str | None) -> dict[str, Any]:
-    """{"image": the picture, read once} for a vision model; one-line errors before any generation."""
-    if image is None:
-        return {}
-    if not hasattr(llm.model, "vision_config"):
-        raise CamelidError(f"{llm.source}: a text-only model cannot look at an image; give a vision model trained "
-                           "with `camelid vision train` (-m its output folder)")
-    from camelid.vision.image import open_image
-
-    return {"image": open_image(image, llm.model.vision_config.vit.image_size)}
+    """{"image": the picture's pixels, read once} for a vision model; one-line errors before any generation."""
+    return {} if image is None else {"image": llm.image_pixels(image)}
 
 
 def _report(stats: dict[str, float]) -> None:

@@ -7,7 +7,8 @@ is the cross-entropy of the answer's tokens (and the end token) given the pictur
 Evaluation scores the held-out questions (unseen colour-shape combinations) and fresh questions on seen
 combinations by exact match: an answer counts when the model's top token is the right one at every position of
 the answer and at the end token, which is exactly when greedy decoding writes the answer and stops.
-val_text_loss is the answer loss with no image: the text model's own, which training must not move.
+val_text_loss is the answer loss with no image on the first 100 held-out questions: the text model's own, which
+training must not move.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ class VisionQA:
         held = self._eval_batches("heldout", n)
         loss, correct = self.score(model, held)
         _, seen_correct = self.score(model, self._eval_batches("seen", max(1, n * SEEN_QUESTIONS // HELDOUT_QUESTIONS)))
-        text_loss, _ = self.score(model, held, image=False)
+        text_loss, _ = self.score(model, held[:2], image=False)  # the first 100 questions: it must not move
         model.train(was_training)
         metrics = {"val_loss": loss, "val_acc": float(correct.float().mean()),
                    "val_seen_acc": float(seen_correct.float().mean()), "val_text_loss": text_loss}

@@ -113,7 +113,7 @@ def test_generate_and_chat_take_an_image_on_the_command_line(trained: Path, tiny
 
     (tmp_path / "notes.txt").write_text("hello")
     for args, message in [
-        (["-m", str(tiny_base), "--image", str(tmp_path / "scene.png")], "text-only model cannot look at an image"),
+        (["-m", str(tiny_base), "--image", str(tmp_path / "scene.png")], "text-only model and cannot look"),
         (["-m", str(trained / "hf"), "--image", str(tmp_path / "notes.txt")], "not a picture"),
         (["-m", str(trained / "hf"), "--image", str(tmp_path / "nope.png")], "no such image file"),
     ]:
