@@ -7,7 +7,7 @@ is the cross-entropy of the answer's tokens (and the end token) given the pictur
 Evaluation scores the held-out questions (unseen colour-shape combinations) and fresh questions on seen
 combinations by exact match: an answer counts when the model's top token is the right one at every position of
 the answer and at the end token, which is exactly when greedy decoding writes the answer and stops.
-val_text_loss is the answer loss with no image on the first 100 held-out questions: the text model's own, which
+val_text_loss is the answer loss with no image on the first 50 held-out questions: the text model's own, which
 training must not move.
 """
 
@@ -82,7 +82,8 @@ def cell_labels(scene: Scene) -> list[list[int]]:
     return labels
 
 
-TRAINING_SETTINGS = ("scene_loss", "encoder_steps")  # in the `model` mapping, but this objective's, not the model's
+# in the `model` mapping, but this objective's, not the model's
+TRAINING_SETTINGS = ("scene_loss", "encoder_steps", "heldout_questions")
 
 
 def split_settings(model: dict) -> tuple[dict, dict]:
@@ -118,6 +119,10 @@ class VisionQA:
         self.encoder_steps = int(training.get("encoder_steps", 0))  # first steps: the encoder alone, on the cells
         if self.encoder_steps and not self.scene_loss:
             raise CamelidError("model.encoder_steps trains the encoder on the scene labels: set model.scene_loss > 0")
+        # the last evaluation scores the first heldout_questions of the 600 (the kinds in turn): fewer on a busy machine
+        self.heldout_n = int(training.get("heldout_questions", HELDOUT_QUESTIONS))
+        if not 1 <= self.heldout_n <= HELDOUT_QUESTIONS:
+            raise CamelidError(f"model.heldout_questions must be 1..{HELDOUT_QUESTIONS}, got {self.heldout_n}")
         config = VisionConfig.from_dict(spec)
         if Path(config.base).exists():  # a folder or file: recorded absolute, so the checkpoint finds it later
             config.base = str(Path(config.base).resolve())
@@ -131,8 +136,8 @@ class VisionQA:
             raise CamelidError(f"{config.base}: no tokenizer beside the text model; questions need one")
         self.tokenizer = self.base.tokenizer
         end_id(self.tokenizer)
-        self.heldout = heldout_set(HELDOUT_QUESTIONS)
-        self.seen = seen_set(SEEN_QUESTIONS)
+        self.heldout = heldout_set(self.heldout_n)
+        self.seen = seen_set(max(1, self.heldout_n * SEEN_QUESTIONS // HELDOUT_QUESTIONS))
         self._batches: dict[tuple[str, int], list[dict[str, Tensor]]] = {}
 
     def build_model(self) -> nn.Module:
@@ -222,15 +227,15 @@ class VisionQA:
     def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
         """Held-out questions (the first eval_tokens / block_size of them unless `full` or eval_tokens is 0)."""
         cfg = self.cfg
-        n = HELDOUT_QUESTIONS if full or not cfg.eval_tokens else max(1, min(HELDOUT_QUESTIONS,
-                                                                             cfg.eval_tokens // cfg.block_size))
+        n = self.heldout_n if full or not cfg.eval_tokens else \
+            max(1, min(self.heldout_n, cfg.eval_tokens // cfg.block_size))
         model = model.model  # the vision model, without SceneTrainer's head
         was_training = model.training
         model.eval()
         held = self._eval_batches("heldout", n)
         loss, correct = self.score(model, held)
         _, seen_correct = self.score(model, self._eval_batches("seen", max(1, n * SEEN_QUESTIONS // HELDOUT_QUESTIONS)))
-        text_loss, _ = self.score(model, held[:2], image=False)  # the first 100 questions: it must not move
+        text_loss, _ = self.score(model, held[:1], image=False)  # the first 50 questions: it must not move
         model.train(was_training)
         metrics = {"val_loss": loss, "val_acc": float(correct.float().mean()),
                    "val_seen_acc": float(seen_correct.float().mean()), "val_text_loss": text_loss}
@@ -253,7 +258,7 @@ class VisionQA:
         where = (f"cross-attention after text blocks {v.cross_layers(c.n_layers)}" if v.fusion == "cross-attention"
                  else f"a projector: {v.image_tokens} image tokens in the text sequence")
         return (f"{v.fusion}: a {v.vit.n_layers}-layer ViT ({v.vit.image_size}px, {v.vit.n_patches} patches) "
-                f"joined to the frozen {c.name} by {where}; held-out: {HELDOUT_QUESTIONS} questions on unseen "
+                f"joined to the frozen {c.name} by {where}; held-out: {self.heldout_n} questions on unseen "
                 "colour-shape pairs")
 
     def sampler(self) -> Callable[[nn.Module, int], str]:

@@ -58,17 +58,18 @@ def build(design: str, overrides: dict[str, object]):  # noqa: ANN201 - (objecti
     return objective, objective.build_model()
 
 
-def matching_projector_hidden(target: int) -> int:
+def matching_projector_hidden(target: int, text_dim: int, overrides: dict[str, object]) -> int:
     """The projector MLP width that gives the projector design `target` trainable parameters."""
-    from camelid.train.config import read_config_file
+    from camelid.train import load_config
     from camelid.vision.model import VisionConfig
     from camelid.vision.objective import split_settings
     from camelid.vision.vit import ViT
 
-    v = VisionConfig.from_dict(split_settings(read_config_file(HERE / "projector.yaml")["model"])[0])
+    cfg = load_config(HERE / "projector.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    v = VisionConfig.from_dict(split_settings(cfg.model)[0])
     vit = sum(p.numel() for p in ViT(v.vit).parameters())
-    fan_in, dim = v.pixel_shuffle ** 2 * v.vit.dim, 576
-    return round((target - vit - dim) / (fan_in + 1 + dim))
+    fan_in = v.pixel_shuffle ** 2 * v.vit.dim
+    return round((target - vit - text_dim) / (fan_in + 1 + text_dim))
 
 
 def step_seconds(design: str, overrides: dict[str, object], step: int, steps: int = 5) -> float:
@@ -138,10 +139,12 @@ def evaluate(design: str, out: Path, train_info: dict[str, object], n: int = 600
     speed = decode_speed(llm, held[5][0])
     from camelid.train.plot import read_log
 
-    last = read_log(out / design / "log.csv")[-1]  # the loop's last evaluation: all 600 held-out questions
+    last = read_log(out / design / "log.csv")[-1]  # the loop's last evaluation: all its held-out questions
+    run_config = json.loads((out / design / "config.json").read_text())
     return {"design": design, **train_info, "trainable_parameters": llm.model.trainable_parameters(),
             "steps": int(last["step"]), "loop_heldout_exact_match": float(last["val_acc"]),
             "loop_seen_exact_match": float(last["val_seen_acc"]), "generated_questions": len(held),
+            "loop_heldout_questions": int(run_config["model"].get("heldout_questions", 600)),
             "heldout_exact_match": heldout["exact_match"], "heldout_by_kind": heldout["by_kind"],
             "seen_exact_match": seen_result["exact_match"], "mistakes": heldout["mistakes"][:10],
             "image_tokens": llm.model.image_tokens, **speed,
@@ -178,7 +181,7 @@ def plot(results: list[dict[str, object]], png: Path) -> None:
 
 def table(results: list[dict[str, object]]) -> str:
     lines = ["| design | trainable parameters | steps (encoder alone + joint) | training CPU time (wall clock) "
-             "| held-out exact match, 600 unseen-pair questions | by greedy generation (questions) | seen pairs "
+             "| held-out exact match on unseen pairs (questions) | by greedy generation (questions) | seen pairs "
              "| context tokens per image | prefill | decode tok/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -186,7 +189,8 @@ def table(results: list[dict[str, object]]) -> str:
         lines.append(f"| {r['design']} | {r['trainable_parameters'] / 1e6:.2f}M | {steps} "
                      f"({r['encoder_steps']} + {steps - int(r['encoder_steps'])}) | "
                      f"{r['train_cpu_minutes']:.1f} min ({r['train_minutes']:.1f}) | "
-                     f"{r.get('loop_heldout_exact_match', float('nan')):.3f} | {r['heldout_exact_match']:.3f} "
+                     f"{r.get('loop_heldout_exact_match', float('nan')):.3f} ({r.get('loop_heldout_questions', 600)}) "
+                     f"| {r['heldout_exact_match']:.3f} "
                      f"({r.get('generated_questions', 600)}) | {r['seen_exact_match']:.3f} | {r['image_tokens']} "
                      f"| {1000 * r['prefill_s']:.0f} ms | {r['decode_tok_s']:.1f} |")
     kinds = list(results[0]["heldout_by_kind"]) if results else []
@@ -207,14 +211,16 @@ def train_all(designs: list[str], overrides: dict[str, dict[str, object]], minut
     for design in designs:
         if wall_minutes:
             spec = read_config_file(HERE / f"{design.replace('-', '_')}.yaml")
-            plan = {"max_steps": int(spec["max_steps"]), "encoder_steps": int(spec["model"].get("encoder_steps", 0)),
-                    "time_budget_s": wall_minutes * 60}
+            encoder_steps = overrides[design].get("model.encoder_steps", spec["model"].get("encoder_steps", 0))
+            plan = {"max_steps": int(overrides[design].get("max_steps", spec["max_steps"])),
+                    "encoder_steps": int(encoder_steps), "time_budget_s": wall_minutes * 60}
         else:
             plan = plan_steps(design, overrides[design], minutes)
         print(f"{design}: {plan}; load average {load_avg():.1f}", flush=True)
         (out / design).mkdir(parents=True, exist_ok=True)
         budget = {"time_budget_s": plan["time_budget_s"]} if wall_minutes else {}
         args = settings(design, out, {**overrides[design], "max_steps": plan["max_steps"], **budget})
+        print(f"{design}: camelid vision train {' '.join(map(str, args))}", flush=True)
         log = open(out / design / "train.log", "w")  # noqa: SIM115 - closed below
         procs[design] = (subprocess.Popen([sys.executable, "-m", "camelid", "vision", "train", *map(str, args),
                                            "--no-progress"], env=env, stdout=log, stderr=subprocess.STDOUT),
@@ -239,6 +245,8 @@ def main() -> None:
     parser.add_argument("--wall-minutes", type=float, default=0.0,
                         help="instead of --minutes: each design trains for this much wall-clock time (time_budget_s)")
     parser.add_argument("--eval-n", type=int, default=600, help="held-out questions answered by greedy generation")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for both designs' `camelid vision train --set` (repeat)")
     parser.add_argument("--only", choices=DESIGNS, action="append", help="train and score only this design")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "vision")
     parser.add_argument("--skip-training", action="store_true", help="score the models already in --out")
@@ -247,10 +255,12 @@ def main() -> None:
     results_file = HERE / "results.json"
     known = {r["design"]: r for r in json.loads(results_file.read_text())} if results_file.is_file() else {}
 
-    _, cross = build("cross-attention", {})
-    target = cross.model.trainable_parameters()
-    del cross
-    overrides = {"cross-attention": {}, "projector": {"model.projector_hidden": matching_projector_hidden(target)}}
+    common = dict(item.split("=", 1) for item in args.sets)
+    objective, cross = build("cross-attention", common)
+    target, text_dim = cross.model.trainable_parameters(), objective.base.config.dim
+    del objective, cross
+    overrides = {"cross-attention": {**common},
+                 "projector": {**common, "model.projector_hidden": matching_projector_hidden(target, text_dim, common)}}
     if not args.skip_training:
         train_all(designs, overrides, args.minutes, args.out, args.wall_minutes)
     for design in designs:
