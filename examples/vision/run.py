@@ -105,10 +105,10 @@ def plan_steps(design: str, overrides: dict[str, object], minutes: float) -> dic
             "joint_step_cpu_s": joint_s}
 
 
-def austen_loss(model, tokenizer) -> float:  # noqa: ANN001
-    """Mean next-token loss (nats) of the model with no image on held-out Austen, 4 windows of 256 tokens."""
+def austen_loss(model, tokenizer, windows: int = 4) -> float:  # noqa: ANN001
+    """Mean next-token loss (nats) of the model with no image on held-out Austen, `windows` windows of 256 tokens."""
     ids = tokenizer.encode((ROOT / "benchmarks" / "heldout.txt").read_text(encoding="utf-8"))
-    windows = torch.tensor([ids[i * 256:(i + 1) * 256 + 1] for i in range(4)])
+    windows = torch.tensor([ids[i * 256:(i + 1) * 256 + 1] for i in range(windows)])
     with torch.no_grad():
         logits = model(windows[:, :-1])
     return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()))
@@ -125,14 +125,16 @@ def load_avg() -> float:
     return os.getloadavg()[0]
 
 
-def evaluate(design: str, out: Path, train_info: dict[str, object], n: int = 600) -> dict[str, object]:
+def evaluate(design: str, out: Path, train_info: dict[str, object], n: int = 600,
+             austen_windows: int = 4) -> dict[str, object]:
     import camelid
     from camelid.vision.data import heldout_set, seen_set
     from camelid.vision.evaluate import answer_accuracy, decode_speed
 
     llm = camelid.load(out / design / "hf", quantize=None)  # fp32 text model, as `camelid generate` loads it
     base = camelid.load(llm.model.vision_config.base, quantize=None)
-    text_before, text_after = austen_loss(base.model, base.tokenizer), austen_loss(llm.model, llm.tokenizer)
+    text_before = austen_loss(base.model, base.tokenizer, austen_windows)
+    text_after = austen_loss(llm.model, llm.tokenizer, austen_windows)
     held, seen = heldout_set(600)[:n], seen_set(300)[:max(1, n // 2)]
     heldout = answer_accuracy(llm, held)
     seen_result = answer_accuracy(llm, seen)
@@ -245,6 +247,8 @@ def main() -> None:
     parser.add_argument("--wall-minutes", type=float, default=0.0,
                         help="instead of --minutes: each design trains for this much wall-clock time (time_budget_s)")
     parser.add_argument("--eval-n", type=int, default=600, help="held-out questions answered by greedy generation")
+    parser.add_argument("--austen-windows", type=int, default=4, help="256-token windows of held-out Austen "
+                        "on which the text-only loss is compared")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for both designs' `camelid vision train --set` (repeat)")
     parser.add_argument("--only", choices=DESIGNS, action="append", help="train and score only this design")
@@ -265,7 +269,7 @@ def main() -> None:
         train_all(designs, overrides, args.minutes, args.out, args.wall_minutes)
     for design in designs:
         known[design] = evaluate(design, args.out, json.loads((args.out / design / "run.json").read_text()),
-                                 args.eval_n)
+                                 args.eval_n, args.austen_windows)
         print(json.dumps({k: v for k, v in known[design].items() if k != "mistakes"}, indent=2), flush=True)
         results_file.write_text(json.dumps(list(known.values()), indent=2) + "\n")
     results = [known[d] for d in DESIGNS if d in known]
