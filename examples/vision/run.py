@@ -170,6 +170,7 @@ def plot(results: list[dict[str, object]], png: Path) -> None:
         ax2.plot([float(x["elapsed_s"]) / 60 for x in evals], [float(x["val_acc"]) for x in evals], "o-",
                  label=f"{r['design']} ({r['image_tokens']} image tokens)")
     ax2.axhline(0.9, ls="--", color="grey", lw=0.8)
+    ax2.set_xlim(ax1.get_xlim())
     ax1.set(xlabel="training minutes (wall clock)", ylabel="answer loss (nats / token)", title="training loss")
     ax2.set(xlabel="training minutes (wall clock)", ylabel="exact match", ylim=(0, 1),
             title="held-out questions on unseen colour-shape pairs")
