@@ -4,6 +4,7 @@ GGUFReader, with every read checked against the file's size).
 
     folder with config.json            Format.HF (model_type llama, mistral, qwen2, qwen3, phi3) or Format.BERT (bert)
     folder with params.json            Format.META (+ consolidated.*.pth)
+    folder with vision.json            Format.VISION (`camelid vision train`: image encoder + a text model's name)
     folder with model.safetensors + state.pt + meta.json, or a `camelid pretrain` output folder
                                        Format.CHECKPOINT
     folder with tokenizer files only   Format.TOKENIZER_DIR (tokenizer.json, tokenizer.model or vocab.txt)
@@ -37,6 +38,7 @@ class Format(str, Enum):
     META = "meta"  # Meta's params.json + consolidated.NN.pth
     GGUF = "gguf"  # a llama.cpp file (a model, or a vocabulary only)
     QUANTIZED = "quantized"  # a safetensors file written by `camelid quantize`
+    VISION = "vision"  # an image encoder joined to a named text model (camelid/vision/checkpoint.py)
     CHECKPOINT = "checkpoint"  # a `camelid pretrain` checkpoint (out/checkpoints/step-N) or output folder
     TOKENIZER_DIR = "tokenizer-dir"  # a folder holding tokenizer files and no model
     TOKENIZER_JSON = "tokenizer.json"
@@ -81,6 +83,8 @@ def _detect_dir(path: Path) -> Format:
                            f"(model_type {', '.join(LLAMA_MODEL_TYPES)}) and BERT")
     if (path / "params.json").is_file():
         return Format.META
+    if (path / "vision.json").is_file():
+        return Format.VISION
     if all((path / f).is_file() for f in ("model.safetensors", "state.pt", "meta.json")):
         return Format.CHECKPOINT
     if any((path / f).is_file() for f in TOKENIZER_FILES):

@@ -2,7 +2,7 @@
 
 Sources: a registered name (`camelid list`, default "smollm2-135m-instruct"), a Hugging Face Hub id
 (org/name), a Hugging Face directory (config.json + safetensors), a .gguf file, or a Meta directory
-(params.json + consolidated.*.pth).
+(params.json + consolidated.*.pth), or a vision model's folder (vision.json: camelid/vision/).
 """
 
 from __future__ import annotations
@@ -58,11 +58,19 @@ class LLM:
     def stream(self, prompt: str | list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                seed: int | None = None, stop: Iterable[str] = (), add_bos: bool | None = None,
-               stats: dict[str, float] | None = None) -> Iterator[str]:
+               stats: dict[str, float] | None = None, image: Any = None) -> Iterator[str]:
         """Yield the completion as text pieces while it decodes. Generation ends at the model's end-of-turn
-        or end-of-text token (not included) or at the first `stop` string (not included)."""
+        or end-of-text token (not included) or at the first `stop` string (not included). `image` (a path, bytes,
+        a PIL image or image_pixels' pixels) needs a vision model (`camelid vision train`; camelid/vision/)."""
         tok = self._need_tokenizer()
         ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, add_bos)
+        if image is not None:
+            pixels = self.image_pixels(image)
+            with self.model.image(pixels):  # the image's keys and values (or tokens) are computed once, here
+                yield from self.stream(self.model.with_image_tokens(ids), max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                       repetition_penalty=repetition_penalty, seed=seed, stop=stop, stats=stats)
+            return
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty)
         stop_ids = tok.stop_ids
@@ -92,9 +100,27 @@ class LLM:
         """The completion of `prompt` as one string (see `stream` for the options; temperature 0 is greedy)."""
         return "".join(self.stream(prompt, **kwargs))
 
+    def image_pixels(self, image: Any) -> torch.Tensor:
+        """A picture (a path, bytes, a PIL image, or pixels this returned before) as the pixels this vision model
+        takes; a one-line error for a text-only model or a file that is not a picture."""
+        vision = getattr(self.model, "vision_config", None)
+        if vision is None:
+            raise CamelidError(f"{self.source or 'this model'} is a text-only model and cannot look at an image; "
+                               "give a vision model trained with `camelid vision train` (its output folder)")
+        if isinstance(image, torch.Tensor):
+            return image
+        from camelid.vision.image import load_image
+
+        return load_image(image, vision.vit.image_size)
+
     def chat_prompt(self, messages: list[Message]) -> list[int]:
-        """Render `messages` with the model's chat template and tokenise them, ready for the reply."""
+        """Render `messages` with the model's chat template and tokenise them, ready for the reply (a vision
+        model: in the format it was trained on, camelid/vision/prompt.py)."""
         tok = self._need_tokenizer()
+        if hasattr(self.model, "vision_config"):
+            from camelid.vision.prompt import conversation_ids
+
+            return conversation_ids(tok, messages)
         text = tok.apply_chat_template(messages, add_generation_prompt=True)
         starts_with_bos = bool(tok.bos_token) and text.startswith(tok.bos_token)
         return tok.encode(text, add_bos=tok.add_bos and not starts_with_bos)
@@ -184,6 +210,15 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
         raise CamelidError(f"{source}: a file from `camelid quantize` is fused; apply the adapter to the base "
                            "checkpoint it came from (HF folder, .gguf or Meta folder) instead")
     verify_folder(path, fmt)
+    if fmt is Format.VISION:  # `camelid vision train`: an image encoder joined to the text model it names
+        if adapter is not None:
+            raise CamelidError(f"{source}: adapters apply to text models; merge it into the base model "
+                               "(camelid adapter merge) and train the vision model on that")
+        from camelid.vision.checkpoint import base_model, load_vision
+
+        base = load(base_model(path), dtype=dtype, device=device, tokenizer=tokenizer, quantize=quantize)
+        return LLM(model=load_vision(path, base.model), config=base.config, tokenizer=base.tokenizer,
+                   source=str(path), extra={"base": base.source})
     if fmt is Format.QUANTIZED:
         from camelid.variants.quantized import load_quantized
 

@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "camelid.cli.finetune",
     "camelid.cli.serve",
     "camelid.cli.eval",
+    "camelid.cli.vision",
 ]
 
 

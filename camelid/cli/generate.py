@@ -20,6 +20,7 @@ from camelid.hub import DEFAULT_MODEL
 ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="model name (camelid list), HF dir, .gguf or Meta dir")
 AdapterOpt = typer.Option(None, "--adapter", help="a LoRA adapter folder (from `camelid finetune` or peft), "
                           "merged into the model's weights")
+ImageOpt = typer.Option(None, "--image", "-i", help="a picture for a vision model to look at (PNG, JPEG, ...)")
 QuantizeOpt = typer.Option(
     "fp32", "--quantize",
     help="fp32: the same weights, fused, with camelid's C++ decode step (fastest exact path); int8 / int4: "
@@ -83,6 +84,11 @@ def _leave_cores_to_the_build() -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - jobs_n)))
 
 
+def _picture(llm: Any, image: str | None) -> dict[str, Any]:
+    """{"image": the picture's pixels, read once} for a vision model; one-line errors before any generation."""
+    return {} if image is None else {"image": llm.image_pixels(image)}
+
+
 def _report(stats: dict[str, float]) -> None:
     if "first_token" not in stats:
         return
@@ -111,6 +117,7 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="nothing on stderr"),
     quantize: str = QuantizeOpt,
     adapter: str | None = AdapterOpt,
+    image: str | None = ImageOpt,
 ) -> None:
     """Complete PROMPT and print the completion alone on stdout."""
     if system is not None and not chat:
@@ -122,7 +129,7 @@ def generate(
     llm = _load(model, quiet, quantize, adapter)
     stats: dict[str, float] = {}
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                repetition_penalty=repetition_penalty, seed=seed, stop=stop, stats=stats)
+                repetition_penalty=repetition_penalty, seed=seed, stop=stop, stats=stats, **_picture(llm, image))
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         pieces = llm.chat_stream(messages, **opts)
@@ -164,11 +171,13 @@ def chat(
     seed: int | None = typer.Option(None),
     quantize: str = QuantizeOpt,
     adapter: str | None = AdapterOpt,
+    image: str | None = ImageOpt,
 ) -> None:
     """Talk with a model: replies stream as they are generated; the conversation is kept as history."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and history for input()
     llm = _load(model, quiet=False, quantize=quantize, adapter=adapter)
+    picture = _picture(llm, image)  # the same picture for the whole conversation
     print(CHAT_HELP, file=sys.stderr)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     turn = 0
@@ -212,7 +221,7 @@ def chat(
         try:
             for piece in llm.chat_stream(messages, max_new_tokens=max_new_tokens, temperature=temperature,
                                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                                         seed=None if seed is None else seed + turn):
+                                         seed=None if seed is None else seed + turn, **picture):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

@@ -1,0 +1,141 @@
+"""VisionLlama: built around a frozen Llama from the outside; zero gates change nothing, bit for bit; image keys
+and values are computed once per image; text-only requests skip the vision parts; only trained tensors are saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import pixels, tiny_text, tiny_vision
+
+from camelid import CamelidError
+from camelid.generate import generate
+from camelid.model import Block
+from camelid.variants.fused import fuse
+from camelid.vision import VisionConfig, VisionLlama
+from camelid.vision.cross_attention import BlockThenCrossAttention
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_zero_gates_equal_the_text_model_bit_for_bit(fused: bool) -> None:
+    text = fuse(tiny_text()) if fused else tiny_text()
+    ids = torch.randint(0, text.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = text(ids)
+    model = tiny_vision(fused=fused)
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected)  # no image
+        assert torch.equal(model(ids, images=pixels(2)), expected)  # an image, gates closed
+    if fused:
+        return  # a fused Llama decodes through C++ (equal to rounding); the PyTorch path is compared below
+    greedy = generate(text, ids[0].tolist(), 8)
+    with model.image(pixels(1)):
+        assert model.has_image
+        assert generate(model, ids[0].tolist(), 8) == greedy  # cached decode steps too
+        text.setup_cache(1, 20)
+        model.setup_cache(1, 20)
+        positions = torch.arange(12)
+        with torch.no_grad():
+            assert torch.equal(model(ids[:1], positions), text(ids[:1], positions))  # through the KV cache
+    assert not model.has_image
+
+
+def test_zero_gates_bit_for_bit_in_bfloat16() -> None:
+    text = tiny_text().to(torch.bfloat16)
+    ids = torch.randint(0, text.config.vocab_size, (2, 12))
+    model = VisionLlama(tiny_text().to(torch.bfloat16), tiny_vision().vision_config, dtype=torch.float32)
+    assert model.cross[0].attention.wq.weight.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids, images=pixels(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(got, text(ids))
+
+
+def test_open_gates_see_the_image_and_text_only_requests_skip_it() -> None:
+    model = tiny_vision(open_gates=True)
+    ids = torch.randint(0, 320, (2, 12))
+    calls = []
+    for cross in model.cross:
+        cross.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        a, b = model(ids, images=pixels(2, seed=0)), model(ids, images=pixels(2, seed=1))
+        assert not torch.allclose(a, b)  # different pictures, different logits
+        n = len(calls)
+        assert torch.equal(model(ids), tiny_text()(ids))  # no image: the text model alone, layers skipped
+    assert n == 2 * len(model.cross) and len(calls) == n
+
+
+@pytest.mark.parametrize("fusion", ["cross-attention", "projector"])
+def test_cached_decoding_with_an_image_matches_the_full_pass(fusion: str) -> None:
+    """Each decode step through the KV cache gives the logits a full pass over the sequence gives."""
+    model = tiny_vision(fusion, open_gates=True)
+    if fusion == "projector":
+        with torch.no_grad():
+            for p in model.projector.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    prompt = model.with_image_tokens(torch.randint(1, 320, (6,)).tolist())
+    img = pixels(1)
+    with model.image(img):
+        out = generate(model, prompt, 6)
+    full = torch.tensor([prompt + out[:-1]])
+    with torch.no_grad():
+        logits = model(full, images=img)
+    assert logits[0, len(prompt) - 1:].argmax(-1).tolist() == out
+    # the image changes what is generated
+    with model.image(pixels(1, seed=5)):
+        assert generate(model, prompt, 6) != out or fusion == "projector"
+
+
+def test_image_keys_and_values_are_computed_once_per_image() -> None:
+    model = tiny_vision(open_gates=True)
+    encoded, projected = [], []
+    model.vision.register_forward_hook(lambda *a: encoded.append(1))
+    model.cross[0].attention.wk.register_forward_hook(lambda *a: projected.append(1))
+    with model.image(pixels(1)):
+        generate(model, [5, 6, 7], 10)
+        generate(model, [5, 6, 7, 8], 4)  # another prompt about the same picture
+    assert len(encoded) == 1 and len(projected) == 1
+
+
+def test_projector_puts_image_tokens_in_the_sequence() -> None:
+    model = tiny_vision("projector", pixel_shuffle=2)
+    assert model.image_tokens == (16 // 4 // 2) ** 2 == model.vision_config.image_tokens
+    ids = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        expected = tiny_text()(ids)
+        assert torch.equal(model(ids), expected)  # no image: unchanged
+        with_image = model(ids, images=pixels(1))
+    assert not torch.allclose(with_image[:, :4], expected[:, :4])
+    with pytest.raises(CamelidError, match="placeholder"):
+        model(ids[:, :2], images=pixels(1))
+
+
+def test_built_from_outside_and_only_trained_tensors_saved() -> None:
+    model = tiny_vision()
+    assert model.layer_ids == [1, 3]
+    assert [type(b) for b in model.text.layers] == [Block, BlockThenCrossAttention, Block, BlockThenCrossAttention]
+    assert all(not p.requires_grad for n, p in model.text.named_parameters() if ".cross." not in n)
+    state = model.state_dict()
+    assert state and all(k.startswith(("vision.", "cross.")) for k in state)
+    assert sum(v.numel() for v in state.values()) == model.trainable_parameters()
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"vision", "cross"}
+    again = tiny_vision()
+    again.load_state_dict(state)
+    with pytest.raises(CamelidError, match="do not fit"):
+        again.load_state_dict({k: v for k, v in state.items() if "vision" not in k})
+    with pytest.raises(CamelidError, match="already joined"):
+        VisionLlama(model.text, model.vision_config)
+
+
+def test_config_errors_are_one_line() -> None:
+    with pytest.raises(CamelidError, match="fusion"):
+        VisionConfig.from_dict({"fusion": "glue"})
+    with pytest.raises(CamelidError, match="unknown field"):
+        VisionConfig.from_dict({"colour": 1})
+    with pytest.raises(CamelidError, match="unknown vit field"):
+        VisionConfig.from_dict({"vit": {"size": 1}})
+    with pytest.raises(CamelidError, match="block indices"):
+        VisionLlama(tiny_text(), VisionConfig(layers=[7]))
+    with pytest.raises(CamelidError, match="pixel_shuffle"):
+        tiny_vision("projector", pixel_shuffle=3)
+    with pytest.raises(CamelidError, match="shape"):
+        tiny_vision()(torch.zeros(1, 3, dtype=torch.long), images=torch.zeros(1, 3, 8, 8))
