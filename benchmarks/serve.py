@@ -121,8 +121,9 @@ def start(engine: str, threads: int, llama_server: str | None, log: Path) -> tup
                "--host", "127.0.0.1", "--port", str(port), "-cb"]
         ready = "/health"
     elif kind == "llama-cpp-python":
+        # --interrupt_requests False: by default a new request ends the one being streamed
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", arg, "--n_threads", str(threads),
-               "--n_ctx", str(CTX), "--host", "127.0.0.1", "--port", str(port)]
+               "--n_ctx", str(CTX), "--host", "127.0.0.1", "--port", str(port), "--interrupt_requests", "False"]
         ready = "/v1/models"
     else:
         raise SystemExit(f"unknown engine {engine!r}")
@@ -260,10 +261,15 @@ def bench(args: argparse.Namespace) -> None:
             run.prefix = prefix_ttft(port, system, ban)
             print(f"  prefix: hit TTFT {run.prefix['hit_ttft_s'] * 1000:.0f} ms, miss "
                   f"{run.prefix['miss_ttft_s'] * 1000:.0f} ms ({run.prefix['miss_over_hit']:.1f}x)", flush=True)
+        except (RuntimeError, OSError) as e:  # one engine failing must not lose the others' numbers
+            print(f"  {engine} failed ({e}); left out of the report (its log: {log})", flush=True)
+            continue
         finally:
             stop(proc)
         run.load_after = load_average()
         runs.append(run)
+    if not runs:
+        raise SystemExit("no engine completed")
     report(runs, streams, args, out)
 
 
