@@ -68,8 +68,8 @@ def not_utf8(where: str, e: UnicodeError) -> CamelidError:
 
 def _strict_stdin() -> None:
     stdin = sys.stdin
-    if stdin is None or not hasattr(stdin, "buffer") or isinstance(stdin, Utf8Stdin):
-        return
+    if stdin is None or not isinstance(stdin, io.TextIOWrapper) or isinstance(stdin, Utf8Stdin):
+        return  # not a real text stream over bytes (None, a test harness's stand-in): leave it as it is
     _kept.append(stdin)  # the old wrapper would close the shared buffer when collected
     sys.stdin = Utf8Stdin(stdin.buffer, encoding="utf-8", errors="strict", line_buffering=stdin.line_buffering)
 

@@ -42,6 +42,7 @@ class TrainAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = att.n_heads, att.n_kv_heads, att.head_dim
         self.wq, self.wk, self.wv, self.wo = att.wq, att.wk, att.wv, att.wo
         self.kv_cache = att.kv_cache
+        self.q_norm, self.k_norm = att.q_norm, att.k_norm  # None: for_training keeps q/k-norm models' own
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, mask: Tensor | None) -> Tensor:
         if self.kv_cache is not None and positions is not None:
