@@ -93,7 +93,8 @@ def test_requests_that_cannot_work_are_refused_before_the_model_loads(monkeypatc
         (["generate", "hi", "-m", "smollm2-135m"], "", "did you mean 'smollm2-135m-instruct'?"),
         (["chat", "-m", "SmolLM2"], "", "did you mean 'smollm2-135m-instruct'?"),
         (["generate", "hi", "-m", "llama3-tokenizer"], "", "is a tokenizer, not a model"),
-        (["generate", "hi", "-m", "smollm"], "", "known models: smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct (`camelid list`)"),
+        (["generate", "hi", "-m", "smollm"], "",
+         "known models: smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct (`camelid list`)"),
     ]
     for args, stdin, message in cases:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
