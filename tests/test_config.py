@@ -156,8 +156,8 @@ def test_llama_config_checks_its_fields(fields: dict, message: str) -> None:
 def test_from_dict_round_trips_and_refuses_unknown_keys() -> None:
     cfg = LlamaConfig.from_name("tiny-llama3")
     assert LlamaConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(CamelidError, match="x.safetensors: unknown config field\\(s\\) sliding_window"):
-        LlamaConfig.from_dict({**cfg.to_dict(), "sliding_window": 4096}, "x.safetensors")
+    with pytest.raises(CamelidError, match="x.safetensors: unknown config field\\(s\\) attention_sinks"):
+        LlamaConfig.from_dict({**cfg.to_dict(), "attention_sinks": 4}, "x.safetensors")
     with pytest.raises(CamelidError, match="^x: config 'tiny-llama3': dim = 0"):
         LlamaConfig.from_dict({**cfg.to_dict(), "dim": 0}, "x")
 

@@ -59,15 +59,16 @@ def camelid_main(*args: str | Path, cwd: Path, stdin: bytes = b"") -> subprocess
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str, others: tuple[str, ...] = ()) -> str:
-    """Exit status 1, no traceback, and stderr one `error:` line that contains every needle. `others`: prefixes of
-    the informational lines a command prints before it fails (a chat's banner), the only other lines allowed."""
+    """Exit status 1, no traceback, and stderr one `error:` line that contains every needle. Other lines allowed:
+    camelid's progress lines (`camelid: loading ...`) and `others`, prefixes of the informational lines a command
+    prints before it fails (a chat's banner)."""
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
-    assert all(line in errors or line.startswith(others) for line in lines) if others else len(lines) == 1, \
-        result.stderr
+    allowed = ("camelid: ", *others)
+    assert all(line in errors or line.startswith(allowed) for line in lines), result.stderr
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]

@@ -183,7 +183,7 @@ def test_plain_and_unsupported_models_keep_the_torch_path() -> None:
 class FutureConfig(LlamaConfig):
     """A config with a field the step does not know (as a future LlamaConfig field would be)."""
 
-    sliding_window: int | None = None
+    attention_sinks: int | None = None
 
 
 class Adapter(torch.nn.Module):
@@ -204,8 +204,8 @@ def test_what_the_step_does_not_implement_is_refused_in_one_line_and_decoded_per
     assert refusal(model) is None
     want_plain = _plain_generate(model, PROMPT, 12, monkeypatch)
     if change == "config":
-        model.config = FutureConfig(**dataclasses.asdict(model.config), sliding_window=4)
-        expected = "the config sets sliding_window=4, which the C++ decode step does not implement"
+        model.config = FutureConfig(**dataclasses.asdict(model.config), attention_sinks=4)
+        expected = "the config sets attention_sinks=4, which the C++ decode step does not implement"
     elif change == "module":
         model.layers[1].feed_forward.w2 = Adapter(model.layers[1].feed_forward.w2)
         expected = "layers.1.feed_forward.w2 is of type Adapter, which the C++ decode step does not implement"
