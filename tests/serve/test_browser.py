@@ -35,6 +35,7 @@ def page(browser, smollm2_server: Server) -> Iterator[object]:  # noqa: ANN001 -
     # HTML-injection test checks the renderer alone, not the policy behind it
     context = browser.new_context(viewport={"width": 1100, "height": 720}, bypass_csp=True)
     pg = context.new_page()
+    pg.set_default_timeout(180_000)  # a busy CI machine: waits bounded, but not by Playwright's 30 s default
     pg.goto(smollm2_server.url + "/")
     pg.wait_for_function("document.getElementById('model').textContent === 'smollm2-135m-instruct'")
     yield pg
