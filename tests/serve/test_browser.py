@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def test_stop_a_generation(page, smollm2_server: Server) -> None:  # noqa: ANN00
     text = assistant_text(page)
     assert text.endswith("[stopped]")
     cancelled = 'camelid_sequences_finished_total{reason="cancelled"}'
-    metrics = request(smollm2_server.url, path="/metrics")[2].decode()
+    deadline = time.monotonic() + 60  # the engine sees the closed stream at its next iteration
+    while cancelled not in (metrics := request(smollm2_server.url, path="/metrics")[2].decode()) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
     assert cancelled in metrics  # the server stopped generating when the page did
     page.reload()
     page.wait_for_selector(".msg.assistant")

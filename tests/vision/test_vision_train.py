@@ -160,7 +160,10 @@ def test_damaged_or_mismatched_checkpoints_are_one_line_errors(trained: Path, tm
     data = bytearray((bad / "vision.safetensors").read_bytes())
     data[-1] ^= 1
     (bad / "vision.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CamelidError, match="do not match the sha256"):
+    with pytest.raises(CamelidError, match="vision.safetensors: damaged"):  # the export's SHA256SUMS, first
+        camelid.load(bad)
+    (bad / "SHA256SUMS").unlink()
+    with pytest.raises(CamelidError, match="do not match the sha256"):  # the vision checkpoint's own record
         camelid.load(bad)
 
     other = tmp_path / "other-base"
@@ -168,12 +171,14 @@ def test_damaged_or_mismatched_checkpoints_are_one_line_errors(trained: Path, tm
     shutil.copyfile(Path(json.loads((trained / "hf" / "vision.json").read_text())["base"]) / "tokenizer.json",
                     other / "tokenizer.json")
     moved = copy("moved")
+    (moved / "SHA256SUMS").unlink()  # edited on purpose, as the damage message advises
     spec = json.loads((moved / "vision.json").read_text())
     (moved / "vision.json").write_text(json.dumps({**spec, "base": str(other)}))
     with pytest.raises(CamelidError, match="n_kv_heads=2, but"):
         camelid.load(moved)
 
     broken = copy("broken")
+    (broken / "SHA256SUMS").unlink()
     (broken / "vision.json").write_text("{not json")
     with pytest.raises(CamelidError, match="not JSON"):
         camelid.load(broken)
