@@ -53,7 +53,7 @@ def main() -> None:
     import camelid
     import camelid.eval.harness as harness
     from camelid.eval import Evaluator, Settings, resolve_tasks
-    from camelid.eval.report import cpu_name
+    from camelid.ops.native import cpu_name
 
     llm = camelid.load()
     hf_dir = llm.save_pretrained(Path(tempfile.mkdtemp(prefix="eval-speed-")) / "smollm2-hf")

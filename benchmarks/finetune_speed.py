@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from camelid.ops.native import cpu_name
+
 ARMS = ("transformers+peft", "camelid-lora", "camelid-qlora-int4")
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -58,15 +60,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/finetune_speed"))
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
     return p.parse_args()
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def peak_rss_mib() -> float:

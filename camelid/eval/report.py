@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,6 @@ SHOWN = {
     "perplexity": [("bits_per_byte", False), ("token_perplexity", False)],
     "generation": [("exact_match", True), ("rouge_l", True)],
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def rows(report: dict[str, Any]) -> list[dict[str, Any]]:

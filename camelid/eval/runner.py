@@ -243,7 +243,7 @@ def evaluate(models: Sequence[str], precisions: Sequence[str], tasks: Sequence[T
     import torch
 
     import camelid
-    from camelid.eval.report import cpu_name
+    from camelid.ops.native import cpu_name
 
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:

@@ -80,6 +80,15 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(m.group(1).split()) if m else frozenset()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for benchmark and evaluation reports; the platform's word elsewhere."""
+    try:
+        m = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        m = None
+    return m.group(1).strip() if m else (platform.processor() or platform.machine())
+
+
 def isa() -> str:
     """The instruction-set level to build: CAMELID_ISA if set (and runnable here), else native."""
     wanted = os.environ.get("CAMELID_ISA", "native")

@@ -15,24 +15,15 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
 
+from camelid.ops.native import cpu_name
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
