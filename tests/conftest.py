@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,20 @@ def tiny_bert_dir(tmp_path, cue_examples) -> Path:
     save_bert_hf_dir(BertForClassification(config, 2).bert, tmp_path / "bert")
     wp.save(tmp_path / "bert")
     return tmp_path / "bert"
+
+
+@pytest.fixture
+def no_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every op as on a machine without the C++ kernels (each must fall back by itself)."""
+    from camelid.ops import native
+
+    monkeypatch.setattr(native, "module", lambda: None)
+    monkeypatch.setattr(native, "loaded", lambda: None)
+
+
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
