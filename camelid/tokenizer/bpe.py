@@ -15,7 +15,7 @@ it merge; llama.cpp keeps it as a barrier), camelid follows llama.cpp.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from camelid.tokenizer.pretokenizers import PreTokenizer
 from camelid.tokenizer.vocab import CONTROL, UNKNOWN, USER_DEFINED, bytes_to_unicode
@@ -65,6 +65,19 @@ def partition(text: str, specials: list[tuple[str, int, bool, bool]]) -> list[st
     return fragments
 
 
+
+def encode_around_specials(text: str, specials: list[tuple[str, int, bool, bool]],
+                           encode_fragment: Callable[[str], list[int]]) -> list[int]:
+    """Special tokens become their ids; the text between them goes through the vocabulary's own encoder."""
+    ids: list[int] = []
+    for fragment in partition(text, specials):
+        if isinstance(fragment, int):
+            ids.append(fragment)
+        else:
+            ids.extend(encode_fragment(fragment))
+    return ids
+
+
 class BPEEncoder:
     """Text -> ids for a GGUF byte-level (or SentencePiece-style) BPE vocabulary, as llama.cpp tokenises it."""
 
@@ -79,13 +92,7 @@ class BPEEncoder:
         self._cache: dict[str, list[int]] = {}
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for fragment in partition(text, self.specials):
-            if isinstance(fragment, int):
-                ids.append(fragment)
-            else:
-                ids.extend(self._encode_fragment(fragment))
-        return ids
+        return encode_around_specials(text, self.specials, self._encode_fragment)
 
     # ---- 2.-4. pieces and merges -----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from camelid.errors import CamelidError
-from camelid.tokenizer.bpe import partition, special_tokens
+from camelid.tokenizer.bpe import encode_around_specials, special_tokens
 from camelid.tokenizer.vocab import NORMAL, UNUSED, USER_DEFINED
 
 _SPACE = "▁".encode()
@@ -103,13 +103,10 @@ class UGMEncoder:
         self.unknown_score = float(min(normal_scores, default=np.float32(np.finfo(np.float32).max)) - _UNKNOWN_PENALTY)
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for fragment in partition(text, self.specials):
-            if isinstance(fragment, int):
-                ids.append(fragment)
-            else:
-                ids.extend(self._viterbi(self._normalize(fragment.encode())))
-        return ids
+        return encode_around_specials(text, self.specials, self._encode_fragment)
+
+    def _encode_fragment(self, text: str) -> list[int]:
+        return self._viterbi(self._normalize(text.encode()))
 
     def _normalize_prefix(self, data: bytes, start: int) -> tuple[bytes, int]:
         k = 0
