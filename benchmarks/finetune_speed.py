@@ -4,7 +4,8 @@ LoRA settings, same thread count.
     python benchmarks/finetune_speed.py                       # SmolLM2-135M-Instruct, 2 threads, rows of 512
     python benchmarks/finetune_speed.py --steps 20 --threads 1 --out runs/finetune_speed/t1
 
-Three arms, each in a process of its own (so that each one's peak RSS is its own), one after another:
+Three arms, each in a process of its own (so that each one's peak RSS is its own), one after another, in `--rounds`
+rounds with the order reversed every other round:
 - camelid-lora: what `camelid finetune` runs: the SFT objective (packed rows, the training model's kernels, the
   head only at learned positions), LoRA over an fp32 base, the loop's AdamW
 - camelid-qlora-int4: the same over an int4 base quantised while the checkpoint streams in (`quantize=int4`)
@@ -57,8 +58,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass (all arms): activations no longer dominate memory")
     p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of all arms, the order reversed every other round (a changing machine load "
+                        "then weighs on every arm alike); tokens/s and the speed-up are medians over the rounds")
     p.add_argument("--out", type=Path, default=Path("runs/finetune_speed"))
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
+    p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)  # internal: its round
     return p.parse_args()
 
 
@@ -116,7 +121,7 @@ def run_arm(args: argparse.Namespace) -> dict:
             tokens.append(sum(ex.width for ex in examples[s]))
         print(f"{arm}: step {s + 1}/{steps} loss {losses[-1]:.4f} {sum(ex.width for ex in examples[s]) / dt:,.0f}"
               " tok/s", file=sys.stderr, flush=True)
-    val = heldout()
+    val = heldout() if args.round == 0 else None  # the same weights in every round: measured once
     return {"arm": arm, "tokens_per_s": sum(tokens) / sum(times), "step_s": times, "tokens": sum(tokens),
             "losses": losses, "first_loss": losses[0], "heldout_loss": val, "load_s": load_s,
             "peak_rss_mib": peak_rss_mib(), "baseline_rss_mib": baseline,
@@ -215,21 +220,36 @@ def hf_arm(args: argparse.Namespace, sft, cfg):
     return model, step, heldout
 
 
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
 def main() -> None:
     args = parse()
     if args.arm:
         result = run_arm(args)
-        (args.out / f"{args.arm}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{args.arm}.round{args.round}.json").write_text(json.dumps(result, indent=2) + "\n")
         return
     subset(args)
+    arms = args.arms.split(",")
     load = [os.getloadavg()[0]]
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        rounds.append({})
+        for arm in arms if r % 2 == 0 else arms[::-1]:
+            cmd = [sys.executable, __file__, "--arm", arm, "--round", str(r), *sys.argv[1:]]
+            print(f"--- round {r + 1}/{args.rounds}: {arm}", file=sys.stderr, flush=True)
+            subprocess.run(cmd, check=True)
+            rounds[-1][arm] = json.loads((args.out / f"{arm}.round{r}.json").read_text())
+            load.append(os.getloadavg()[0])
     results = {}
-    for arm in args.arms.split(","):
-        cmd = [sys.executable, __file__, "--arm", arm, *sys.argv[1:]]
-        print(f"--- {arm}", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True)
-        results[arm] = json.loads((args.out / f"{arm}.json").read_text())
-        load.append(os.getloadavg()[0])
+    for arm in arms:
+        runs = [rd[arm] for rd in rounds]
+        results[arm] = {**runs[0], "tokens_per_s": median([x["tokens_per_s"] for x in runs]),
+                        "tokens_per_s_rounds": [x["tokens_per_s"] for x in runs],
+                        "peak_rss_mib": median([x["peak_rss_mib"] for x in runs]),
+                        "peak_rss_mib_rounds": [x["peak_rss_mib"] for x in runs]}
 
     import torch
 
@@ -239,12 +259,15 @@ def main() -> None:
     peak = measure_matmul_peak("cpu", torch.float32)
     summary: dict = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "model": args.model,
                      "rows": f"{args.batch} x {args.block}", "rank": args.rank, "alpha": args.alpha,
-                     "steps": args.steps, "activation_checkpointing": args.activation_checkpointing,
+                     "steps": args.steps, "rounds": args.rounds,
+                     "activation_checkpointing": args.activation_checkpointing,
                      "peak_flops": peak, "load_average_1min": load, "arms": results}
     summary["mfu"] = {a: r["tokens_per_s"] * r["flops_per_token"] / peak for a, r in results.items()}
     ref, lora, qlora = (results.get(a) for a in ARMS)
     if ref and lora:
-        summary["speedup_lora_vs_transformers_peft"] = lora["tokens_per_s"] / ref["tokens_per_s"]
+        ratios = [rd["camelid-lora"]["tokens_per_s"] / rd["transformers+peft"]["tokens_per_s"] for rd in rounds]
+        summary["speedup_lora_vs_transformers_peft"] = median(ratios)
+        summary["speedup_lora_vs_transformers_peft_rounds"] = ratios
         summary["first_loss_difference"] = abs(lora["first_loss"] - ref["first_loss"])
         if summary["first_loss_difference"] > 1e-3 * abs(ref["first_loss"]):
             print(f"warning: first losses differ: {lora['first_loss']} vs {ref['first_loss']}", file=sys.stderr)
@@ -257,8 +280,8 @@ def main() -> None:
     plot(summary, args.out / "finetune_speed.png")
     keys = [k for k in summary if k != "arms"]
     print(json.dumps({**{k: summary[k] for k in keys}, **{a: {k: r[k] for k in (
-        "tokens_per_s", "peak_rss_mib", "baseline_rss_mib", "heldout_loss", "first_loss")} for a, r in
-        results.items()}}, indent=2))
+        "tokens_per_s", "tokens_per_s_rounds", "peak_rss_mib", "baseline_rss_mib", "heldout_loss", "first_loss")}
+        for a, r in results.items()}}, indent=2))
 
 
 def plot(summary: dict, png: Path) -> None:
