@@ -4,7 +4,8 @@ LoRA settings, same thread count.
     python benchmarks/finetune_speed.py                       # SmolLM2-135M-Instruct, 2 threads, rows of 512
     python benchmarks/finetune_speed.py --steps 20 --threads 1 --out runs/finetune_speed/t1
 
-Three arms, each in a process of its own (so that each one's peak RSS is its own), one after another:
+Three arms, each in a process of its own (so that each one's peak RSS is its own), one after another, in `--rounds`
+rounds with the order reversed every other round:
 - camelid-lora: what `camelid finetune` runs: the SFT objective (packed rows, the training model's kernels, the
   head only at learned positions), LoRA over an fp32 base, the loop's AdamW
 - camelid-qlora-int4: the same over an int4 base quantised while the checkpoint streams in (`quantize=int4`)
@@ -57,8 +58,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass (all arms): activations no longer dominate memory")
     p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of all arms, the order reversed every other round (a changing machine load "
+                        "then weighs on every arm alike); tokens/s and the speed-up are medians over the rounds")
     p.add_argument("--out", type=Path, default=Path("runs/finetune_speed"))
+    p.add_argument("--parallel", action="store_true",
+                   help="run a round's arms at the same time (on a machine loaded by others: each arm gets its own "
+                        "share of the CPU; compare tokens per CPU-second then, with --threads 1)")
     p.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
+    p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)  # internal: its round
     return p.parse_args()
 
 
@@ -106,18 +114,20 @@ def run_arm(args: argparse.Namespace) -> dict:
     else:
         model, step_fn, heldout = camelid_arm(sft, cfg)
     load_s = time.perf_counter() - t_load
-    losses, times, tokens = [], [], []
+    losses, times, cpu_times, tokens = [], [], [], []
     for s in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(step_fn(s, examples[s]))
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if s >= args.warmup:
             times.append(dt)
+            cpu_times.append(dc)
             tokens.append(sum(ex.width for ex in examples[s]))
         print(f"{arm}: step {s + 1}/{steps} loss {losses[-1]:.4f} {sum(ex.width for ex in examples[s]) / dt:,.0f}"
               " tok/s", file=sys.stderr, flush=True)
-    val = heldout()
+    val = heldout() if args.round == 0 else None  # the same weights in every round: measured once
     return {"arm": arm, "tokens_per_s": sum(tokens) / sum(times), "step_s": times, "tokens": sum(tokens),
+            "tokens_per_cpu_s": sum(tokens) / sum(cpu_times), "step_cpu_s": cpu_times,
             "losses": losses, "first_loss": losses[0], "heldout_loss": val, "load_s": load_s,
             "peak_rss_mib": peak_rss_mib(), "baseline_rss_mib": baseline,
             "flops_per_token": sft.flops_per_token(), "threads": torch.get_num_threads(),
@@ -159,6 +169,7 @@ def hf_arm(args: argparse.Namespace, sft, cfg):
     from camelid.train.loop import build_optimizer
 
     base = camelid.load(cfg.model, tokenizer=False).model
+    sft.model_config = base.config  # the same FLOPs per token as camelid's arms
     hf_cfg = {k: v for k, v in config_to_hf(base.config).items() if k not in ("architectures", "model_type",
                                                                                 "torch_dtype")}
     model = LlamaForCausalLM(HFConfig(**hf_cfg, attn_implementation="sdpa"))
@@ -215,21 +226,61 @@ def hf_arm(args: argparse.Namespace, sft, cfg):
     return model, step, heldout
 
 
+def matmul_peak_per_cpu_s(n: int = 1024, seconds: float = 1.0) -> float:
+    """The best fp32 matmul FLOPs per CPU-second of this process (what a core does while it runs, whatever share
+    of the machine the process gets: the MFU denominator for tokens per CPU-second)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a @ b
+    best, t_end = 0.0, time.process_time() + seconds
+    while time.process_time() < t_end:
+        c0 = time.process_time()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n**3 / max(time.process_time() - c0, 1e-9))
+    return best
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
 def main() -> None:
     args = parse()
     if args.arm:
         result = run_arm(args)
-        (args.out / f"{args.arm}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{args.arm}.round{args.round}.json").write_text(json.dumps(result, indent=2) + "\n")
         return
     subset(args)
+    arms = args.arms.split(",")
     load = [os.getloadavg()[0]]
-    results = {}
-    for arm in args.arms.split(","):
-        cmd = [sys.executable, __file__, "--arm", arm, *sys.argv[1:]]
-        print(f"--- {arm}", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True)
-        results[arm] = json.loads((args.out / f"{arm}.json").read_text())
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        rounds.append({})
+        order = arms if r % 2 == 0 else arms[::-1]
+        cmds = [[sys.executable, __file__, "--arm", arm, "--round", str(r), *sys.argv[1:]] for arm in order]
+        print(f"--- round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr, flush=True)
+        if args.parallel:
+            for proc in [subprocess.Popen(cmd) for cmd in cmds]:
+                if proc.wait():
+                    raise SystemExit(f"an arm failed: {' '.join(proc.args)}")  # type: ignore[arg-type]
+        else:
+            for cmd in cmds:
+                subprocess.run(cmd, check=True)
         load.append(os.getloadavg()[0])
+        for arm in order:
+            rounds[-1][arm] = json.loads((args.out / f"{arm}.round{r}.json").read_text())
+    results = {}
+    for arm in arms:
+        runs = [rd[arm] for rd in rounds]
+        results[arm] = {**runs[0], "tokens_per_s": median([x["tokens_per_s"] for x in runs]),
+                        "tokens_per_s_rounds": [x["tokens_per_s"] for x in runs],
+                        "tokens_per_cpu_s": median([x["tokens_per_cpu_s"] for x in runs]),
+                        "peak_rss_mib": median([x["peak_rss_mib"] for x in runs]),
+                        "peak_rss_mib_rounds": [x["peak_rss_mib"] for x in runs]}
 
     import torch
 
@@ -239,12 +290,22 @@ def main() -> None:
     peak = measure_matmul_peak("cpu", torch.float32)
     summary: dict = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "model": args.model,
                      "rows": f"{args.batch} x {args.block}", "rank": args.rank, "alpha": args.alpha,
-                     "steps": args.steps, "activation_checkpointing": args.activation_checkpointing,
+                     "steps": args.steps, "rounds": args.rounds, "parallel": args.parallel,
+                     "activation_checkpointing": args.activation_checkpointing,
                      "peak_flops": peak, "load_average_1min": load, "arms": results}
     summary["mfu"] = {a: r["tokens_per_s"] * r["flops_per_token"] / peak for a, r in results.items()}
+    # per CPU-second (against the matmul peak per CPU-second): meaningful on a machine other processes load too
+    peak_cpu = matmul_peak_per_cpu_s()
+    summary["peak_flops_per_cpu_s"] = peak_cpu
+    summary["mfu_per_cpu_s"] = {a: r["tokens_per_cpu_s"] * r["flops_per_token"] / peak_cpu
+                                for a, r in results.items()}
     ref, lora, qlora = (results.get(a) for a in ARMS)
     if ref and lora:
-        summary["speedup_lora_vs_transformers_peft"] = lora["tokens_per_s"] / ref["tokens_per_s"]
+        ratios = [rd["camelid-lora"]["tokens_per_s"] / rd["transformers+peft"]["tokens_per_s"] for rd in rounds]
+        summary["speedup_lora_vs_transformers_peft"] = median(ratios)
+        summary["speedup_lora_vs_transformers_peft_rounds"] = ratios
+        summary["speedup_per_cpu_s_lora_vs_transformers_peft"] = median(
+            [rd["camelid-lora"]["tokens_per_cpu_s"] / rd["transformers+peft"]["tokens_per_cpu_s"] for rd in rounds])
         summary["first_loss_difference"] = abs(lora["first_loss"] - ref["first_loss"])
         if summary["first_loss_difference"] > 1e-3 * abs(ref["first_loss"]):
             print(f"warning: first losses differ: {lora['first_loss']} vs {ref['first_loss']}", file=sys.stderr)
@@ -257,8 +318,9 @@ def main() -> None:
     plot(summary, args.out / "finetune_speed.png")
     keys = [k for k in summary if k != "arms"]
     print(json.dumps({**{k: summary[k] for k in keys}, **{a: {k: r[k] for k in (
-        "tokens_per_s", "peak_rss_mib", "baseline_rss_mib", "heldout_loss", "first_loss")} for a, r in
-        results.items()}}, indent=2))
+        "tokens_per_s", "tokens_per_s_rounds", "tokens_per_cpu_s", "peak_rss_mib", "baseline_rss_mib",
+        "heldout_loss", "first_loss")}
+        for a, r in results.items()}}, indent=2))
 
 
 def plot(summary: dict, png: Path) -> None:

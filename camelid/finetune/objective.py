@@ -237,14 +237,9 @@ class SFT:
             save_gguf_adapter(model, out / "adapter.gguf")
             return out
         from camelid.interop.hf import save_hf_dir
-        from camelid.model import Llama
+        from camelid.variants.training import to_reference
 
-        with torch.device("meta"):
-            plain = Llama(model.config)
-        plain.load_state_dict(state, assign=True, strict=False)
-        plain.tie_weights()
-        plain.rope.inv_freq = model.rope.inv_freq.detach().cpu()
-        save_hf_dir(plain, out)
+        save_hf_dir(to_reference(model, state), out)
         self.tokenizer.save_pretrained(out)
         return out
 

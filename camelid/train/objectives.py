@@ -195,15 +195,10 @@ class CausalLM:
     def export(self, model: nn.Module, state: dict[str, Tensor]) -> Path:
         """The final weights as a Hugging Face LlamaForCausalLM folder, with the tokenizer beside them."""
         from camelid.interop.hf import save_hf_dir
-        from camelid.model import Llama
+        from camelid.variants.training import to_reference
 
         out = self.cfg.export_path
-        with torch.device("meta"):
-            plain = Llama(model.config)
-        plain.load_state_dict(state, assign=True, strict=False)
-        plain.tie_weights()
-        plain.rope.inv_freq = model.rope.inv_freq.detach().cpu()
-        save_hf_dir(plain, out)
+        save_hf_dir(to_reference(model, state), out)
         tok = Path(self.cfg.tokenizer) if self.cfg.tokenizer else self.data.dir / "tokenizer.json"
         if tok.is_dir():
             tok = tok / "tokenizer.json"

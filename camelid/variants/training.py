@@ -121,3 +121,15 @@ class TrainLlama(Llama):
         if targets is None:
             return super().forward(input_ids, positions, last_only=last_only, key_mask=key_mask, mask=mask)
         return next_token_loss(self, input_ids, targets, loss_positions, positions=positions, mask=mask)
+
+
+def to_reference(model: Llama, state: dict[str, Tensor] | None = None) -> Llama:
+    """The reference Llama (plain modules, what the HF/Meta/GGUF writers take) with `model`'s config and RoPE
+    frequencies, holding the tensors of `state` (a state dict of `model` or of its training twin; default: `model`'s
+    own), built on the meta device so nothing is copied."""
+    with torch.device("meta"):
+        plain = Llama(model.config)
+    plain.load_state_dict(model.state_dict() if state is None else state, assign=True, strict=False)
+    plain.tie_weights()
+    plain.rope.inv_freq = model.rope.inv_freq.detach().cpu()
+    return plain

@@ -1,9 +1,9 @@
 """The fine-tuning demo: SmolLM2-135M-Instruct + LoRA on Natural Instructions, scored before and after.
 
-    python examples/finetune/run.py [--set max_steps=300 ...] [--per-task 2]
+    python examples/finetune/run.py [--set max_steps=300 ...] [--per-task 2] [--tasks 20]
 
-1. before: on the first `--per-task` test examples of each of the 61 subtasks, the base model's loss (nats per
-   answer token) and its greedy answers (exact match and ROUGE-L against the reference)
+1. before: on the first `--per-task` test examples of each of the 61 subtasks (or of `--tasks` of them), the base
+   model's loss (nats per answer token) and its greedy answers (exact match and ROUGE-L against the reference)
 2. `camelid finetune examples/finetune/config.yaml`: LoRA on the training split, packed rows, dev loss as it trains
 3. after: the same scores with the adapter merged into the weights
 Everything lands in runs/finetune/; summary.json, answers.md, scores.png, loss.png and log.csv are copied here.
@@ -30,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], help="override a finetune setting, key=value")
     parser.add_argument("--per-task", type=int, default=2, help="test examples scored per subtask")
+    parser.add_argument("--tasks", type=int, default=0,
+                        help="score this many of the 61 subtasks, spread evenly over them (0: all)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
     os.chdir(ROOT)  # the config's paths are relative to the repository
@@ -40,7 +42,7 @@ def main() -> None:
     from camelid.finetune import SFT, finetune, load_finetune_config
     from camelid.finetune.data import read_records, to_messages
     from camelid.finetune.evaluate import answer_all, exact_match, rouge_l, score
-    from camelid.finetune.objective import load_training_model
+    from camelid.finetune.objective import load_tokenizer, load_training_model
     from camelid.train.plot import BarPanel, plot_bars
     from camelid.variants.lora import apply_lora, read_adapter
 
@@ -52,20 +54,26 @@ def main() -> None:
     t0 = time.time()
 
     # per_task examples of each subtask of the test split: their loss through the SFT objective, and the answers
-    test_cfg = dataclasses.replace(cfg, val_split="test", eval_tokens=0, val_examples=0)
-    test_scorer = SFT(test_cfg, torch.device("cpu"))
-    tok = test_scorer.tokenizer
+    tok = load_tokenizer(cfg.model)
+    test = [(w, r) for w, r in read_records(cfg.data) if r.get(cfg.split_field) == "test"]
+    tasks = sorted({r["task"] for _, r in test})
+    if args.tasks:
+        tasks = tasks[:: max(1, len(tasks) // args.tasks)][: args.tasks]
     chosen: dict[str, list] = defaultdict(list)
-    for where, r in read_records(cfg.data):
-        if r.get(cfg.split_field) == "test" and len(chosen[r["task"]]) < args.per_task:
+    for where, r in test:
+        if r["task"] in tasks and len(chosen[r["task"]]) < args.per_task:
             prompt = to_messages(r, "instruction", cfg.fields, cfg.system_prompt, where)[:-1]
             if len(tok.encode(tok.apply_chat_template(prompt))) + args.max_new_tokens <= cfg.block_size:
                 chosen[r["task"]].append((where, r, prompt))  # as in training: prompts that fit a row
     picked = [(w, r) for task in sorted(chosen) for w, r, _ in chosen[task]]
     prompts = [p for task in sorted(chosen) for _, _, p in chosen[task]]
     references = [r["output"] for _, r in picked]
-    answered = {w for w, _ in picked}
-    test_scorer.data.val = [ex for ex in test_scorer.data.val if ex.where in answered]
+    # the chosen test records alone, as both splits of a scorer (the loss is the SFT objective's held-out loss)
+    test_file = run / "test_records.jsonl"
+    test_file.write_text("".join(json.dumps(r) + "\n" for _, r in picked))
+    test_cfg = dataclasses.replace(cfg, data=str(test_file), train_split="test", val_split="test", eval_tokens=0,
+                                   val_examples=0)
+    test_scorer = SFT(test_cfg, torch.device("cpu"))
     print(f"test split: {len(picked)} examples answered, {len(test_scorer.data.val)} of them scored for loss "
           f"({args.per_task} per subtask, {len(chosen)} subtasks)", flush=True)
 
@@ -126,7 +134,8 @@ def main() -> None:
         "config": {k: v for k, v in cfg.to_dict().items() if k in (
             "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "block_size", "batch_size", "grad_accum",
             "max_steps", "lr", "min_lr", "warmup_steps", "packing", "val_examples")},
-        "per_task": args.per_task, "subtasks": len(chosen), "max_new_tokens": args.max_new_tokens,
+        "per_task": args.per_task, "subtasks": len(chosen), "test_examples": len(picked),
+        "max_new_tokens": args.max_new_tokens,
         "changed": {"em_gained": sum(r["em"][1] > r["em"][0] for r in rows),
                     "em_lost": sum(r["em"][1] < r["em"][0] for r in rows)},
     }

@@ -148,3 +148,24 @@ def test_short_training_run_follows_the_reference_loss_curve() -> None:
         curves.append(curve)
     assert curves[0][-1] < curves[0][0] - 1.0
     assert max(abs(a - b) for a, b in zip(*curves, strict=True)) < 1e-4
+
+
+def test_to_reference_gives_the_plain_llama_holding_the_training_tensors() -> None:
+    """What the pretraining and full fine-tuning exports write: plain modules, the training model's own tensors (or
+    those of a state dict), the tied head and the model's RoPE frequencies."""
+    ref, ours = pair()
+    ours.rope.inv_freq = ours.rope.inv_freq * 0.5  # e.g. a scaled RoPE: the model's own table is kept
+    ref.rope.inv_freq = ours.rope.inv_freq.clone()
+    plain = training.to_reference(ours)
+    assert type(plain) is Llama and type(plain.layers[0].attention) is not training.TrainAttention
+    assert type(plain.norm) is RMSNorm and type(plain.layers[0].feed_forward) is FeedForward
+    # nothing copied: the same storage
+    assert plain.layers[0].attention.wq.weight.data_ptr() == ours.layers[0].attention.wq.weight.data_ptr()
+    assert plain.output.weight is plain.tok_embeddings.weight
+    x = torch.randint(0, CFG.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(plain(x), ref(x))
+        state = {k: v.clone() + 1.0 for k, v in ours.state_dict().items()}
+        from_state = training.to_reference(ours, state)
+        assert torch.equal(from_state.layers[1].feed_forward.w2.weight, ours.layers[1].feed_forward.w2.weight + 1.0)
+        assert torch.equal(from_state.rope.inv_freq, ours.rope.inv_freq)
