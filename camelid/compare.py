@@ -327,7 +327,8 @@ def train_label_words(args: CompareArgs, split: Split, run_dir: str | os.PathLik
         # rows of up to 4 of the longest examples (packed: a row holds several shorter ones), about batch_size
         # examples per step
         longest = max(len(tok.encode(tok.apply_chat_template(r["messages"]), add_bos=False)) for r in records)
-        block = min(512, 4 * 64 * math.ceil((longest + 1) / 64))
+        context = load(args.llm, tokenizer=False).model.config.max_seq_len
+        block = min(512, context, 4 * 64 * math.ceil((longest + 1) / 64))
         best: tuple[float, Path, dict[str, Any]] | None = None
         trials, seconds = [], 0.0
         for lr in args.lora_lr:

@@ -139,7 +139,7 @@ def test_label_word_records_answer_the_zero_shot_prompt(tiny_llama_dir, jsonl, d
 def test_all_arms_end_to_end(tiny_llama_dir, tiny_bert_dir, jsonl, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = CompareArgs(data=str(jsonl), bert=str(tiny_bert_dir), llm=str(tiny_llama_dir), k_shot=3, max_test=15,
-                       max_dev=12, epochs=6, patience=2, bert_lr=[1e-4, 1e-3], llm_lr=[3e-3], probe_lr=[1e-2],
+                       max_dev=12, epochs=20, patience=3, bert_lr=[1e-3, 3e-3], llm_lr=[3e-3], probe_lr=[1e-2],
                        lora_lr=[3e-3], lora_rank=2, batch_size=8, max_len=64, bootstrap=1000)
     results = run_compare(args, tmp_path / "out", quiet=True)  # one subprocess per arm
     assert [r["arm"] for r in results] == list(ARMS)
