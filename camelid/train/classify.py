@@ -114,7 +114,8 @@ def train_classifier(clf: TextClassifier, train_set: Sequence[Example], args: Tr
                              "final_loss": sum(losses) / max(1, len(losses))}
     if selected:  # the weights, and so the numbers, of the epoch with the lowest dev loss
         best = selected[0]
-        stats.update(epochs=round(best.best_step * args.batch_size / len(train_set), 2), max_epochs=args.epochs,
+        per_epoch = math.ceil(len(train_set) / args.batch_size)  # steps: the evaluations come every epoch
+        stats.update(epochs=round(best.best_step / per_epoch, 2), max_epochs=args.epochs,
                      best_step=best.best_step, dev_loss=best.best_metrics["val_loss"],
                      dev_accuracy=best.best_metrics["val_acc"],
                      dev_history=[{"step": s, **m} for s, m in best.history])
