@@ -98,14 +98,18 @@ def train_classifier(clf: TextClassifier, train_set: Sequence[Example], args: Tr
         lora = LoraSpec(args.lora_rank, 2.0 * args.lora_rank, 0.05) if args.mode == "lora" else None
         plain = functools.partial(Classification, classifier=clf, train=train_set, dev=dev, mode=args.mode,
                                   backbone_source=backbone_source, lora=lora)
+        built: list[Classification] = []
         selected: list[KeepBest] = []
 
-        def keep_best(cfg: TrainConfig, device: Any) -> KeepBest:
-            selected.append(KeepBest(plain(cfg, device), cfg.eval_interval, cfg.max_steps, args.patience))
+        def objective(cfg: TrainConfig, device: Any) -> Classification | KeepBest:
+            built.append(plain(cfg, device))
+            if not args.select_on_dev:
+                return built[-1]
+            selected.append(KeepBest(built[-1], cfg.eval_interval, cfg.max_steps, args.patience))
             return selected[-1]
 
         t0 = time.perf_counter()
-        result = train(cfg, resume=resume, progress=not quiet, objective=keep_best if args.select_on_dev else plain)
+        result = train(cfg, resume=resume, progress=not quiet, objective=objective)
         seconds = time.perf_counter() - t0  # the probe's feature extraction included
         losses = [float(r["loss"]) for r in read_log(run / "log.csv")][-20:]
     clf.eval()
@@ -121,7 +125,7 @@ def train_classifier(clf: TextClassifier, train_set: Sequence[Example], args: Tr
                      dev_history=[{"step": s, **m} for s, m in best.history])
     elif dev:
         stats.update(dev_loss=result.val_metrics["val_loss"], dev_accuracy=result.val_metrics["val_acc"])
-    return {**stats, **{f"params_{k}": v for k, v in clf.param_counts().items()}}
+    return {**stats, **{f"params_{k}": v for k, v in built[0].param_counts.items()}}
 
 
 def tune_classifier(build: Callable[[], TextClassifier], train_set: Sequence[Example], dev: Sequence[Example],

@@ -395,6 +395,7 @@ class Classification:
                 apply_lora(classifier.backbone, lora or LoraSpec())
         else:
             classifier.backbone.requires_grad_(mode == "finetune")
+        self.param_counts = classifier.param_counts()  # as trained (an export may merge LoRA adapters away)
         self.features = self.dev_features = None
         if mode == "probe":  # the backbone is frozen: its features never change, so compute them once
             self.features = extract_features(classifier, self.texts, desc="probe: backbone features")
