@@ -1,5 +1,6 @@
 """Text classification with a head on either family: BERT ([CLS] -> pooler -> linear) or LLaMA (the last
-token's final hidden state -> linear), trained fully ("finetune") or with a frozen backbone ("probe").
+token's final hidden state -> linear), trained fully ("finetune"), with a frozen backbone ("probe") or, for LLaMA,
+with LoRA adapters on a frozen backbone ("lora", camelid.variants.lora; the head trains too).
 
 Data is jsonl, one `{"text": ..., "label": ...}` per line; an optional `"split"` field ("train", "dev",
 "test") fixes the split, otherwise a seeded stratified 80/20 split is made. A trained classifier is a
@@ -33,7 +34,7 @@ from camelid.model import Llama
 from camelid.tokenizer import Tokenizer
 from camelid.tokenizer.wordpiece import WordPiece
 
-MODES = ("finetune", "probe")
+MODES = ("finetune", "probe", "lora")
 
 # ---------------------------------------------------------------------------------------------------
 # data
@@ -312,6 +313,10 @@ def save_classifier(clf: TextClassifier, path: str | os.PathLike, backbone_sourc
         if mode == "probe" and backbone_source is not None:
             meta["backbone"] = str(backbone_source)
         else:
+            from camelid.variants.lora import lora_modules, merge_lora
+
+            if lora_modules(clf.model):  # a LoRA classifier is saved merged: a plain backbone
+                merge_lora(clf.model)
             from camelid.interop.hf import save_hf_dir
 
             save_hf_dir(clf.model, path / "backbone")

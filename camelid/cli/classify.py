@@ -23,9 +23,11 @@ def train(
     model: str = typer.Option("all-minilm-l6-v2", "--model", "-m",
                               help="Backbone: a model name, a Hugging Face folder (BERT or LLaMA) or a .gguf."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the trained classifier to."),
-    mode: str = typer.Option("finetune", help="finetune (all weights) or probe (frozen backbone, linear head)."),
+    mode: str = typer.Option("finetune", help="finetune (all weights), probe (frozen backbone, linear head) or "
+                                              "lora (LLaMA: LoRA adapters and the head; saved merged)."),
     epochs: int = typer.Option(3),
-    lr: float = typer.Option(0.0, help="Learning rate (0: 5e-5 BERT / 2e-5 LLaMA finetune, 1e-2 probe)."),
+    lr: float = typer.Option(0.0, help="Learning rate (0: 5e-5 BERT / 2e-5 LLaMA finetune, 5e-4 lora, "
+                                            "1e-2 probe)."),
     batch_size: int = typer.Option(16),
     max_len: int = typer.Option(0, help="Tokens per text (0: 128 for BERT, 256 for LLaMA)."),
     limit: int = typer.Option(0, help="Use only the first N training examples (0: all)."),

@@ -303,6 +303,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
             row.update({k: repr(v) for k, v in val_metrics.items()})
             if info.is_main:
                 bar.write(f"step {done}: train loss {loss_value:.4f}, {objective.describe(val_metrics)}")
+            stop_early = getattr(objective, "stop_early", None)  # e.g. camelid.train.select.KeepBest
+            if stop_early is not None and stop_early() and not last:
+                last = True
+                if info.is_main:
+                    bar.write(f"step {done}: stopping early, the held-out loss stopped improving")
         if sampler is not None and (done % cfg.sample_interval == 0 or last):
             text = sampler(raw, done)
             bar.write(f"--- sample at step {done} ---\n{text}\n---")

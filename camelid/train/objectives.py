@@ -350,7 +350,8 @@ class _Constant(nn.Module):
 class Classification:
     """Cross-entropy of a text classifier's logits (camelid.classify: BERT [CLS] or LLaMA last token -> linear
     head) on labelled examples. mode "finetune" trains the whole classifier; "probe" freezes the backbone,
-    computes its features once, and trains the head (with its dropout) on them.
+    computes its features once, and trains the head (with its dropout) on them; "lora" trains the head and LoRA
+    adapters over a frozen LLaMA backbone (`lora`'s spec, unless the backbone has adapters already).
 
     The examples form an endless stream of epochs, each a permutation drawn from (seed, epoch); micro-batch g
     of step s is the stream's batch_size examples from position (s x micro-batches per step + g) x batch_size.
@@ -362,7 +363,7 @@ class Classification:
 
     def __init__(self, cfg: TrainConfig, device: torch.device, *, classifier: TextClassifier,
                  train: Sequence[Example], dev: Sequence[Example] = (), mode: str = "finetune",
-                 backbone_source: str | None = None) -> None:
+                 backbone_source: str | None = None, lora: Any = None) -> None:
         from camelid.classify import MODES, extract_features, label_ids
 
         if mode not in MODES:
@@ -378,7 +379,18 @@ class Classification:
         self.labels = torch.tensor(label_ids(classifier, train, "training"))
         self.dev_texts = [e.text for e in dev]
         self.dev_labels = torch.tensor(label_ids(classifier, dev, "dev"), dtype=torch.long)
-        classifier.backbone.requires_grad_(mode == "finetune")
+        if mode == "lora":
+            from camelid.model import Llama
+            from camelid.variants.lora import LoraSpec, apply_lora, lora_modules
+
+            if not isinstance(classifier.backbone, Llama):
+                raise CamelidError(f"mode lora adapts a LLaMA backbone, not a {classifier.family} one; use finetune "
+                                   "or probe")
+            if not lora_modules(classifier.backbone):  # apply_lora freezes all but the adapters
+                apply_lora(classifier.backbone, lora or LoraSpec())
+        else:
+            classifier.backbone.requires_grad_(mode == "finetune")
+        self.param_counts = classifier.param_counts()  # as trained (an export may merge LoRA adapters away)
         self.features = self.dev_features = None
         if mode == "probe":  # the backbone is frozen: its features never change, so compute them once
             self.features = extract_features(classifier, self.texts, desc="probe: backbone features")
@@ -389,7 +401,7 @@ class Classification:
 
     def build_model(self) -> nn.Module:
         clf = self.classifier
-        return clf if self.mode == "finetune" else nn.Sequential(clf.dropout, clf.head)
+        return nn.Sequential(clf.dropout, clf.head) if self.mode == "probe" else clf
 
     def blocks(self, model: nn.Module) -> nn.ModuleList | None:
         if self.mode == "probe":
@@ -405,7 +417,8 @@ class Classification:
             return head
         layers = self.classifier.backbone.layers
         matmuls = sum(p.numel() for p in layers.parameters() if p.dim() == 2)
-        return 6.0 * matmuls + 12.0 * len(layers) * clf.head.in_features * T + head
+        per_weight = 4.0 if self.mode == "lora" else 6.0  # a frozen weight: forward and the input's gradient
+        return per_weight * matmuls + 12.0 * len(layers) * clf.head.in_features * T + head
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:

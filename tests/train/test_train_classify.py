@@ -93,3 +93,27 @@ def test_probe_scores_the_dev_set_and_exports_a_classifier(tiny_llama_dir, cue_e
     again = load_classifier(tmp_path / "clf")  # the export names its backbone instead of copying it
     assert not (tmp_path / "clf" / "backbone").exists()
     assert again.predict([e.text for e in dev]) == clf.predict([e.text for e in dev])
+
+
+def test_lora_mode_trains_adapters_and_head_and_saves_merged(tiny_llama_dir, tiny_bert_dir, cue_examples, tmp_path):
+    from camelid.errors import CamelidError
+    from camelid.variants.lora import lora_modules
+
+    train, test = cue_examples
+    labels = label_set(train)
+    clf = new_classifier(tiny_llama_dir, labels, 64)
+    base = {k: v.clone() for k, v in clf.model.state_dict().items()}
+    stats = train_classifier(clf, train, TrainArgs(mode="lora", epochs=2, lr=3e-3, batch_size=16, lora_rank=2),
+                             quiet=True, out=tmp_path / "run", export_dir=tmp_path / "clf",
+                             backbone_source=str(tiny_llama_dir))
+    # rank 2 on 7 linears of 2 blocks (dim 64, hidden 176), and the head (64 x 3 + 3)
+    assert stats["params_trainable"] == 2 * 2 * (4 * (64 + 64) + 3 * (64 + 176)) + 64 * 3 + 3
+    assert not lora_modules(clf.model)  # the export merged the adapters into plain linears
+    merged = clf.model.state_dict()
+    assert any(not torch.equal(merged[k], base[k]) for k in base if k.endswith(".wq.weight"))
+    assert all(torch.equal(merged[k], base[k]) for k in base if "norm" in k or "tok_embeddings" in k)
+    again = load_classifier(tmp_path / "clf")
+    texts = [e.text for e in test]
+    assert again.predict(texts) == clf.predict(texts)
+    with pytest.raises(CamelidError, match="mode lora adapts a LLaMA backbone"):
+        train_classifier(new_classifier(tiny_bert_dir, labels), train, TrainArgs(mode="lora"), quiet=True)
