@@ -3,6 +3,7 @@
     python benchmarks/serve.py [--engines camelid:int4,camelid:fp32,llama-server:GGUF,llama-cpp-python:GGUF]
                                [--streams 1,4,8,16] [--max-tokens 128] [--threads 2] [--out benchmarks/results]
     python benchmarks/serve.py steps [--threads 2]       # the batched decode step: C++ rows vs per-layer path
+    python benchmarks/serve.py steps --threads 1 --cpu-time  # the same in CPU time (a busy machine's yardstick)
     python benchmarks/serve.py loop [--threads 2]        # the engine's loop without HTTP: where a step's time goes
 
 Each engine is started alone (a subprocess on a loopback port), warmed up, then driven by N concurrent streams
@@ -326,7 +327,9 @@ def steps(args: argparse.Namespace) -> None:
     from camelid.serve.engine import Engine
 
     torch.set_num_threads(args.threads)
-    for mode in ("int4", "fp32"):
+    # CPU time of this thread: with --threads 1 it is the step's whole cost, and other jobs' load barely moves it
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    for mode in args.modes.split(","):
         model = camelid.load(MODEL, quantize=mode).model
         engine = Engine(model, slots=16, context=512, prefix_cache_bytes=0)  # not started: its cache and step
         with torch.inference_mode():
@@ -339,10 +342,10 @@ def steps(args: argparse.Namespace) -> None:
                     for name in times:
                         engine.step = step if name == "C++ rows" else None
                         engine.forward_rows(tokens, positions, rows)  # warm
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         for _ in range(5):
                             engine.forward_rows(tokens, positions, rows)
-                        times[name].append((time.perf_counter() - t0) / 5 * 1000)
+                        times[name].append((clock() - t0) / 5 * 1000)
                 engine.step = step
                 med = {k: statistics.median(v) for k, v in times.items()}
                 print(f"{mode} B={b:>2}: C++ rows {med['C++ rows']:6.1f} ms ({b / med['C++ rows'] * 1000:6.1f} tok/s)"
@@ -432,6 +435,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="(steps) interleaved rounds")
     parser.add_argument("--llama-server", default=None, help="path of the llama-server binary")
+    parser.add_argument("--cpu-time", action="store_true", help="(steps) CPU time of the calling thread, not wall")
+    parser.add_argument("--modes", default="int4,fp32", help="(steps) weight formats")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     {"steps": steps, "loop": loop, "bench": bench}[args.what](args)
