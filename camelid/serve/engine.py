@@ -109,6 +109,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     generator: torch.Generator | None = None
+    bias: tuple[Tensor, Tensor] | None = None  # logit_bias as (ids, values) tensors, built at the first token
 
     def cancel(self) -> None:
         """Free the slot at the engine's next iteration (from any thread)."""
@@ -419,9 +420,10 @@ class Engine:
         raw = logits.float()
         x = raw
         if seq.logit_bias:
-            x = x.clone()
-            ids = torch.tensor(list(seq.logit_bias))
-            x[ids] += torch.tensor(list(seq.logit_bias.values()))
+            if seq.bias is None:
+                seq.bias = (torch.tensor(list(seq.logit_bias)),
+                            torch.tensor(list(seq.logit_bias.values()), dtype=torch.float32))
+            x = x.index_add(0, *seq.bias)
         if seq.generated and (seq.presence_penalty or seq.frequency_penalty):
             counts = torch.bincount(torch.tensor(seq.generated), minlength=x.shape[-1]).to(x.dtype)
             x = x - seq.frequency_penalty * counts - seq.presence_penalty * (counts > 0).to(x.dtype)

@@ -202,3 +202,20 @@ def test_prefix_cache_blocks_and_eviction() -> None:
     assert len(cache) == 3 and cache.bytes <= cache.max_bytes
     assert len(cache.lookup([0, 1, 2, 3, 4, 5, 6, 7, 8])) == 1  # [4..7] was the least recently used
     assert len(cache.lookup([0, 1, 2, 3, 40, 41, 42, 43, 1])) == 2
+
+
+def test_logit_bias_bans_and_forces_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A -100 bias on each greedy token moves greedy decoding to another token; a +100 bias (an int, as JSON may
+    give) on one token makes every token that one."""
+    model = model_for("reference")
+    prompt = PROMPTS[0]
+    free = reference_tokens(model, prompt, 6, False, monkeypatch)
+    engine = Engine(copy.deepcopy(model), slots=2, context=64).start()
+    try:
+        _, banned = submit(engine, prompt, 6, logit_bias={t: -100.0 for t in set(free)})
+        _, forced = submit(engine, prompt, 6, logit_bias={17: 100})
+        assert banned.done.wait(60) and forced.done.wait(60)
+    finally:
+        engine.stop()
+    assert not set(banned.tokens) & set(free)
+    assert forced.tokens == [17] * 6
