@@ -3,6 +3,8 @@
     python benchmarks/serve.py [--engines camelid:int4,camelid:fp32,llama-server:GGUF,llama-cpp-python:GGUF]
                                [--streams 1,4,8,16] [--max-tokens 128] [--threads 2] [--out benchmarks/results]
     python benchmarks/serve.py steps [--threads 2]       # the batched decode step: C++ rows vs per-layer path
+    python benchmarks/serve.py steps --threads 1 --cpu-time  # the same in CPU time (a busy machine's yardstick)
+    python benchmarks/serve.py loop [--threads 2]        # the engine's loop without HTTP: where a step's time goes
 
 Each engine is started alone (a subprocess on a loopback port), warmed up, then driven by N concurrent streams
 (N = 1, 4, 8, 16), each sending streamed chat requests one after another: a shared 256-token system prompt and
@@ -15,13 +17,9 @@ system prompt was seen before (a hit) against one whose system prompt starts wit
 Engines:
   camelid:MODE          `camelid serve smollm2-135m-instruct --quantize MODE --slots 8 --ctx 2048`
   llama-server:GGUF     llama.cpp's server, `-np 8 -c 16384` (8 slots of 2048), continuous batching on; the
-                        binary from --llama-server, or `llama-server` on PATH. Build it from the llama.cpp sources
-                        that the llama-cpp-python sdist vendors, outside the repository:
-                          pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/lcp
-                          tar xzf /tmp/lcp/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcp
-                          cmake -S /tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp -B /tmp/lcp/build \\
-                            -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
-                          cmake --build /tmp/lcp/build --target llama-server -j 2
+                        binary from --llama-server, else `llama-server` on PATH, else the one that
+                        `python benchmarks/llama_server.py` built (once, into a cache folder) from the llama.cpp
+                        sources that the installed llama-cpp-python's sdist vendors
   llama-cpp-python:GGUF `python -m llama_cpp.server` (pip install 'llama-cpp-python[server]'): one request at a
                         time, no batching
 GGUF: the default model's own Q4_1 file (`python -c "import camelid.hub as h; print(h.pull('smollm2-135m-instruct'))"`)
@@ -49,6 +47,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -114,9 +113,10 @@ def start(engine: str, threads: int, llama_server: str | None, log: Path) -> tup
                "--ctx", str(CTX), "--threads", str(threads), "--port", str(port), "--quiet"]
         ready = "/health"
     elif kind == "llama-server":
-        binary = llama_server or shutil.which("llama-server")
+        binary = llama_server or shutil.which("llama-server") or built_llama_server()
         if not binary:
-            raise SystemExit("llama-server not found: pass --llama-server PATH (see this file's docstring)")
+            raise SystemExit("llama-server not found: build it with `python benchmarks/llama_server.py` or pass "
+                             "--llama-server PATH")
         cmd = [binary, "-m", arg, "-np", str(SLOTS), "-c", str(SLOTS * CTX), "-t", str(threads), "-tb", str(threads),
                "--host", "127.0.0.1", "--port", str(port), "-cb"]
         ready = "/health"
@@ -142,6 +142,15 @@ def start(engine: str, threads: int, llama_server: str | None, log: Path) -> tup
         time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"{engine} did not start")
+
+
+def built_llama_server() -> str | None:
+    """The llama-server that benchmarks/llama_server.py built for the installed llama-cpp-python, if any."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from llama_server import binary_path, default_cache, installed_version
+
+    binary = binary_path(installed_version(), default_cache())
+    return str(binary) if binary.is_file() else None
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -318,7 +327,9 @@ def steps(args: argparse.Namespace) -> None:
     from camelid.serve.engine import Engine
 
     torch.set_num_threads(args.threads)
-    for mode in ("int4", "fp32"):
+    # CPU time of this thread: with --threads 1 it is the step's whole cost, and other jobs' load barely moves it
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    for mode in args.modes.split(","):
         model = camelid.load(MODEL, quantize=mode).model
         engine = Engine(model, slots=16, context=512, prefix_cache_bytes=0)  # not started: its cache and step
         with torch.inference_mode():
@@ -331,10 +342,10 @@ def steps(args: argparse.Namespace) -> None:
                     for name in times:
                         engine.step = step if name == "C++ rows" else None
                         engine.forward_rows(tokens, positions, rows)  # warm
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         for _ in range(5):
                             engine.forward_rows(tokens, positions, rows)
-                        times[name].append((time.perf_counter() - t0) / 5 * 1000)
+                        times[name].append((clock() - t0) / 5 * 1000)
                 engine.step = step
                 med = {k: statistics.median(v) for k, v in times.items()}
                 print(f"{mode} B={b:>2}: C++ rows {med['C++ rows']:6.1f} ms ({b / med['C++ rows'] * 1000:6.1f} tok/s)"
@@ -343,9 +354,79 @@ def steps(args: argparse.Namespace) -> None:
     print(f"load average {load_average()}")
 
 
+# -- the engine's loop ---------------------------------------------------------------------------------------------
+def loop_once(model: Any, tok: Any, system: str, b: int, max_tokens: int) -> dict[str, float]:
+    """One batch of `b` sequences through a fresh engine (after a warm-up that fills the prefix cache): the wall
+    time, the decode steps, and the seconds spent in forward_rows, _choose and _forward_row (prefill)."""
+    from camelid.serve.engine import Done, Engine, Sequence
+
+    engine = Engine(model, slots=max(b, 8), context=CTX, prefix_cache_bytes=256 << 20)
+    spent = {"step": 0.0, "choose": 0.0, "prefill": 0.0}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+
+    engine.forward_rows = timed("step", engine.forward_rows)  # type: ignore[method-assign]
+    engine._choose = timed("choose", engine._choose)  # type: ignore[method-assign]
+    engine._forward_row = timed("prefill", engine._forward_row)  # type: ignore[method-assign]
+    ban = {int(i): -100.0 for i in tok.stop_ids}
+    finished = threading.Semaphore(0)
+
+    def emit(event: Any) -> None:
+        if isinstance(event, Done):
+            finished.release()
+
+    def chat(question: str) -> list[int]:
+        text = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": question}])
+        return tok.encode(text, add_bos=tok.add_bos and not text.startswith(tok.bos_token or "\0"))
+
+    engine.start()
+    try:
+        engine.submit([Sequence(chat("Hi"), 2, emit)])  # the system prompt into the prefix cache, kernels warm
+        finished.acquire()
+        spent.update(step=0.0, choose=0.0, prefill=0.0)
+        steps0 = engine.steps
+        seqs = [Sequence(chat(f"Question {i}: what about Emma?"), max_tokens, emit, logit_bias=ban) for i in range(b)]
+        t0 = time.perf_counter()
+        engine.submit(seqs)
+        for _ in seqs:
+            finished.acquire()
+        wall = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    return {"wall": wall, "steps": engine.steps - steps0, **spent}
+
+
+def loop(args: argparse.Namespace) -> None:
+    """The engine's loop in-process (no HTTP): B sequences with the benchmark's system prompt and end-of-text
+    banned, `--max-tokens` each, all admitted at once. Per decode step: wall ms, of which the C++ step
+    (forward_rows), sampling and reporting (_choose), and the rest (scheduling, emit); prefill ms per sequence."""
+    import torch
+
+    import camelid
+
+    torch.set_num_threads(args.threads)
+    llm = camelid.load(MODEL, quantize="int4")
+    system = system_prompt()
+    for b in (1, 4, 8, 16):
+        r = loop_once(llm.model, llm.tokenizer, system, b, args.max_tokens)
+        n, decode = r["steps"], r["wall"] - r["prefill"]
+        print(f"B={b:>2}: {b * args.max_tokens / r['wall']:6.1f} tok/s; {n} steps of {decode / n * 1000:6.1f} ms = "
+              f"C++ step {r['step'] / n * 1000:6.1f} + choose {r['choose'] / n * 1000:5.2f} + other "
+              f"{(decode - r['step'] - r['choose']) / n * 1000:5.2f}; prefill {r['prefill'] / b * 1000:5.1f} ms "
+              "per sequence", flush=True)
+    print(f"load average {load_average()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="bench", choices=["bench", "steps"])
+    parser.add_argument("what", nargs="?", default="bench", choices=["bench", "steps", "loop"])
     parser.add_argument("--engines", default="camelid:int4")
     parser.add_argument("--streams", default="1,4,8,16")
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level (at least one "
@@ -354,9 +435,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="(steps) interleaved rounds")
     parser.add_argument("--llama-server", default=None, help="path of the llama-server binary")
+    parser.add_argument("--cpu-time", action="store_true", help="(steps) CPU time of the calling thread, not wall")
+    parser.add_argument("--modes", default="int4,fp32", help="(steps) weight formats")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
-    steps(args) if args.what == "steps" else bench(args)
+    {"steps": steps, "loop": loop, "bench": bench}[args.what](args)
 
 
 if __name__ == "__main__":

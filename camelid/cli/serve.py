@@ -20,8 +20,10 @@ from camelid.hub import DEFAULT_MODEL
 def build(model: str, *, quantize: str = "fp32", slots: int = 8, context: int | None = None, max_queue: int = 64,
           prefix_cache_mb: int = 256, max_tokens: int = 4096, timeout: float = 600.0, max_body_kb: int = 1024,
           api_key: str | None = None, cors_origin: list[str] | None = None, embedding_model: str | None = None,
-          name: str | None = None, quiet: bool = True) -> Any:
-    """Load the model, start the engine and return the FastAPI app (its engine is app.state.served.engine)."""
+          name: str | None = None, adapters: list[str] | None = None, quiet: bool = True) -> Any:
+    """Load the model, start the engine and return the FastAPI app (its engine is app.state.served.engine).
+    `adapters`: NAME=DIR LoRA adapters, each served as the model NAME (the base with the adapter merged, loaded
+    as `camelid.load(model, quantize=..., adapter=DIR)` loads it)."""
     import camelid
     from camelid.ops import native
     from camelid.serve.app import Limits, Served, create_app
@@ -33,14 +35,17 @@ def build(model: str, *, quantize: str = "fp32", slots: int = 8, context: int | 
     camelid.llm.resolve(model)  # a wrong name is the one line on stderr, before anything else is said
     if quantize != "none":
         native.load(quiet=quiet)  # a server waits for its kernels (built once per CPU)
-    llm = camelid.load(model, quantize=None if quantize == "none" else quantize)
+    mode = None if quantize == "none" else quantize
+    adapter_dirs = parse_adapters(adapters or [], name or model)
+    llm = camelid.load(model, quantize=mode)
     if llm.tokenizer is None:
         raise CamelidError(f"{model}: no tokenizer found beside the weights; a server needs one")
     ctx = min(context or 4096, llm.config.max_seq_len)
     metrics = ServerMetrics()
+    adapted = {n: camelid.load(model, quantize=mode, adapter=d, tokenizer=False).model for n, d in adapter_dirs.items()}
     engine = Engine(llm.model, slots=slots, context=ctx, max_queue=max_queue,
-                    prefix_cache_bytes=prefix_cache_mb << 20, metrics=metrics).start()
-    served = Served(name=name or model, engine=engine, tokenizer=llm.tokenizer)
+                    prefix_cache_bytes=prefix_cache_mb << 20, metrics=metrics, adapters=adapted).start()
+    served = Served(name=name or model, engine=engine, tokenizer=llm.tokenizer, adapters=adapter_dirs)
     if embedding_model:
         from camelid.serve.embeddings import bert_embedder
 
@@ -54,9 +59,32 @@ def build(model: str, *, quantize: str = "fp32", slots: int = 8, context: int | 
         print(f"camelid: serving {llm.config.name} ({llm.config.num_params() / 1e6:.1f}M parameters, {quantize}) "
               f"from {llm.source}: {slots} slots x {ctx} positions ({kv_mb:.0f} MiB KV cache), decoding through "
               f"{how}", file=sys.stderr)
+        for n, d in adapter_dirs.items():
+            print(f"camelid: LoRA adapter {d} served as model {n!r}", file=sys.stderr)
     return create_app(served, limits=Limits(max_body_bytes=max_body_kb << 10, max_tokens=max_tokens,
                                             request_timeout=timeout),
                       api_key=api_key, cors_origins=cors_origin, metrics=metrics)
+
+
+def parse_adapters(specs: list[str], base_name: str) -> dict[str, str]:
+    """NAME=DIR options as {name: dir}; a clear error for a malformed one, a repeated name or a missing folder."""
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        name, folder = name.strip(), folder.strip()
+        if not sep or not name or not folder:
+            raise CamelidError(f"--adapter {spec!r}: write it as NAME=DIR (the model name requests use, and the "
+                               "adapter's folder)")
+        if name in out or name == base_name:
+            raise CamelidError(f"--adapter {spec!r}: the name {name!r} is already served; give each adapter its "
+                               "own name")
+        if not Path(folder).is_dir():
+            raise CamelidError(f"--adapter {spec!r}: {folder} is not a folder (expected a LoRA adapter folder: "
+                               "adapter_config.json + adapter_model.safetensors)")
+        out[name] = folder
+    return out
 
 
 @app.command()
@@ -80,6 +108,8 @@ def serve(
     embedding_model: str | None = typer.Option(None, help="a BERT model for /v1/embeddings (default: the "
                                                           "served model's mean-pooled hidden states)"),
     served_model_name: str | None = typer.Option(None, help="the model's name in the API (default: MODEL)"),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: serve a LoRA adapter as the model NAME "
+                                                            "(repeatable; requests choose it by `model`)"),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for the model (default: PyTorch's)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="only errors on stderr"),
 ) -> None:
@@ -92,7 +122,7 @@ def serve(
     api = build(model, quantize=quantize, slots=slots, context=ctx, max_queue=max_queue,
                 prefix_cache_mb=prefix_cache_mb, max_tokens=max_tokens, timeout=timeout, max_body_kb=max_body_kb,
                 api_key=api_key, cors_origin=cors_origin, embedding_model=embedding_model,
-                name=served_model_name, quiet=quiet)
+                name=served_model_name, adapters=adapter, quiet=quiet)
     if not quiet:
         auth = "API key required" if api_key else "no API key"
         print(f"camelid: http://{host}:{port} ({auth}; web chat at /, OpenAI API under /v1)", file=sys.stderr)

@@ -70,7 +70,7 @@ class Served:
     tokenizer: Tokenizer
     embed: Callable[[list[list[int]] | list[str]], tuple[list[list[float]], int]] | None = None
     embed_name: str | None = None
-    adapters: dict[str, Any] = field(default_factory=dict)  # LoRA adapters by model name: the extension point
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> its folder (the engine's models)
 
 
 class ApiError(Exception):
@@ -416,6 +416,7 @@ def create_app(served: Served, *, limits: Limits | None = None, api_key: str | N
             bias[int(key)] = max(-100.0, min(100.0, value))
         params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                 min_p=body.min_p, repetition_penalty=body.repetition_penalty)
+        adapter = body.model if body.model in served.adapters and body.model != served.name else None
         seqs = []
         for p, prompt in enumerate(prompts):
             bad = next((t for t in prompt if not 0 <= t < engine.model.config.vocab_size), None)
@@ -436,7 +437,7 @@ def create_app(served: Served, *, limits: Limits | None = None, api_key: str | N
                     seed=None if body.seed is None else body.seed + j, stop_ids=frozenset(tok.stop_ids),
                     logprobs=logprobs, prompt_logprobs=prompt_logprobs and j == 0, logit_bias=bias,
                     presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                    constraint=constraint, timeout=limits.request_timeout))
+                    constraint=constraint, timeout=limits.request_timeout, adapter=adapter))
         return seqs
 
     def check_max_tokens(value: int | None) -> None:

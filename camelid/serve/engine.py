@@ -16,6 +16,12 @@ Every iteration of the loop:
    row per sequence (camelid.variants.decode_step) where it runs, else the model's per-layer forward with
    per-row positions [B, 1].
 Results go back through each sequence's `emit` callback, called on the engine thread.
+
+LoRA adapters: `adapters` maps a name to a model with the same config and the adapter merged into its weights
+(what `camelid.load(..., adapter=DIR)` returns). A sequence names its adapter (`Sequence.adapter`); every model's
+KV cache is a view of the same slot tensor, so sequences of different adapters share the slots, and a decode
+step runs one batched call per adapter in use. The prefix cache keeps each adapter's blocks apart (their keys
+and values differ).
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class Sequence:
     frequency_penalty: float = 0.0
     constraint: Constraint | None = None
     timeout: float | None = None  # seconds from submission, then finished with reason "length"
+    adapter: str | None = None  # a LoRA adapter's name (Engine's `adapters`), None: the base model
     # engine state
     row: int = -1
     length: int = 0  # positions of this sequence in its cache row
@@ -102,6 +109,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     generator: torch.Generator | None = None
+    bias: tuple[Tensor, Tensor] | None = None  # logit_bias as (ids, values) tensors, built at the first token
 
     def cancel(self) -> None:
         """Free the slot at the engine's next iteration (from any thread)."""
@@ -124,11 +132,27 @@ def cache_view(k: Tensor, v: Tensor) -> KVCache:
     return cache
 
 
+@dataclass(eq=False)
+class _Served:
+    """One model the engine runs (the base, or the base with an adapter merged): its cache views and its step."""
+
+    model: Llama
+    all_rows: list[KVCache]  # each layer's view of every slot
+    row: list[list[KVCache]]  # [slot][layer]: each layer's view of one slot
+    step: Any  # DecodeStep | None (None: the per-layer forward)
+    root: int  # the prefix cache's chain root for this model
+
+
 class Engine:
     def __init__(self, model: Llama, *, slots: int = 8, context: int | None = None, max_queue: int = 64,
                  prefill_chunk: int = 256, prefix_cache_bytes: int = 256 << 20, prefix_block: int = 16,
-                 metrics: Metrics | None = None, use_decode_step: bool = True) -> None:
+                 metrics: Metrics | None = None, use_decode_step: bool = True,
+                 adapters: dict[str, Llama] | None = None) -> None:
         cfg = model.config
+        for name, other in (adapters or {}).items():
+            if other.config != cfg or other.norm.weight.dtype != model.norm.weight.dtype:
+                raise CamelidError(f"adapter {name!r}: its model differs from the served model's config or dtype; "
+                                   "load it from the same base with the same --quantize")
         context = min(context or cfg.max_seq_len, cfg.max_seq_len)
         if slots < 1 or context < 2:
             raise CamelidError(f"need at least 1 slot and 2 positions of context, got {slots} and {context}")
@@ -139,12 +163,10 @@ class Engine:
         device = model.norm.weight.device
         self.kv = torch.zeros(cfg.n_layers, 2, slots, cfg.n_kv_heads, context, cfg.head_dim, dtype=dtype,
                               device=device)
-        L = range(cfg.n_layers)
-        self._all_rows = [cache_view(self.kv[i, 0], self.kv[i, 1]) for i in L]
-        self._row = [[cache_view(self.kv[i, 0, r:r + 1], self.kv[i, 1, r:r + 1]) for i in L] for r in range(slots)]
-        self._install(self._all_rows)
-        model.cache_len = context
-        self.step = decode_step(model) if use_decode_step else None  # None: the per-layer forward
+        self._models: dict[str | None, _Served] = {}
+        for root, (name, m) in enumerate([(None, model), *(adapters or {}).items()]):
+            self._models[name] = self._serve(m.eval(), -root, use_decode_step)
+        self.adapters = [name for name in self._models if name is not None]
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block) if prefix_cache_bytes > 0 else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i].row == i
@@ -154,6 +176,23 @@ class Engine:
         self._stop = False
         self.steps = 0  # decode steps run
         self._thread = threading.Thread(target=self._loop, name="camelid-engine", daemon=True)
+
+    def _serve(self, model: Llama, root: int, use_decode_step: bool) -> _Served:
+        L, kv = range(model.config.n_layers), self.kv
+        all_rows = [cache_view(kv[i, 0], kv[i, 1]) for i in L]
+        row = [[cache_view(kv[i, 0, r:r + 1], kv[i, 1, r:r + 1]) for i in L] for r in range(self.slots)]
+        self._install(all_rows, model)
+        model.cache_len = self.context
+        return _Served(model, all_rows, row, decode_step(model) if use_decode_step else None, root)
+
+    @property
+    def step(self) -> Any:
+        """The base model's C++ decode step, or None where the per-layer forward runs."""
+        return self._models[None].step
+
+    @step.setter
+    def step(self, step: Any) -> None:
+        self._models[None].step = step
 
     # -- the interface (any thread) -------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -172,6 +211,9 @@ class Engine:
         for seq in seqs:
             if not seq.prompt:
                 raise CamelidError("the prompt is empty; give at least one token")
+            if seq.adapter not in self._models:
+                raise CamelidError(f"no adapter named {seq.adapter!r}; this engine serves "
+                                   f"{', '.join(map(repr, self.adapters)) or 'none'}")
             if len(seq.prompt) + max(seq.max_tokens, 0) > self.context:
                 raise CamelidError(f"the prompt ({len(seq.prompt)} tokens) plus max_tokens ({seq.max_tokens}) "
                                    f"exceeds the context of {self.context} tokens")
@@ -261,7 +303,7 @@ class Engine:
             seq.length = 0
             if self.prefix_cache is not None and not seq.prompt_logprobs:
                 # at least the last prompt token is computed: its logits give the first new token
-                blocks = self.prefix_cache.lookup(seq.prompt[:-1])
+                blocks = self.prefix_cache.lookup(seq.prompt[:-1], root=self._models[seq.adapter].root)
                 if blocks:
                     kv = concat(blocks)
                     n = kv.shape[3]
@@ -278,14 +320,16 @@ class Engine:
             start = seq.length
             end = min(len(seq.prompt), start + budget)
             budget -= end - start
-            logits = self._forward_row(seq.row, seq.prompt[start:end], start, all_logits=seq.prompt_logprobs)
+            logits = self._forward_row(seq.row, seq.prompt[start:end], start, all_logits=seq.prompt_logprobs,
+                                       adapter=seq.adapter)
             seq.length = end
             if seq.prompt_logprobs:
                 self._prompt_logprobs(seq, start, end, logits[0])
             if end < len(seq.prompt):
                 continue
             if self.prefix_cache is not None:
-                self.prefix_cache.store(seq.prompt, lambda a, b, row=seq.row: self.kv[:, :, row, :, a:b])
+                self.prefix_cache.store(seq.prompt, lambda a, b, row=seq.row: self.kv[:, :, row, :, a:b],
+                                        root=self._models[seq.adapter].root)
             self.metrics.tokens(len(seq.prompt), 0, seq.cached_tokens)
             if seq.max_tokens == 0:
                 self._finish(seq, Done("length"))
@@ -296,34 +340,47 @@ class Engine:
         batch = [s for s in self.running if s.next_token is not None]
         if not batch:
             return
-        tokens = [s.next_token for s in batch]
-        positions = [s.length for s in batch]
-        logits = self.forward_rows(tokens, positions, [s.row for s in batch])
+        groups: dict[str | None, list[Sequence]] = {}
+        for s in batch:
+            groups.setdefault(s.adapter, []).append(s)
+        chosen = []
+        for adapter, group in groups.items():
+            logits = self.forward_rows([s.next_token for s in group], [s.length for s in group],
+                                       [s.row for s in group], adapter=adapter)
+            # each group's lengths before the next group's call (the per-layer forward writes every row at its
+            # length) and every length before any choice (a sequence that finishes moves another's row, up
+            # to its length)
+            for seq in group:
+                seq.length += 1
+                seq.next_token = None
+            chosen += zip(group, logits, strict=True)
         self.steps += 1
-        for seq in batch:  # every length first: a sequence that finishes moves another's row, up to its length
-            seq.length += 1
-            seq.next_token = None
-        for seq, row_logits in zip(batch, logits, strict=True):
+        for seq, row_logits in chosen:
             self._choose(seq, row_logits)
 
     # -- model calls --------------------------------------------------------------------------------------------
-    def _install(self, caches: list[KVCache]) -> None:
-        for block, cache in zip(self.model.layers, caches, strict=True):
+    @staticmethod
+    def _install(caches: list[KVCache], model: Llama) -> None:
+        for block, cache in zip(model.layers, caches, strict=True):
             block.attention.kv_cache = cache
 
-    def _forward_row(self, row: int, ids: list[int], start: int, all_logits: bool) -> Tensor:
+    def _forward_row(self, row: int, ids: list[int], start: int, all_logits: bool, adapter: str | None = None
+                     ) -> Tensor:
         """Logits [1, T, V] (or [1, 1, V]) of prompt tokens `ids` at positions start.. of cache row `row`."""
-        self._install(self._row[row])
+        served = self._models[adapter]
+        self._install(served.row[row], served.model)
         try:
             positions = torch.arange(start, start + len(ids), device=self.kv.device)
-            return self.model(torch.tensor([ids], device=self.kv.device), positions, last_only=not all_logits)
+            return served.model(torch.tensor([ids], device=self.kv.device), positions, last_only=not all_logits)
         finally:
-            self._install(self._all_rows)
+            self._install(served.all_rows, served.model)
 
-    def forward_rows(self, tokens: list[int], positions: list[int], rows: list[int]) -> Tensor:
+    def forward_rows(self, tokens: list[int], positions: list[int], rows: list[int], adapter: str | None = None
+                     ) -> Tensor:
         """Logits [B, V] of one new token per sequence: tokens[b] at positions[b] of cache row rows[b]."""
-        if self.step is not None:
-            return self.step.rows(tokens, positions, rows)
+        served = self._models[adapter]
+        if served.step is not None:
+            return served.step.rows(tokens, positions, rows)
         # the per-layer forward over rows 0..n-1: rows not in this step (still in prefill) get a token at the
         # position their prefill writes next, which overwrites it
         n = max(rows) + 1
@@ -331,11 +388,11 @@ class Engine:
         pos = torch.tensor([[self.running[r].length if r < len(self.running) else 0] for r in range(n)])
         for t, p, r in zip(tokens, positions, rows, strict=True):
             ids[r, 0], pos[r, 0] = t, p
-        self._install([cache_view(c.k[:n], c.v[:n]) for c in self._all_rows])
+        self._install([cache_view(c.k[:n], c.v[:n]) for c in served.all_rows], served.model)
         try:
-            logits = self.model(ids.to(self.kv.device), pos.to(self.kv.device), last_only=True)[:, -1]
+            logits = served.model(ids.to(self.kv.device), pos.to(self.kv.device), last_only=True)[:, -1]
         finally:
-            self._install(self._all_rows)
+            self._install(served.all_rows, served.model)
         return logits[rows]
 
     # -- tokens ---------------------------------------------------------------------------------------------------
@@ -363,9 +420,10 @@ class Engine:
         raw = logits.float()
         x = raw
         if seq.logit_bias:
-            x = x.clone()
-            ids = torch.tensor(list(seq.logit_bias))
-            x[ids] += torch.tensor(list(seq.logit_bias.values()))
+            if seq.bias is None:
+                seq.bias = (torch.tensor(list(seq.logit_bias)),
+                            torch.tensor(list(seq.logit_bias.values()), dtype=torch.float32))
+            x = x.index_add(0, *seq.bias)
         if seq.generated and (seq.presence_penalty or seq.frequency_penalty):
             counts = torch.bincount(torch.tensor(seq.generated), minlength=x.shape[-1]).to(x.dtype)
             x = x - seq.frequency_penalty * counts - seq.presence_penalty * (counts > 0).to(x.dtype)

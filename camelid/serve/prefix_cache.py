@@ -33,10 +33,11 @@ class PrefixCache:
         self.hits = self.lookups = 0  # requests that found a prefix / all lookups
         self.tokens_reused = 0
 
-    def lookup(self, tokens: list[int]) -> list[Tensor]:
-        """The cached blocks at the start of `tokens`, longest chain first to last (may be empty)."""
+    def lookup(self, tokens: list[int], root: int = 0) -> list[Tensor]:
+        """The cached blocks at the start of `tokens`, longest chain first to last (may be empty). `root` (0 or
+        negative) keeps the chains of different models (LoRA adapters) apart."""
         self.lookups += 1
-        found, chain, parent = [], [], 0
+        found, chain, parent = [], [], root
         for start in range(0, len(tokens) - self.block + 1, self.block):
             key = (parent, tuple(tokens[start:start + self.block]))
             entry = self._entries.get(key)
@@ -51,11 +52,11 @@ class PrefixCache:
             self.tokens_reused += len(found) * self.block
         return found
 
-    def store(self, tokens: list[int], kv_of: Callable[[int, int], Tensor]) -> None:
+    def store(self, tokens: list[int], kv_of: Callable[[int, int], Tensor], root: int = 0) -> None:
         """Remember every whole block of `tokens` not cached yet; kv_of(start, end) returns the keys and values
         of positions [start, end) as [n_layers, 2, n_kv_heads, end - start, head_dim] (copied out of the cache
-        only for the new blocks)."""
-        chain, parent = [], 0
+        only for the new blocks); `root` as in lookup."""
+        chain, parent = [], root
         for start in range(0, len(tokens) - self.block + 1, self.block):
             key = (parent, tuple(tokens[start:start + self.block]))
             entry = self._entries.get(key)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers import needs_kernels, peaked_model
 
+from camelid.errors import CamelidError
 from camelid.generate import SamplingParams, generate
 from camelid.model import Llama
 from camelid.serve.engine import Done, Engine, PromptLogprobs, QueueFull, Sequence, Token
@@ -202,3 +203,50 @@ def test_prefix_cache_blocks_and_eviction() -> None:
     assert len(cache) == 3 and cache.bytes <= cache.max_bytes
     assert len(cache.lookup([0, 1, 2, 3, 4, 5, 6, 7, 8])) == 1  # [4..7] was the least recently used
     assert len(cache.lookup([0, 1, 2, 3, 40, 41, 42, 43, 1])) == 2
+
+
+def test_logit_bias_bans_and_forces_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A -100 bias on each greedy token moves greedy decoding to another token; a +100 bias (an int, as JSON may
+    give) on one token makes every token that one."""
+    model = model_for("reference")
+    prompt = PROMPTS[0]
+    free = reference_tokens(model, prompt, 6, False, monkeypatch)
+    engine = Engine(copy.deepcopy(model), slots=2, context=64).start()
+    try:
+        _, banned = submit(engine, prompt, 6, logit_bias={t: -100.0 for t in set(free)})
+        _, forced = submit(engine, prompt, 6, logit_bias={17: 100})
+        assert banned.done.wait(60) and forced.done.wait(60)
+    finally:
+        engine.stop()
+    assert not set(banned.tokens) & set(free)
+    assert forced.tokens == [17] * 6
+
+
+@pytest.mark.parametrize("fast", [pytest.param(True, marks=needs_kernels), False])
+def test_adapter_models_share_the_slots_and_keep_their_own_tokens(fast: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two models with one config (the base, and a perturbed copy standing for a merged LoRA adapter) in one
+    engine: 6 sequences alternating between them over 3 slots, rows moving as they retire; each gets the tokens
+    its own model gives it alone (C++ step per model, or the per-layer forward over every row)."""
+    base = model_for("fp32")
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05 * p.abs().mean())
+    lengths = [12, 5, 9, 14, 3, 10]
+    names = [None, "other"] * 3
+    want = [reference_tokens(base if a is None else other, p, n, fast, monkeypatch)
+            for p, n, a in zip(PROMPTS, lengths, names, strict=True)]
+    assert want[1] != reference_tokens(base, PROMPTS[1], lengths[1], fast, monkeypatch)  # the models differ
+    engine = Engine(copy.deepcopy(base), slots=3, context=64, use_decode_step=fast,
+                    adapters={"other": copy.deepcopy(other)}).start()
+    try:
+        outs = [submit(engine, p, n, adapter=a)[1] for p, n, a in zip(PROMPTS, lengths, names, strict=True)]
+        for out in outs:
+            assert out.done.wait(60)
+        assert [o.tokens for o in outs] == want
+        with pytest.raises(CamelidError, match="no adapter named"):
+            submit(engine, PROMPTS[0], 2, adapter="missing")
+    finally:
+        engine.stop()

@@ -16,6 +16,9 @@
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
 #define CAMELID_VNNI 1
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+#define CAMELID_AVX512_INT4 1  // int4 x int8 kernels over two groups per 512-bit vector
+#endif
 #endif
 
 
@@ -229,10 +232,60 @@ static inline void dot_int8_q8(const int8_t* q, const float* dq, const int8_t* w
 
 // int4 codes (dot_int4's layout) x int8 activations; the minimum multiplies xs, the group sums of the
 // dequantised activations (decode_step.cpp's Act::set)
+#ifdef CAMELID_AVX512_INT4
+// Two groups per 512-bit vector: int32 lanes 0-7 hold group 2p's partial sums, lanes 8-15 group 2p+1's, each
+// multiplied by its own scale * dq, so a row's sum takes half the instructions of the 256-bit loop. The
+// one-activation and the several-activation kernels below both use these helpers, in the same order, so their
+// results stay bit for bit equal.
+// 32 packed bytes (groups 2p and 2p+1, dot_int4's layout) -> 64 codes in q's order
+static inline __m512i unpack_int4_pair(const uint8_t* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i low = _mm256_set1_epi8(15);
+  const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+  // [lo: g0 codes 0-15 | g1 codes 0-15], [hi: g0 codes 16-31 | g1 codes 16-31] -> g0 0-31, g1 0-31
+  const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  return _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
+}
+// [a x8, b x8]
+static inline __m512 pair_ps(float a, float b) {
+  return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+static inline __m512 dot_u4x64(__m512i w, __m512i q) {
+  return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, q));
+}
+// one row's sum over G (even) groups; dq2: dq_pairs of the activation
+static inline float int4_q8_row(const int8_t* q, const uint8_t* wrow, const at::Half* sc, const __m512* dq2,
+                                int64_t G) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t p = 0; p < G / 2; ++p) {
+    const __m512i qv = _mm512_loadu_si512(reinterpret_cast<const void*>(q + p * 64));
+    const __m512 s = pair_ps(h2f(sc[2 * p]), h2f(sc[2 * p + 1]));
+    acc = _mm512_fmadd_ps(dot_u4x64(unpack_int4_pair(wrow + p * 32), qv), _mm512_mul_ps(s, dq2[p]), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+// dq of group pairs as [dq[2p] x8, dq[2p+1] x8]
+static inline void dq_pairs(const float* dq, int64_t G, __m512* out) {
+  for (int64_t g = 0; g + 2 <= G; g += 2) out[g / 2] = pair_ps(dq[g], dq[g + 1]);
+}
+// rows with an even number of groups, up to K = 8192, take the 512-bit kernels (others the 256-bit ones)
+constexpr int64_t kMaxPairs = 128;
+static inline bool int4_pairs(int64_t G) { return G % 2 == 0 && G / 2 <= kMaxPairs; }
+#endif
+
 static inline void dot_int4_q8(const int8_t* q, const float* dq, const float* xs, const uint8_t* w,
                                const at::Half* sc, const at::Half* mn, int64_t K, int64_t n0, int64_t n1, float* y) {
   const int64_t G = K / 32;
   int64_t n = n0;
+#ifdef CAMELID_AVX512_INT4
+  if (int4_pairs(G)) {
+    __m512 dq2[kMaxPairs];
+    dq_pairs(dq, G, dq2);
+    for (; n + 4 <= n1; n += 4)
+      for (int r = 0; r < 4; ++r)
+        y[n + r] = int4_q8_row(q, w + (n + r) * (K / 2), sc + (n + r) * G, dq2, G) + min_term(mn + (n + r) * G, xs, G);
+  }
+#endif
 #ifdef CAMELID_AVX2
   const __m128i low = _mm_set1_epi8(15);
   for (; n + 4 <= n1; n += 4) {
@@ -295,6 +348,32 @@ static inline void dot_int4_q8_multi(int M, const int8_t* const* q, const float*
                                      const uint8_t* w, const at::Half* sc, const at::Half* mn, int64_t K, int64_t n0,
                                      int64_t n1, float* y, int64_t ldy) {
   int64_t n = n0;
+#ifdef CAMELID_AVX512_INT4
+  if (const int64_t G = K / 32, P = G / 2; int4_pairs(G)) {
+    // each weight pair is unpacked once and multiplies all M activations; per activation the operations are
+    // int4_q8_row's, in its order
+    static thread_local __m512 dq2[kMaxActs][kMaxPairs];
+    for (int m = 0; m < M; ++m) dq_pairs(dq[m], G, dq2[m]);
+    const int64_t n_vec = n0 + (n1 - n0) / 4 * 4;
+    for (; n < n_vec; ++n) {
+      __m512 acc[kMaxActs];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      const uint8_t* wrow = w + n * (K / 2);
+      const at::Half* srow = sc + n * G;
+      for (int64_t p = 0; p < P; ++p) {
+        const __m512i wv = unpack_int4_pair(wrow + p * 32);
+        const __m512 s = pair_ps(h2f(srow[2 * p]), h2f(srow[2 * p + 1]));
+        for (int m = 0; m < M; ++m) {
+          const __m512i qv = _mm512_loadu_si512(reinterpret_cast<const void*>(q[m] + p * 64));
+          acc[m] = _mm512_fmadd_ps(dot_u4x64(wv, qv), _mm512_mul_ps(s, dq2[m][p]), acc[m]);
+        }
+      }
+      for (int m = 0; m < M; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]) + min_term(mn + n * G, xs[m], G);
+    }
+    for (int m = 0; m < M; ++m) dot_int4_q8(q[m], dq[m], xs[m], w, sc, mn, K, n, n1, y + m * ldy);
+    return;
+  }
+#endif
 #ifdef CAMELID_AVX2
   const int64_t G = K / 32, n_vec = n0 + (n1 - n0) / 4 * 4;
   const __m128i low = _mm_set1_epi8(15);
