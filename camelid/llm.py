@@ -232,7 +232,11 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
     elif fmt is Format.GGUF:
         from camelid.interop.gguf import load_gguf
 
-        config, model = load_gguf(path, dtype=dtype, device=device)
+        # quantised as it loads (no fp32 copy of the model), unless an adapter is merged into fp32 weights first
+        direct = quantize if adapter is None else None
+        config, model = load_gguf(path, dtype=dtype, device=device, quantize=direct)
+        if direct is not None:
+            quantize = None
     elif fmt is Format.META:
         from camelid.interop.meta import load_meta_dir
 

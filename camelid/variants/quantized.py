@@ -13,7 +13,9 @@ fp32 weights behind the same GEMV kernels.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -129,6 +131,128 @@ def quantize_model(model: Llama, mode: str, head: str | None = None) -> Llama:
         model.tok_embeddings = Int8Embedding(shared=model.output) if tied else Int8Embedding(emb.weight)
     model.quantized = mode  # type: ignore[assignment]
     return model
+
+
+class StoredWeight(Protocol):
+    """One tensor as a checkpoint stores it, converted on demand (camelid.interop.gguf implements it), so that a
+    loader can quantise it in slices of rows, or take it as it is, without an fp32 copy of the whole model."""
+
+    shape: tuple[int, ...]
+
+    def fp32(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows [start, stop) as a new fp32 tensor."""
+
+    def mapped(self) -> Tensor | None:
+        """The whole fp32 tensor without a copy (a copy-on-write memory map), when the file stores it so."""
+
+    def int4(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The whole tensor in Int4Linear's format (packed codes, scale, minimum), when that is exact."""
+
+
+ROWS_PER_SLICE = 1 << 22  # values quantised at a time (16 MiB of fp32): an 8B model's embedding never whole
+
+
+def _destinations(model: Llama, name: str) -> list[tuple[nn.Module, str, int]]:
+    """Where the reference model's tensor `name` lives in the fused/quantised model: (module, attribute, first
+    row). The fused products hold q/k/v (wqkv) and gate/up (w13) as row blocks; a tied embedding is the head."""
+    if name == "tok_embeddings.weight":
+        emb = model.tok_embeddings
+        found = [(emb.table if isinstance(emb, Int8Embedding) else emb, "weight", 0)]
+        if model.config.tie_embeddings:
+            found += _destinations(model, "output.weight")
+        return list({id(m): (m, a, r) for m, a, r in found}.values())
+    path, attr = name.rsplit(".", 1)
+    try:
+        return [(model.get_submodule(path), attr, 0)]
+    except AttributeError:
+        pass
+    parent_path, child = path.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)
+    c = model.config
+    blocks = {"wq": ("wqkv", 0), "wk": ("wqkv", c.n_heads * c.head_dim),
+              "wv": ("wqkv", (c.n_heads + c.n_kv_heads) * c.head_dim),
+              "w1": ("w13", 0), "w3": ("w13", c.intermediate_size)}
+    fused, row = blocks[child]
+    return [(getattr(parent, fused), attr, row)]
+
+
+def _materialize(module: nn.Module, attr: str) -> Tensor:
+    """The module's tensor `attr`, allocated (uninitialised) on the CPU the first time it is written."""
+    t = getattr(module, attr)
+    if t.is_meta:
+        _assign(module, attr, torch.empty(t.shape, dtype=t.dtype))
+    return getattr(module, attr)
+
+
+def _assign(module: nn.Module, attr: str, t: Tensor) -> None:
+    old = module._parameters.get(attr)
+    if old is not None:
+        module._parameters[attr] = nn.Parameter(t, requires_grad=old.requires_grad)
+    else:
+        setattr(module, attr, t)
+
+
+def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[int, Tensor]) -> None:
+    """Convert `w` into rows [row, row + len(w)) of the module's `attr` (whole: the fp32 tensor once read, so a
+    tied embedding and head share it)."""
+    n = w.shape[0]
+    if isinstance(module, Int4Linear) and attr == "weight":
+        parts = w.int4()
+        step = n if parts is not None else max(1, ROWS_PER_SLICE // w.shape[1])
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            chunk = parts if parts is not None else linear.quantize_int4(w.fp32(a, b))
+            for name, part in zip(("qweight", "scale", "minimum"), chunk, strict=True):
+                _materialize(module, name)[row + a:row + b] = part
+    elif isinstance(module, Int8Linear) and attr == "weight":
+        step = max(1, ROWS_PER_SLICE // w.shape[1])
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            qweight, scale = linear.quantize_int8(w.fp32(a, b))
+            _materialize(module, "qweight")[row + a:row + b] = qweight
+            _materialize(module, "scale")[row + a:row + b] = scale
+    elif row == 0 and tuple(getattr(module, attr).shape) == tuple(w.shape):
+        if id(w) not in whole:
+            t = w.mapped()
+            whole[id(w)] = t if t is not None else w.fp32()
+        _assign(module, attr, whole[id(w)])
+    else:
+        _materialize(module, attr)[row:row + n] = w.fp32()
+
+
+@torch.no_grad()
+def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, StoredWeight]], source: str,
+                head: str | None = None) -> Llama:
+    """`quantize_model(model, mode, head)` of the model whose tensors `weights` streams (under the reference
+    model's names), built without the fp32 model: the fused/quantised modules are laid out on the meta device,
+    then each stored tensor is converted straight into its place (slices of rows at a time for int8/int4, int4
+    codes taken as they are where `int4()` gives them, fp32 tensors memory-mapped where `mapped()` does).
+    Peak memory is the result plus one slice in flight."""
+    with torch.device("meta"):
+        model = Llama(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        quantize_model(model, mode, head=head)
+    seen = set()
+    for name, w in weights:
+        if name not in expected:
+            raise CamelidError(f"{source}: unexpected tensor {name!r}; it does not belong to a {config.n_layers}-layer "
+                               "model of this config")
+        if tuple(w.shape) != expected[name]:
+            raise CamelidError(f"{source}: tensor {name!r} has shape {list(w.shape)} but the config implies "
+                               f"{list(expected[name])}; the weights and the config do not belong together")
+        whole: dict[int, Tensor] = {}
+        for module, attr, row in _destinations(model, name):
+            _write(module, attr, row, w, whole)
+        seen.add(name)
+    if config.tie_embeddings and "tok_embeddings.weight" in seen:
+        seen.add("output.weight")
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CamelidError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}; the file is incomplete or "
+                           "belongs to a different config")
+    model.rope.inv_freq = rope_inv_freq(config)  # a non-persistent buffer: not in the file
+    return model.eval()
 
 
 def save_quantized(model: Llama, path: str | Path) -> None:
