@@ -369,6 +369,8 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     source = str(path)
     try:
         config = config_from_gguf(reader, source)
+        for key in [k for k in reader.fields if k.startswith("tokenizer.")]:
+            del reader.fields[key]  # the vocabulary's parsed arrays (tens of MiB): not needed for the weights
         direct = quantize is not None and torch.device(device).type == "cpu" and dtype in (None, torch.float32)
         if direct:
             from camelid.variants.quantized import load_stored

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
@@ -36,7 +37,10 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        qweight, scale = linear.quantize_int8(weight)
+        if weight.is_meta:  # a layout to load into (load_stored, load_quantized): shapes only
+            qweight, scale = weight.new_empty(weight.shape, dtype=torch.int8), weight.new_empty(weight.shape[0])
+        else:
+            qweight, scale = linear.quantize_int8(weight)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.out_features, self.in_features = weight.shape
@@ -53,7 +57,12 @@ class Int4Linear(nn.Module):
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        qweight, scale, minimum = linear.quantize_int4(weight)
+        n, k = weight.shape
+        if weight.is_meta and k % GROUP == 0:  # a layout to load into: shapes only
+            qweight = weight.new_empty(n, k // 2, dtype=torch.uint8)
+            scale, minimum = (weight.new_empty(n, k // GROUP, dtype=torch.float16) for _ in range(2))
+        else:
+            qweight, scale, minimum = linear.quantize_int4(weight)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("minimum", minimum)
@@ -220,6 +229,39 @@ def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[
         _materialize(module, attr)[row:row + n] = w.fp32()
 
 
+class _MetaWeights(TorchFunctionMode):
+    """Build modules with their weights on the meta device (no memory) and no initialisation, while the small
+    computations of a constructor (the rotary frequencies) run on the CPU: on meta tensors PyTorch runs some
+    ops (normal_, arange, cat) through Python references whose first use imports its compiler stack, about
+    70 MiB and seconds that a loader never needs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", None)
+        if name in ("empty", "ones", "zeros") and func is getattr(torch, name) and kwargs.get("device") is None:
+            kwargs["device"] = "meta"  # the weights: nn.Linear / nn.Embedding / RMSNorm parameters
+        elif name == "normal_":  # torch.nn.init.normal_(tensor=...) or Tensor.normal_: values nobody reads
+            t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, Tensor) and t.is_meta:
+                return t
+        elif name == "cat" and func is torch.cat and all(t.is_meta for t in args[0]):  # fuse's concatenations
+            parts, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            shape = list(parts[0].shape)
+            shape[dim] = sum(t.shape[dim] for t in parts)
+            return torch.empty(shape, dtype=parts[0].dtype, device="meta")
+        return func(*args, **kwargs)
+
+
+def skeleton(config: LlamaConfig, mode: str, head: str | None = None) -> tuple[Llama, dict[str, tuple[int, ...]]]:
+    """`quantize_model(Llama(config), mode, head)` on the meta device (no memory, no initialisation), and the
+    reference model's tensor shapes by name."""
+    with _MetaWeights():
+        model = Llama(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        quantize_model(model, mode, head=head)
+    return model, expected
+
+
 @torch.no_grad()
 def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, StoredWeight]], source: str,
                 head: str | None = None) -> Llama:
@@ -228,10 +270,7 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
     then each stored tensor is converted straight into its place (slices of rows at a time for int8/int4, int4
     codes taken as they are where `int4()` gives them, fp32 tensors memory-mapped where `mapped()` does).
     Peak memory is the result plus one slice in flight."""
-    with torch.device("meta"):
-        model = Llama(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        quantize_model(model, mode, head=head)
+    model, expected = skeleton(config, mode, head)
     seen = set()
     for name, w in weights:
         if name not in expected:
@@ -289,9 +328,7 @@ def load_quantized(path: str | Path) -> Llama:
     if mode not in MODES or "camelid_config" not in meta:
         raise CamelidError(f"{path}: no camelid quantisation metadata; write it with `camelid quantize`")
     config = LlamaConfig(**json.loads(meta["camelid_config"]))
-    with torch.device("meta"):
-        model = Llama(config)
-        quantize_model(model, mode, head=_head_mode(meta, path))
+    model = skeleton(config, mode, _head_mode(meta, path))[0]
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
