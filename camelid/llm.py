@@ -232,7 +232,14 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
     elif fmt is Format.GGUF:
         from camelid.interop.gguf import load_gguf
 
-        config, model = load_gguf(path, dtype=dtype, device=device)
+        # the vocabulary first: reading it costs transient memory that is then not on top of the weights
+        tok = model_tokenizer(path, fmt) if tokenizer else None
+
+        # quantised as it loads (no fp32 copy of the model), unless an adapter is merged into fp32 weights first
+        direct = quantize if adapter is None else None
+        config, model = load_gguf(path, dtype=dtype, device=device, quantize=direct)
+        if direct is not None:
+            quantize = None
     elif fmt is Format.META:
         from camelid.interop.meta import load_meta_dir
 
@@ -248,7 +255,8 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
             f"{source}: a tokenizer, not a model camelid can load; expected a Hugging Face directory (config.json), "
             "a .gguf file or a Meta directory (params.json + consolidated.*.pth)"
         )
-    tok = model_tokenizer(path, fmt) if tokenizer else None
+    if fmt is not Format.GGUF:
+        tok = model_tokenizer(path, fmt) if tokenizer else None
     extra: dict[str, Any] = {}
     if adapter is not None:
         from camelid.variants import lora

@@ -26,7 +26,7 @@ from camelid.config import ConfigError, LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
 from camelid.formats import gguf_value, open_gguf
-from camelid.interop.hf import build_model, hf_state_dict
+from camelid.interop.hf import build_model, hf_state_dict, hf_to_camelid_name
 from camelid.interop.meta import from_interleaved, to_interleaved
 from camelid.model import Llama, rope_inv_freq
 
@@ -192,8 +192,7 @@ def _dequantize(t: Any, source: str) -> np.ndarray:
     try:
         data = gguf.quants.dequantize(t.data, qtype)
     except NotImplementedError:
-        raise CamelidError(f"{source}: tensor {t.name} uses quantisation type {qtype.name}, which camelid cannot "
-                           "dequantise; re-quantise the model to e.g. Q8_0, Q4_K or F16") from None
+        raise _unknown_type(t, source) from None
     shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest-varying dimension first
     try:
         return np.asarray(data, dtype=np.float32).reshape(shape)
@@ -202,10 +201,129 @@ def _dequantize(t: Any, source: str) -> np.ndarray:
                            "the file is corrupt or truncated") from None
 
 
-def _gguf_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> Iterator[tuple[str, Tensor]]:
+def _unknown_type(t: Any, source: str) -> CamelidError:
+    return CamelidError(f"{source}: tensor {t.name} uses quantisation type {t.tensor_type.name}, which camelid cannot "
+                        "dequantise; re-quantise the model to e.g. Q8_0, Q4_K or F16")
+
+
+_Q4 = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+
+
+class TensorFile:
+    """The tensors of one GGUF file, read with plain reads (the pages of the file never stay mapped into the
+    process, so a converted tensor costs its result only) or, for F32 tensors used as stored, memory-mapped
+    copy-on-write (shared with the page cache, never copied)."""
+
+    def __init__(self, reader: Any, source: str) -> None:
+        self.path, self.source = Path(reader.data.filename), source
+        self.native_order = reader.byte_order == "I"
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed with the last tensor read
+        self._map: np.ndarray | None = None
+
+    def read(self, offset: int, size: int) -> np.ndarray:
+        out = np.empty(size, dtype=np.uint8)
+        view, done = memoryview(out), 0
+        while done < size:  # one read returns at most ~2 GiB
+            self._file.seek(offset + done)
+            n = self._file.readinto(view[done:])
+            if not n:
+                raise CamelidError(f"{self.source}: corrupt or truncated GGUF file (it ends inside a tensor); "
+                                   "re-download or re-convert it")
+            done += n
+        return out
+
+    def mapped(self, offset: int, count: int) -> np.ndarray:
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+        return self._map[offset:offset + 4 * count].view(np.float32)
+
+    def close(self) -> None:
+        self._file.close()  # the memory map stays while tensors use it
+
+
+class GGUFTensor:
+    """Rows [row0, row0 + shape[0]) of one tensor of a GGUF file, converted on demand
+    (camelid.variants.quantized.StoredWeight): fp32 rows, the exact int4 form of Q4_0/Q4_1 blocks, or a memory
+    map of an F32 tensor. `heads`: llama's q/k rows are stored in Meta's interleaved rotary order; undone here."""
+
+    def __init__(self, file: TensorFile, t: Any, heads: int | None = None, row0: int = 0,
+                 rows: int | None = None) -> None:
+        self.file, self.t, self.heads, self.row0 = file, t, heads, row0
+        self.qtype = gguf.GGMLQuantizationType(t.tensor_type)
+        full = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest-varying dimension first
+        self.full_rows = full[0] if len(full) > 1 else 1
+        self.shape = (rows if rows is not None else full[0], *full[1:]) if len(full) > 1 else full
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        width = full[-1]
+        if width % block:
+            raise CamelidError(f"{file.source}: tensor {t.name} of shape {list(full)} does not fit its "
+                               f"{self.qtype.name} blocks; the file is corrupt")
+        self.row_bytes = width // block * size
+
+    def rows_of(self, start: int, stop: int) -> np.ndarray:
+        """Stored bytes of rows [start, stop) (of this slice) as uint8 [rows, row_bytes]."""
+        a = self.row0 + start
+        data = self.file.read(int(self.t.data_offset) + a * self.row_bytes, (stop - start) * self.row_bytes)
+        return data.reshape(stop - start, self.row_bytes)
+
+    def _dequantize(self, a: int, b: int) -> Tensor:
+        try:
+            return torch.from_numpy(np.asarray(gguf.quants.dequantize(self.rows_of(a, b), self.qtype), np.float32))
+        except NotImplementedError:
+            raise _unknown_type(self.t, self.file.source) from None
+
+    def fp32(self, start: int = 0, stop: int | None = None) -> Tensor:
+        if len(self.shape) == 1:  # a vector (a norm, a bias) is one stored row
+            w = self._dequantize(0, 1).reshape(self.shape)
+            return w if self.heads is None else from_interleaved(w, self.heads)
+        stop = self.shape[0] if stop is None else stop
+        a, b = start, stop
+        if self.heads is not None:  # whole heads, so that their rows can be put back in order
+            per = self.full_rows // self.heads
+            a, b = a // per * per, -(-b // per) * per
+        w = self._dequantize(a, b)
+        if self.heads is not None:
+            w = from_interleaved(w, (b - a) // (self.full_rows // self.heads))[start - a:stop - a]
+        return w if w.is_contiguous() else w.contiguous()
+
+    def mapped(self) -> Tensor | None:
+        if self.qtype != gguf.GGMLQuantizationType.F32 or self.heads is not None or not self.file.native_order:
+            return None
+        count = int(np.prod(self.shape))
+        data = self.file.mapped(int(self.t.data_offset) + self.row0 * self.row_bytes, count)
+        return torch.from_numpy(data).view(self.shape)
+
+    def int4(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Q4_1 blocks are (fp16 scale d, fp16 minimum m, 16 bytes of codes: byte j = code j | code j+16 << 4),
+        weight = q d + m: Int4Linear's format exactly. Q4_0 is the same with m = -8 d (exact in fp16)."""
+        if self.qtype not in _Q4 or len(self.shape) != 2 or not self.file.native_order:
+            return None
+        n, k = self.shape
+        blocks = self.rows_of(0, n).reshape(n, k // 32, -1)
+        scale = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+        if self.qtype == gguf.GGMLQuantizationType.Q4_1:
+            minimum = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
+            codes = blocks[..., 4:]
+        else:
+            with np.errstate(over="ignore"):
+                minimum = scale * np.float16(-8)
+            if not np.isfinite(minimum).all():  # |d| > 8188: re-quantise from the values instead
+                return None
+            codes = blocks[..., 2:]
+        parts = [torch.from_numpy(np.ascontiguousarray(x)) for x in (codes.reshape(n, k // 2), scale, minimum)]
+        if self.heads is not None:
+            parts = [from_interleaved(p, self.heads).contiguous() for p in parts]
+        return parts[0], parts[1], parts[2]
+
+
+def _stored_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> Iterator[tuple[str, GGUFTensor]]:
+    """The file's tensors under Hugging Face names, unconverted; Phi-3's fused qkv and gate/up tensors as row
+    slices of the stored tensor."""
     arch = gguf_value(reader, "general.architecture")
     permuted = arch == "llama"  # llama.cpp permutes llama's q/k rows (and biases), no other architecture's
-    # a progress bar on terminals only (disable=None): an 8B model takes a minute to dequantise
+    file = TensorFile(reader, source)
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    # a progress bar on terminals only (disable=None): an 8B model takes a minute to convert
     for t in tqdm(reader.tensors, desc=f"loading {Path(source).name}", unit="tensor", disable=None, leave=False):
         if t.name == "rope_freqs.weight":
             continue
@@ -216,26 +334,55 @@ def _gguf_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> 
         if hf_name is None:
             raise CamelidError(f"{source}: unexpected tensor {t.name!r} for a {config.n_layers}-layer llama model; "
                                "the file holds another architecture's weights")
-        w = _dequantize(t, source)
-        if t.tensor_type == gguf.GGMLQuantizationType.F32:
-            w = w.copy()  # F32 "dequantises" to a view of the memory-mapped file; the model must own its weights
-        w = torch.from_numpy(w)
+        heads = None
         if permuted and ".q_proj." in hf_name:
-            w = from_interleaved(w, config.n_heads)
+            heads = config.n_heads
         elif permuted and ".k_proj." in hf_name:
-            w = from_interleaved(w, config.n_kv_heads)
-        yield hf_name, w
+            heads = config.n_kv_heads
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 0
+        if hf_name.endswith(".self_attn.qkv_proj.weight") and rows == q + 2 * kv:
+            for part, (a, n) in zip(("q_proj", "k_proj", "v_proj"), ((0, q), (q, kv), (q + kv, kv)), strict=True):
+                yield hf_name.replace("qkv_proj", part), GGUFTensor(file, t, None, a, n)
+        elif hf_name.endswith(".mlp.gate_up_proj.weight") and rows == 2 * config.intermediate_size:
+            n = config.intermediate_size
+            yield hf_name.replace("gate_up_proj", "gate_proj"), GGUFTensor(file, t, None, 0, n)
+            yield hf_name.replace("gate_up_proj", "up_proj"), GGUFTensor(file, t, None, n, n)
+        else:
+            yield hf_name, GGUFTensor(file, t, heads)
+    file.close()
+
+
+def _gguf_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> Iterator[tuple[str, Tensor]]:
+    """The file's tensors under Hugging Face names, one at a time in fp32 (F32 ones memory-mapped)."""
+    for name, w in _stored_tensors(reader, config, source):
+        t = w.mapped()
+        yield name, t if t is not None else w.fp32()
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-              device: torch.device | str = "cpu") -> tuple[LlamaConfig, Llama]:
-    """Read a llama/qwen2/qwen3/phi3 GGUF file into a camelid model (dequantised to fp32, or to `dtype`)."""
+              device: torch.device | str = "cpu", quantize: str | None = None) -> tuple[LlamaConfig, Llama]:
+    """Read a llama/qwen2/qwen3/phi3 GGUF file into a camelid model: the reference model (dequantised to fp32,
+    or to `dtype`), or with `quantize` ("fp32", "int8", "int4") the model `quantize_model` makes, built tensor by
+    tensor without an fp32 copy (Q4_0/Q4_1 blocks become int4 as they are; F32 tensors are memory-mapped)."""
     path = Path(path)
     reader = open_gguf(path)
     source = str(path)
     try:
         config = config_from_gguf(reader, source)
-        model = build_model(config, _gguf_tensors(reader, config, source), source, dtype=dtype, device=device)
+        for key in [k for k in reader.fields if k.startswith("tokenizer.")]:
+            del reader.fields[key]  # the vocabulary's parsed arrays (tens of MiB): not needed for the weights
+        direct = quantize is not None and torch.device(device).type == "cpu" and dtype in (None, torch.float32)
+        if direct:
+            from camelid.variants.quantized import load_stored
+
+            tensors = ((hf_to_camelid_name(n), w) for n, w in _stored_tensors(reader, config, source))
+            model = load_stored(config, quantize, tensors, source)
+        else:
+            model = build_model(config, _gguf_tensors(reader, config, source), source, dtype=dtype, device=device)
+            if quantize is not None:
+                from camelid.variants.quantized import quantize_model
+
+                quantize_model(model, quantize)
     except CamelidError:
         raise
     except (ValueError, IndexError, OSError, OverflowError, TypeError) as e:

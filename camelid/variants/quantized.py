@@ -13,11 +13,14 @@ fp32 weights behind the same GEMV kernels.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
@@ -34,7 +37,10 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        qweight, scale = linear.quantize_int8(weight)
+        if weight.is_meta:  # a layout to load into (load_stored, load_quantized): shapes only
+            qweight, scale = weight.new_empty(weight.shape, dtype=torch.int8), weight.new_empty(weight.shape[0])
+        else:
+            qweight, scale = linear.quantize_int8(weight)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.out_features, self.in_features = weight.shape
@@ -51,7 +57,12 @@ class Int4Linear(nn.Module):
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        qweight, scale, minimum = linear.quantize_int4(weight)
+        n, k = weight.shape
+        if weight.is_meta and k % GROUP == 0:  # a layout to load into: shapes only
+            qweight = weight.new_empty(n, k // 2, dtype=torch.uint8)
+            scale, minimum = (weight.new_empty(n, k // GROUP, dtype=torch.float16) for _ in range(2))
+        else:
+            qweight, scale, minimum = linear.quantize_int4(weight)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("minimum", minimum)
@@ -131,6 +142,158 @@ def quantize_model(model: Llama, mode: str, head: str | None = None) -> Llama:
     return model
 
 
+class StoredWeight(Protocol):
+    """One tensor as a checkpoint stores it, converted on demand (camelid.interop.gguf implements it), so that a
+    loader can quantise it in slices of rows, or take it as it is, without an fp32 copy of the whole model."""
+
+    shape: tuple[int, ...]
+
+    def fp32(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows [start, stop) as a new fp32 tensor."""
+
+    def mapped(self) -> Tensor | None:
+        """The whole fp32 tensor without a copy (a copy-on-write memory map), when the file stores it so."""
+
+    def int4(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The whole tensor in Int4Linear's format (packed codes, scale, minimum), when that is exact."""
+
+
+ROWS_PER_SLICE = 1 << 22  # values quantised at a time (16 MiB of fp32): an 8B model's embedding never whole
+
+
+def _destinations(model: Llama, name: str) -> list[tuple[nn.Module, str, int]]:
+    """Where the reference model's tensor `name` lives in the fused/quantised model: (module, attribute, first
+    row). The fused products hold q/k/v (wqkv) and gate/up (w13) as row blocks; a tied embedding is the head."""
+    if name == "tok_embeddings.weight":
+        emb = model.tok_embeddings
+        found = [(emb.table if isinstance(emb, Int8Embedding) else emb, "weight", 0)]
+        if model.config.tie_embeddings:
+            found += _destinations(model, "output.weight")
+        return list({id(m): (m, a, r) for m, a, r in found}.values())
+    path, attr = name.rsplit(".", 1)
+    try:
+        return [(model.get_submodule(path), attr, 0)]
+    except AttributeError:
+        pass
+    parent_path, child = path.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)
+    c = model.config
+    blocks = {"wq": ("wqkv", 0), "wk": ("wqkv", c.n_heads * c.head_dim),
+              "wv": ("wqkv", (c.n_heads + c.n_kv_heads) * c.head_dim),
+              "w1": ("w13", 0), "w3": ("w13", c.intermediate_size)}
+    fused, row = blocks[child]
+    return [(getattr(parent, fused), attr, row)]
+
+
+def _materialize(module: nn.Module, attr: str) -> Tensor:
+    """The module's tensor `attr`, allocated (uninitialised) on the CPU the first time it is written."""
+    t = getattr(module, attr)
+    if t.is_meta:
+        _assign(module, attr, torch.empty(t.shape, dtype=t.dtype))
+    return getattr(module, attr)
+
+
+def _assign(module: nn.Module, attr: str, t: Tensor) -> None:
+    old = module._parameters.get(attr)
+    if old is not None:
+        module._parameters[attr] = nn.Parameter(t, requires_grad=old.requires_grad)
+    else:
+        setattr(module, attr, t)
+
+
+def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[int, Tensor]) -> None:
+    """Convert `w` into rows [row, row + len(w)) of the module's `attr` (whole: the fp32 tensor once read, so a
+    tied embedding and head share it)."""
+    n = w.shape[0]
+    if isinstance(module, Int4Linear) and attr == "weight":
+        parts = w.int4()
+        step = n if parts is not None else max(1, ROWS_PER_SLICE // w.shape[1])
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            chunk = parts if parts is not None else linear.quantize_int4(w.fp32(a, b))
+            for name, part in zip(("qweight", "scale", "minimum"), chunk, strict=True):
+                _materialize(module, name)[row + a:row + b] = part
+    elif isinstance(module, Int8Linear) and attr == "weight":
+        step = max(1, ROWS_PER_SLICE // w.shape[1])
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            qweight, scale = linear.quantize_int8(w.fp32(a, b))
+            _materialize(module, "qweight")[row + a:row + b] = qweight
+            _materialize(module, "scale")[row + a:row + b] = scale
+    elif row == 0 and tuple(getattr(module, attr).shape) == tuple(w.shape):
+        if id(w) not in whole:
+            t = w.mapped()
+            whole[id(w)] = t if t is not None else w.fp32()
+        _assign(module, attr, whole[id(w)])
+    else:
+        _materialize(module, attr)[row:row + n] = w.fp32()
+
+
+class _MetaWeights(TorchFunctionMode):
+    """Build modules with their weights on the meta device (no memory) and no initialisation, while the small
+    computations of a constructor (the rotary frequencies) run on the CPU: on meta tensors PyTorch runs some
+    ops (normal_, arange, cat) through Python references whose first use imports its compiler stack, about
+    70 MiB and seconds that a loader never needs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", None)
+        if name in ("empty", "ones", "zeros") and func is getattr(torch, name) and kwargs.get("device") is None:
+            kwargs["device"] = "meta"  # the weights: nn.Linear / nn.Embedding / RMSNorm parameters
+        elif name == "normal_":  # torch.nn.init.normal_(tensor=...) or Tensor.normal_: values nobody reads
+            t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, Tensor) and t.is_meta:
+                return t
+        elif name == "cat" and func is torch.cat and all(t.is_meta for t in args[0]):  # fuse's concatenations
+            parts, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            shape = list(parts[0].shape)
+            shape[dim] = sum(t.shape[dim] for t in parts)
+            return torch.empty(shape, dtype=parts[0].dtype, device="meta")
+        return func(*args, **kwargs)
+
+
+def skeleton(config: LlamaConfig, mode: str, head: str | None = None) -> tuple[Llama, dict[str, tuple[int, ...]]]:
+    """`quantize_model(Llama(config), mode, head)` on the meta device (no memory, no initialisation), and the
+    reference model's tensor shapes by name."""
+    with _MetaWeights():
+        model = Llama(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        quantize_model(model, mode, head=head)
+    return model, expected
+
+
+@torch.no_grad()
+def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, StoredWeight]], source: str,
+                head: str | None = None) -> Llama:
+    """`quantize_model(model, mode, head)` of the model whose tensors `weights` streams (under the reference
+    model's names), built without the fp32 model: the fused/quantised modules are laid out on the meta device,
+    then each stored tensor is converted straight into its place (slices of rows at a time for int8/int4, int4
+    codes taken as they are where `int4()` gives them, fp32 tensors memory-mapped where `mapped()` does).
+    Peak memory is the result plus one slice in flight."""
+    model, expected = skeleton(config, mode, head)
+    seen = set()
+    for name, w in weights:
+        if name not in expected:
+            raise CamelidError(f"{source}: unexpected tensor {name!r}; it does not belong to a {config.n_layers}-layer "
+                               "model of this config")
+        if tuple(w.shape) != expected[name]:
+            raise CamelidError(f"{source}: tensor {name!r} has shape {list(w.shape)} but the config implies "
+                               f"{list(expected[name])}; the weights and the config do not belong together")
+        whole: dict[int, Tensor] = {}
+        for module, attr, row in _destinations(model, name):
+            _write(module, attr, row, w, whole)
+        seen.add(name)
+    if config.tie_embeddings and "tok_embeddings.weight" in seen:
+        seen.add("output.weight")
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CamelidError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}; the file is incomplete or "
+                           "belongs to a different config")
+    model.rope.inv_freq = rope_inv_freq(config)  # a non-persistent buffer: not in the file
+    return model.eval()
+
+
 def save_quantized(model: Llama, path: str | Path) -> None:
     """Write the quantised weights as safetensors (atomically), with the mode and the model's config in the
     metadata so that `load_quantized(path)` needs nothing else."""
@@ -165,9 +328,7 @@ def load_quantized(path: str | Path) -> Llama:
     if mode not in MODES or "camelid_config" not in meta:
         raise CamelidError(f"{path}: no camelid quantisation metadata; write it with `camelid quantize`")
     config = LlamaConfig(**json.loads(meta["camelid_config"]))
-    with torch.device("meta"):
-        model = Llama(config)
-        quantize_model(model, mode, head=_head_mode(meta, path))
+    model = skeleton(config, mode, _head_mode(meta, path))[0]
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:

@@ -166,6 +166,23 @@ def test_gguf_logits_equal_transformers(arch_gguf) -> None:
     assert torch.allclose(_camelid_logits(ours, PROMPT), _reference(hf, PROMPT), atol=1e-5, rtol=0), kind
 
 
+@pytest.mark.parametrize("mode", ["fp32", "int4"])
+def test_gguf_quantized_as_it_loads(arch_gguf, mode: str) -> None:
+    """camelid.load(gguf, quantize=...) builds the quantised model tensor by tensor (phi3: q/k/v and gate/up as
+    row slices of the fused tensors; qwen3: the unfused attention with q/k norms) to the same bytes as
+    quantize_model over the fp32 model."""
+    kind, _, path = arch_gguf
+    direct = camelid.load(path, tokenizer=False, quantize=mode).model
+    old = quantize_model(load_gguf(path)[1], mode).eval()
+    theirs = old.state_dict()
+    assert direct.state_dict().keys() == theirs.keys()
+    for k, t in direct.state_dict().items():
+        assert torch.equal(t, theirs[k]), (kind, k)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert torch.equal(direct(ids), old(ids)), kind
+
+
 def _llama_cpp(path: Path, prompt: list[int], n_new: int, monkeypatch: pytest.MonkeyPatch
                ) -> tuple[np.ndarray, list[int]]:
     """llama.cpp's logits for the prompt and its greedy continuation (plain CPU buffers, f32 KV cache)."""

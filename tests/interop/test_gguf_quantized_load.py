@@ -1,0 +1,192 @@
+"""`camelid.load(gguf, quantize=...)` builds the quantised model tensor by tensor, without the fp32 model.
+
+The reference is the path it replaces: dequantise the whole file to fp32 (`load_gguf`), then `quantize_model`.
+int8 and int4 codes are computed per row (int8) or per group of 32 in a row (int4), so quantising a tensor in
+slices of rows, or q/k/v one at a time instead of concatenated, gives the same bytes: wherever the direct path
+re-quantises (Q8_0 -> int8, K-quants -> int8/int4, F32 -> anything) the model must be identical. Q4_0/Q4_1 ->
+int4 is the one place where it differs, on purpose: the blocks are taken as they are (Int4Linear's format is
+Q4_1's), so the weights are exactly the file's, where the old path re-quantised them (a second rounding).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import camelid
+from camelid import CamelidError, Llama, LlamaConfig
+from camelid.interop import gguf as gguf_io
+from camelid.interop.gguf import load_gguf, save_gguf
+from camelid.interop.meta import from_interleaved
+from camelid.ops import linear
+from camelid.variants.quantized import Int4Linear, quantize_model
+
+Q = gguf.GGMLQuantizationType
+# widths that tile K-quant super-blocks (256) and int4 groups (32); GQA; a head that is not tied, and one that is
+CONFIG = LlamaConfig(name="tiny-256", vocab_size=320, dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                     intermediate_size=512, max_seq_len=64, tie_embeddings=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _random_kquant(shape: tuple[int, ...], qtype: Q, rng: np.random.Generator) -> np.ndarray:
+    """Random Q4_K / Q6_K blocks (gguf-py cannot quantise K-quants) with small fp16 super-block scales."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, width = shape
+    data = rng.integers(0, 256, (rows, width // block, size), dtype=np.uint8)
+    d = np.frombuffer(np.float16(2e-3).tobytes(), np.uint8)
+    if qtype == Q.Q4_K:  # d, dmin, scales[12], qs[128]
+        data[..., 0:2] = d
+        data[..., 2:4] = d
+    else:  # Q6_K: ql[128], qh[64], scales[16], d
+        data[..., size - 2:] = d
+    return data.reshape(rows, -1)
+
+
+def _write(tmp_path: Path, qtype: Q, tied: bool = False, seed: int = 0) -> Path:
+    """A tiny random model as a GGUF whose 2-D tensors are all of `qtype` (1-D ones F32, as llama.cpp writes)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = Llama(CONFIG.replace(tie_embeddings=tied)).eval()
+
+    def encode(name: str, w: np.ndarray, _: str) -> tuple[np.ndarray, Q]:
+        if w.ndim == 1 or qtype == Q.F32:
+            return w, Q.F32
+        if qtype in (Q.Q4_K, Q.Q6_K):
+            return _random_kquant(w.shape, qtype, rng), qtype
+        return gguf.quants.quantize(w, qtype), qtype
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gguf_io, "_encode", encode)
+    try:
+        return save_gguf(model, tmp_path / f"{qtype.name}{'-tied' if tied else ''}.gguf", progress=False)
+    finally:
+        mp.undo()
+
+
+def _old_path(path: Path, mode: str) -> Llama:
+    return quantize_model(load_gguf(path)[1], mode).eval()
+
+
+def _logits(model: Llama) -> torch.Tensor:
+    ids = torch.arange(3, 43).remainder(CONFIG.vocab_size)[None]
+    with torch.no_grad():
+        return torch.cat([model(ids), model(ids[:, :1])], dim=1)  # a prompt (GEMM) and one row (GEMV)
+
+
+@pytest.mark.parametrize(("qtype", "mode", "tied"), [
+    (Q.Q8_0, "int8", False), (Q.Q8_0, "int4", True), (Q.Q4_K, "int8", True), (Q.Q6_K, "int4", False),
+    (Q.F32, "fp32", True), (Q.F32, "int8", False), (Q.Q4_1, "int8", False), (Q.Q4_0, "int8", True),
+    (Q.Q8_0, "fp32", False),
+])
+def test_direct_load_equals_dequantise_then_quantise(tmp_path: Path, qtype: Q, mode: str, tied: bool) -> None:
+    path = _write(tmp_path, qtype, tied)
+    direct = camelid.load(path, quantize=mode, tokenizer=False).model
+    old = _old_path(path, mode)
+    assert direct.quantized == old.quantized == mode
+    mine, theirs = direct.state_dict(), old.state_dict()
+    assert mine.keys() == theirs.keys()
+    for k in theirs:
+        assert mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]), k
+    assert torch.equal(_logits(direct), _logits(old))
+    if tied and mode != "fp32":  # the int8 embedding reads the head's matrix, as quantize_model sets it up
+        assert direct.tok_embeddings.table is direct.output
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_qkv_biases_filled_in_place(tmp_path: Path, mode: str) -> None:
+    # qwen2: the fused qkv product keeps its biases (an fp32 nn.Linear), filled row block by row block
+    model = Llama(LlamaConfig.from_name("tiny-gqa", qkv_bias=True).replace(name="tiny-qwen2")).eval()
+    for block in model.layers:
+        for proj in (block.attention.wq, block.attention.wk, block.attention.wv):
+            torch.nn.init.normal_(proj.bias)
+    path = save_gguf(model, tmp_path / "qwen2.gguf", qtype="q8_0", progress=False)
+    direct = camelid.load(path, quantize=mode, tokenizer=False).model
+    old = _old_path(path, mode)
+    theirs = old.state_dict()
+    for k, t in direct.state_dict().items():
+        assert torch.equal(t, theirs[k]), k
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(direct(ids), old(ids))
+
+
+def _file_weights(path: Path) -> dict[str, torch.Tensor]:
+    """gguf-py's own dequantisation of the file's 2-D tensors, q/k rows in Hugging Face order."""
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32))
+        heads = {"attn_q": CONFIG.n_heads, "attn_k": CONFIG.n_kv_heads}.get(t.name.split(".")[-2])
+        out[t.name] = from_interleaved(w, heads) if heads else w
+    return out
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_q4_blocks_become_int4_exactly(tmp_path: Path, qtype: Q) -> None:
+    path = _write(tmp_path, qtype)
+    direct = camelid.load(path, quantize="int4", tokenizer=False).model
+    file = _file_weights(path)
+    for i, block in enumerate(direct.layers):
+        att, ffn = block.attention, block.feed_forward
+        parts = {"wqkv": ["attn_q", "attn_k", "attn_v"], "wo": ["attn_output"], "w13": ["ffn_gate", "ffn_up"],
+                 "w2": ["ffn_down"]}
+        for module, names in parts.items():
+            lin = getattr(att, module, None) or getattr(ffn, module)
+            assert isinstance(lin, Int4Linear)
+            # q d + m in fp32 both ways: the products of 4-bit codes and fp16 scales are exact in fp32
+            want = torch.cat([file[f"blk.{i}.{n}.weight"] for n in names])
+            got = linear.dequantize_reference("int4", lin.qweight, lin.scale, lin.minimum)
+            assert torch.equal(got, want), (i, module)
+    # so the logits differ from the file's fp32 model only by the int8 embedding and head (measured 0.012 max at
+    # a logit std of 0.31)
+    ref = _logits(load_gguf(path)[1])
+    logits = _logits(direct)
+    torch.testing.assert_close(logits, ref, atol=0.05, rtol=0)
+    # the old path re-quantised the blocks from their values (group min/max -> a new scale and minimum). A Q4_1
+    # group from gguf-py's quantiser holds codes 0 and 15, so that finds the same scale and minimum again; a
+    # Q4_0 group (minimum -8 d, codes rarely reaching 15) does not, and gains a second rounding: measured 12x
+    # the direct path's mean logit error
+    old = _logits(_old_path(path, "int4"))
+    if qtype == Q.Q4_1:
+        torch.testing.assert_close(logits, old, atol=1e-4, rtol=0)
+    else:
+        assert (old - ref).abs().mean() > 3 * (logits - ref).abs().mean()
+
+
+def test_weights_mapped_from_the_file_are_copy_on_write(tmp_path: Path) -> None:
+    path = _write(tmp_path, Q.F32)
+    before = path.read_bytes()
+    model = camelid.load(path, quantize="fp32", tokenizer=False).model
+    with torch.no_grad():
+        model.layers[0].attention.wo.weight.add_(1.0)  # memory-mapped: the change stays in this process
+        model.norm.weight.zero_()
+    del model
+    assert path.read_bytes() == before
+    again = camelid.load(path, tokenizer=False).model
+    with torch.no_grad():
+        again.layers[1].feed_forward.w2.weight.mul_(2.0)
+    assert path.read_bytes() == before
+
+
+def test_missing_tensor_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    add = gguf.GGUFWriter.add_tensor
+
+    def add_but_one(self: gguf.GGUFWriter, name: str, *args: object, **kwargs: object) -> None:
+        if name != "blk.1.ffn_up.weight":
+            add(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", add_but_one)
+    path = _write(tmp_path, Q.Q8_0)
+    with pytest.raises(CamelidError, match=r"missing tensor\(s\) layers.1.feed_forward.w3.weight") as e:
+        camelid.load(path, quantize="int4", tokenizer=False)
+    assert "\n" not in str(e.value)
