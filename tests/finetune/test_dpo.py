@@ -187,3 +187,29 @@ def test_resume_matches_an_uninterrupted_run(tiny_base: tuple[Path, Path], pairs
     ref = [{k: r[k] for k in COMPARED} for r in read_log(tmp_path / "ref" / "log.csv")]
     got = [{k: r[k] for k in COMPARED} for r in read_log(tmp_path / "cut" / "log.csv")]
     assert got == ref
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_match_one_process_accumulating_two(tiny_base: tuple[Path, Path], pairs_file: Path,
+                                                                   tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    base, _ = tiny_base
+    common = {"max_steps": 4, "checkpoint_interval": 0, "eval_interval": 2, "batch_size": 2}
+    dpo(FinetuneConfig(**settings(base, pairs_file, tmp_path / "one", grad_accum=2, **common)), progress=False)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    sets = [x for k, v in settings(base, pairs_file, tmp_path / "two", grad_accum=1, **common).items()
+            for x in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "camelid",
+           "finetune", *sets, "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (read_log(tmp_path / o / "log.csv") for o in ("one", "two"))
+    for a, b in zip(one, two, strict=True):
+        assert abs(float(a["loss"]) - float(b["loss"])) < 1e-5
+        if a["val_loss"]:
+            assert abs(float(a["val_loss"]) - float(b["val_loss"])) < 1e-5
