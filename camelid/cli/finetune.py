@@ -24,19 +24,26 @@ def finetune(
                                   "tokens marked, and exit without training."),
 ) -> None:
     """Fine-tune a model on chat, instruction or text data (LoRA by default; method=full trains every weight;
-    quantize=int4 is QLoRA). Under torchrun, on many processes (DDP)."""
+    quantize=int4 is QLoRA), on preference pairs with objective=dpo, or from a teacher with objective=kd. Under
+    torchrun, on many processes (DDP)."""
     from camelid.finetune import finetune as run
     from camelid.finetune import load_finetune_config
 
     cfg = load_finetune_config(config, set_ or [])
+    if cfg.objective == "dpo":
+        from camelid.finetune.dpo import dpo as run
+    elif cfg.objective == "kd":
+        from camelid.finetune.distill import distill as run
     if show_mask:
         _show_mask(cfg, show_mask)
         return
     result = run(cfg, resume=resume, progress=progress)
     if os.environ.get("RANK", "0") != "0":
         return
+    accuracy = result.val_metrics.get("val_accuracy")
     typer.echo(f"done: {result.steps} steps, train loss {result.final_loss:.4f}, held-out loss "
-               f"{result.val_loss:.4f}; {'adapter' if cfg.method == 'lora' else 'model'} in {cfg.export_path}, "
+               f"{result.val_loss:.4f}" + (f", preference accuracy {accuracy:.3f}" if accuracy is not None else "") +
+               f"; {'adapter' if cfg.method == 'lora' else 'model'} in {cfg.export_path}, "
                f"logs, plot and checkpoints in {result.out}")
 
 
@@ -59,6 +66,25 @@ def _show_mask(cfg: object, n: int) -> None:
             console.print(line, markup=False)
         else:
             typer.echo(line)
+
+
+@app.command("teacher-cache")
+def teacher_cache(
+    config: Path = typer.Argument(None, help="The distillation settings (objective: kd), as for `camelid finetune`."),
+    set_: list[str] = typer.Option(None, "--set", "-s", help="Override a setting: key=value (repeat), e.g. "
+                                   "--set teacher=smollm2-135m-instruct --set teacher_cache=topk.safetensors."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Run the teacher once over the training examples and write its top-k logits at every learned position to
+    teacher_cache, for `camelid finetune --set objective=kd --set teacher_cache=...` without the teacher in memory."""
+    from camelid.finetune import load_finetune_config
+    from camelid.finetune.distill import write_teacher_cache
+
+    cfg = load_finetune_config(config, set_ or [])
+    stats = write_teacher_cache(cfg, progress=progress)
+    typer.echo(f"wrote {cfg.teacher_cache}: top-{cfg.teacher_topk} logits at {int(stats['tokens']):,} positions, "
+               f"{stats['bytes'] / 1e6:.1f} MB ({stats['bytes_per_token']:.0f} bytes per token) in "
+               f"{stats['seconds']:.1f} s")
 
 
 adapter_app = typer.Typer(help="LoRA adapters: merge one into its base, or write it for llama.cpp.",

@@ -14,6 +14,10 @@ METHODS = ("lora", "full")
 DATA_FORMATS = ("auto", "chat", "instruction", "text")
 LONG_EXAMPLES = ("drop", "truncate")
 BASE_QUANTIZE = ("none", "int8", "int4")
+FINETUNE_OBJECTIVES = ("sft", "dpo", "kd")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+DPO_LOSSES = ("sigmoid", "ipo")
+REFERENCES = ("cached", "live")
 FIELD_NAMES = ("messages", "instruction", "input", "output", "text")
 
 
@@ -59,6 +63,21 @@ class FinetuneConfig(TrainConfig):
     sample_interval: int = 0
     sample_prompt: str = ""  # a user message answered every sample_interval steps
     checkpoint_interval: int = 50
+    # DPO (objective: dpo) on {"prompt", "chosen", "rejected"} records
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) or ipo
+    dpo_beta: float = 0.1  # the strength of the pull towards the reference (IPO's tau)
+    label_smoothing: float = 0.0  # the share of pairs assumed mislabelled (conservative DPO), sigmoid only
+    reference: str = "cached"  # cached: reference log-probs computed once, kept on disk; live: every step
+    reference_cache: str = ""  # the cache file (default: out/reference/<hash of model, adapter and data>.safetensors)
+    # knowledge distillation (objective: kd) on the same data as SFT
+    teacher: str = ""  # the teacher model (live), also the tokenizer of a fresh student
+    teacher_cache: str = ""  # else its top-k logits, written once by `camelid teacher-cache`
+    teacher_topk: int = 20  # logits per position kept in that cache
+    student: Any = ""  # a fresh student: a preset name or LlamaConfig fields ({preset: tiny-mha, dim: 256, ...})
+    kd_loss: str = "forward_kl"  # forward_kl, reverse_kl or jsd
+    kd_beta: float = 0.5  # the mixture weight of jsd
+    kd_temperature: float = 1.0
+    kd_ratio: float = 0.5  # the loss: kd_ratio x distillation + (1 - kd_ratio) x next-token cross-entropy
 
     @property
     def export_path(self) -> Path:
@@ -69,7 +88,9 @@ class FinetuneConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        choices = {"method": METHODS, "data_format": DATA_FORMATS, "long_examples": LONG_EXAMPLES,
+        choices = {"objective": FINETUNE_OBJECTIVES, "dpo_loss": DPO_LOSSES, "reference": REFERENCES,
+                   "kd_loss": KD_LOSSES,
+                   "method": METHODS, "data_format": DATA_FORMATS, "long_examples": LONG_EXAMPLES,
                    "quantize": BASE_QUANTIZE}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -94,6 +115,24 @@ class FinetuneConfig(TrainConfig):
             raise CamelidError(f"epochs must be 0 (use max_steps) or positive, got {self.epochs}")
         if self.distributed == "fsdp":
             raise CamelidError("fine-tuning runs under torchrun with distributed=ddp (FSDP is for pretraining)")
+        if self.objective == "dpo":
+            if not self.dpo_beta > 0:
+                raise CamelidError(f"dpo_beta must be positive, got {self.dpo_beta}")
+            if not 0.0 <= self.label_smoothing < 0.5:
+                raise CamelidError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            if self.reference == "live" and self.method != "lora":
+                raise CamelidError("reference=live recomputes the reference as the base with the adapters off; it "
+                                   "needs "
+                                   "method=lora (full fine-tuning uses the cached reference)")
+        if self.objective == "kd":
+            if not 0.0 <= self.kd_ratio <= 1.0 or not 0.0 < self.kd_beta < 1.0 or not self.kd_temperature > 0:
+                raise CamelidError(f"kd_ratio must be in [0, 1], kd_beta in (0, 1) and kd_temperature positive, got "
+                                   f"{self.kd_ratio}, {self.kd_beta}, {self.kd_temperature}")
+            if not isinstance(self.teacher_topk, int) or self.teacher_topk < 1:
+                raise CamelidError(f"teacher_topk must be a positive count, got {self.teacher_topk!r}")
+            if self.student and not self.teacher:
+                raise CamelidError("a fresh student takes the teacher's tokenizer: set teacher (the cache alone has "
+                                   "none)")
         if self.method == "lora":
             self.lora_spec()  # rank, alpha, dropout and targets checked now
 

@@ -87,6 +87,9 @@ class SFT:
     def __init__(self, cfg: TrainConfig, device: torch.device, data: SFTData | None = None) -> None:
         if not isinstance(cfg, FinetuneConfig):
             raise CamelidError("the sft objective takes a FinetuneConfig (camelid finetune CONFIG)")
+        if cfg.objective != "sft":
+            raise CamelidError(f"objective={cfg.objective} is not trained by finetune(); use camelid.finetune.dpo.dpo "
+                               "(or `camelid finetune --set objective=dpo`)")
         self.cfg, self.device = cfg, device
         self.tokenizer = load_tokenizer(cfg.model)
         self.data = data or load_sft_data(cfg, self.tokenizer)
