@@ -214,6 +214,35 @@ class VisionLlama(nn.Module):
         self._locate(positions)
         return self.text.hidden_states(input_ids, positions, key_mask=key_mask)
 
+    # -- the frozen blocks below the first cross-attention layer ----------------------------------------
+    @property
+    def image_free_blocks(self) -> int:
+        """How many of the text model's first blocks never see the image: all blocks before the first
+        cross-attention layer (that one's block is wrapped with it, so it runs later); 0 for the projector, whose image
+        tokens enter at the embeddings. Their output depends on the text alone, so training may compute it once
+        per distinct prompt (`prefix_states`) and start every later pass from there (`hidden_states_from`)."""
+        return self.layer_ids[0] if self.projector is None else 0
+
+    @torch.no_grad()
+    def prefix_states(self, input_ids: Tensor) -> Tensor:
+        """The residual stream [B, T, dim] after the image-free blocks (a causal pass, no image, no gradient)."""
+        x = self.text.tok_embeddings(input_ids)
+        cos, sin = self.text.rope(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
+        for block in self.text.layers[:self.image_free_blocks]:
+            x = block(x, cos, sin, None, None)
+        return x
+
+    def hidden_states_from(self, x: Tensor, images: Tensor | None = None) -> Tensor:
+        """The rest of a causal pass: the residual stream x [B, T, dim] after the image-free blocks -> the
+        final-norm hidden states, as hidden_states(input_ids, images=images) gives them."""
+        if images is not None:
+            with self.image(images):
+                return self.hidden_states_from(x)
+        cos, sin = self.text.rope(torch.arange(x.shape[1], device=x.device), x.dtype)
+        for block in self.text.layers[self.image_free_blocks:]:
+            x = block(x, cos, sin, None, None)
+        return self.text.norm(x)
+
     def _locate(self, positions: Tensor | None) -> None:
         """The projector's image tokens go in only where a call starts at position 0 (not in decode steps)."""
         if self.projector is not None:

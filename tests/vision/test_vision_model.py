@@ -139,3 +139,31 @@ def test_config_errors_are_one_line() -> None:
         tiny_vision("projector", pixel_shuffle=3)
     with pytest.raises(CamelidError, match="shape"):
         tiny_vision()(torch.zeros(1, 3, dtype=torch.long), images=torch.zeros(1, 3, 8, 8))
+
+
+def test_training_from_cached_image_free_states_gives_the_full_pass_loss() -> None:
+    from camelid.vision.model import IGNORE
+    from camelid.vision.objective import PrefixCache, SceneTrainer
+
+    model = tiny_vision(open_gates=True)  # every=2: blocks 0 (and its cross layer at 1) onwards
+    assert model.image_free_blocks == model.layer_ids[0] == 1
+    assert tiny_vision("projector").image_free_blocks == 0
+    ids = torch.randint(1, model.config.vocab_size, (3, 10))
+    targets = torch.full((3, 10), IGNORE)
+    targets[0, 4:8] = ids[0, 5:9]  # rows of lengths 8, 10 and 6 (padding after them is never scored)
+    targets[1, 6:] = 7
+    targets[2, 3:6] = 5
+    ids[2, 6:] = 0
+    images = pixels(3)
+    trainer = SceneTrainer(model, weight=0.0, prefix_cache=100)
+    expected = model(ids, images=images, targets=targets)
+    for _ in range(2):  # filling the cache, then reading it
+        assert torch.allclose(trainer.answer_loss(ids, images, targets), expected, atol=1e-5)
+    assert (trainer.prefix_cache.hits, trainer.prefix_cache.misses) == (3, 3)
+    shorter = ids[:, :8].clone()  # the same rows in a batch padded to another length hit the same entries
+    assert torch.allclose(trainer.answer_loss(shorter[[0, 2]], images[[0, 2]], targets[[0, 2], :8]),
+                          model(shorter[[0, 2]], images=images[[0, 2]], targets=targets[[0, 2], :8]), atol=1e-5)
+    assert trainer.prefix_cache.misses == 3
+    cache = PrefixCache(2)
+    cache.states(model, ids, targets)
+    assert len(cache.rows) == 2  # the oldest went
