@@ -212,10 +212,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
     model = D.wrap(raw, cfg.distributed, info, blocks)  # `raw` itself when there is one process
     compile_opt = compiles_optimizer(cfg, device, fsdp)
     optimizer = build_optimizer(model, cfg, device, compiled=compile_opt)
-    horizon = cfg.max_steps  # the step the schedule ends at; a time budget may bring it closer
+    horizon = cfg.max_steps  # the last step; a time budget may bring it closer
+    schedule_end = float(horizon)  # the step the schedule ends at (with a budget: follows the budget's use)
     min_ratio = cfg.min_lr / cfg.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, horizon, min_ratio, cfg.lr_schedule))
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, schedule_end, min_ratio, cfg.lr_schedule))
 
     # an objective that trains a few tensors over a frozen model (LoRA) checkpoints those alone
     kept = ({n for n, p in raw.named_parameters() if p.requires_grad}
@@ -232,6 +233,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
                                "raise max_steps to train further")
         if cfg.time_budget_s or cfg.cpu_budget_s:  # the budget counts the time before the interruption too
             horizon = min(cfg.max_steps, int(state.get("horizon", cfg.max_steps)))
+            schedule_end = float(state.get("schedule_end", horizon))
         spent_before = float(state.get("train_seconds", 0.0))
         cpu_before = float(state.get("train_cpu_seconds", 0.0))
     forward = torch.compile(model) if cfg.compile else model
@@ -289,6 +291,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
                     pace = (marks[-1][i] - marks[0][i]) / (len(marks) - 1)
                     horizon = min(horizon, steps_that_fit(budget, spent + marks[-1][i], done, pace, cfg.max_steps))
             bar.total = horizon
+            # the schedule runs on the share of the budget spent, not on steps: steps of unequal cost (an
+            # objective's cheap first phase) would otherwise end it early, at the dear steps' expense
+            used = max(spent / budget for budget, spent in ((cfg.time_budget_s, spent_before + marks[-1][0]),
+                                                             (cfg.cpu_budget_s, cpu_before + marks[-1][1])) if budget)
+            w = cfg.warmup_steps
+            schedule_end = min(float(cfg.max_steps), w + (done - w) / used) if done > w and used > 0 else float(horizon)
         last = done >= horizon
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -330,7 +338,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
         if cfg.checkpoint_interval and (done % cfg.checkpoint_interval == 0 or last):
             spent = spent_before + time.perf_counter() - t_start
             _save(out, done, raw, model, optimizer, scheduler, cfg, info, fsdp,
-                  {"horizon": horizon, "train_seconds": spent, "tokens": tokens_seen,
+                  {"horizon": horizon, "schedule_end": schedule_end, "train_seconds": spent, "tokens": tokens_seen,
                    "train_cpu_seconds": cpu_before + time.process_time() - cpu_start}, kept)
         if last:
             break
