@@ -16,6 +16,7 @@ With no image set, a request runs exactly as on the text model alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,6 +124,7 @@ class VisionLlama(nn.Module):
             self.projector = ImageProjector(config.vit.grid, config.vit.dim, tc.dim,
                                             config.projector_hidden or tc.dim, config.pixel_shuffle)
             text.tok_embeddings = ImagePrefixEmbedding(text.tok_embeddings)
+        self._text_only: Llama | None = None
         self.text = text  # registered after the trained parts, so that parameters() names them cross.*, not text.*
         p = text.norm.weight
         for module in (self.vision, self.cross, self.projector):
@@ -148,6 +150,21 @@ class VisionLlama(nn.Module):
     def clear_cache(self) -> None:
         """Frees the text model's KV cache; the image (and its keys and values) stays set."""
         self.text.clear_cache()
+
+    def text_only(self) -> Llama:
+        """The text model as it was before joining: a Llama sharing every tensor (and the KV caches) with this
+        one, with its own blocks and embeddings in place of the wrappers. A request without an image runs on it
+        exactly as on the text model alone, through the same fast paths (the C++ decode step of a fused or
+        quantised model); the cross-attention layers would be skipped anyway."""
+        if self._text_only is None:
+            view = copy.copy(self.text)  # a shallow copy: same parameters and buffers, its own module table
+            view._modules = dict(self.text._modules)
+            view.layers = nn.ModuleList(b.block if isinstance(b, BlockThenCrossAttention) else b
+                                        for b in self.text.layers)
+            if isinstance(view.tok_embeddings, ImagePrefixEmbedding):
+                view.tok_embeddings = view.tok_embeddings.embedding
+            object.__setattr__(self, "_text_only", view)  # not a submodule: parameters() must not list it twice
+        return self._text_only
 
     # -- images ---------------------------------------------------------------------------------------
     @property

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import pixels, tiny_text, tiny_vision
 
-from camelid import CamelidError
+from camelid import CamelidError, Llama
 from camelid.generate import generate
 from camelid.model import Block
 from camelid.variants.fused import fuse
@@ -167,3 +167,31 @@ def test_training_from_cached_image_free_states_gives_the_full_pass_loss() -> No
     cache = PrefixCache(2)
     cache.states(model, ids, targets)
     assert len(cache.rows) == 2  # the oldest went
+
+
+@pytest.mark.parametrize("fusion", ["cross-attention", "projector"])
+def test_text_only_view_is_the_text_model_and_takes_the_fast_path(fusion: str) -> None:
+    from camelid.variants.decode_step import refusal
+
+    text = fuse(tiny_text())
+    ids = torch.randint(0, text.config.vocab_size, (2, 20))  # room for the projector's 16 image tokens
+    with torch.no_grad():
+        expected = text(ids)
+    model = tiny_vision(fusion, open_gates=True, fused=True)
+    if fusion == "projector":
+        with torch.no_grad():
+            for p in model.projector.parameters():
+                p.add_(torch.randn_like(p))
+    names = [n for n, _ in model.named_parameters()]
+    view = model.text_only()
+    assert type(view) is Llama and all(type(b) is Block for b in view.layers) and view is model.text_only()
+    assert refusal(view) is None  # the C++ decode step would take it (the vision model itself it refuses)
+    assert refusal(model) is not None
+    assert all(isinstance(b, BlockThenCrossAttention) for b in model.text.layers[1::2]) or fusion == "projector"
+    assert [n for n, _ in model.named_parameters()] == names  # the view is not a submodule
+    with torch.no_grad():
+        assert torch.equal(view(ids), expected)
+        assert torch.equal(view(ids), model(ids))  # no image set: the vision model is its text model
+    with model.image(pixels(1)), torch.no_grad():
+        assert not torch.equal(model(ids), expected)  # the view never sees the image
+        assert torch.equal(view(ids), expected)
