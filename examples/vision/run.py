@@ -139,7 +139,8 @@ def plot(results: list[dict[str, object]], png: Path) -> None:
                  label=f"{r['design']} ({r['image_tokens']} image tokens)")
     ax2.axhline(0.9, ls="--", color="grey", lw=0.8)
     ax2.set_xlim(ax1.get_xlim())
-    ax1.set(xlabel="training CPU-minutes", ylabel="loss (nats)", title="training loss: the cells alone, then answers + cells")
+    ax1.set(xlabel="training CPU-minutes", ylabel="loss (nats)",
+            title="training loss: the cells alone, then answers + cells")
     ax1.set_yscale("log")
     ax2.set(xlabel="training CPU-minutes", ylabel="exact match", ylim=(0, 1),
             title="held-out questions on unseen colour-shape pairs")
