@@ -74,7 +74,9 @@ class LLM:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty)
         stop_ids = tok.stop_ids
-        tokens = generate_tokens(self.model, ids, max_new_tokens, params, stop_ids=stop_ids, seed=seed)
+        # a vision model without an image set is its text model: run that, on its fast paths
+        model = self.model.text_only() if hasattr(self.model, "text_only") and not self.model.has_image else self.model
+        tokens = generate_tokens(model, ids, max_new_tokens, params, stop_ids=stop_ids, seed=seed)
         stats = {} if stats is None else stats
         stats.update(prompt_tokens=len(ids), new_tokens=0, start=time.perf_counter())
 

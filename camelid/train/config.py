@@ -80,6 +80,10 @@ class TrainConfig:
     # stop after this much wall time (evaluation included) with the schedule decayed: max_steps shrinks to the
     # steps that fit, re-estimated every step (one process only; such a run's length depends on the machine)
     time_budget_s: float = 0.0
+    # the same with this process's CPU time (time.process_time: all its threads, evaluation included): on a shared
+    # machine the wall clock counts other people's work, CPU time does not; with N busy threads it runs N times as
+    # fast as the wall clock. With both budgets the run ends at whichever comes first.
+    cpu_budget_s: float = 0.0
     seed: int = 1337
     peak_flops: float = 0.0  # per device, for MFU; 0: a table for known GPUs, a measured fp32 matmul peak on CPU
 
@@ -151,6 +155,8 @@ class TrainConfig:
             raise CamelidError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         if self.time_budget_s < 0:
             raise CamelidError(f"time_budget_s must be 0 (none) or a number of seconds, got {self.time_budget_s}")
+        if self.cpu_budget_s < 0:
+            raise CamelidError(f"cpu_budget_s must be 0 (none) or a number of CPU seconds, got {self.cpu_budget_s}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

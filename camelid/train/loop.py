@@ -9,6 +9,7 @@ accumulating 2 micro-batches, and a resumed run sees what it would have seen had
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import functools
@@ -33,7 +34,11 @@ from camelid.train.config import TrainConfig
 from camelid.train.flops import gpu_peak, measure_matmul_peak
 from camelid.train.objectives import Objective, ObjectiveFactory, autocast, get_objective
 
-LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "val_loss", "val_bpb", "tokens", "elapsed_s", "tokens_per_s", "mfu"]
+LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "val_loss", "val_bpb", "tokens", "elapsed_s", "tokens_per_s", "mfu",
+              "cpu_s"]
+
+
+PACE_STEPS = 50  # a time budget's pace: the mean of the last steps (evaluations included)
 
 
 def log_fields(val_fields: list[str]) -> list[str]:
@@ -188,9 +193,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
     from tqdm import tqdm
 
     device, out = info.device, Path(cfg.out)
-    if cfg.time_budget_s and info.enabled:
-        raise CamelidError("time_budget_s needs one process (each would stop at its own step); under torchrun "
-                           "set max_steps instead")
+    if (cfg.time_budget_s or cfg.cpu_budget_s) and info.enabled:
+        raise CamelidError("time_budget_s and cpu_budget_s need one process (each would stop at its own step); "
+                           "under torchrun set max_steps instead")
     objective: Objective = make_objective(cfg, device)  # the data, and what is trained on it
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -207,16 +212,17 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
     model = D.wrap(raw, cfg.distributed, info, blocks)  # `raw` itself when there is one process
     compile_opt = compiles_optimizer(cfg, device, fsdp)
     optimizer = build_optimizer(model, cfg, device, compiled=compile_opt)
-    horizon = cfg.max_steps  # the step the schedule ends at; a time budget may bring it closer
+    horizon = cfg.max_steps  # the last step; a time budget may bring it closer
+    schedule_end = float(horizon)  # the step the schedule ends at (with a budget: follows the budget's use)
     min_ratio = cfg.min_lr / cfg.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, horizon, min_ratio, cfg.lr_schedule))
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, schedule_end, min_ratio, cfg.lr_schedule))
 
     # an objective that trains a few tensors over a frozen model (LoRA) checkpoints those alone
     kept = ({n for n, p in raw.named_parameters() if p.requires_grad}
             if getattr(objective, "saves_trainable_only", False) else None)
     counts_tokens = hasattr(objective, "tokens")  # rows with padding: count real tokens, not token slots
-    start, spent_before, tokens_before = 0, 0.0, 0
+    start, spent_before, cpu_before, tokens_before = 0, 0.0, 0.0, 0
     if resume:
         state = _restore(out, raw, model, optimizer, scheduler, fsdp, kept)
         start = int(state["step"])
@@ -225,9 +231,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
         if start >= cfg.max_steps:
             raise CamelidError(f"the checkpoint is at step {start}, already at max_steps {cfg.max_steps}; "
                                "raise max_steps to train further")
-        if cfg.time_budget_s:  # the budget counts the time before the interruption too
+        if cfg.time_budget_s or cfg.cpu_budget_s:  # the budget counts the time before the interruption too
             horizon = min(cfg.max_steps, int(state.get("horizon", cfg.max_steps)))
-            spent_before = float(state.get("train_seconds", 0.0))
+            schedule_end = float(state.get("schedule_end", horizon))
+        spent_before = float(state.get("train_seconds", 0.0))
+        cpu_before = float(state.get("train_cpu_seconds", 0.0))
     forward = torch.compile(model) if cfg.compile else model
     optimizer_step = torch.compile(optimizer.step) if compile_opt else optimizer.step
 
@@ -248,6 +256,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
             bar.write(intro)
 
     t_start = time.perf_counter()
+    cpu_start = time.process_time()  # this process's CPU time, all its threads: a busy machine does not shrink it
+    marks = collections.deque([(0.0, 0.0)], maxlen=PACE_STEPS + 1)  # (wall, CPU) seconds after the last steps
     loss_value, val_metrics, done = float("nan"), {}, start
     tokens_seen = tokens_before if counts_tokens else start * tok_per_step
     model.train()
@@ -273,10 +283,20 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
             grad_norm = grad_norm.full_tensor()
         optimizer_step()
         done = step + 1
-        if cfg.time_budget_s:  # the schedule decays to the last step that fits, re-estimated at every step
-            now = time.perf_counter() - t_start
-            horizon = steps_that_fit(cfg.time_budget_s, spent_before + now, done, now / (done - start), cfg.max_steps)
+        if cfg.time_budget_s or cfg.cpu_budget_s:  # the schedule decays to the last step that fits, re-estimated
+            horizon = cfg.max_steps                   # at every step (whichever budget ends first)
+            marks.append((time.perf_counter() - t_start, time.process_time() - cpu_start))
+            for i, (budget, spent) in enumerate(((cfg.time_budget_s, spent_before), (cfg.cpu_budget_s, cpu_before))):
+                if budget:  # the pace of the recent steps: a run whose steps grow dearer (a phase) is not misled
+                    pace = (marks[-1][i] - marks[0][i]) / (len(marks) - 1)
+                    horizon = min(horizon, steps_that_fit(budget, spent + marks[-1][i], done, pace, cfg.max_steps))
             bar.total = horizon
+            # the schedule runs on the share of the budget spent, not on steps: steps of unequal cost (an
+            # objective's cheap first phase) would otherwise end it early, at the dear steps' expense
+            used = max(spent / budget for budget, spent in ((cfg.time_budget_s, spent_before + marks[-1][0]),
+                                                             (cfg.cpu_budget_s, cpu_before + marks[-1][1])) if budget)
+            w = cfg.warmup_steps
+            schedule_end = min(float(cfg.max_steps), w + (done - w) / used) if done > w and used > 0 else float(horizon)
         last = done >= horizon
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -295,7 +315,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
         row: dict[str, Any] = {"step": done, "loss": repr(loss_value), "lr": repr(lr),
                                "grad_norm": repr(float(grad_norm)), "tokens": tokens_seen,
                                "elapsed_s": f"{time.perf_counter() - t_start:.3f}",
-                               "tokens_per_s": f"{step_tokens / dt:.1f}", "mfu": f"{mfu:.4f}"}
+                               "tokens_per_s": f"{step_tokens / dt:.1f}", "mfu": f"{mfu:.4f}",
+                               "cpu_s": f"{cpu_before + time.process_time() - cpu_start:.3f}"}
 
         if cfg.eval_interval and (done % cfg.eval_interval == 0 or last):
             # the last evaluation always covers the whole validation split
@@ -322,7 +343,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, progress: bool,
         if cfg.checkpoint_interval and (done % cfg.checkpoint_interval == 0 or last):
             spent = spent_before + time.perf_counter() - t_start
             _save(out, done, raw, model, optimizer, scheduler, cfg, info, fsdp,
-                  {"horizon": horizon, "train_seconds": spent, "tokens": tokens_seen}, kept)
+                  {"horizon": horizon, "schedule_end": schedule_end, "train_seconds": spent, "tokens": tokens_seen,
+                   "train_cpu_seconds": cpu_before + time.process_time() - cpu_start}, kept)
         if last:
             break
     bar.close()

@@ -16,6 +16,7 @@ With no image set, a request runs exactly as on the text model alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,6 +124,7 @@ class VisionLlama(nn.Module):
             self.projector = ImageProjector(config.vit.grid, config.vit.dim, tc.dim,
                                             config.projector_hidden or tc.dim, config.pixel_shuffle)
             text.tok_embeddings = ImagePrefixEmbedding(text.tok_embeddings)
+        self._text_only: Llama | None = None
         self.text = text  # registered after the trained parts, so that parameters() names them cross.*, not text.*
         p = text.norm.weight
         for module in (self.vision, self.cross, self.projector):
@@ -148,6 +150,21 @@ class VisionLlama(nn.Module):
     def clear_cache(self) -> None:
         """Frees the text model's KV cache; the image (and its keys and values) stays set."""
         self.text.clear_cache()
+
+    def text_only(self) -> Llama:
+        """The text model as it was before joining: a Llama sharing every tensor (and the KV caches) with this
+        one, with its own blocks and embeddings in place of the wrappers. A request without an image runs on it
+        exactly as on the text model alone, through the same fast paths (the C++ decode step of a fused or
+        quantised model); the cross-attention layers would be skipped anyway."""
+        if self._text_only is None:
+            view = copy.copy(self.text)  # a shallow copy: same parameters and buffers, its own module table
+            view._modules = dict(self.text._modules)
+            view.layers = nn.ModuleList(b.block if isinstance(b, BlockThenCrossAttention) else b
+                                        for b in self.text.layers)
+            if isinstance(view.tok_embeddings, ImagePrefixEmbedding):
+                view.tok_embeddings = view.tok_embeddings.embedding
+            object.__setattr__(self, "_text_only", view)  # not a submodule: parameters() must not list it twice
+        return self._text_only
 
     # -- images ---------------------------------------------------------------------------------------
     @property
@@ -213,6 +230,35 @@ class VisionLlama(nn.Module):
                 return self.hidden_states(input_ids, positions, key_mask=key_mask)
         self._locate(positions)
         return self.text.hidden_states(input_ids, positions, key_mask=key_mask)
+
+    # -- the frozen blocks below the first cross-attention layer ----------------------------------------
+    @property
+    def image_free_blocks(self) -> int:
+        """How many of the text model's first blocks never see the image: all blocks before the first
+        cross-attention layer (that one's block is wrapped with it, so it runs later); 0 for the projector, whose image
+        tokens enter at the embeddings. Their output depends on the text alone, so training may compute it once
+        per distinct prompt (`prefix_states`) and start every later pass from there (`hidden_states_from`)."""
+        return self.layer_ids[0] if self.projector is None else 0
+
+    @torch.no_grad()
+    def prefix_states(self, input_ids: Tensor) -> Tensor:
+        """The residual stream [B, T, dim] after the image-free blocks (a causal pass, no image, no gradient)."""
+        x = self.text.tok_embeddings(input_ids)
+        cos, sin = self.text.rope(torch.arange(input_ids.shape[1], device=input_ids.device), x.dtype)
+        for block in self.text.layers[:self.image_free_blocks]:
+            x = block(x, cos, sin, None, None)
+        return x
+
+    def hidden_states_from(self, x: Tensor, images: Tensor | None = None) -> Tensor:
+        """The rest of a causal pass: the residual stream x [B, T, dim] after the image-free blocks -> the
+        final-norm hidden states, as hidden_states(input_ids, images=images) gives them."""
+        if images is not None:
+            with self.image(images):
+                return self.hidden_states_from(x)
+        cos, sin = self.text.rope(torch.arange(x.shape[1], device=x.device), x.dtype)
+        for block in self.text.layers[self.image_free_blocks:]:
+            x = block(x, cos, sin, None, None)
+        return self.text.norm(x)
 
     def _locate(self, positions: Tensor | None) -> None:
         """The projector's image tokens go in only where a call starts at position 0 (not in decode steps)."""

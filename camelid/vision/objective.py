@@ -51,17 +51,27 @@ class SceneTrainer(nn.Module):
     of the pictures the head sees are in shades of grey, their colours not asked: shape must then be seen apart
     from colour, which is what a never-seen colour-shape pair needs."""
 
-    def __init__(self, model: VisionLlama, weight: float) -> None:
+    def __init__(self, model: VisionLlama, weight: float, prefix_cache: int = 0) -> None:
         super().__init__()
         self.model = model
         self.weight = weight
         self.scene_head = nn.Linear(model.vision_config.vit.dim, len(COLOURS) + len(SHAPES) + len(SIZES) + 3)
+        # the image-free blocks' output per distinct prompt (a question and its answer: a few thousand in all),
+        # computed once: the frozen text model's first blocks then cost nothing after the first epoch of prompts
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache and model.image_free_blocks else None
+
+    def answer_loss(self, input_ids: Tensor, pixels: Tensor, targets: Tensor) -> Tensor:
+        if self.prefix_cache is None:
+            return self.model(input_ids, images=pixels, targets=targets)
+        h = self.model.hidden_states_from(self.prefix_cache.states(self.model, input_ids, targets), images=pixels)
+        scored = targets != IGNORE
+        return F.cross_entropy(self.model.text.output(h[scored]).float(), targets[scored])
 
     def forward(self, input_ids: Tensor | None, pixels: Tensor, targets: Tensor | None, scene_pixels: Tensor,
                 cells: Tensor) -> Tensor:
         """The answers' loss plus `weight` x the cells' loss; without input_ids (the encoder's first steps) the
         cells' loss alone, and the text model is not run at all."""
-        loss = 0.0 if input_ids is None else self.model(input_ids, images=pixels, targets=targets)
+        loss = 0.0 if input_ids is None else self.answer_loss(input_ids, pixels, targets)
         if not self.weight:
             return loss
         v = self.model.vision_config.vit
@@ -74,6 +84,39 @@ class SceneTrainer(nn.Module):
         return loss + self.weight * scene / 3
 
 
+class PrefixCache:
+    """The residual stream after a vision model's image-free blocks (VisionLlama.prefix_states), kept per row of
+    token ids, at most `size` rows (then the oldest go). A row's states do not depend on the padding after it
+    (causal attention), so each is stored at its own length; padding positions get zeros (never scored, never
+    attended to by a real position)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rows: dict[tuple[int, ...], Tensor] = {}
+        self.hits = self.misses = 0
+
+    def states(self, model: VisionLlama, input_ids: Tensor, targets: Tensor) -> Tensor:
+        scored = targets != IGNORE  # a row ends where its last target is (the end token's)
+        lengths = [int(r.nonzero()[-1]) + 1 for r in scored]
+        keys = [tuple(input_ids[i, :n].tolist()) for i, n in enumerate(lengths)]
+        missing = sorted({k for k in keys if k not in self.rows}, key=len)
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            longest = len(missing[-1])  # padded with token 0: causal attention keeps it out of the real positions
+            batch = torch.tensor([list(k) + [0] * (longest - len(k)) for k in missing], device=input_ids.device)
+            fresh = model.prefix_states(batch)
+            for k, row in zip(missing, fresh, strict=True):
+                self.rows[k] = row[:len(k)].clone()
+        first = self.rows[keys[0]]
+        out = first.new_zeros(input_ids.shape[0], input_ids.shape[1], first.shape[-1])
+        for i, k in enumerate(keys):
+            out[i, :len(k)] = self.rows[k]
+        while len(self.rows) > self.size:
+            del self.rows[next(iter(self.rows))]
+        return out
+
+
 def cell_labels(scene: Scene) -> list[list[int]]:
     """Per cell (reading order): colour, shape and size indices, each with 'nothing here' as the last class."""
     labels = [[len(COLOURS), len(SHAPES), len(SIZES)] for _ in CELLS]
@@ -83,7 +126,7 @@ def cell_labels(scene: Scene) -> list[list[int]]:
 
 
 # in the `model` mapping, but this objective's, not the model's
-TRAINING_SETTINGS = ("scene_loss", "encoder_steps", "heldout_questions")
+TRAINING_SETTINGS = ("scene_loss", "encoder_steps", "heldout_questions", "prefix_cache")
 
 
 def split_settings(model: dict) -> tuple[dict, dict]:
@@ -117,6 +160,7 @@ class VisionQA:
         spec, training = split_settings(cfg.model)
         self.scene_loss = float(training.get("scene_loss", 1.0))  # weight of SceneTrainer's cell labels (0: off)
         self.encoder_steps = int(training.get("encoder_steps", 0))  # first steps: the encoder alone, on the cells
+        self.prefix_cache = int(training.get("prefix_cache", 0))  # prompts whose image-free states are kept
         if self.encoder_steps and not self.scene_loss:
             raise CamelidError("model.encoder_steps trains the encoder on the scene labels: set model.scene_loss > 0")
         # the last evaluation scores the first heldout_questions of the 600 (the kinds in turn): fewer on a busy machine
@@ -139,10 +183,11 @@ class VisionQA:
         self.heldout = heldout_set(self.heldout_n)
         self.seen = seen_set(max(1, self.heldout_n * SEEN_QUESTIONS // HELDOUT_QUESTIONS))
         self._batches: dict[tuple[str, int], list[dict[str, Tensor]]] = {}
+        self.step, self.evaluated = -1, False  # the last step a batch was made for; whether an evaluation ran
 
     def build_model(self) -> nn.Module:
         model = VisionLlama(self.base.model, self.vision_config, dtype=torch.float32)
-        return SceneTrainer(model, self.scene_loss).to(self.device)
+        return SceneTrainer(model, self.scene_loss, self.prefix_cache).to(self.device)
 
     @staticmethod
     def blocks(model: nn.Module) -> nn.ModuleList:
@@ -186,6 +231,7 @@ class VisionQA:
                 "scene_pixels": scene_pixels.to(self.device), "cells": cells.to(self.device)}
 
     def batch(self, step: int, index: int) -> dict[str, Tensor]:
+        self.step = step
         rng = np.random.default_rng([self.cfg.seed, step, index])
         batch = self.collate([training_example(rng) for _ in range(self.cfg.batch_size)])
         if step < self.encoder_steps:  # the encoder learns to see first, the text model idle
@@ -227,6 +273,9 @@ class VisionQA:
     def evaluate(self, model: nn.Module, full: bool = False) -> dict[str, float]:
         """Held-out questions (the first eval_tokens / block_size of them unless `full` or eval_tokens is 0)."""
         cfg = self.cfg
+        if not full and self.evaluated and self.step + 1 < self.encoder_steps:
+            return {}  # the encoder alone is training: the text model is not reading the image yet (one baseline)
+        self.evaluated = True
         n = self.heldout_n if full or not cfg.eval_tokens else \
             max(1, min(self.heldout_n, cfg.eval_tokens // cfg.block_size))
         model = model.model  # the vision model, without SceneTrainer's head
@@ -247,6 +296,8 @@ class VisionQA:
 
     @staticmethod
     def describe(metrics: dict[str, float]) -> str:
+        if not metrics:
+            return "the image encoder alone is training (no evaluation)"
         metrics = {k: metrics.get(k, float("nan")) for k in VisionQA.log_fields}  # nan: no evaluation ran
         kinds = ", ".join(f"{k} {metrics.get(f'val_acc_{k}', float('nan')):.2f}" for k in KINDS)
         return (f"held-out loss {metrics['val_loss']:.4f}, exact match {metrics['val_acc']:.3f} on unseen "

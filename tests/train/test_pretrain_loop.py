@@ -154,3 +154,20 @@ def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert not list((tmp_path / "checkpoints").glob(".*"))
     weights, _, meta = ckpt.load(ckpt.latest(tmp_path))
     assert weights["w"].equal(torch.ones(3)) and meta["step"] == 1
+
+
+def test_a_cpu_budget_ends_the_run_with_the_schedule_decayed_and_logs_cpu_time(small_data, tmp_path) -> None:
+    """A CPU budget no step fits in: the first step is the last, at min_lr's end of the schedule; cpu_s counts
+    this process's CPU seconds (never fewer than 0, never decreasing)."""
+    cfg = tiny(small_data, tmp_path, "max_steps=50", "eval_interval=0", "checkpoint_interval=0", "cpu_budget_s=1e-6")
+    train(cfg, progress=False)
+    rows = read_log(tmp_path / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1]
+    assert float(rows[0]["cpu_s"]) > 0
+    big = tiny(small_data, tmp_path / "b", "max_steps=3", "eval_interval=0", "checkpoint_interval=0",
+               "cpu_budget_s=1e6")
+    train(big, progress=False)
+    cpu = [float(r["cpu_s"]) for r in read_log(tmp_path / "b" / "log.csv")]
+    assert len(cpu) == 3 and cpu == sorted(cpu)
+    with pytest.raises(CamelidError, match="cpu_budget_s must be"):
+        tiny(small_data, tmp_path, "cpu_budget_s=-1")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import pixels, tiny_text, tiny_vision
 
-from camelid import CamelidError
+from camelid import CamelidError, Llama
 from camelid.generate import generate
 from camelid.model import Block
 from camelid.variants.fused import fuse
@@ -139,3 +139,59 @@ def test_config_errors_are_one_line() -> None:
         tiny_vision("projector", pixel_shuffle=3)
     with pytest.raises(CamelidError, match="shape"):
         tiny_vision()(torch.zeros(1, 3, dtype=torch.long), images=torch.zeros(1, 3, 8, 8))
+
+
+def test_training_from_cached_image_free_states_gives_the_full_pass_loss() -> None:
+    from camelid.vision.model import IGNORE
+    from camelid.vision.objective import PrefixCache, SceneTrainer
+
+    model = tiny_vision(open_gates=True)  # every=2: blocks 0 (and its cross layer at 1) onwards
+    assert model.image_free_blocks == model.layer_ids[0] == 1
+    assert tiny_vision("projector").image_free_blocks == 0
+    ids = torch.randint(1, model.config.vocab_size, (3, 10))
+    targets = torch.full((3, 10), IGNORE)
+    targets[0, 4:8] = ids[0, 5:9]  # rows of lengths 8, 10 and 6 (padding after them is never scored)
+    targets[1, 6:] = 7
+    targets[2, 3:6] = 5
+    ids[2, 6:] = 0
+    images = pixels(3)
+    trainer = SceneTrainer(model, weight=0.0, prefix_cache=100)
+    expected = model(ids, images=images, targets=targets)
+    for _ in range(2):  # filling the cache, then reading it
+        assert torch.allclose(trainer.answer_loss(ids, images, targets), expected, atol=1e-5)
+    assert (trainer.prefix_cache.hits, trainer.prefix_cache.misses) == (3, 3)
+    shorter = ids[:, :8].clone()  # the same rows in a batch padded to another length hit the same entries
+    assert torch.allclose(trainer.answer_loss(shorter[[0, 2]], images[[0, 2]], targets[[0, 2], :8]),
+                          model(shorter[[0, 2]], images=images[[0, 2]], targets=targets[[0, 2], :8]), atol=1e-5)
+    assert trainer.prefix_cache.misses == 3
+    cache = PrefixCache(2)
+    cache.states(model, ids, targets)
+    assert len(cache.rows) == 2  # the oldest went
+
+
+@pytest.mark.parametrize("fusion", ["cross-attention", "projector"])
+def test_text_only_view_is_the_text_model_and_takes_the_fast_path(fusion: str) -> None:
+    from camelid.variants.decode_step import refusal
+
+    text = fuse(tiny_text())
+    ids = torch.randint(0, text.config.vocab_size, (2, 20))  # room for the projector's 16 image tokens
+    with torch.no_grad():
+        expected = text(ids)
+    model = tiny_vision(fusion, open_gates=True, fused=True)
+    if fusion == "projector":
+        with torch.no_grad():
+            for p in model.projector.parameters():
+                p.add_(torch.randn_like(p))
+    names = [n for n, _ in model.named_parameters()]
+    view = model.text_only()
+    assert type(view) is Llama and all(type(b) is Block for b in view.layers) and view is model.text_only()
+    assert refusal(view) is None  # the C++ decode step would take it (the vision model itself it refuses)
+    assert refusal(model) is not None
+    assert all(isinstance(b, BlockThenCrossAttention) for b in model.text.layers[1::2]) or fusion == "projector"
+    assert [n for n, _ in model.named_parameters()] == names  # the view is not a submodule
+    with torch.no_grad():
+        assert torch.equal(view(ids), expected)
+        assert torch.equal(view(ids), model(ids))  # no image set: the vision model is its text model
+    with model.image(pixels(1)), torch.no_grad():
+        assert not torch.equal(model(ids), expected)  # the view never sees the image
+        assert torch.equal(view(ids), expected)
