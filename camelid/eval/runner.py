@@ -68,9 +68,10 @@ class Evaluator:
         self.model = None if self.server else llm.model
         self.settings = settings or Settings()
         self.show_progress = show_progress
-        if self.server:  # the server reads max_length + 1 tokens: the prompt's last one is scored, not read
-            self.context = self.server.context_length or 1 + (self.settings.max_length or 2048)
-            default = self.context - 1
+        if self.server:  # a prompt of max_length + 1 tokens (its last one is scored, not read) and the one
+            # token of max_tokens 0 that a server's context check counts
+            self.context = self.server.context_length or 2 + (self.settings.max_length or 2048)
+            default = self.context - 2
         else:
             self.context = default = llm.config.max_seq_len
         self.max_length = self.settings.max_length or default
