@@ -24,7 +24,11 @@ def eval_(
                                   help="comma-separated: fp32 (as loaded), int8, int4 (weight-only quantised)"),
     num_fewshot: int = typer.Option(0, "--num-fewshot", "-k", min=0, help="solved examples before each question"),
     chat: bool = typer.Option(False, "--chat", help="prompts through the model's chat template (k-shot as turns)"),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="only the first N examples of each task"),
+    limit: int | None = typer.Option(None, "--limit", min=1,
+                                     help="only the first N examples of each task (of a text: its first N "
+                                          "paragraphs, blocks between blank lines)"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1,
+                                          help="perplexity: score only the first N tokens of each text"),
     max_length: int | None = typer.Option(None, "--max-length", min=2,
                                           help="tokens a sequence may read (default: the model's context)"),
     stride: int | None = typer.Option(None, "--stride", min=1,
@@ -34,6 +38,10 @@ def eval_(
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)"),
     out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="folder for eval.json, eval.md and eval.png"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    server: str | None = typer.Option(None, "--server",
+                                      help="score through a running server's /v1/completions (echo + logprobs), "
+                                           "e.g. http://127.0.0.1:8000; -m names the served model (its tokenizer)"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="CAMELID_API_KEY", help="the server's API key"),
 ) -> None:
     """Evaluate models on tasks; print a Markdown table and write JSON (every setting), Markdown and PNG."""
     import torch
@@ -44,11 +52,12 @@ def eval_(
 
     if threads:
         torch.set_num_threads(threads)
-    settings = Settings(num_fewshot=num_fewshot, chat=chat, limit=limit, max_length=max_length, stride=stride,
-                        max_new_tokens=max_new_tokens, batch_tokens=batch_tokens)
+    settings = Settings(num_fewshot=num_fewshot, chat=chat, limit=limit, max_tokens=max_tokens,
+                        max_length=max_length, stride=stride, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens)
     resolved = resolve_tasks(tasks or ["bigbench", "persuasion"])
     precisions = [p.strip() for p in precision.split(",") if p.strip()]
-    results = evaluate(model, precisions, resolved, settings, show_progress=not quiet)
+    results = evaluate(model, precisions, resolved, settings, show_progress=not quiet, server=server,
+                       api_key=api_key)
     shots = f"{num_fewshot}-shot" + (", chat template" if chat else "")
     results["title"] = f"camelid eval: {', '.join(model)} ({shots})"
     paths = report.write(results, out)

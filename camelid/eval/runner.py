@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from camelid.errors import CamelidError
 from camelid.eval import engine, metrics
+from camelid.eval.server import ServerLLM
 from camelid.eval.tasks import (
     GENERATION,
     MULTIPLE_CHOICE,
@@ -37,7 +38,8 @@ class Settings:
 
     num_fewshot: int = 0
     chat: bool = False  # prompts through the model's chat template
-    limit: int | None = None  # the first `limit` examples of each task (all when None)
+    limit: int | None = None  # the first `limit` examples of each task; of a text, its first paragraphs
+    max_tokens: int | None = None  # perplexity: score only about the first `max_tokens` tokens of each text
     max_length: int | None = None  # tokens a sequence may read (default: the model's context window)
     stride: int | None = None  # perplexity: new tokens scored per window (default: the whole window)
     max_new_tokens: int = 128  # generation
@@ -48,6 +50,8 @@ class Settings:
             raise CamelidError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.limit is not None and self.limit < 1:
             raise CamelidError(f"limit must be >= 1, got {self.limit}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise CamelidError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.max_new_tokens < 1 or self.batch_tokens < 1:
             raise CamelidError("max_new_tokens and batch_tokens must be >= 1")
 
@@ -59,13 +63,20 @@ class Evaluator:
     def __init__(self, llm: Any, settings: Settings | None = None, show_progress: bool = True) -> None:
         if llm.tokenizer is None:
             raise CamelidError(f"{llm.source or 'the model'} has no tokenizer; evaluation needs one beside the weights")
-        self.llm, self.model, self.tok = llm, llm.model, llm.tokenizer
+        self.llm, self.tok = llm, llm.tokenizer
+        self.server = llm if isinstance(llm, ServerLLM) else None
+        self.model = None if self.server else llm.model
         self.settings = settings or Settings()
         self.show_progress = show_progress
-        self.max_length = self.settings.max_length or llm.config.max_seq_len
-        if self.max_length > llm.config.max_seq_len:
-            raise CamelidError(f"max_length {self.max_length} exceeds the model's context window "
-                               f"({llm.config.max_seq_len})")
+        if self.server:  # a prompt of max_length + 1 tokens (its last one is scored, not read) and the one
+            # token of max_tokens 0 that a server's context check counts
+            self.context = self.server.context_length or 2 + (self.settings.max_length or 2048)
+            default = self.context - 2
+        else:
+            self.context = default = llm.config.max_seq_len
+        self.max_length = self.settings.max_length or default
+        if self.max_length > default:
+            raise CamelidError(f"max_length {self.max_length} exceeds the model's context window ({default})")
         self.stats: dict[str, int] = {}  # tokens requested and computed (camelid.eval.engine)
 
     # ---- tokenisation, as lm-eval's hf model does it ---------------------------------------------------
@@ -104,6 +115,8 @@ class Evaluator:
             if progress is not None:
                 progress(done / max(total, 1))
 
+        if self.server:
+            return self.server.score(requests, max_length=self.max_length, on_tokens=on_tokens, stats=self.stats)
         return engine.loglikelihood(self.model, requests, max_length=self.max_length,
                                     batch_tokens=self.settings.batch_tokens, on_tokens=on_tokens, stats=self.stats)
 
@@ -138,8 +151,10 @@ class Evaluator:
         end-of-turn or end-of-text token."""
         ids = self.encode(context)
         n = max_new_tokens or self.settings.max_new_tokens
-        if len(ids) + n > self.llm.config.max_seq_len:
-            ids = ids[-(self.llm.config.max_seq_len - n):]  # keep the end of the prompt, as lm-eval does
+        if len(ids) + n > self.context:
+            ids = ids[-(self.context - n):]  # keep the end of the prompt, as lm-eval does
+        if self.server:
+            return self.server.generate(ids, max_new_tokens=n, stop=until)
         return self.llm.generate(ids, max_new_tokens=n, temperature=0.0, stop=list(until))
 
     # ---- tasks ---------------------------------------------------------------------------------------------
@@ -191,8 +206,23 @@ class Evaluator:
                 "stderr": {k: _binomial_stderr(v / n, n) for k, v in totals.items()},
                 "per_example": per_example}
 
+    def cut_text(self, text: str) -> str:
+        """The part of a text that perplexity scores: its first `limit` paragraphs (blocks separated by blank
+        lines), then at most its first `max_tokens` tokens, cut where the last of them ends in the text."""
+        if self.settings.limit is not None:
+            gaps = list(re.finditer(r"\n[ \t]*\n\s*", text))
+            if len(gaps) >= self.settings.limit:
+                text = text[:gaps[self.settings.limit - 1].start() + 1]
+        n = self.settings.max_tokens
+        if n is not None:
+            tokens = self.encode(text)
+            if len(tokens) > n:
+                bos = int(bool(tokens) and tokens[0] == self.tok.bos_id and self.tok.add_bos)
+                text = text[:len(self.tok.decode(tokens[bos:n]))]
+        return text
+
     def _perplexity(self, task: Task, label: str) -> dict[str, Any]:
-        text = read_text(task.path)
+        text = self.cut_text(read_text(task.path))
         tokens = self.encode(text)
         with self._bar(1, f"{label}{task.name}") as bar:
             (ll,) = self.loglikelihood_rolling([text], self._progress(bar, 1))
@@ -237,9 +267,11 @@ PRECISIONS = ("fp32", "int8", "int4")
 
 
 def evaluate(models: Sequence[str], precisions: Sequence[str], tasks: Sequence[Task], settings: Settings, *,
-             show_progress: bool = True) -> dict[str, Any]:
+             show_progress: bool = True, server: str | None = None, api_key: str | None = None) -> dict[str, Any]:
     """Every task on every (model, precision): the report that camelid.eval.report writes. fp32 is the model
-    as loaded; int8 / int4 are camelid.load(..., quantize=...) (weight-only; activations stay fp32)."""
+    as loaded; int8 / int4 are camelid.load(..., quantize=...) (weight-only; activations stay fp32).
+    With `server` (a URL), one run scores through that server's /v1/completions echo log-probabilities, with
+    the tokenizer of each model in `models` (the model the server serves); precisions do not apply."""
     import torch
 
     import camelid
@@ -254,6 +286,21 @@ def evaluate(models: Sequence[str], precisions: Sequence[str], tasks: Sequence[T
     for task in tasks:  # a bad line fails now, not after the models load
         readers[task.kind](task.path)
     runs = []
+    if server:
+        from camelid.llm import model_tokenizer, resolve
+
+        for source in models:
+            tok = model_tokenizer(resolve(source))
+            if tok is None:
+                raise CamelidError(f"{source}: no tokenizer beside the weights; -m names the served model, whose "
+                                   "tokenizer camelid eval needs")
+            llm = ServerLLM(server, tok, api_key=api_key)
+            label = "server" if len(models) == 1 else f"{Path(str(source)).name} server"
+            evaluator = Evaluator(llm, settings, show_progress=show_progress)
+            results = [evaluator.run(task, label=f"{label}: ") for task in tasks]
+            runs.append({"label": label, "model": str(source), "source": llm.source, "precision": "server",
+                         "server": server, "max_length": evaluator.max_length, "results": results})
+        precisions = []
     for source in models:
         for precision in precisions:
             label = precision if len(models) == 1 else f"{Path(str(source)).name} {precision}"

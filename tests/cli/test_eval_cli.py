@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import camelid
 from camelid.eval import Evaluator, Settings, resolve_tasks
 
@@ -42,7 +44,9 @@ def test_eval_writes_table_json_and_chart(tmp_path: Path) -> None:
 
     # the same numbers from the Python API
     ev = Evaluator(camelid.load(), Settings(limit=4, max_length=64), show_progress=False)
-    assert ev.run(resolve_tasks(["physical_intuition"])[0])["per_example"] == mc["per_example"]
+    again = ev.run(resolve_tasks(["physical_intuition"])[0])["per_example"]  # other threads: other rounding
+    for a, b in zip(again, mc["per_example"], strict=True):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4) and a["answer"] == b["answer"]
 
 
 def test_bad_task_files_are_one_line_errors(tmp_path: Path) -> None:
