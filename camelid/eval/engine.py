@@ -88,6 +88,19 @@ class _Piece:
     end: int
 
 
+
+def scored_tokens(request: Request, max_length: int) -> tuple[list[int], list[int]]:
+    """A scoring request's context + continuation cut from the left to max_length + 1 tokens, and its
+    continuation; a request that cannot be scored is a one-line error."""
+    cont = list(request.continuation)
+    if not request.context or not cont:
+        raise CamelidError("a scoring request needs a non-empty context and continuation")
+    if len(cont) > max_length:
+        raise CamelidError(f"a continuation of {len(cont)} tokens does not fit the context window of "
+                           f"{max_length}; shorten it or raise max_length")
+    return (list(request.context) + cont)[-(max_length + 1):], cont
+
+
 def loglikelihood(model: Llama, requests: Sequence[Request], *, max_length: int | None = None,
                   batch_tokens: int = 1024, piece_tokens: int = 512, pool_bytes: int = 512 << 20,
                   on_tokens: Callable[[int, int], None] | None = None, stats: dict[str, int] | None = None
@@ -105,13 +118,7 @@ def loglikelihood(model: Llama, requests: Sequence[Request], *, max_length: int 
     wanted: list[tuple[int, int, list[int]]] = []  # per request: sequence, position scoring cont[0], cont
     vocab = model.config.vocab_size
     for r in requests:
-        cont = list(r.continuation)
-        if not r.context or not cont:
-            raise CamelidError("a scoring request needs a non-empty context and continuation")
-        if len(cont) > max_length:
-            raise CamelidError(f"a continuation of {len(cont)} tokens does not fit the context window of "
-                               f"{max_length}; shorten it or raise max_length")
-        full = (list(r.context) + cont)[-(max_length + 1):]
+        full, cont = scored_tokens(r, max_length)
         if any(not 0 <= t < vocab for t in full):
             raise CamelidError(f"a token id is outside the model's vocabulary (size {vocab})")
         seq = tuple(full[:-1])

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from camelid.errors import CamelidError
-from camelid.eval.engine import Request
+from camelid.eval.engine import Request, scored_tokens
 from camelid.tokenizer import Tokenizer
 
 PROBE = "Question: Is the sky blue?\nAnswer: Yes, it is.\n\n  Émile's café, 12:45."
@@ -81,13 +81,7 @@ class ServerLLM:
         tokens (as camelid.eval.engine.loglikelihood)."""
         prompts = []
         for r in requests:
-            cont = list(r.continuation)
-            if not r.context or not cont:
-                raise CamelidError("a scoring request needs a non-empty context and continuation")
-            if len(cont) > max_length:
-                raise CamelidError(f"a continuation of {len(cont)} tokens does not fit the context window of "
-                                   f"{max_length}; shorten it or raise max_length")
-            prompts.append((list(r.context) + cont)[-(max_length + 1):])
+            prompts.append(scored_tokens(r, max_length)[0])
         total = sum(len(p) for p in prompts)
         if stats is not None:
             stats["tokens_requested"] = stats.get("tokens_requested", 0) + total - len(prompts)
