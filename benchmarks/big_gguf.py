@@ -18,12 +18,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from memory import run
 
 SHAPE = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
              rope_theta=500000.0, max_seq_len=8192, norm_eps=1e-5)
@@ -91,61 +90,6 @@ def write(path: Path, qtype: str) -> None:
     w.close()
 
 
-def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _child(engine: str, path: str, mode: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
-    ids = [1 + (i * 7919) % 120000 for i in range(prompt_len)]
-    if engine == "camelid":
-        import torch
-
-        import camelid
-        from camelid.generate import generate_tokens
-        from camelid.ops import native
-
-        torch.set_num_threads(threads)
-        native.module()
-        t0 = time.perf_counter()
-        model = camelid.load(path, quantize=mode, tokenizer=False).model
-        loaded = time.perf_counter()
-        n = 0
-        with torch.inference_mode():
-            for _ in generate_tokens(model, ids, new_tokens, stop_ids=()):
-                n += 1
-                if n == 1:
-                    t1 = time.perf_counter()
-        t2 = time.perf_counter()
-    else:
-        from llama_cpp import Llama as LlamaCpp
-
-        t0 = time.perf_counter()
-        llm = LlamaCpp(model_path=path, n_ctx=prompt_len + new_tokens + 8, n_threads=threads, n_batch=prompt_len,
-                       verbose=False)
-        loaded = time.perf_counter()
-        llm.eval(ids)
-        t1 = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            llm.eval([1 + (llm.n_tokens * 31) % 120000])
-        t2 = time.perf_counter()
-    return {"peak_rss_mib": _status_mib("VmHWM"), "load_s": loaded - t0, "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
-
-
-def run(engine: str, path: Path, mode: str, args: argparse.Namespace) -> dict:
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from big_gguf import _child; "
-            f"print('BIG ' + json.dumps(_child({engine!r}, {str(path)!r}, {mode!r}, {args.prompt}, {args.new}, "
-            f"{args.threads})))")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("BIG "):
-            return json.loads(line[4:])
-    raise SystemExit(f"{engine} failed: {proc.stderr.strip()[-400:] or proc.returncode}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--qtype", choices=sorted(MODES), default="q4_0")
@@ -169,7 +113,7 @@ def main() -> None:
     loads = []
     for r in range(args.rounds):
         for engine in runs:
-            res = run(engine, path, mode, args)
+            res = run(engine, path, mode, args, vocab=120000, tokenizer=False)
             runs[engine].append(res)
             print(f"round {r + 1}: {engine}: {res}", file=sys.stderr, flush=True)
         loads.append(os.getloadavg()[0])

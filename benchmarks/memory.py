@@ -37,8 +37,10 @@ def _status_mib(key: str) -> float:
     return float("nan")
 
 
-def _child(engine: str, path: str, mode: str, prompt_len: int, new_tokens: int, threads: int) -> dict:
-    ids = [1 + (i * 7919) % 40000 for i in range(prompt_len)]
+def _child(engine: str, path: str, mode: str, prompt_len: int, new_tokens: int, threads: int,
+           vocab: int = 40000, tokenizer: bool = True) -> dict:
+    """One run in this (fresh) process: load, prompt, decode; `tokenizer=False` for files without a vocabulary."""
+    ids = [1 + (i * 7919) % vocab for i in range(prompt_len)]
     if engine.startswith("camelid"):
         import torch
 
@@ -51,7 +53,7 @@ def _child(engine: str, path: str, mode: str, prompt_len: int, new_tokens: int, 
         imported = _status_mib("VmRSS")
         t0 = time.perf_counter()
         if engine == "camelid":
-            model = camelid.load(path, quantize=mode).model  # with its vocabulary, as a user loads it
+            model = camelid.load(path, quantize=mode, tokenizer=tokenizer).model  # as a user loads it
         else:
             from camelid.interop.gguf import load_gguf
             from camelid.tokenizer import Tokenizer
@@ -89,16 +91,17 @@ def _child(engine: str, path: str, mode: str, prompt_len: int, new_tokens: int, 
         llm.eval(ids)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
-            llm.eval([1 + (llm.n_tokens * 31) % 40000])
+            llm.eval([1 + (llm.n_tokens * 31) % vocab])
         t2 = time.perf_counter()
     return {"peak_rss_mib": _status_mib("VmHWM"), "imports_rss_mib": imported, "load_s": loaded - t0,
             "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
 
 
-def run(engine: str, path: str, mode: str, args: argparse.Namespace) -> dict:
+def run(engine: str, path: str, mode: str, args: argparse.Namespace, **options: object) -> dict:
+    """_child in a fresh interpreter (its peak RSS is its own); options: _child's vocab and tokenizer."""
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from memory import _child; "
-            f"print('MEMORY ' + json.dumps(_child({engine!r}, {path!r}, {mode!r}, {args.prompt}, {args.new}, "
-            f"{args.threads})))")
+            f"print('MEMORY ' + json.dumps(_child({engine!r}, {str(path)!r}, {mode!r}, {args.prompt}, {args.new}, "
+            f"{args.threads}, **{options!r})))")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():

@@ -4,18 +4,12 @@ gives the numbers of `camelid eval` on the same model; perplexity's --limit / --
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import peaked_model
+from serve_helpers import Server, tiny_bpe_llama
 
 import camelid
 from camelid import CamelidError
@@ -30,52 +24,17 @@ TEXT = (ROOT / "data" / "austen" / "persuasion.txt").read_text(encoding="utf-8")
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random LLaMA (peaked logits) with a 400-token BPE vocabulary, as a Hugging Face folder."""
-    from camelid.interop.hf import save_hf_dir
-    from camelid.tokenizer import Tokenizer
-    from camelid.tokenizer.train import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-eval-server")
-    (out / "corpus.txt").write_text((ROOT / "data/austen/emma.txt").read_text(encoding="utf-8")[20000:50000])
-    train_tokenizer([out / "corpus.txt"], 400, out, show_progress=False)
-    (out / "corpus.txt").unlink()
-    tok = Tokenizer.from_dir(out)
-    torch.manual_seed(0)
-    model = peaked_model("tiny-gqa", vocab_size=tok.vocab_size, max_seq_len=512, intermediate_size=192,
-                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    save_hf_dir(model, out)
-    return out
+    return tiny_bpe_llama(tmp_path_factory.mktemp("tiny-eval-server"))
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("logs") / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "camelid", "serve", str(tiny_dir), "--port", str(port), "--quiet",
-                             "--quantize", "none", "--slots", "4", "--ctx", "256"],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), cwd=ROOT,  # noqa: SIM115
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    server = Server(tiny_dir, "--quantize", "none", "--slots", "4", "--ctx", "256",
+                    log=tmp_path_factory.mktemp("logs") / "serve.log", env={"OMP_NUM_THREADS": "1"})
     try:
-        while True:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
 
 
 @pytest.fixture(scope="module")

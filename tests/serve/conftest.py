@@ -7,31 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from serve_helpers import ROOT, Server
+from serve_helpers import Server, tiny_bpe_llama
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random LLaMA (peaked logits, 512 positions) with a 400-token BPE vocabulary and ChatML specials, as a
     Hugging Face folder."""
-    from helpers import peaked_model
-
-    from camelid.interop.hf import save_hf_dir
-    from camelid.tokenizer import Tokenizer
-    from camelid.tokenizer.train import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-serve")
-    text = (ROOT / "data" / "austen" / "emma.txt").read_text(encoding="utf-8")[20000:50000]
-    (out / "corpus.txt").write_text(text, encoding="utf-8")
-    train_tokenizer([out / "corpus.txt"], 400, out, show_progress=False)
-    (out / "corpus.txt").unlink()
-    tok = Tokenizer.from_dir(out)
-    torch.manual_seed(0)
-    model = peaked_model("tiny-gqa", vocab_size=tok.vocab_size, max_seq_len=512, intermediate_size=192,
-                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    save_hf_dir(model, out)
-    return out
+    return tiny_bpe_llama(tmp_path_factory.mktemp("tiny-serve"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""A live `camelid serve` subprocess on a free loopback port (Server), and one HTTP request with the standard
-library (request), for the serving tests."""
+"""A live `camelid serve` subprocess on a free loopback port (Server), one HTTP request with the standard
+library (request), and the tiny model the server tests load (tiny_bpe_llama), for the serving and eval tests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def request(url: str, method: str = "GET", path: str = "/", body: Any = None, headers: dict[str, str] | None = None,
@@ -29,6 +29,28 @@ def request(url: str, method: str = "GET", path: str = "/", body: Any = None, he
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     finally:
         conn.close()
+
+
+def tiny_bpe_llama(out: Path) -> Path:
+    """A random LLaMA (peaked logits, 512 positions) with a 400-token BPE vocabulary and ChatML specials, written
+    to `out` as a Hugging Face folder."""
+    import torch
+    from helpers import peaked_model
+
+    from camelid.interop.hf import save_hf_dir
+    from camelid.tokenizer import Tokenizer
+    from camelid.tokenizer.train import train_tokenizer
+
+    text = (ROOT / "data" / "austen" / "emma.txt").read_text(encoding="utf-8")[20000:50000]
+    (out / "corpus.txt").write_text(text, encoding="utf-8")
+    train_tokenizer([out / "corpus.txt"], 400, out, show_progress=False)
+    (out / "corpus.txt").unlink()
+    tok = Tokenizer.from_dir(out)
+    torch.manual_seed(0)
+    model = peaked_model("tiny-gqa", vocab_size=tok.vocab_size, max_seq_len=512, intermediate_size=192,
+                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    save_hf_dir(model, out)
+    return out
 
 
 def free_port() -> int:
