@@ -275,3 +275,31 @@ at::Tensor gemv_q8(at::Tensor x, int64_t kind, std::vector<at::Tensor> t) {
   L.rows(a, 0, L.N, y.data_ptr<float>());
   return y;
 }
+
+// Y [M, N] = X W^T with int8 activations for M rows of X (what the step does for M sequences, and the prompt path
+// of camelid.ops.linear): each row quantised once, then each thread's share of W's rows multiplies every row of
+// X, up to kMaxActs at a time, through Linear::rows_batch. Row m of Y is bit for bit gemv_q8(X[m]).
+at::Tensor gemm_q8(at::Tensor x, int64_t kind, std::vector<at::Tensor> t) {
+  std::vector<at::Tensor> keep;
+  const Linear L = make_linear(kind, t, keep);
+  x = x.contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == L.K && L.K % 32 == 0,
+              "fp32 x [M, K] (K a multiple of 32) expected");
+  const int64_t M = x.size(0), K = L.K, G = K / 32, N = L.N;
+  std::vector<float> xs(M * G), dq(M * G);
+  std::vector<int8_t> q(M * K);
+  std::vector<Act> a(M);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      a[m].xs = xs.data() + m * G; a[m].q = q.data() + m * K; a[m].dq = dq.data() + m * G;
+      a[m].set(xp + m * K, K, true);
+    }
+  });
+  auto y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    L.rows_batch(a.data(), M, b0 * 4, std::min(N, b1 * 4), yp, N);
+  });
+  return y;
+}
