@@ -3,9 +3,10 @@ along the input, an fp16 scale and minimum per group, as llama.cpp's Q4_1; two c
 
 Implementations: the references (`dequantize_reference`, then torch's GEMM); C++ GEMV kernels
 (csrc/linear.cpp) for a few activation rows, which stream each packed weight row once (decode is memory
-bound); for prompts of int8/int4 weights, a C++ kernel with int8 activations (`gemm_q8`, llama.cpp's Q8_0
-activations: blocks of 32, one scale each) that loads each weight block once for up to 8 rows and multiplies
-them with integer dot products, else C++ whole-matrix dequantisation and torch's GEMM. `_pick` decides. The
+bound); for prompts, C++ whole-matrix dequantisation and torch's GEMM, or (CAMELID_INT8_PROMPTS=1, int8/int4
+weights) a C++ kernel with int8 activations (`gemm_q8`, llama.cpp's Q8_0 activations: blocks of 32, one scale
+each) that loads each weight block once for up to 8 rows and multiplies them with integer dot products. `_pick`
+decides. The
 formats themselves (quantisation, int4 packing) live here too, so the kernels and their references share one
 definition.
 """
@@ -101,9 +102,16 @@ for _op in (_gemv_f32, _gemv_int8, _gemv_int4):
 
 
 def int8_activations() -> bool:
-    """Whether int8/int4 weights may multiply int8 copies of the activations (prompts here, and the C++ decode
-    step): on unless CAMELID_INT8_ACTIVATIONS=0."""
+    """Whether the C++ decode step multiplies int8/int4 weights with int8 copies of the activations: on unless
+    CAMELID_INT8_ACTIVATIONS=0."""
     return os.environ.get("CAMELID_INT8_ACTIVATIONS", "1") != "0"
+
+
+def int8_prompts() -> bool:
+    """Whether prompts (more than MAX_GEMV_ROWS rows) of int8/int4 weights take int8 activations too: off unless
+    CAMELID_INT8_PROMPTS=1. Faster (1.2-2x per product), but a prompt's logits move by the activations' rounding,
+    which can flip a near-tie greedy token (benchmarks/README.md, "Prompt products")."""
+    return os.environ.get("CAMELID_INT8_PROMPTS", "0") == "1" and int8_activations()
 
 
 def _pick(kind: str, x2d: Tensor) -> tuple[str, str]:
@@ -120,8 +128,8 @@ def _pick(kind: str, x2d: Tensor) -> tuple[str, str]:
     why = f"more than {MAX_GEMV_ROWS} rows (a prompt)"
     if kind == "f32":
         return "torch", f"{why}, fp32 weights: torch's GEMM"
-    if compiling or not int8_activations() or x2d.shape[-1] % GROUP:
-        cause = ("under torch.compile" if compiling else "CAMELID_INT8_ACTIVATIONS=0" if not int8_activations()
+    if compiling or not int8_prompts() or x2d.shape[-1] % GROUP:
+        cause = ("under torch.compile" if compiling else "CAMELID_INT8_PROMPTS=1 not set" if not int8_prompts()
                  else f"in_features not a multiple of {GROUP}")
         return "torch", f"{why}, {cause}: dequantise, then torch's GEMM"
     # measured 1.2-2x dequantise + GEMM from 16 to 512 rows (benchmarks/README.md, "Prompt products")
@@ -146,9 +154,9 @@ class DequantizedMatmul(torch.autograd.Function):
 
 def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
     """x [..., K] @ W^T for W stored as `kind` ("f32": weight; "int8": codes, scale; "int4": packed codes,
-    scale, minimum): the C++ GEMV for a few rows; for more, int8/int4 weights take the int8-activation kernel
-    and fp32 weights torch's GEMM (`_pick`); in training, dequantisation and torch's GEMM with the matrix rebuilt
-    for the backward pass rather than stored (DequantizedMatmul)."""
+    scale, minimum): the C++ GEMV for a few rows; for more, dequantisation and torch's GEMM, or the
+    int8-activation kernel with CAMELID_INT8_PROMPTS=1 (`_pick`); in training, dequantisation and torch's GEMM
+    with the matrix rebuilt for the backward pass rather than stored (DequantizedMatmul)."""
     x2d = x.reshape(-1, x.shape[-1])
     if kind != "f32" and x.requires_grad and torch.is_grad_enabled():
         return DequantizedMatmul.apply(x2d, kind, *weight).view(*x.shape[:-1], -1)

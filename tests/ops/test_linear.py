@@ -47,7 +47,6 @@ def test_prompts_and_no_kernels_use_dequantisation_and_torch(kind: str, monkeypa
     w = _weights(kind, 40, 64, g)
     x = torch.randn(2, 9, 64, generator=g)  # 18 rows: more than a GEMV's
     want = _reference64(x.reshape(-1, 64), kind, w).view(2, 9, 40)
-    monkeypatch.setenv("CAMELID_INT8_ACTIVATIONS", "0")  # int8/int4 prompts: dequantise, then torch's GEMM
     assert "rows" in linear.choose(kind, x).reason and linear.choose(kind, x).impl == "PyTorch"
     torch.testing.assert_close(linear.linear(x, kind, *w).double(), want, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(native, "module", lambda: None)
@@ -61,11 +60,13 @@ def test_prompts_and_no_kernels_use_dequantisation_and_torch(kind: str, monkeypa
 # N not a multiple of 4: the kernels' tails; 8 / 11 / 20 rows: one full group of 8 activations and the rest
 @pytest.mark.parametrize("kind,N,K", [("int8", 37, 64), ("int8", 40, 96), ("int8", 130, 576),
                                       ("int4", 37, 64), ("int4", 40, 96), ("int4", 130, 576)])
-def test_prompt_rows_take_int8_activations_and_each_row_is_its_own_product(kind: str, N: int, K: int,
-                                                                           threads: int) -> None:
-    """More than MAX_GEMV_ROWS rows of int8/int4 weights: int8 activations (`gemm_q8`), equal to the products of
-    the rounded activations, and each row bit for bit what the one-row kernel gives it alone (so a row's result
-    does not depend on the rows beside it: the serving step relies on the same kernels)."""
+def test_prompt_rows_take_int8_activations_and_each_row_is_its_own_product(
+        kind: str, N: int, K: int, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than MAX_GEMV_ROWS rows of int8/int4 weights with CAMELID_INT8_PROMPTS=1: int8 activations
+    (`gemm_q8`), equal to the products of the rounded activations, and each row bit for bit what the one-row
+    kernel gives it alone (so a row's result does not depend on the rows beside it: the serving step relies on
+    the same kernels)."""
+    monkeypatch.setenv("CAMELID_INT8_PROMPTS", "1")
     g = torch.Generator().manual_seed(N + K)
     w = _weights(kind, N, K, g)
     code = 1 if kind == "int8" else 2
