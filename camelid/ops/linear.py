@@ -3,12 +3,17 @@ along the input, an fp16 scale and minimum per group, as llama.cpp's Q4_1; two c
 
 Implementations: the references (`dequantize_reference`, then torch's GEMM); C++ GEMV kernels
 (csrc/linear.cpp) for a few activation rows, which stream each packed weight row once (decode is memory
-bound); C++ whole-matrix dequantisation for prompts. `linear` and `dequantize` pick one. The formats
-themselves (quantisation, int4 packing) live here too, so the kernels and their references share one
+bound); for prompts, C++ whole-matrix dequantisation and torch's GEMM, or (CAMELID_INT8_PROMPTS=1, int8/int4
+weights) a C++ kernel with int8 activations (`gemm_q8`, llama.cpp's Q8_0 activations: blocks of 32, one scale
+each) that loads each weight block once for up to 8 rows and multiplies them with integer dot products. `_pick`
+decides. The
+formats themselves (quantisation, int4 packing) live here too, so the kernels and their references share one
 definition.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -96,16 +101,39 @@ for _op in (_gemv_f32, _gemv_int8, _gemv_int4):
     _op.register_fake(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[0]))
 
 
-def _why_not(x2d: Tensor) -> str | None:
-    """None when the C++ GEMV takes these activation rows, else why not (the one place this is decided)."""
-    if x2d.shape[0] > MAX_GEMV_ROWS:
-        return f"more than {MAX_GEMV_ROWS} rows (a prompt): dequantise, then torch's GEMM"
+def int8_activations() -> bool:
+    """Whether the C++ decode step multiplies int8/int4 weights with int8 copies of the activations: on unless
+    CAMELID_INT8_ACTIVATIONS=0."""
+    return os.environ.get("CAMELID_INT8_ACTIVATIONS", "1") != "0"
+
+
+def int8_prompts() -> bool:
+    """Whether prompts (more than MAX_GEMV_ROWS rows) of int8/int4 weights take int8 activations too: off unless
+    CAMELID_INT8_PROMPTS=1. Faster (1.2-2x per product), but a prompt's logits move by the activations' rounding,
+    which can flip a near-tie greedy token (benchmarks/README.md, "Prompt products")."""
+    return os.environ.get("CAMELID_INT8_PROMPTS", "0") == "1" and int8_activations()
+
+
+def _pick(kind: str, x2d: Tensor) -> tuple[str, str]:
+    """(implementation, why) for activation rows x2d: "gemv" (the C++ GEMV, fp32 activations), "q8" (the C++
+    int8-activation kernel) or "torch" (dequantise, then torch's GEMM). The one place this is decided."""
     if x2d.device.type != "cpu" or x2d.dtype != torch.float32:
-        return "the kernels take fp32 CPU activations"
+        return "torch", "the kernels take fp32 CPU activations"
+    compiling = torch.compiler.is_compiling()
     # the build cannot be traced: under compile, a module built before counts
-    if (native.loaded() if torch.compiler.is_compiling() else native.module()) is None:
-        return native.reason()
-    return None
+    if (native.loaded() if compiling else native.module()) is None:
+        return "torch", native.reason()
+    if x2d.shape[0] <= MAX_GEMV_ROWS:
+        return "gemv", f"{kind} GEMV for up to {MAX_GEMV_ROWS} rows"
+    why = f"more than {MAX_GEMV_ROWS} rows (a prompt)"
+    if kind == "f32":
+        return "torch", f"{why}, fp32 weights: torch's GEMM"
+    if compiling or not int8_prompts() or x2d.shape[-1] % GROUP:
+        cause = ("under torch.compile" if compiling else "CAMELID_INT8_PROMPTS=1 not set" if not int8_prompts()
+                 else f"in_features not a multiple of {GROUP}")
+        return "torch", f"{why}, {cause}: dequantise, then torch's GEMM"
+    # measured 1.2-2x dequantise + GEMM from 16 to 512 rows (benchmarks/README.md, "Prompt products")
+    return "q8", f"{why}: int8 activations, integer dot products, each weight block loaded once per 8 rows"
 
 
 class DequantizedMatmul(torch.autograd.Function):
@@ -126,14 +154,18 @@ class DequantizedMatmul(torch.autograd.Function):
 
 def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
     """x [..., K] @ W^T for W stored as `kind` ("f32": weight; "int8": codes, scale; "int4": packed codes,
-    scale, minimum): the C++ GEMV for a few rows, else dequantisation and torch's GEMM (in training, with the
-    matrix rebuilt for the backward pass rather than stored: DequantizedMatmul)."""
+    scale, minimum): the C++ GEMV for a few rows; for more, dequantisation and torch's GEMM, or the
+    int8-activation kernel with CAMELID_INT8_PROMPTS=1 (`_pick`); in training, dequantisation and torch's GEMM
+    with the matrix rebuilt for the backward pass rather than stored (DequantizedMatmul)."""
     x2d = x.reshape(-1, x.shape[-1])
     if kind != "f32" and x.requires_grad and torch.is_grad_enabled():
-        y = DequantizedMatmul.apply(x2d, kind, *weight)
-    elif _why_not(x2d) is not None:
+        return DequantizedMatmul.apply(x2d, kind, *weight).view(*x.shape[:-1], -1)
+    impl, _ = _pick(kind, x2d)
+    if impl == "torch":
         w = weight[0] if kind == "f32" else dequantize(kind, *weight)
         y = x2d @ w.to(x.dtype).T
+    elif impl == "q8":
+        y = native.module().gemm_q8(x2d, 1 if kind == "int8" else 2, list(weight))
     elif torch.compiler.is_compiling():
         y = getattr(torch.ops.camelid, f"gemv_{kind}")(x2d, *weight)
     else:
@@ -152,8 +184,9 @@ def dequantize(kind: str, *weight: Tensor) -> Tensor:
 
 def choose(kind: str = "f32", x: Tensor | None = None) -> native.Choice:
     """Which implementation `linear` runs for activations x (default: one fp32 CPU row), and why."""
-    why = _why_not(x.reshape(-1, x.shape[-1]) if x is not None else torch.empty(1, 1))
-    if why is None:
-        return native.Choice(f"C++ {native.label()}", f"{kind} GEMV for up to {MAX_GEMV_ROWS} rows (torch's GEMM "
-                                                      "for more)")
+    impl, why = _pick(kind, x.reshape(-1, x.shape[-1]) if x is not None else torch.empty(1, 1))
+    if impl == "gemv":
+        return native.Choice(f"C++ {native.label()}", f"{why} (more: int8 activations or torch's GEMM)")
+    if impl == "q8":
+        return native.Choice(f"C++ {native.label()}", why)
     return native.Choice("PyTorch", why)

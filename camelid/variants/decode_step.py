@@ -13,14 +13,13 @@ copies.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from camelid.model import Attention, Block, FeedForward, KVCache, Llama, RMSNorm, RotaryEmbedding
-from camelid.ops import native
+from camelid.ops import linear, native
 from camelid.variants.fused import FastRMSNorm, FusedAttention, FusedFeedForward
 from camelid.variants.quantized import FastLinear, Int4Linear, Int8Embedding, Int8Linear
 
@@ -142,7 +141,7 @@ def decode_step(model: nn.Module, int8_activations: bool | None = None) -> Decod
     equal to the PyTorch path up to float rounding (benchmarks/quality.py measures the cost). Default: on,
     unless CAMELID_INT8_ACTIVATIONS=0. fp32 weights always use fp32 activations."""
     if int8_activations is None:
-        int8_activations = os.environ.get("CAMELID_INT8_ACTIVATIONS", "1") != "0"
+        int8_activations = linear.int8_activations()
     if refusal(model) is not None:
         return None
     mod = native.module()

@@ -46,13 +46,39 @@ def test_prompts_and_no_kernels_use_dequantisation_and_torch(kind: str, monkeypa
     g = torch.Generator().manual_seed(1)
     w = _weights(kind, 40, 64, g)
     x = torch.randn(2, 9, 64, generator=g)  # 18 rows: more than a GEMV's
-    assert "rows" in linear.choose(kind, x).reason
-    torch.testing.assert_close(linear.linear(x, kind, *w).double(), _reference64(x.reshape(-1, 64), kind, w).view(
-        2, 9, 40), rtol=1e-4, atol=1e-4)
+    want = _reference64(x.reshape(-1, 64), kind, w).view(2, 9, 40)
+    assert "rows" in linear.choose(kind, x).reason and linear.choose(kind, x).impl == "PyTorch"
+    torch.testing.assert_close(linear.linear(x, kind, *w).double(), want, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(native, "module", lambda: None)
     x1 = x[:, :1]
     torch.testing.assert_close(linear.linear(x1, kind, *w), linear.reference(x1, kind, *w), rtol=1e-5, atol=1e-5)
     assert linear.choose(kind, x1).impl == "PyTorch"
+
+
+@needs_kernels
+# 64: two groups (one 512-bit pair), 96: an odd group count (the 256-bit kernels), 576: SmolLM2's width;
+# N not a multiple of 4: the kernels' tails; 8 / 11 / 20 rows: one full group of 8 activations and the rest
+@pytest.mark.parametrize("kind,N,K", [("int8", 37, 64), ("int8", 40, 96), ("int8", 130, 576),
+                                      ("int4", 37, 64), ("int4", 40, 96), ("int4", 130, 576)])
+def test_prompt_rows_take_int8_activations_and_each_row_is_its_own_product(
+        kind: str, N: int, K: int, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than MAX_GEMV_ROWS rows of int8/int4 weights with CAMELID_INT8_PROMPTS=1: int8 activations
+    (`gemm_q8`), equal to the products of the rounded activations, and each row bit for bit what the one-row
+    kernel gives it alone (so a row's result does not depend on the rows beside it: the serving step relies on
+    the same kernels)."""
+    monkeypatch.setenv("CAMELID_INT8_PROMPTS", "1")
+    g = torch.Generator().manual_seed(N + K)
+    w = _weights(kind, N, K, g)
+    code = 1 if kind == "int8" else 2
+    for M in (9, 11, 20):
+        x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4
+        assert linear.choose(kind, x).impl.startswith("C++") and "int8 activations" in linear.choose(kind, x).reason
+        got = linear.linear(x, kind, *w)
+        torch.testing.assert_close(got.double(), _reference64(_q8(x), kind, w), rtol=1e-4, atol=1e-3)
+        for m in range(M):
+            assert torch.equal(got[m], native.module().gemv_q8(x[m], code, w))
+        assert torch.equal(native.module().gemm_q8(x[:8], code, w), got[:8])
+        assert torch.equal(native.module().gemm_q8(x[3:4], code, w)[0], got[3])
 
 
 @needs_kernels

@@ -12,6 +12,7 @@
 // int8_activations, int8/int4 weights multiply an int8 copy of each activation vector (dot.h, *_q8).
 // camelid/model.py is the reference; tests/variants/test_decode_step.py compares the two.
 #include "decode_step.h"
+#include "vecmath.h"
 #include <omp.h>
 #include <algorithm>
 #include <cmath>
@@ -42,6 +43,72 @@ inline void rope(const float* x, const float* c, const float* s, int64_t d, floa
   for (int64_t i = 0; i < half; ++i) {
     out[i] = x[i] * c[i] - x[i + half] * s[i];
     out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+  }
+}
+
+#ifdef CAMELID_AVX2
+// sum_j p[j] * v_j over j <= pos (v_pos = vcur) for d = 8 * NV, the output vector kept in registers
+template <int NV>
+inline void weighted_sum(const float* p, float inv, const float* Vc, const float* vcur, int64_t pos, float* o) {
+  __m256 acc[NV];
+  for (int e = 0; e < NV; ++e) acc[e] = _mm256_setzero_ps();
+  for (int64_t j = 0; j <= pos; ++j) {
+    const float* vj = j == pos ? vcur : Vc + j * NV * 8;
+    const __m256 pj = _mm256_set1_ps(p[j] * inv);
+    for (int e = 0; e < NV; ++e) acc[e] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * e), acc[e]);
+  }
+  for (int e = 0; e < NV; ++e) _mm256_storeu_ps(o + 8 * e, acc[e]);
+}
+#endif
+
+// One head's attention for one new token: scores q . k_j * scale for j <= pos (k_pos = kcur: the cache row
+// of pos may not be written yet), softmax, o = sum_j p_j v_j. The scores of eight cached positions are summed
+// at once (one transposing reduction instead of eight horizontal sums).
+inline void attend(const float* q, const float* Kc, const float* Vc, const float* kcur, const float* vcur,
+                   int64_t pos, int64_t d, float scale, float* p, float* o) {
+  int64_t j = 0;
+#ifdef CAMELID_AVX2
+  if (d % 8 == 0) {
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (; j + 8 <= pos; j += 8) {
+      __m256 a[8];
+      for (int i = 0; i < 8; ++i) {
+        const float* k = Kc + (j + i) * d;
+        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(k), _mm256_loadu_ps(q));
+        for (int64_t e = 8; e < d; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(k + e), _mm256_loadu_ps(q + e), acc);
+        a[i] = acc;
+      }
+      const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+      const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+      const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+      const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+      _mm256_storeu_ps(p + j, _mm256_mul_ps(sums, sv));
+    }
+  }
+#endif
+  for (; j <= pos; ++j) {
+    const float* kj = j == pos ? kcur : Kc + j * d;
+    float acc = 0.f;
+    for (int64_t e = 0; e < d; ++e) acc += q[e] * kj[e];
+    p[j] = acc * scale;
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i <= pos; ++i) mx = std::max(mx, p[i]);
+  float sum = 0.f;
+  for (int64_t i = 0; i <= pos; ++i) {
+    p[i] = camelid::exp_nonpositive(p[i] - mx);
+    sum += p[i];
+  }
+  const float inv = 1.f / sum;
+#ifdef CAMELID_AVX2
+  if (d == 64) return weighted_sum<8>(p, inv, Vc, vcur, pos, o);
+  if (d == 128) return weighted_sum<16>(p, inv, Vc, vcur, pos, o);
+#endif
+  std::fill(o, o + d, 0.f);
+  for (int64_t i = 0; i <= pos; ++i) {
+    const float* vj = i == pos ? vcur : Vc + i * d;
+    const float pj = p[i] * inv;
+    for (int64_t e = 0; e < d; ++e) o[e] += pj * vj[e];
   }
 }
 
@@ -205,24 +272,7 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
           std::copy_n(kcur.data(), d, K + pos * d);
           std::copy_n(vcur, d, Vc + pos * d);
         }
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j <= pos; ++j) {
-          const float* kj = j == pos ? kcur.data() : K + j * d;
-          float acc = 0.f;
-          for (int64_t e = 0; e < d; ++e) acc += q[e] * kj[e];
-          p[j] = acc * scale;
-          mx = std::max(mx, p[j]);
-        }
-        float sum = 0.f;
-        for (int64_t j = 0; j <= pos; ++j) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
-        float* o = att.data() + (b * H + h) * d;
-        std::fill(o, o + d, 0.f);
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j <= pos; ++j) {
-          const float* vj = j == pos ? vcur : Vc + j * d;
-          const float pj = p[j] * inv;
-          for (int64_t e = 0; e < d; ++e) o[e] += pj * vj[e];
-        }
+        attend(q.data(), K, Vc, kcur.data(), vcur, pos, d, scale, p.data(), att.data() + (b * H + h) * d);
       }
 #pragma omp barrier
       set_acts(att.data(), H * d, nullptr);
@@ -241,7 +291,7 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
         const float* g_b = gu.data() + b * 2 * F;
         for (int64_t n = n0; n < n1; ++n) {
           const float g = g_b[n];
-          hid[b * F + n] = g / (1.f + std::exp(-g)) * g_b[F + n];
+          hid[b * F + n] = g * camelid::sigmoid(g) * g_b[F + n];
         }
       }
 #pragma omp barrier
@@ -273,5 +323,33 @@ at::Tensor gemv_q8(at::Tensor x, int64_t kind, std::vector<at::Tensor> t) {
   a.set(x.data_ptr<float>(), L.K, true);
   auto y = at::empty({L.N}, x.options());
   L.rows(a, 0, L.N, y.data_ptr<float>());
+  return y;
+}
+
+// Y [M, N] = X W^T with int8 activations for M rows of X (what the step does for M sequences, and the prompt path
+// of camelid.ops.linear): each row quantised once, then each thread's share of W's rows multiplies every row of
+// X, up to kMaxActs at a time, through Linear::rows_batch. Row m of Y is bit for bit gemv_q8(X[m]).
+at::Tensor gemm_q8(at::Tensor x, int64_t kind, std::vector<at::Tensor> t) {
+  std::vector<at::Tensor> keep;
+  const Linear L = make_linear(kind, t, keep);
+  x = x.contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == L.K && L.K % 32 == 0,
+              "fp32 x [M, K] (K a multiple of 32) expected");
+  const int64_t M = x.size(0), K = L.K, G = K / 32, N = L.N;
+  std::vector<float> xs(M * G), dq(M * G);
+  std::vector<int8_t> q(M * K);
+  std::vector<Act> a(M);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      a[m].xs = xs.data() + m * G; a[m].q = q.data() + m * K; a[m].dq = dq.data() + m * G;
+      a[m].set(xp + m * K, K, true);
+    }
+  });
+  auto y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b0, int64_t b1) {
+    L.rows_batch(a.data(), M, b0 * 4, std::min(N, b1 * 4), yp, N);
+  });
   return y;
 }

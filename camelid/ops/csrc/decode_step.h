@@ -75,10 +75,12 @@ struct Linear {
   // 8 activations. Every y_b is bit for bit what `rows` gives for a_b alone.
   void rows_batch(const Act* a, int64_t B, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
     if (B == 1) return rows(a[0], n0, n1, y);
-    constexpr int64_t kBlock = 16;  // a multiple of the kernels' 4 rows
+    // blocks of weight rows (a multiple of the kernels' 4), each multiplied by every group of kMaxActs
+    // activations while it is in cache; one block when one group takes them all
     const bool multi = kind != F32 && a[0].q8;  // (every activation of one layer has the same width)
-    for (int64_t n = n0; n < n1; n += kBlock) {
-      const int64_t e = std::min(n1, n + kBlock);
+    const int64_t block = !multi ? 16 : B <= kMaxActs ? std::max<int64_t>(n1 - n0, 1) : 64;
+    for (int64_t n = n0; n < n1; n += block) {
+      const int64_t e = std::min(n1, n + block);
       if (!multi) {
         for (int64_t b = 0; b < B; ++b) rows(a[b], n, e, y + b * ldy);
         continue;
@@ -135,3 +137,4 @@ class DecodeStep {
 };
 
 at::Tensor gemv_q8(at::Tensor x, int64_t kind, std::vector<at::Tensor> t);
+at::Tensor gemm_q8(at::Tensor x, int64_t kind, std::vector<at::Tensor> t);

@@ -10,14 +10,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define CAMELID_AVX2 1
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
 #define CAMELID_VNNI 1
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
-#define CAMELID_AVX512_INT4 1  // int4 x int8 kernels over two groups per 512-bit vector
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
+#define CAMELID_AVX512_Q8 1  // int8/int4 x int8 kernels over two groups per 512-bit vector
 #endif
 #endif
 
@@ -200,10 +202,138 @@ static inline __m256 dot_i8x32(__m256i w, __m256i q) {
 static inline __m256 dot_u4x32(__m256i w, __m256i q) { return _mm256_cvtepi32_ps(dot_u8s8(w, q)); }
 #endif
 
+// ---- AVX-512 VNNI: two groups of 32 per 512-bit vector, and every weight vector loaded (int4: unpacked) once
+// for up to kMaxActs activations. The one-activation kernels are the M = 1 case of the same templates, so a
+// row's result is bit for bit the same whatever the batch it is computed in: per row and activation, the
+// operations and their order do not depend on M. ----
+constexpr int kMaxActs = 8;
+#ifdef CAMELID_AVX512_Q8
+constexpr int64_t kMaxPairs = 128;  // rows up to K = 8192 (others take the 256-bit kernels)
+static inline bool q8_pairs(int64_t G) { return G % 2 == 0 && G / 2 <= kMaxPairs; }
+// [a x8, b x8]
+static inline __m512 pair_ps(float a, float b) {
+  return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+
+// int8 weights: vpdpbusd wants one unsigned operand, so the weights are read as w + 128 (w ^ 0x80) and each
+// lane's accumulator starts at -128 * (the sum of its 4 activation codes): the integer lane sums are exactly
+// those of w * q. Lanes 0-7 hold group 2p, lanes 8-15 group 2p + 1.
+template <int M>
+static inline void int8_q8_pairs(const int8_t* const* q, const float* const* dq, const int8_t* w, const float* s,
+                                 int64_t K, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t P = K / 64;
+  static thread_local __m512i corr[kMaxPairs][kMaxActs];  // [p][m]: one set of lines per pair
+  static thread_local __m512 dq2[kMaxPairs][kMaxActs];
+  const __m512i bias = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+  for (int m = 0; m < M; ++m)
+    for (int64_t p = 0; p < P; ++p) {
+      const __m512i qv = _mm512_loadu_si512(q[m] + p * 64);
+      corr[p][m] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, qv));
+      dq2[p][m] = pair_ps(dq[m][2 * p], dq[m][2 * p + 1]);
+    }
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; ++p) {
+      const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(row + p * 64), bias);
+      for (int m = 0; m < M; ++m) {
+        const __m512i d = _mm512_dpbusd_epi32(corr[p][m], wu, _mm512_loadu_si512(q[m] + p * 64));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), dq2[p][m], acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]) * s[n];
+  }
+}
+
+// int4 weights (dot_int4's layout): the 32 bytes of groups 2p, 2p+1 are broadcast to both halves of a vector,
+// shifted right by 0 (low half) or 4 (high half) and masked: 128-bit lanes [g0 codes 0-15 | g1 0-15 | g0 16-31 |
+// g1 16-31]. The activations are copied once into that order, so int32 lanes 0-3 and 8-11 hold group 2p and
+// lanes 4-7 and 12-15 group 2p + 1; the scales are spread the same way. The minimum term, sum over groups of
+// minimum * xs, is computed for the M activations at once (lane m of a 256-bit vector).
+static inline __m512i unpack_int4_pair(const uint8_t* p) {
+  const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+  return _mm512_and_si512(_mm512_srlv_epi64(b, shift), _mm512_set1_epi8(15));
+}
+// lanes [a x4, b x4, a x4, b x4] from a vector holding a at index i, b at i + 1
+static inline __m512i pair_index(int i) {
+  return _mm512_set_epi32(i + 1, i + 1, i + 1, i + 1, i, i, i, i, i + 1, i + 1, i + 1, i + 1, i, i, i, i);
+}
+template <int M>
+static inline void int4_q8_pairs(const int8_t* const* q, const float* const* dq, const float* const* xs,
+                                 const uint8_t* w, const at::Half* sc, const at::Half* mn, int64_t K, int64_t n0,
+                                 int64_t n1, float* y, int64_t ldy) {
+  const int64_t G = K / 32, P = G / 2;
+  static thread_local __m512i qp[kMaxPairs][kMaxActs];  // [p][m]: one set of lines per pair
+  static thread_local __m512 dq2[kMaxPairs][kMaxActs];
+  static thread_local float xst[2 * kMaxPairs][8];
+  __m512i idx[8];
+  for (int j = 0; j < 8; ++j) idx[j] = pair_index(2 * j);
+  for (int m = 0; m < M; ++m)
+    for (int64_t p = 0; p < P; ++p) {
+      const __m512i v = _mm512_loadu_si512(q[m] + p * 64);
+      qp[p][m] = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
+      dq2[p][m] = _mm512_permutexvar_ps(pair_index(0), _mm512_castps128_ps512(_mm_setr_ps(dq[m][2 * p],
+                                                                           dq[m][2 * p + 1], 0.f, 0.f)));
+    }
+  for (int64_t g = 0; g < G; ++g)
+    for (int m = 0; m < 8; ++m) xst[g][m] = m < M ? xs[m][g] : 0.f;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * (K / 2);
+    const at::Half* srow = sc + n * G;
+    const at::Half* mrow = mn + n * G;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    __m256 mins = _mm256_setzero_ps();
+    for (int64_t p0 = 0; p0 < P; p0 += 8) {
+      // the fp16 scales and minimums of groups 2 p0 .. 2 p0 + 15 (a masked load never reads past the row)
+      const int64_t np = std::min<int64_t>(8, P - p0);
+      const __mmask16 mask = (__mmask16)((1u << (2 * np)) - 1);
+      const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, srow + 2 * p0));
+      alignas(64) float m16[16];
+      _mm512_store_ps(m16, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mrow + 2 * p0)));
+      for (int64_t j = 0; j < np; ++j) {
+        const int64_t p = p0 + j;
+        const __m512i wv = unpack_int4_pair(row + p * 32);
+        const __m512 s = _mm512_permutexvar_ps(idx[j], s16);
+        for (int m = 0; m < M; ++m) {
+          const __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, qp[p][m]));
+          acc[m] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, dq2[p][m]), acc[m]);
+        }
+        mins = _mm256_fmadd_ps(_mm256_broadcast_ss(m16 + 2 * j), _mm256_loadu_ps(xst[2 * p]), mins);
+        mins = _mm256_fmadd_ps(_mm256_broadcast_ss(m16 + 2 * j + 1), _mm256_loadu_ps(xst[2 * p + 1]), mins);
+      }
+    }
+    alignas(32) float mt[8];
+    _mm256_store_ps(mt, mins);
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]) + mt[m];
+  }
+}
+
+// M (1..kMaxActs) as a template argument, so the accumulators live in registers
+template <typename F>
+static inline void with_acts(int M, F&& f) {
+  switch (M) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+#endif
+
 static inline void dot_int8_q8(const int8_t* q, const float* dq, const int8_t* w, const float* s, int64_t K,
                                int64_t n0, int64_t n1, float* y) {
   const int64_t G = K / 32;
   int64_t n = n0;
+#ifdef CAMELID_AVX512_Q8
+  if (q8_pairs(G)) return int8_q8_pairs<1>(&q, &dq, w, s, K, n0, n1, y, 0);
+#endif
 #ifdef CAMELID_AVX2
   for (; n + 4 <= n1; n += 4) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -230,61 +360,12 @@ static inline void dot_int8_q8(const int8_t* q, const float* dq, const int8_t* w
   }
 }
 
-// int4 codes (dot_int4's layout) x int8 activations; the minimum multiplies xs, the group sums of the
-// dequantised activations (decode_step.cpp's Act::set)
-#ifdef CAMELID_AVX512_INT4
-// Two groups per 512-bit vector: int32 lanes 0-7 hold group 2p's partial sums, lanes 8-15 group 2p+1's, each
-// multiplied by its own scale * dq, so a row's sum takes half the instructions of the 256-bit loop. The
-// one-activation and the several-activation kernels below both use these helpers, in the same order, so their
-// results stay bit for bit equal.
-// 32 packed bytes (groups 2p and 2p+1, dot_int4's layout) -> 64 codes in q's order
-static inline __m512i unpack_int4_pair(const uint8_t* p) {
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i low = _mm256_set1_epi8(15);
-  const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-  // [lo: g0 codes 0-15 | g1 codes 0-15], [hi: g0 codes 16-31 | g1 codes 16-31] -> g0 0-31, g1 0-31
-  const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  return _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
-}
-// [a x8, b x8]
-static inline __m512 pair_ps(float a, float b) {
-  return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
-}
-static inline __m512 dot_u4x64(__m512i w, __m512i q) {
-  return _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, q));
-}
-// one row's sum over G (even) groups; dq2: dq_pairs of the activation
-static inline float int4_q8_row(const int8_t* q, const uint8_t* wrow, const at::Half* sc, const __m512* dq2,
-                                int64_t G) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t p = 0; p < G / 2; ++p) {
-    const __m512i qv = _mm512_loadu_si512(reinterpret_cast<const void*>(q + p * 64));
-    const __m512 s = pair_ps(h2f(sc[2 * p]), h2f(sc[2 * p + 1]));
-    acc = _mm512_fmadd_ps(dot_u4x64(unpack_int4_pair(wrow + p * 32), qv), _mm512_mul_ps(s, dq2[p]), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-// dq of group pairs as [dq[2p] x8, dq[2p+1] x8]
-static inline void dq_pairs(const float* dq, int64_t G, __m512* out) {
-  for (int64_t g = 0; g + 2 <= G; g += 2) out[g / 2] = pair_ps(dq[g], dq[g + 1]);
-}
-// rows with an even number of groups, up to K = 8192, take the 512-bit kernels (others the 256-bit ones)
-constexpr int64_t kMaxPairs = 128;
-static inline bool int4_pairs(int64_t G) { return G % 2 == 0 && G / 2 <= kMaxPairs; }
-#endif
-
 static inline void dot_int4_q8(const int8_t* q, const float* dq, const float* xs, const uint8_t* w,
                                const at::Half* sc, const at::Half* mn, int64_t K, int64_t n0, int64_t n1, float* y) {
   const int64_t G = K / 32;
   int64_t n = n0;
-#ifdef CAMELID_AVX512_INT4
-  if (int4_pairs(G)) {
-    __m512 dq2[kMaxPairs];
-    dq_pairs(dq, G, dq2);
-    for (; n + 4 <= n1; n += 4)
-      for (int r = 0; r < 4; ++r)
-        y[n + r] = int4_q8_row(q, w + (n + r) * (K / 2), sc + (n + r) * G, dq2, G) + min_term(mn + (n + r) * G, xs, G);
-  }
+#ifdef CAMELID_AVX512_Q8
+  if (q8_pairs(G)) return int4_q8_pairs<1>(&q, &dq, &xs, w, sc, mn, K, n0, n1, y, 0);
 #endif
 #ifdef CAMELID_AVX2
   const __m128i low = _mm_set1_epi8(15);
@@ -321,11 +402,14 @@ static inline void dot_int4_q8(const int8_t* q, const float* dq, const float* xs
 // activations (y_m = y + m * ldy). Each weight group is loaded (int4: unpacked) once and multiplied into M
 // accumulators. Per row and activation the operations and their order are those of the one-activation kernels
 // above (four-row blocks from n0, the scalar loop for the rest), so every result is bit for bit the same. ----
-constexpr int kMaxActs = 8;
 
 static inline void dot_int8_q8_multi(int M, const int8_t* const* q, const float* const* dq, const int8_t* w,
                                      const float* s, int64_t K, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   int64_t n = n0;
+#ifdef CAMELID_AVX512_Q8
+  if (q8_pairs(K / 32))
+    return with_acts(M, [&](auto m) { int8_q8_pairs<decltype(m)::value>(q, dq, w, s, K, n0, n1, y, ldy); });
+#endif
 #ifdef CAMELID_AVX2
   const int64_t G = K / 32, n_vec = n0 + (n1 - n0) / 4 * 4;
   for (; n < n_vec; ++n) {
@@ -348,31 +432,9 @@ static inline void dot_int4_q8_multi(int M, const int8_t* const* q, const float*
                                      const uint8_t* w, const at::Half* sc, const at::Half* mn, int64_t K, int64_t n0,
                                      int64_t n1, float* y, int64_t ldy) {
   int64_t n = n0;
-#ifdef CAMELID_AVX512_INT4
-  if (const int64_t G = K / 32, P = G / 2; int4_pairs(G)) {
-    // each weight pair is unpacked once and multiplies all M activations; per activation the operations are
-    // int4_q8_row's, in its order
-    static thread_local __m512 dq2[kMaxActs][kMaxPairs];
-    for (int m = 0; m < M; ++m) dq_pairs(dq[m], G, dq2[m]);
-    const int64_t n_vec = n0 + (n1 - n0) / 4 * 4;
-    for (; n < n_vec; ++n) {
-      __m512 acc[kMaxActs];
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-      const uint8_t* wrow = w + n * (K / 2);
-      const at::Half* srow = sc + n * G;
-      for (int64_t p = 0; p < P; ++p) {
-        const __m512i wv = unpack_int4_pair(wrow + p * 32);
-        const __m512 s = pair_ps(h2f(srow[2 * p]), h2f(srow[2 * p + 1]));
-        for (int m = 0; m < M; ++m) {
-          const __m512i qv = _mm512_loadu_si512(reinterpret_cast<const void*>(q[m] + p * 64));
-          acc[m] = _mm512_fmadd_ps(dot_u4x64(wv, qv), _mm512_mul_ps(s, dq2[m][p]), acc[m]);
-        }
-      }
-      for (int m = 0; m < M; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]) + min_term(mn + n * G, xs[m], G);
-    }
-    for (int m = 0; m < M; ++m) dot_int4_q8(q[m], dq[m], xs[m], w, sc, mn, K, n, n1, y + m * ldy);
-    return;
-  }
+#ifdef CAMELID_AVX512_Q8
+  if (q8_pairs(K / 32))
+    return with_acts(M, [&](auto m) { int4_q8_pairs<decltype(m)::value>(q, dq, xs, w, sc, mn, K, n0, n1, y, ldy); });
 #endif
 #ifdef CAMELID_AVX2
   const int64_t G = K / 32, n_vec = n0 + (n1 - n0) / 4 * 4;

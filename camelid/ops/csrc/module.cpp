@@ -23,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_cached", &attend_cached);
   m.def("cross_entropy_grad_", &cross_entropy_grad_);
   m.def("gemv_q8", &gemv_q8);
+  m.def("gemm_q8", &gemm_q8);
   namespace py = pybind11;
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, bool>())
@@ -40,6 +41,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #ifdef CAMELID_VNNI
     s += "+vnni";
+#endif
+#ifdef CAMELID_AVX512_Q8
+    s += "+avx512-q8";
 #endif
     return s.empty() ? std::string("generic") : s;
   });
