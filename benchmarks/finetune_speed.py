@@ -57,6 +57,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block in the backward pass (all arms): activations no longer dominate memory")
+    p.add_argument("--return-freed-memory", action="store_true",
+                   help="camelid arms: FinetuneConfig.return_freed_memory (large tensors on pages of their own)")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--rounds", type=int, default=2,
                    help="rounds of all arms, the order reversed every other round (a changing machine load "
@@ -103,7 +105,8 @@ def run_arm(args: argparse.Namespace) -> dict:
                          batch_size=args.batch, lora_rank=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
                          lr=args.lr, min_lr=args.lr, warmup_steps=0, quantize="int4" if "qlora" in arm else "none",
                          out=str(args.out / "unused"), seed=0,
-                         activation_checkpointing=args.activation_checkpointing)
+                         activation_checkpointing=args.activation_checkpointing,
+                         return_freed_memory=args.return_freed_memory and arm != "transformers+peft")
     cfg.validate()
     sft = SFT(cfg, torch.device("cpu"))
     steps = args.warmup + args.steps

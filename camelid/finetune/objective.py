@@ -78,6 +78,31 @@ def load_training_model(source: str, quantize: str = "none") -> nn.Module:
     return quantize_base(model, quantize) if quantize != "none" else model
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed while loading (the fp32 tensors a quantised base streamed through) back to the OS:
+    glibc keeps freed heap pages in the process, where they would count in its peak RSS for the whole run."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def own_pages_for_large_tensors(threshold: int = 128 << 10) -> bool:
+    """glibc only (else False): every allocation over `threshold` bytes is mmapped and unmapped when freed, for
+    the rest of the process (mallopt M_MMAP_THRESHOLD, which also stops glibc raising the threshold as large
+    blocks are freed, the adjustment that leaves freed activations in the heap). Fewer resident pages, more page
+    faults: FinetuneConfig.return_freed_memory."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 class SFT:
     """Supervised fine-tuning on chat / instruction / text examples; see the module docstring."""
 
@@ -108,9 +133,11 @@ class SFT:
 
     # -- the model ------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        from camelid.variants.lora import apply_lora
+        from camelid.variants.lora import apply_lora, quantize_head
 
         cfg = self.cfg
+        if cfg.return_freed_memory:
+            own_pages_for_large_tensors()
         model = load_training_model(cfg.model, cfg.quantize)
         if cfg.block_size > model.config.max_seq_len:
             raise CamelidError(f"block_size {cfg.block_size} exceeds the base model's context window "
@@ -118,6 +145,9 @@ class SFT:
         self.model_config = model.config
         if cfg.method == "full":
             return model.requires_grad_(True)
+        if cfg.quantize != "none":  # QLoRA: the frozen embedding and head as int8 rows too
+            quantize_head(model)
+            release_freed_memory()
         return apply_lora(model, cfg.lora_spec())
 
     @staticmethod

@@ -353,10 +353,20 @@ def _stored_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -
 
 
 def _gguf_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> Iterator[tuple[str, Tensor]]:
-    """The file's tensors under Hugging Face names, one at a time in fp32 (F32 ones memory-mapped)."""
+    """The file's tensors under Hugging Face names, one at a time in fp32 (F32 ones memory-mapped), each
+    dequantised a block of rows at a time into its fp32 tensor (gguf's numpy dequantisation makes several
+    temporaries of its input's size: for the embedding, hundreds of MB at once)."""
     for name, w in _stored_tensors(reader, config, source):
         t = w.mapped()
+        if t is None and len(w.shape) == 2 and w.shape[0] > _ROWS_AT_A_TIME:
+            t = torch.empty(tuple(w.shape), dtype=torch.float32)
+            for a in range(0, w.shape[0], _ROWS_AT_A_TIME):
+                b = min(a + _ROWS_AT_A_TIME, w.shape[0])
+                t[a:b] = w.fp32(a, b)
         yield name, t if t is not None else w.fp32()
+
+
+_ROWS_AT_A_TIME = 4096
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -398,6 +408,8 @@ def read_gguf_tensors(path: str | os.PathLike) -> tuple[LlamaConfig, Iterator[tu
     path = Path(path)
     reader = open_gguf(path)
     config = config_from_gguf(reader, str(path))
+    for key in [k for k in reader.fields if k.startswith("tokenizer.")]:
+        del reader.fields[key]  # the vocabulary's parsed arrays (tens of MiB): not needed for the weights
     return config, _gguf_tensors(reader, config, str(path))
 
 

@@ -3,7 +3,8 @@
 Implementations: `reference` (the head, then F.cross_entropy); `LinearCrossEntropy`, which runs over chunks of
 tokens so the [tokens, vocab] logits are never stored, forming their gradient in the forward pass while each
 chunk is in cache: its softmax-and-gradient step is a C++ loop (csrc/head_loss.cpp) or the same math in torch.
-`head_loss` picks one.
+`head_loss` picks one. `int8_head_loss` is the same loss under a frozen int8 head (QLoRA's tied embedding kept
+quantised): it dequantises the head a block of vocabulary rows at a time, so no fp32 copy of it is ever whole.
 """
 
 from __future__ import annotations
@@ -81,6 +82,60 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = grad / ctx.n
         return (None if grad_h is None else grad_h * scale.to(grad_h.dtype),
                 None if grad_w is None else grad_w * scale.to(grad_w.dtype), None)
+
+
+# vocabulary rows of the int8 head dequantised at a time: 4096 x 576 fp32 is 9 MiB
+INT8_HEAD_BLOCK = 4096
+
+
+class Int8HeadCrossEntropy(torch.autograd.Function):
+    """mean(cross_entropy(h @ W.T, targets)) for a frozen head W = qweight * scale[:, None] (int8 rows, one fp32
+    scale each), with only d/dh. Two passes over blocks of vocabulary rows, each block dequantised when used:
+    the first keeps a running log-sum-exp of every row's logits (and the target's logit), the second forms
+    softmax - onehot per block and accumulates its product with the block into d/dh. The head is read twice and
+    its logits never exist beyond [tokens, block]."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, qweight: Tensor, scale: Tensor, targets: Tensor) -> Tensor:  # noqa: ANN001 - ctx
+        n, vocab = h.shape[0], qweight.shape[0]
+        rows = torch.arange(n, device=h.device)
+        peak = torch.full((n,), float("-inf"), dtype=torch.float32, device=h.device)
+        sums = torch.zeros(n, dtype=torch.float32, device=h.device)
+        picked = torch.zeros(n, dtype=torch.float32, device=h.device)
+        hf = h.float()
+        for s in range(0, vocab, INT8_HEAD_BLOCK):
+            w = qweight[s:s + INT8_HEAD_BLOCK].float() * scale[s:s + INT8_HEAD_BLOCK, None]
+            logits = hf @ w.T
+            new_peak = torch.maximum(peak, logits.amax(-1))
+            sums = sums * (peak - new_peak).exp() + (logits - new_peak[:, None]).exp().sum(-1)
+            peak = new_peak
+            inside = (targets >= s) & (targets < s + w.shape[0])
+            picked[inside] = logits[rows[inside], targets[inside] - s]
+        lse = peak + sums.log()
+        grad_h = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.zeros_like(hf)
+            for s in range(0, vocab, INT8_HEAD_BLOCK):
+                w = qweight[s:s + INT8_HEAD_BLOCK].float() * scale[s:s + INT8_HEAD_BLOCK, None]
+                probs = (hf @ w.T).sub_(lse[:, None]).exp_()
+                inside = (targets >= s) & (targets < s + w.shape[0])
+                probs[rows[inside], targets[inside] - s] -= 1.0
+                grad_h.addmm_(probs, w)
+        ctx.save_for_backward(grad_h)
+        ctx.n, ctx.dtype = n, h.dtype
+        return (lse - picked).sum() / max(1, n)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: ANN001 - ctx
+        (grad_h,) = ctx.saved_tensors
+        if grad_h is None:
+            return None, None, None, None
+        return (grad_h * (grad / max(1, ctx.n))).to(ctx.dtype), None, None, None
+
+
+def int8_head_loss(h: Tensor, qweight: Tensor, scale: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token loss of h [n, dim] under a frozen int8 head (codes [vocab, dim], scale [vocab])."""
+    return Int8HeadCrossEntropy.apply(h, qweight, scale, targets)
 
 
 # eager even inside a compiled model: measured faster than inductor's trace of the chunked loop

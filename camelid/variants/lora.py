@@ -31,7 +31,8 @@ from camelid.errors import CamelidError
 from camelid.interop import peft
 from camelid.interop.hf import hf_to_camelid_name
 from camelid.model import Llama, rope_inv_freq
-from camelid.variants.quantized import FastLinear, Int4Linear, Int8Linear
+from camelid.ops.linear import quantize_int8
+from camelid.variants.quantized import FastLinear, Int4Linear, Int8Embedding, Int8Linear
 
 # the linear layers of a block, by camelid's names (HF: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
@@ -236,6 +237,35 @@ def quantize_base(model: Llama, mode: str) -> Llama:
 
 
 @torch.no_grad()
+def quantize_head(model: Llama) -> Llama:
+    """QLoRA's frozen embedding and output head as int8 rows (one fp32 scale per row; a tied head and the
+    embedding share one Int8Linear): the lookup dequantises the rows it reads, the training loss runs the head
+    through camelid.ops.head_loss.int8_head_loss, which dequantises it a block of rows at a time. For SmolLM2
+    this keeps 28 MB of codes instead of the 113 MB fp32 table. In place; returns the model."""
+    if isinstance(model.output, Int8Linear):
+        return model
+    tied = model.config.tie_embeddings or model.output.weight is model.tok_embeddings.weight
+    head = _int8_rows(model.output.weight)
+    model.output = head
+    if tied:
+        model.tok_embeddings = Int8Embedding(shared=head)
+    else:
+        emb = Int8Embedding(torch.empty(model.tok_embeddings.weight.shape, device="meta"))
+        emb.table = _int8_rows(model.tok_embeddings.weight)
+        model.tok_embeddings = emb
+    return model.requires_grad_(False)
+
+
+def _int8_rows(weight: Tensor, rows: int = 4096) -> Int8Linear:
+    """Int8Linear(weight), quantised a block of rows at a time (no whole-table fp32 temporaries)."""
+    lin = Int8Linear(torch.empty(weight.shape, device="meta"))
+    lin.qweight, lin.scale = torch.empty(weight.shape, dtype=torch.int8), torch.empty(weight.shape[0])
+    for s in range(0, weight.shape[0], rows):
+        lin.qweight[s:s + rows], lin.scale[s:s + rows] = quantize_int8(weight[s:s + rows])
+    return lin
+
+
+@torch.no_grad()
 def build_quantized_base(model: Llama, tensors: Iterable[tuple[str, Tensor]], mode: str, source: str) -> Llama:
     """Fill `model`, built on the meta device (the reference Llama or its training twin), from a stream of Hugging
     Face-named fp32 tensors (camelid.interop.hf.read_hf_tensors, camelid.interop.gguf.read_gguf_tensors),
@@ -342,4 +372,5 @@ def load_adapter(model: Llama, path: str | os.PathLike) -> Llama:
 
 __all__ = ["BASES", "TARGETS", "LoRALinear", "LoraSpec", "apply_lora", "build_quantized_base", "load_adapter",
            "load_lora_state_dict", "lora_disabled", "lora_modules", "lora_spec", "lora_state_dict", "merge_lora",
-           "quantize_base", "read_adapter", "save_adapter", "save_gguf_adapter", "trainable_parameters"]
+           "quantize_base", "quantize_head", "read_adapter", "save_adapter", "save_gguf_adapter",
+           "trainable_parameters"]

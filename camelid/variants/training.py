@@ -30,6 +30,7 @@ from camelid.config import LlamaConfig
 from camelid.model import Attention, FeedForward, Llama, RMSNorm
 from camelid.ops import attention, head_loss, rope, swiglu
 from camelid.variants.fused import FastRMSNorm
+from camelid.variants.quantized import Int8Linear
 
 
 class TrainAttention(nn.Module):
@@ -93,7 +94,10 @@ def next_token_loss(model: Llama, input_ids: Tensor, targets: Tensor, loss_posit
     h, y = model.hidden_states(input_ids, **kwargs).flatten(0, 1), targets.flatten()
     if loss_positions is not None:
         h, y = h.index_select(0, loss_positions), y.index_select(0, loss_positions)
-    return head_loss.head_loss(h, model.output.weight, y)
+    head = model.output
+    if isinstance(head, Int8Linear):  # a frozen int8 head (QLoRA, camelid.variants.lora.quantize_head)
+        return head_loss.int8_head_loss(h, head.qweight, head.scale, y)
+    return head_loss.head_loss(h, head.weight, y)
 
 
 class TrainLlama(Llama):

@@ -1,6 +1,6 @@
 """The fine-tuning demo: SmolLM2-135M-Instruct + LoRA on Natural Instructions, scored before and after.
 
-    python examples/finetune/run.py [--set max_steps=300 ...] [--per-task 2] [--tasks 20]
+    python examples/finetune/run.py [--set max_steps=300 ...] [--per-task 1] [--tasks 20]
 
 1. before: on the first `--per-task` test examples of each of the 61 subtasks (or of `--tasks` of them), the base
    model's loss (nats per answer token) and its greedy answers (exact match and ROUGE-L against the reference)
@@ -29,7 +29,7 @@ ROOT = HERE.parent.parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], help="override a finetune setting, key=value")
-    parser.add_argument("--per-task", type=int, default=2, help="test examples scored per subtask")
+    parser.add_argument("--per-task", type=int, default=1, help="test examples scored per subtask")
     parser.add_argument("--tasks", type=int, default=0,
                         help="score this many of the 61 subtasks, spread evenly over them (0: all)")
     parser.add_argument("--max-new-tokens", type=int, default=32)

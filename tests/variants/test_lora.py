@@ -24,6 +24,7 @@ from camelid.variants.lora import (
     lora_spec,
     merge_lora,
     quantize_base,
+    quantize_head,
     save_adapter,
     trainable_parameters,
 )
@@ -211,3 +212,36 @@ def test_bad_specs_are_one_line_errors() -> None:
     with pytest.raises(CamelidError, match="already has LoRA"):
         apply_lora(twice)
     assert lora_spec(twice) == LoraSpec()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_quantize_head_gives_the_dequantised_models_loss_and_gradients(name: str) -> None:
+    """QLoRA's int8 embedding and head (quantize_head): the training loss and the adapters' gradients are those
+    of the same model holding the dequantised tables in fp32."""
+    from camelid.variants.training import next_token_loss
+
+    torch.manual_seed(0)
+    model = quantize_base(TrainLlama(CONFIGS[name]), "int4")
+    quantize_head(model)
+    reference = copy.deepcopy(model)
+    # the reference: the same int8 tables, dequantised into an fp32 embedding and head
+    emb = nn.Embedding(*reference.tok_embeddings.table.qweight.shape)
+    emb.weight = nn.Parameter(reference.tok_embeddings.dequantize(), requires_grad=False)
+    head = nn.Linear(emb.weight.shape[1], reference.output.out_features, bias=False)
+    head.weight = nn.Parameter(reference.output.dequantize(), requires_grad=False)
+    reference.tok_embeddings, reference.output = emb, head
+    for m in (model, reference):
+        torch.manual_seed(1)
+        apply_lora(m, rank=4, alpha=8)
+        randomize_adapters(m)
+    ids = torch.randint(0, CONFIGS[name].vocab_size, (2, 12))
+    targets = torch.randint(0, CONFIGS[name].vocab_size, (2, 12))
+    positions = torch.tensor([1, 4, 5, 13, 20])
+    losses = [next_token_loss(m, ids, targets, positions) for m in (model, reference)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    grads = [{k: p.grad for k, p in m.named_parameters() if p.requires_grad} for m in (model, reference)]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6)
