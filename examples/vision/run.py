@@ -121,7 +121,9 @@ def evaluate(design: str, out: Path, train_info: dict[str, object], n: int = 600
             "austen_loss_text_model": text_before, "austen_loss_vision_model_no_image": text_after}
 
 
-def plot(results: list[dict[str, object]], png: Path) -> None:
+def plot(results: list[dict[str, object]], png: Path, also: dict[str, Path] | None = None) -> None:
+    """Loss and held-out exact match over training CPU-minutes of each design (its log in logs/), and of the
+    runs in `also` (label -> log.csv of another `camelid vision train` run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,14 +131,15 @@ def plot(results: list[dict[str, object]], png: Path) -> None:
 
     from camelid.train.plot import read_log
 
+    runs = {f"{r['design']} ({r['image_tokens']} image tokens)": HERE / "logs" / f"{r['design']}.csv"
+            for r in results}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in results:
-        rows = read_log(HERE / "logs" / f"{r['design']}.csv")
+    for label, log in {**runs, **(also or {})}.items():
+        rows = read_log(log)
         minutes = [float(x["cpu_s"]) / 60 for x in rows]
-        ax1.plot(minutes, [float(x["loss"]) for x in rows], lw=0.8, alpha=0.8, label=str(r["design"]))
+        ax1.plot(minutes, [float(x["loss"]) for x in rows], lw=0.8, alpha=0.8, label=label)
         evals = [x for x in rows if x.get("val_acc")]
-        ax2.plot([float(x["cpu_s"]) / 60 for x in evals], [float(x["val_acc"]) for x in evals], "o-",
-                 label=f"{r['design']} ({r['image_tokens']} image tokens)")
+        ax2.plot([float(x["cpu_s"]) / 60 for x in evals], [float(x["val_acc"]) for x in evals], "o-", label=label)
     ax2.axhline(0.9, ls="--", color="grey", lw=0.8)
     ax2.set_xlim(ax1.get_xlim())
     ax1.set(xlabel="training CPU-minutes", ylabel="loss (nats)",
@@ -225,6 +228,8 @@ def main() -> None:
     parser.add_argument("--only", choices=DESIGNS, action="append", help="train and score only this design")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "vision")
     parser.add_argument("--skip-training", action="store_true", help="score the models already in --out")
+    parser.add_argument("--plot-also", action="append", default=[], metavar="LABEL=LOG_CSV",
+                        help="also plot another `camelid vision train` run's log.csv (repeat)")
     args = parser.parse_args()
     designs = args.only or list(DESIGNS)
     results_file = HERE / "results.json"
@@ -245,7 +250,8 @@ def main() -> None:
         results_file.write_text(json.dumps(list(known.values()), indent=2) + "\n")
     results = [known[d] for d in DESIGNS if d in known]
     (HERE / "results.md").write_text(table(results))
-    plot(results, ROOT / "docs" / "multimodal.png")
+    also = {label: Path(log) for label, log in (item.split("=", 1) for item in args.plot_also)}
+    plot(results, ROOT / "docs" / "multimodal.png", also)
     print(table(results))
 
 
