@@ -13,9 +13,10 @@ learned tokens; the loss is kd_ratio x that + (1 - kd_ratio) x the next-token cr
 
 The teacher is `teacher` (any model camelid loads with the student's vocabulary), live in memory, or its top-k
 logits read from `teacher_cache`, a file `camelid teacher-cache` writes once (so the teacher never shares memory
-with the student). From a top-k cache the teacher's distribution is its softmax over those k tokens; forward KL
-compares it with the student's full-vocabulary log-probabilities at them (which also pulls the student's mass
-onto them), reverse KL and JSD with the student renormalised over the same k tokens.
+with the student). The cache keeps, per learned position, the teacher's k largest logits, their token ids and the
+logsumexp of all its logits (at kd_temperature), so the teacher's mass beyond the k tokens is known: teacher and
+student are compared over k + 1 outcomes, the k tokens and one for the rest of the vocabulary (the divergence of
+the distributions so coarsened, never above the full one, equal to it when k covers the vocabulary).
 
 The student is `model` (a checkpoint to fine-tune, LoRA or full), or with `student` (a preset name or LlamaConfig
 fields) a fresh camelid LLaMA of that shape with the teacher's vocabulary and tokenizer.
@@ -38,25 +39,34 @@ from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
 from camelid.finetune.config import FinetuneConfig
 from camelid.finetune.data import Batch, Example, RowStream, load_sft_data, make_batch, steps_for_epochs
-from camelid.finetune.objective import SFT, load_tokenizer, load_training_model
+from camelid.finetune.objective import SFT, HeadAt, load_tokenizer, load_training_model
 from camelid.train import distributed as D
 from camelid.train.config import TrainConfig
 from camelid.train.objectives import autocast
 
-CACHE_FORMAT = "camelid-teacher-topk-1"
+CACHE_FORMAT = "camelid-teacher-topk-2"
 
 
-def distill_loss(student_logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor], kind: str = "forward_kl",
+def distill_loss(student_logits: Tensor, teacher: Tensor | tuple[Tensor, ...], kind: str = "forward_kl",
                  beta: float = 0.5, temperature: float = 1.0) -> Tensor:
     """Per-position divergence [N] between the student's logits [N, V] and the teacher's: full logits [N, V], or
-    (top-k values [N, k], their token ids [N, k])."""
+    (top-k logits [N, k], their token ids [N, k]) or (top-k logits, ids, logsumexp of all the teacher's logits / T
+    [N]). With the logsumexp both distributions are compared over k + 1 outcomes: the k tokens and the rest of
+    the vocabulary together; without it, over the k tokens, the teacher renormalised over them."""
     s = torch.log_softmax(student_logits.float() / temperature, -1)
     if isinstance(teacher, tuple):
-        values, ids = teacher
-        t = torch.log_softmax(values.float() / temperature, -1)
-        s = s.gather(1, ids.long())
-        if kind != "forward_kl":
-            s = torch.log_softmax(s, -1)  # the student over the same k tokens
+        values, ids = teacher[0], teacher[1].long()
+        t = values.float() / temperature
+        if len(teacher) > 2 and ids.shape[1] < s.shape[1]:  # the teacher's mass beyond its top k is known
+            t = t - teacher[2].float()[:, None]
+            t_rest = torch.log((1 - t.exp().sum(-1)).clamp(min=1e-12))
+            s_rest = s.scatter(1, ids, float("-inf")).logsumexp(-1)
+            t, s = torch.cat([t, t_rest[:, None]], -1), torch.cat([s.gather(1, ids), s_rest[:, None]], -1)
+        else:
+            t = torch.log_softmax(t, -1)
+            s = s.gather(1, ids)
+            if kind != "forward_kl":
+                s = torch.log_softmax(s, -1)  # the student over the same k tokens
     else:
         t = torch.log_softmax(teacher.float() / temperature, -1)
     if kind == "forward_kl":
@@ -69,23 +79,6 @@ def distill_loss(student_logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor]
     m = torch.logsumexp(torch.stack([s + torch.log1p(-b), t + torch.log(b)]), 0)
     return (beta * F.kl_div(m, t, reduction="none", log_target=True)
             + (1 - beta) * F.kl_div(m, s, reduction="none", log_target=True)).sum(-1)
-
-
-class LogitsAt(nn.Module):
-    """The training LLaMA (`llama`) whose forward returns the fp32 logits at the given flat positions [N, V]: the
-    head only where there is a loss. A module of its own so that DDP sees the student's forward."""
-
-    def __init__(self, llama: nn.Module) -> None:
-        super().__init__()
-        self.llama = llama
-
-    @property
-    def config(self) -> Any:
-        return self.llama.config
-
-    def forward(self, input_ids: Tensor, positions: Tensor | None, mask: Any, loss_positions: Tensor) -> Tensor:
-        h = self.llama.hidden_states(input_ids, positions, mask=mask).flatten(0, 1).index_select(0, loss_positions)
-        return F.linear(h, self.llama.output.weight).float()
 
 
 def logits_at(model: nn.Module, b: Batch, device: torch.device) -> Tensor:
@@ -122,7 +115,8 @@ def teacher_identity(source: str) -> str:
 @torch.no_grad()
 def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str, float]:
     """Run the teacher once over the training examples and keep its top-k logits at every learned position in
-    cfg.teacher_cache (fp16 values, int32 token ids); returns {tokens, bytes, bytes_per_token, seconds}."""
+    cfg.teacher_cache (fp16 values, int32 token ids, fp32 logsumexp of all logits / kd_temperature); returns
+    {tokens, bytes, bytes_per_token, seconds}."""
     from tqdm import tqdm
 
     if not cfg.teacher or not cfg.teacher_cache:
@@ -130,11 +124,11 @@ def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str,
     device = torch.device("cpu")
     tok = load_tokenizer(cfg.teacher)
     data = load_sft_data(cfg, tok)
-    teacher = LogitsAt(load_training_model(cfg.teacher)).eval().requires_grad_(False)
+    teacher = HeadAt(load_training_model(cfg.teacher)).eval().requires_grad_(False)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     k = cfg.teacher_topk
     t0 = time.perf_counter()
-    values, ids, counts = [], [], []
+    values, ids, logz = [], [], []
     rows = [[i] for i in range(len(data.train))]
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="teacher top-k", unit="batch", disable=not progress):
         b = make_batch(data.train, rows[s:s + cfg.batch_size], pad)
@@ -143,9 +137,10 @@ def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str,
         top = logits.topk(k, -1)
         values.append(top.values.half())
         ids.append(top.indices.int())
+        logz.append(torch.logsumexp(logits.float() / cfg.kd_temperature, -1))
     counts = [e.n_trained for e in data.train]
     key = examples_key(data.train, _cache_settings(cfg))
-    tensors = {"values": torch.cat(values), "ids": torch.cat(ids),
+    tensors = {"values": torch.cat(values), "ids": torch.cat(ids), "logz": torch.cat(logz),
                "offsets": torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)}
     path = Path(cfg.teacher_cache)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +156,7 @@ def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str,
 
 
 def _cache_settings(cfg: FinetuneConfig) -> dict[str, Any]:
-    return {"format": CACHE_FORMAT, "k": cfg.teacher_topk, "dtype": cfg.dtype}
+    return {"format": CACHE_FORMAT, "k": cfg.teacher_topk, "dtype": cfg.dtype, "temperature": cfg.kd_temperature}
 
 
 def read_teacher_cache(path: Path, key: str, vocab_size: int, teacher: str | None = None) -> dict[str, Tensor]:
@@ -219,7 +214,7 @@ class KD(SFT):
         self.saves_trainable_only = cfg.method == "lora" and not cfg.student
         self.model_config: Any = None
         self._step_trained: dict[int, int] = {}
-        self.teacher: LogitsAt | None = None
+        self.teacher: HeadAt | None = None
         self.cache: dict[str, Tensor] = {}
 
     def build_model(self) -> nn.Module:
@@ -255,14 +250,14 @@ class KD(SFT):
                 raise CamelidError(f"teacher {cfg.teacher} has a vocabulary of {teacher.config.vocab_size} tokens, the "
                                    f"student {vocab}; distillation needs the same vocabulary (a student with the "
                                    "teacher's tokenizer)")
-            self.teacher = LogitsAt(teacher).to(self.device).eval().requires_grad_(False)
-        return LogitsAt(llama)
+            self.teacher = HeadAt(teacher).to(self.device).eval().requires_grad_(False)
+        return HeadAt(llama)
 
     @staticmethod
     def blocks(model: nn.Module) -> nn.ModuleList:
         return model.llama.layers
 
-    def _teacher(self, step: int, index: int, b: Batch) -> Tensor | tuple[Tensor, Tensor] | None:
+    def _teacher(self, step: int, index: int, b: Batch) -> Tensor | tuple[Tensor, ...] | None:
         if self.cfg.kd_ratio == 0:
             return None
         if self.teacher is not None:
@@ -271,7 +266,7 @@ class KD(SFT):
         offsets = self.cache["offsets"]
         rows = torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for row in self._rows(step, index)
                           for i in row])
-        return self.cache["values"][rows].to(self.device), self.cache["ids"][rows].to(self.device)
+        return tuple(self.cache[name][rows].to(self.device) for name in ("values", "ids", "logz"))
 
     def batch(self, step: int, index: int) -> tuple[Batch, float, Any]:  # type: ignore[override]
         b, weight = super().batch(step, index)
