@@ -13,10 +13,9 @@ learned tokens; the loss is kd_ratio x that + (1 - kd_ratio) x the next-token cr
 
 The teacher is `teacher` (any model camelid loads with the student's vocabulary), live in memory, or its top-k
 logits read from `teacher_cache`, a file `camelid teacher-cache` writes once (so the teacher never shares memory
-with the student). The cache keeps, per learned position, the teacher's k largest logits, their token ids and the
-logsumexp of all its logits (at kd_temperature), so the teacher's mass beyond the k tokens is known: teacher and
-student are compared over k + 1 outcomes, the k tokens and one for the rest of the vocabulary (the divergence of
-the distributions so coarsened, never above the full one, equal to it when k covers the vocabulary).
+with the student). From a top-k cache the teacher's distribution is its softmax over those k tokens; forward KL
+compares it with the student's full-vocabulary log-probabilities at them (which also pulls the student's mass
+onto them), reverse KL and JSD with the student renormalised over the same k tokens.
 
 The student is `model` (a checkpoint to fine-tune, LoRA or full), or with `student` (a preset name or LlamaConfig
 fields) a fresh camelid LLaMA of that shape with the teacher's vocabulary and tokenizer.
@@ -44,29 +43,20 @@ from camelid.train import distributed as D
 from camelid.train.config import TrainConfig
 from camelid.train.objectives import autocast
 
-CACHE_FORMAT = "camelid-teacher-topk-2"
+CACHE_FORMAT = "camelid-teacher-topk-1"
 
 
-def distill_loss(student_logits: Tensor, teacher: Tensor | tuple[Tensor, ...], kind: str = "forward_kl",
+def distill_loss(student_logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor], kind: str = "forward_kl",
                  beta: float = 0.5, temperature: float = 1.0) -> Tensor:
     """Per-position divergence [N] between the student's logits [N, V] and the teacher's: full logits [N, V], or
-    (top-k logits [N, k], their token ids [N, k]) or (top-k logits, ids, logsumexp of all the teacher's logits / T
-    [N]). With the logsumexp both distributions are compared over k + 1 outcomes: the k tokens and the rest of
-    the vocabulary together; without it, over the k tokens, the teacher renormalised over them."""
+    (top-k values [N, k], their token ids [N, k])."""
     s = torch.log_softmax(student_logits.float() / temperature, -1)
     if isinstance(teacher, tuple):
-        values, ids = teacher[0], teacher[1].long()
-        t = values.float() / temperature
-        if len(teacher) > 2 and ids.shape[1] < s.shape[1]:  # the teacher's mass beyond its top k is known
-            t = t - teacher[2].float()[:, None]
-            t_rest = torch.log((1 - t.exp().sum(-1)).clamp(min=1e-12))
-            s_rest = s.scatter(1, ids, float("-inf")).logsumexp(-1)
-            t, s = torch.cat([t, t_rest[:, None]], -1), torch.cat([s.gather(1, ids), s_rest[:, None]], -1)
-        else:
-            t = torch.log_softmax(t, -1)
-            s = s.gather(1, ids)
-            if kind != "forward_kl":
-                s = torch.log_softmax(s, -1)  # the student over the same k tokens
+        values, ids = teacher
+        t = torch.log_softmax(values.float() / temperature, -1)
+        s = s.gather(1, ids.long())
+        if kind != "forward_kl":
+            s = torch.log_softmax(s, -1)  # the student over the same k tokens
     else:
         t = torch.log_softmax(teacher.float() / temperature, -1)
     if kind == "forward_kl":
@@ -115,8 +105,7 @@ def teacher_identity(source: str) -> str:
 @torch.no_grad()
 def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str, float]:
     """Run the teacher once over the training examples and keep its top-k logits at every learned position in
-    cfg.teacher_cache (fp16 values, int32 token ids, fp32 logsumexp of all logits / kd_temperature); returns
-    {tokens, bytes, bytes_per_token, seconds}."""
+    cfg.teacher_cache (fp16 values, int32 token ids); returns {tokens, bytes, bytes_per_token, seconds}."""
     from tqdm import tqdm
 
     if not cfg.teacher or not cfg.teacher_cache:
@@ -128,7 +117,7 @@ def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str,
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     k = cfg.teacher_topk
     t0 = time.perf_counter()
-    values, ids, logz = [], [], []
+    values, ids, counts = [], [], []
     rows = [[i] for i in range(len(data.train))]
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="teacher top-k", unit="batch", disable=not progress):
         b = make_batch(data.train, rows[s:s + cfg.batch_size], pad)
@@ -137,10 +126,9 @@ def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str,
         top = logits.topk(k, -1)
         values.append(top.values.half())
         ids.append(top.indices.int())
-        logz.append(torch.logsumexp(logits.float() / cfg.kd_temperature, -1))
     counts = [e.n_trained for e in data.train]
     key = examples_key(data.train, _cache_settings(cfg))
-    tensors = {"values": torch.cat(values), "ids": torch.cat(ids), "logz": torch.cat(logz),
+    tensors = {"values": torch.cat(values), "ids": torch.cat(ids),
                "offsets": torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)}
     path = Path(cfg.teacher_cache)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +144,7 @@ def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str,
 
 
 def _cache_settings(cfg: FinetuneConfig) -> dict[str, Any]:
-    return {"format": CACHE_FORMAT, "k": cfg.teacher_topk, "dtype": cfg.dtype, "temperature": cfg.kd_temperature}
+    return {"format": CACHE_FORMAT, "k": cfg.teacher_topk, "dtype": cfg.dtype}
 
 
 def read_teacher_cache(path: Path, key: str, vocab_size: int, teacher: str | None = None) -> dict[str, Tensor]:
@@ -257,7 +245,7 @@ class KD(SFT):
     def blocks(model: nn.Module) -> nn.ModuleList:
         return model.llama.layers
 
-    def _teacher(self, step: int, index: int, b: Batch) -> Tensor | tuple[Tensor, ...] | None:
+    def _teacher(self, step: int, index: int, b: Batch) -> Tensor | tuple[Tensor, Tensor] | None:
         if self.cfg.kd_ratio == 0:
             return None
         if self.teacher is not None:
@@ -266,7 +254,7 @@ class KD(SFT):
         offsets = self.cache["offsets"]
         rows = torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for row in self._rows(step, index)
                           for i in row])
-        return tuple(self.cache[name][rows].to(self.device) for name in ("values", "ids", "logz"))
+        return self.cache["values"][rows].to(self.device), self.cache["ids"][rows].to(self.device)
 
     def batch(self, step: int, index: int) -> tuple[Batch, float, Any]:  # type: ignore[override]
         b, weight = super().batch(step, index)

@@ -55,18 +55,8 @@ def test_a_topk_holding_every_token_equals_the_full_distribution(kind: str) -> N
     top = teacher.topk(30, -1)
     torch.testing.assert_close(distill_loss(student, (top.values, top.indices), kind, 0.4, 2.0),
                                distill_loss(student, teacher, kind, 0.4, 2.0), rtol=1e-5, atol=1e-6)
-    logz = torch.logsumexp(teacher / 2.0, -1)
-    torch.testing.assert_close(distill_loss(student, (top.values, top.indices, logz), kind, 0.4, 2.0),
-                               distill_loss(student, teacher, kind, 0.4, 2.0), rtol=1e-5, atol=1e-6)
     few = teacher.topk(5, -1)  # fewer tokens: a different (finite) loss
     assert torch.isfinite(distill_loss(student, (few.values, few.indices), kind, 0.4, 2.0)).all()
-    # k tokens + the rest: the divergence of coarsened distributions, never above the full one, and a gradient
-    s = student.clone().requires_grad_(True)
-    coarse = distill_loss(s, (few.values, few.indices, logz), kind, 0.4, 2.0)
-    full = distill_loss(student, teacher, kind, 0.4, 2.0)
-    assert (coarse > 0).all() and (coarse <= full + 1e-6).all() and (coarse < full).any()
-    coarse.sum().backward()
-    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
 
 
 def test_fresh_student_learns_from_a_live_teacher_and_from_its_cache(tiny_base: tuple[Path, Path],
