@@ -44,13 +44,19 @@ def reset_peak() -> None:
         f.write("5")
 
 phases = []
+cpu = [time.process_time()]
 def mark(name: str) -> None:
     s = status()
-    phases.append({"phase": name, "peak_mb": round(s["VmHWM"], 1), "rss_mb": round(s["VmRSS"], 1)})
+    phases.append({"phase": name, "peak_mb": round(s["VmHWM"], 1), "rss_mb": round(s["VmRSS"], 1),
+                   "cpu_s": round(time.process_time() - cpu[0], 2)})
+    cpu[0] = time.process_time()
     reset_peak()
 
 mode, sets, n_pairs, steps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 cfg = load_finetune_config(sys.argv[5], sets)
+if sys.argv[6] == "glibc-default":  # for comparison: glibc's adaptive mmap threshold
+    import camelid.finetune.dpo as D
+    D.map_large_allocations = lambda: None
 mark("import")
 probe = DPO(cfg, torch.device("cpu"))
 data = PreferenceData(probe.data.train[:n_pairs], probe.data.val[:max(1, n_pairs // 4)], probe.data.notes)
@@ -96,10 +102,10 @@ print(json.dumps({"mode": mode, "peak_mb": max(p["peak_mb"] for p in phases), "p
 """
 
 
-def child(mode: str, sets: list[str], pairs: int, steps: int, config: str, out: Path) -> dict:
+def child(mode: str, sets: list[str], pairs: int, steps: int, config: str, out: Path, malloc: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # every run computes its reference
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, json.dumps(sets), str(pairs), str(steps), config],
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, json.dumps(sets), str(pairs), str(steps), config, malloc],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
@@ -113,17 +119,21 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8, help="training pairs (a quarter as many held out)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--modes", default="one,loop,phases")
+    parser.add_argument("--malloc", choices=["camelid", "glibc-default"], default="camelid",
+                        help="camelid: a fixed mmap threshold (camelid.finetune.dpo.map_large_allocations)")
     args = parser.parse_args()
     out = Path("/tmp/camelid-dpo-memory")
     sets = [*args.set, f"out={out}", f"max_steps={args.steps}", "epochs=0", "eval_interval=0",
             "checkpoint_interval=0", "export=false", "threads=1"]
     load = os.getloadavg()
-    results = {m: child(m, sets, args.pairs, args.steps, args.config, out) for m in args.modes.split(",")}
-    summary = {"settings": args.set, "pairs": args.pairs, "steps": args.steps, "load": load, **results}
+    results = {m: child(m, sets, args.pairs, args.steps, args.config, out, args.malloc) for m in args.modes.split(",")}
+    summary = {"settings": args.set, "malloc": args.malloc, "pairs": args.pairs, "steps": args.steps, "load": load,
+               **results}
     if "one" in results and "loop" in results:
         summary["ratio"] = results["loop"]["peak_mb"] / results["one"]["peak_mb"]
     for mode, r in results.items():
         print(f"{mode}: peak {r['peak_mb']:.0f} MB  " + ", ".join(f"{p['phase']} {p['peak_mb']:.0f}/{p['rss_mb']:.0f}"
+                                                                f" ({p['cpu_s']} s)"
                                                                 for p in r["phases"]))
     print(json.dumps(summary))
 

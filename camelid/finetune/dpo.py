@@ -75,10 +75,18 @@ def sequence_logps(model: nn.Module, b: Batch, device: torch.device) -> Tensor:
     return model(b.input_ids, b.documents.positions(device), b.documents, b.loss_positions, b.targets)
 
 
+def map_large_allocations(threshold: int = 128 << 10) -> None:
+    """Have glibc's malloc map every allocation of `threshold` bytes or more on its own and unmap it when freed
+    (elsewhere: nothing). By default glibc raises that threshold to the size of each large block freed, up to
+    32 MiB, and serves later blocks from its heap, which it cannot shrink past a block still in use: pairs differ
+    in length, so every step's activations differ in size, and a LoRA-DPO process grew by about 150 MB a step
+    (benchmarks/dpo_memory.py). Fixing the threshold keeps freed activations out of the process's memory."""
+    if _LIBC is not None:
+        _LIBC.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the adjustment
+
+
 def release_free_memory() -> None:
-    """Give the pages of freed memory back to the system (glibc's malloc_trim; elsewhere nothing). Pairs differ in
-    length, so every step's activations differ in size; glibc keeps what they leave free mapped, and the process
-    grew by about 150 MB a step without this (benchmarks/dpo_memory.py)."""
+    """Give the free pages of glibc's heap back to the system (malloc_trim; elsewhere nothing)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -92,7 +100,7 @@ def _glibc() -> Any:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
     except OSError:
         return None
 
@@ -197,6 +205,7 @@ class DPO:
         if not isinstance(cfg, FinetuneConfig):
             raise CamelidError("the dpo objective takes a FinetuneConfig (camelid finetune CONFIG --set objective=dpo)")
         self.cfg, self.device = cfg, device
+        map_large_allocations()  # before the model and its activations (see there)
         self.tokenizer = load_tokenizer(cfg.model)
         tok = self.tokenizer
         self.data = data or load_preference_data(cfg, tok)
