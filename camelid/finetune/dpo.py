@@ -80,7 +80,9 @@ def map_large_allocations(threshold: int = 128 << 10) -> None:
     (elsewhere: nothing). By default glibc raises that threshold to the size of each large block freed, up to
     32 MiB, and serves later blocks from its heap, which it cannot shrink past a block still in use: pairs differ
     in length, so every step's activations differ in size, and a LoRA-DPO process grew by about 150 MB a step
-    (benchmarks/dpo_memory.py). Fixing the threshold keeps freed activations out of the process's memory."""
+    (benchmarks/dpo_memory.py). Fixing the threshold keeps freed activations out of the process's memory, at a
+    price: every large tensor is then fresh pages from the system (about 1.5x the CPU time per step, measured
+    there), so DPO does it only with activation_checkpointing, which trades compute for memory anyway."""
     if _LIBC is not None:
         _LIBC.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the adjustment
 
@@ -205,7 +207,8 @@ class DPO:
         if not isinstance(cfg, FinetuneConfig):
             raise CamelidError("the dpo objective takes a FinetuneConfig (camelid finetune CONFIG --set objective=dpo)")
         self.cfg, self.device = cfg, device
-        map_large_allocations()  # before the model and its activations (see there)
+        if cfg.activation_checkpointing:  # memory before speed: before the model and its activations (see there)
+            map_large_allocations()
         self.tokenizer = load_tokenizer(cfg.model)
         tok = self.tokenizer
         self.data = data or load_preference_data(cfg, tok)
