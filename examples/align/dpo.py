@@ -103,9 +103,11 @@ def main() -> None:
         return {"summed": float((s["sum"][:, 0] > s["sum"][:, 1]).double().mean()),
                 "per_token": float((mean[:, 0] > mean[:, 1]).double().mean())}
 
+    prompts = list({json.dumps(p.prompt): p for p in val}.values())[:args.generations]  # a prompt has several pairs
+
     def answers(llama: torch.nn.Module) -> list[str]:
         out = []
-        for pair in val[:args.generations]:
+        for pair in prompts:
             text = tok.apply_chat_template(pair.prompt, add_generation_prompt=True)
             ids = tok.encode(text, add_bos=tok.add_bos and not (tok.bos_token and text.startswith(tok.bos_token)))
             gen = generate(llama.eval(), ids, args.max_new_tokens, SamplingParams(), stop_ids=sorted(tok.stop_ids))
@@ -161,7 +163,7 @@ def main() -> None:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["# Held-out prompts: greedy answers before and after LoRA-DPO\n"]
-    for pair, b, a in zip(val, before_answers, after_answers, strict=False):
+    for pair, b, a in zip(prompts, before_answers, after_answers, strict=True):
         lines += [f"**prompt:** {pair.prompt[-1]['content']}\n", f"- before: {b}", f"- after: {a}\n"]
     (run_dir / "generations.md").write_text("\n".join(lines) + "\n")
     for name in ("summary.json", "generations.md"):
