@@ -38,7 +38,7 @@ from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
 from camelid.finetune.config import FinetuneConfig
 from camelid.finetune.data import Batch, Example, RowStream, load_sft_data, make_batch, steps_for_epochs
-from camelid.finetune.objective import SFT, load_tokenizer, load_training_model
+from camelid.finetune.objective import SFT, HeadAt, load_tokenizer, load_training_model
 from camelid.train import distributed as D
 from camelid.train.config import TrainConfig
 from camelid.train.objectives import autocast
@@ -69,23 +69,6 @@ def distill_loss(student_logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor]
     m = torch.logsumexp(torch.stack([s + torch.log1p(-b), t + torch.log(b)]), 0)
     return (beta * F.kl_div(m, t, reduction="none", log_target=True)
             + (1 - beta) * F.kl_div(m, s, reduction="none", log_target=True)).sum(-1)
-
-
-class LogitsAt(nn.Module):
-    """The training LLaMA (`llama`) whose forward returns the fp32 logits at the given flat positions [N, V]: the
-    head only where there is a loss. A module of its own so that DDP sees the student's forward."""
-
-    def __init__(self, llama: nn.Module) -> None:
-        super().__init__()
-        self.llama = llama
-
-    @property
-    def config(self) -> Any:
-        return self.llama.config
-
-    def forward(self, input_ids: Tensor, positions: Tensor | None, mask: Any, loss_positions: Tensor) -> Tensor:
-        h = self.llama.hidden_states(input_ids, positions, mask=mask).flatten(0, 1).index_select(0, loss_positions)
-        return F.linear(h, self.llama.output.weight).float()
 
 
 def logits_at(model: nn.Module, b: Batch, device: torch.device) -> Tensor:
@@ -130,7 +113,7 @@ def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str,
     device = torch.device("cpu")
     tok = load_tokenizer(cfg.teacher)
     data = load_sft_data(cfg, tok)
-    teacher = LogitsAt(load_training_model(cfg.teacher)).eval().requires_grad_(False)
+    teacher = HeadAt(load_training_model(cfg.teacher)).eval().requires_grad_(False)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     k = cfg.teacher_topk
     t0 = time.perf_counter()
@@ -219,7 +202,7 @@ class KD(SFT):
         self.saves_trainable_only = cfg.method == "lora" and not cfg.student
         self.model_config: Any = None
         self._step_trained: dict[int, int] = {}
-        self.teacher: LogitsAt | None = None
+        self.teacher: HeadAt | None = None
         self.cache: dict[str, Tensor] = {}
 
     def build_model(self) -> nn.Module:
@@ -255,8 +238,8 @@ class KD(SFT):
                 raise CamelidError(f"teacher {cfg.teacher} has a vocabulary of {teacher.config.vocab_size} tokens, the "
                                    f"student {vocab}; distillation needs the same vocabulary (a student with the "
                                    "teacher's tokenizer)")
-            self.teacher = LogitsAt(teacher).to(self.device).eval().requires_grad_(False)
-        return LogitsAt(llama)
+            self.teacher = HeadAt(teacher).to(self.device).eval().requires_grad_(False)
+        return HeadAt(llama)
 
     @staticmethod
     def blocks(model: nn.Module) -> nn.ModuleList:

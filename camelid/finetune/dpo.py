@@ -36,7 +36,7 @@ from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
 from camelid.finetune.config import FinetuneConfig
 from camelid.finetune.data import Batch, Example, RowStream, make_batch, steps_for_epochs
-from camelid.finetune.objective import SFT, load_tokenizer, load_training_model
+from camelid.finetune.objective import SFT, HeadAt, load_tokenizer, load_training_model
 from camelid.finetune.preference import Pair, PreferenceData, load_preference_data
 from camelid.train import distributed as D
 from camelid.train.config import TrainConfig
@@ -61,29 +61,6 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: T
     return losses, chosen_rewards, rejected_rewards
 
 
-class SequenceLogProbs(nn.Module):
-    """The training LLaMA (`llama`) whose forward returns, per row, the summed log-probability of the row's learned
-    tokens (the answer): the head is applied at those positions only. A module of its own so that DDP sees the
-    policy's forward."""
-
-    def __init__(self, llama: nn.Module) -> None:
-        super().__init__()
-        self.llama = llama
-
-    @property
-    def config(self) -> Any:
-        return self.llama.config
-
-    def forward(self, input_ids: Tensor, positions: Tensor | None, mask: Any, targets: Tensor,
-                loss_positions: Tensor) -> Tensor:
-        B, T = input_ids.shape
-        h = self.llama.hidden_states(input_ids, positions, mask=mask).flatten(0, 1).index_select(0, loss_positions)
-        logits = F.linear(h, self.llama.output.weight).float()
-        y = targets.flatten().index_select(0, loss_positions)
-        token_logps = torch.log_softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
-        return torch.zeros(B, dtype=token_logps.dtype, device=h.device).index_add(0, loss_positions // T, token_logps)
-
-
 def pair_batch(pairs: Sequence[Pair], pad_id: int) -> tuple[Batch, Tensor]:
     """The chosen answers (rows 0..P-1) then the rejected ones (rows P..2P-1), one example per row, and each row's
     learned-token count."""
@@ -94,7 +71,43 @@ def pair_batch(pairs: Sequence[Pair], pad_id: int) -> tuple[Batch, Tensor]:
 
 
 def sequence_logps(model: nn.Module, b: Batch, device: torch.device) -> Tensor:
-    return model(b.input_ids, b.documents.positions(device), b.documents, b.targets, b.loss_positions)
+    """Each row's summed log-probability of its learned tokens [B] under `model` (a HeadAt)."""
+    return model(b.input_ids, b.documents.positions(device), b.documents, b.loss_positions, b.targets)
+
+
+def map_large_allocations(threshold: int = 128 << 10) -> None:
+    """Have glibc's malloc map every allocation of `threshold` bytes or more on its own and unmap it when freed
+    (elsewhere: nothing). By default glibc raises that threshold to the size of each large block freed, up to
+    32 MiB, and serves later blocks from its heap, which it cannot shrink past a block still in use: pairs differ
+    in length, so every step's activations differ in size, and a LoRA-DPO process grew by about 150 MB a step
+    (benchmarks/dpo_memory.py). Fixing the threshold keeps freed activations out of the process's memory, at a
+    price: every large tensor is then fresh pages from the system (about 1.5x the CPU time per step, measured
+    there), so DPO does it only with activation_checkpointing, which trades compute for memory anyway."""
+    if _LIBC is not None:
+        _LIBC.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the adjustment
+
+
+def release_free_memory() -> None:
+    """Give the free pages of glibc's heap back to the system (malloc_trim; elsewhere nothing)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,7 +123,8 @@ def reference_key(model: nn.Module, data: PreferenceData, settings: dict[str, An
             continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.flatten().view(torch.uint8).numpy())  # the tensor's own memory: no copy of a 100 MB embedding
     for split, pairs in (("train", data.train), ("val", data.val)):
         h.update(split.encode())
         for p in pairs:
@@ -193,6 +207,8 @@ class DPO:
         if not isinstance(cfg, FinetuneConfig):
             raise CamelidError("the dpo objective takes a FinetuneConfig (camelid finetune CONFIG --set objective=dpo)")
         self.cfg, self.device = cfg, device
+        if cfg.activation_checkpointing:  # memory before speed: before the model and its activations (see there)
+            map_large_allocations()
         self.tokenizer = load_tokenizer(cfg.model)
         tok = self.tokenizer
         self.data = data or load_preference_data(cfg, tok)
@@ -206,7 +222,7 @@ class DPO:
         self.name = f"{Path(str(cfg.model)).name} {kind} ({'LoRA' if cfg.method == 'lora' else 'full'})"
         self.references: dict[str, float] = {}
         self.saves_trainable_only = cfg.method == "lora"
-        self.policy: SequenceLogProbs | None = None
+        self.policy: HeadAt | None = None
         self.reference: dict[str, Tensor] = {}
         self.reference_note = ""
         self._train_stats: list[Tensor] = []
@@ -221,7 +237,7 @@ class DPO:
             raise CamelidError(f"block_size {cfg.block_size} exceeds the base model's context window "
                                f"{llama.config.max_seq_len}; lower block_size")
         llama = llama.requires_grad_(True) if cfg.method == "full" else apply_lora(llama, cfg.lora_spec())
-        self.policy = SequenceLogProbs(llama).to(self.device)
+        self.policy = HeadAt(llama).to(self.device)
         if cfg.reference == "cached":
             self.reference = self._cached_reference(self.policy)
         return self.policy
@@ -230,7 +246,7 @@ class DPO:
         return Path(self.cfg.reference_cache) if self.cfg.reference_cache else \
             Path(self.cfg.out) / "reference" / f"{key[:32]}.safetensors"
 
-    def _cached_reference(self, policy: SequenceLogProbs) -> dict[str, Tensor]:
+    def _cached_reference(self, policy: HeadAt) -> dict[str, Tensor]:
         from camelid.variants.lora import lora_disabled
 
         cfg = self.cfg
@@ -281,6 +297,7 @@ class DPO:
         return [row[0] for row in self.stream.rows((step * self.micro_per_step + index) * bs, bs)]
 
     def batch(self, step: int, index: int) -> PairBatch:
+        release_free_memory()  # the last step's activations are freed by now
         idx = self._pair_indices(step, index)
         b, counts = pair_batch([self.data.train[i] for i in idx], self.pad_id)
         ref = None

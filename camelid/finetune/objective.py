@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from camelid.errors import CamelidError
@@ -36,6 +37,34 @@ from camelid.finetune.data import (
 from camelid.train import distributed as D
 from camelid.train.config import TrainConfig
 from camelid.train.objectives import autocast
+
+
+class HeadAt(nn.Module):
+    """The training LLaMA (`llama`) with its output head applied at some flat positions of the batch only (the
+    learned tokens): `forward` returns the fp32 logits there [N, V] (distillation), or, given `targets`, each
+    row's summed log-probability of its targets at those positions [B] (DPO), the [N, V] logits then never held
+    whole when the head is frozen (camelid.ops.head_loss.token_logprobs). A module of its own so that DDP sees
+    the student's or policy's forward."""
+
+    def __init__(self, llama: nn.Module) -> None:
+        super().__init__()
+        self.llama = llama
+
+    @property
+    def config(self) -> Any:
+        return self.llama.config
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None, mask: Any, loss_positions: Tensor,
+                targets: Tensor | None = None) -> Tensor:
+        from camelid.ops.head_loss import token_logprobs
+
+        B, T = input_ids.shape
+        h = self.llama.hidden_states(input_ids, positions, mask=mask).flatten(0, 1).index_select(0, loss_positions)
+        weight = self.llama.output.weight
+        if targets is None:
+            return F.linear(h, weight).float()
+        token_logps = token_logprobs(h, weight, targets.flatten().index_select(0, loss_positions))
+        return torch.zeros(B, dtype=token_logps.dtype, device=h.device).index_add(0, loss_positions // T, token_logps)
 
 
 def load_tokenizer(source: str) -> Any:

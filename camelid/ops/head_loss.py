@@ -5,6 +5,8 @@ tokens so the [tokens, vocab] logits are never stored, forming their gradient in
 chunk is in cache: its softmax-and-gradient step is a C++ loop (csrc/head_loss.cpp) or the same math in torch.
 `head_loss` picks one. `int8_head_loss` is the same loss under a frozen int8 head (QLoRA's tied embedding kept
 quantised): it dequantises the head a block of vocabulary rows at a time, so no fp32 copy of it is ever whole.
+`token_logprobs` gives each row's log-probability of its target under a frozen head (DPO's answer scores), in the
+same chunks.
 """
 
 from __future__ import annotations
@@ -36,45 +38,53 @@ def _why_not(h: Tensor, weight: Tensor) -> str | None:
     return None
 
 
+def _chunked(h: Tensor, weight: Tensor, targets: Tensor, want_h: bool, want_w: bool
+             ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per-row cross-entropies [n] of h @ weight.T against targets, and d(their sum)/dh and /dweight (None when
+    not wanted), over chunks of rows: the [n, vocab] logits are never held whole."""
+    n = h.shape[0]
+    chunk = max(32, CE_CHUNK_ELEMENTS // weight.shape[0])
+    want_grad = want_h or want_w
+    grad_h = torch.empty_like(h) if want_h else None
+    grad_w = torch.zeros_like(weight) if want_w else None
+    losses = torch.empty(n, dtype=torch.float32, device=h.device)
+    mod = native.module() if _why_not(h, weight) is None else None
+    # C++: softmax in place, into one logits buffer (fresh ones cost page faults)
+    buf = torch.empty(min(chunk, n), weight.shape[0], dtype=h.dtype) if mod is not None else None
+    for s in range(0, n, chunk):
+        hc, tc = h[s:s + chunk], targets[s:s + chunk].contiguous()
+        if mod is not None:
+            probs = torch.mm(hc, weight.t(), out=buf[:len(tc)])
+            losses[s:s + len(tc)] = mod.cross_entropy_grad_(probs, tc)  # probs is now d(loss)/d(logits)
+        else:
+            logits = (hc @ weight.t()).float()
+            rows = torch.arange(len(tc), device=h.device)
+            picked = logits[rows, tc]
+            peak = logits.amax(-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # in place: the logits are not needed again
+            sums = probs.sum(-1, keepdim=True)
+            losses[s:s + len(tc)] = peak.squeeze(-1) + sums.squeeze(-1).log() - picked
+            if want_grad:
+                probs.div_(sums)
+                probs[rows, tc] -= 1.0  # d(loss)/d(logits)
+                probs = probs.to(h.dtype)
+        if want_h:
+            torch.mm(probs, weight, out=grad_h[s:s + chunk])
+        if want_w:
+            grad_w.addmm_(probs.t(), hc)
+    return losses, grad_h, grad_w
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """mean(cross_entropy(h @ weight.T, targets)) with fp32 logits, never holding more than a chunk of them."""
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:  # noqa: ANN001 - ctx
-        n = h.shape[0]
-        chunk = max(32, CE_CHUNK_ELEMENTS // weight.shape[0])
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head (LoRA) needs no grad_w
-        want_grad = want_h or want_w
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(weight) if want_w else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        mod = native.module() if _why_not(h, weight) is None else None
-        # C++: softmax in place, into one logits buffer (fresh ones cost page faults)
-        buf = torch.empty(min(chunk, n), weight.shape[0], dtype=h.dtype) if mod is not None else None
-        for s in range(0, n, chunk):
-            hc, tc = h[s:s + chunk], targets[s:s + chunk].contiguous()
-            if mod is not None:
-                probs = torch.mm(hc, weight.t(), out=buf[:len(tc)])
-                total += mod.cross_entropy_grad_(probs, tc).sum()  # probs is now d(loss)/d(logits)
-            else:
-                logits = (hc @ weight.t()).float()
-                rows = torch.arange(len(tc), device=h.device)
-                picked = logits[rows, tc]
-                peak = logits.amax(-1, keepdim=True)
-                probs = logits.sub_(peak).exp_()  # in place: the logits are not needed again
-                sums = probs.sum(-1, keepdim=True)
-                total += (peak.squeeze(-1) + sums.squeeze(-1).log() - picked).sum()
-                if want_grad:
-                    probs.div_(sums)
-                    probs[rows, tc] -= 1.0  # d(loss)/d(logits), before the 1/n of the mean
-                    probs = probs.to(h.dtype)
-            if want_h:
-                torch.mm(probs, weight, out=grad_h[s:s + chunk])
-            if want_w:
-                grad_w.addmm_(probs.t(), hc)
+        # a frozen head (LoRA) needs no grad_w
+        losses, grad_h, grad_w = _chunked(h, weight, targets, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.n = n
-        return total / n
+        ctx.n = h.shape[0]
+        return losses.sum() / ctx.n
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: ANN001 - ctx
@@ -138,8 +148,27 @@ def int8_head_loss(h: Tensor, qweight: Tensor, scale: Tensor, targets: Tensor) -
     return Int8HeadCrossEntropy.apply(h, qweight, scale, targets)
 
 
+class LinearTokenLogProbs(torch.autograd.Function):
+    """log_softmax(h @ weight.T)[row, targets[row]] per row [n], fp32, for a head that takes no gradient (LoRA's
+    frozen head): each row's gradient d/dh is formed in the forward pass, a chunk of logits at a time, and scaled
+    by the incoming gradient in the backward pass (row by row: the rows' weights are not known in advance, so a
+    head that trains would need its logits again; it takes the plain path instead)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:  # noqa: ANN001 - ctx
+        losses, grad_h, _ = _chunked(h, weight, targets, ctx.needs_input_grad[0], False)
+        ctx.save_for_backward(grad_h)
+        return losses.neg_()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # noqa: ANN001 - ctx
+        (grad_h,) = ctx.saved_tensors
+        return None if grad_h is None else grad_h * grad.neg()[:, None].to(grad_h.dtype), None, None
+
+
 # eager even inside a compiled model: measured faster than inductor's trace of the chunked loop
 _fused = torch.compiler.disable(LinearCrossEntropy.apply)
+_fused_logps = torch.compiler.disable(LinearTokenLogProbs.apply)
 
 
 def head_loss(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
@@ -147,6 +176,15 @@ def head_loss(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
     if torch.is_autocast_enabled(h.device.type):  # reduced-precision matmuls: the plain head and loss
         return reference(h, weight, targets)
     return _fused(h, weight, targets)
+
+
+def token_logprobs(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """log p(targets[i] | h[i]) [n], fp32, under the head `weight` [vocab, dim]: chunked (the logits never held
+    whole) when the head takes no gradient, else the plain head and log_softmax."""
+    if torch.is_autocast_enabled(h.device.type) or (weight.requires_grad and torch.is_grad_enabled()):
+        logits = F.linear(h, weight).float()
+        return torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    return _fused_logps(h, weight, targets)
 
 
 def choose(h: Tensor | None = None) -> native.Choice:

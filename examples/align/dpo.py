@@ -8,7 +8,7 @@
 3. `camelid finetune examples/align/dpo.yaml` in a process of its own (its peak RSS): LoRA-DPO against the
    cached reference (the base with the adapters off)
 4. the same steps with the reference recomputed at every step (reference=live) against the cached one,
-   interleaved, seconds per step from each run's log
+   interleaved, CPU-seconds per step (after the first) from each run's log
 5. after: the same scores with the adapter, and the DPO reward accuracy (policy margin above the reference's)
 Everything lands in runs/align/; summary.json, generations.md, loss.png and log.csv are copied to examples/align/.
 """
@@ -68,8 +68,8 @@ def main() -> None:
     import torch
 
     from camelid.finetune import load_finetune_config
-    from camelid.finetune.dpo import DPO, SequenceLogProbs, pair_batch, sequence_logps
-    from camelid.finetune.objective import load_training_model
+    from camelid.finetune.dpo import DPO, pair_batch, sequence_logps
+    from camelid.finetune.objective import HeadAt, load_training_model
     from camelid.generate import SamplingParams, generate
     from camelid.ops.native import cpu_name
     from camelid.variants.lora import load_adapter
@@ -88,7 +88,7 @@ def main() -> None:
 
     @torch.no_grad()
     def score(llama: torch.nn.Module) -> dict[str, torch.Tensor]:
-        m = SequenceLogProbs(llama).eval()
+        m = HeadAt(llama).eval()
         sums, counts = [], []
         for s in range(0, len(scored), 4):
             b, c = pair_batch(scored[s:s + 4], objective.pad_id)
@@ -103,9 +103,11 @@ def main() -> None:
         return {"summed": float((s["sum"][:, 0] > s["sum"][:, 1]).double().mean()),
                 "per_token": float((mean[:, 0] > mean[:, 1]).double().mean())}
 
+    prompts = list({json.dumps(p.prompt): p for p in val}.values())[:args.generations]  # a prompt has several pairs
+
     def answers(llama: torch.nn.Module) -> list[str]:
         out = []
-        for pair in val[:args.generations]:
+        for pair in prompts:
             text = tok.apply_chat_template(pair.prompt, add_generation_prompt=True)
             ids = tok.encode(text, add_bos=tok.add_bos and not (tok.bos_token and text.startswith(tok.bos_token)))
             gen = generate(llama.eval(), ids, args.max_new_tokens, SamplingParams(), stop_ids=sorted(tok.stop_ids))
@@ -124,7 +126,7 @@ def main() -> None:
     run = child(RUN, str(HERE / "dpo.yaml"), json.dumps(sets))
 
     # cached vs live reference, interleaved, the same steps
-    timing: dict[str, list[float]] = {"cached": [], "live": []}
+    timing: dict[str, list[float]] = {"cached": [], "live": []}  # CPU-seconds per step, the first step left out
     cache = next((Path(cfg.out) / "reference").glob("*.safetensors"))  # the same model and data: the same key
     for _ in range(args.timing_reps):
         for kind in ("cached", "live"):
@@ -134,7 +136,7 @@ def main() -> None:
             extra = [f"out={out}", f"reference={kind}", f"max_steps={args.timing_steps}", "epochs=0",
                      "eval_interval=0", "checkpoint_interval=0", "export=false", f"reference_cache={cache}"]
             child(RUN, str(HERE / "dpo.yaml"), json.dumps(sets + extra))
-            timing[kind].append(_elapsed(out / "log.csv") / args.timing_steps)
+            timing[kind].append(_cpu_per_step(out / "log.csv"))
 
     adapted = load_adapter(load_training_model(str(cfg.model)), cfg.export_path)
     after = score(adapted)
@@ -155,13 +157,13 @@ def main() -> None:
         "val_metrics": run["val"],
         "peak_rss_mb": {"one_model": one["max_rss_mb"], "lora_dpo": run["max_rss_mb"],
                         "ratio": run["max_rss_mb"] / one["max_rss_mb"]},
-        "seconds_per_step": {k: min(v) for k, v in timing.items()},
+        "cpu_seconds_per_step": {k: min(v) for k, v in timing.items()},
         "cached_speedup": min(timing["live"]) / min(timing["cached"]),
         "timing_runs": timing,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["# Held-out prompts: greedy answers before and after LoRA-DPO\n"]
-    for pair, b, a in zip(val, before_answers, after_answers, strict=False):
+    for pair, b, a in zip(prompts, before_answers, after_answers, strict=True):
         lines += [f"**prompt:** {pair.prompt[-1]['content']}\n", f"- before: {b}", f"- after: {a}\n"]
     (run_dir / "generations.md").write_text("\n".join(lines) + "\n")
     for name in ("summary.json", "generations.md"):
@@ -171,12 +173,15 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
 
 
-def _elapsed(log: Path) -> float:
+def _cpu_per_step(log: Path) -> float:
+    """CPU-seconds per optimizer step after the first (which also warms up), from the log's cpu_s column."""
     import csv
 
     with open(log, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return float(rows[-1]["elapsed_s"])
+    if len(rows) < 2:
+        raise SystemExit(f"{log}: a timing run needs at least 2 steps (--timing-steps)")
+    return (float(rows[-1]["cpu_s"]) - float(rows[0]["cpu_s"])) / (len(rows) - 1)
 
 
 if __name__ == "__main__":

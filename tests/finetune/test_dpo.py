@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from camelid.errors import CamelidError
 from camelid.finetune import FinetuneConfig
-from camelid.finetune.dpo import DPO, SequenceLogProbs, dpo, dpo_loss, pair_batch, sequence_logps
-from camelid.finetune.objective import load_tokenizer, load_training_model
+from camelid.finetune.dpo import DPO, dpo, dpo_loss, pair_batch, sequence_logps
+from camelid.finetune.objective import HeadAt, load_tokenizer, load_training_model
 from camelid.finetune.preference import category_split, load_preference_data
 from camelid.train.plot import read_log
 
@@ -64,15 +64,19 @@ def _trl_dpo(kind: str, beta: float, smoothing: float, hf: torch.nn.Module) -> C
     return lambda inputs: (trl.DPOTrainer._compute_loss(trainer, hf, inputs, False), trainer._metrics["train"])
 
 
-@pytest.mark.parametrize(("kind", "trl_kind", "beta", "smoothing", "n_pairs"),
-                         [("sigmoid", "sigmoid", 0.1, 0.0, 3), ("ipo", "ipo", 0.1, 0.0, 3),
+@pytest.mark.parametrize(("kind", "trl_kind", "beta", "smoothing", "n_pairs", "frozen_head"),
+                         [("sigmoid", "sigmoid", 0.1, 0.0, 3, False), ("ipo", "ipo", 0.1, 0.0, 3, False),
                           # trl's label smoothing lives in its "aot" loss, which sorts the batch's log-ratios: on one
                           # pair that is the smoothed sigmoid loss itself
-                          ("sigmoid", "aot", 0.3, 0.2, 1)])
+                          ("sigmoid", "aot", 0.3, 0.2, 1, False),
+                          # a frozen (tied) head, as under LoRA: camelid's chunked head (ops.head_loss.token_logprobs)
+                          ("sigmoid", "sigmoid", 0.1, 0.0, 3, True)])
 def test_loss_rewards_and_gradients_equal_trl(tiny_base: tuple[Path, Path], pairs_file: Path, kind: str,
-                                              trl_kind: str, beta: float, smoothing: float, n_pairs: int) -> None:
+                                              trl_kind: str, beta: float, smoothing: float, n_pairs: int,
+                                              frozen_head: bool) -> None:
     """The same pairs and weights in camelid and in transformers + trl's DPOTrainer loss: equal answer
-    log-probabilities, loss, rewards, margins and accuracy, and equal gradients of the embedding and final norm."""
+    log-probabilities, loss, rewards, margins and accuracy, and equal gradients of the embedding (or, with the
+    head frozen, of the first query projection) and final norm."""
     transformers = pytest.importorskip("transformers")
     base, _ = tiny_base
     cfg = FinetuneConfig(**settings(base, pairs_file, Path("unused"), dpo_loss=kind, dpo_beta=beta,
@@ -80,8 +84,12 @@ def test_loss_rewards_and_gradients_equal_trl(tiny_base: tuple[Path, Path], pair
     tok = load_tokenizer(str(base))
     pairs = load_preference_data(cfg, tok).train[:n_pairs]
     b, counts = pair_batch(pairs, tok.eos_id or 0)
-    ours = SequenceLogProbs(load_training_model(str(base))).requires_grad_(True)
+    ours = HeadAt(load_training_model(str(base))).requires_grad_(True)
     hf = transformers.AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).train()
+    if frozen_head:
+        for w in (ours.llama.output.weight, ours.llama.tok_embeddings.weight, hf.lm_head.weight,
+                  hf.model.embed_tokens.weight):
+            w.requires_grad_(False)
     trl_loss = _trl_dpo(trl_kind, beta, smoothing, hf)
     rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     T = max(len(e.ids) for e in rows)
@@ -106,8 +114,12 @@ def test_loss_rewards_and_gradients_equal_trl(tiny_base: tuple[Path, Path], pair
             assert abs(float(value) - metrics[name][0]) < 1e-5, name
     losses.mean().backward()
     theirs.backward()
-    torch.testing.assert_close(ours.llama.tok_embeddings.weight.grad, hf.model.embed_tokens.weight.grad,
-                               rtol=1e-4, atol=1e-6)
+    if frozen_head:
+        torch.testing.assert_close(ours.llama.layers[0].attention.wq.weight.grad,
+                                   hf.model.layers[0].self_attn.q_proj.weight.grad, rtol=1e-4, atol=1e-6)
+    else:
+        torch.testing.assert_close(ours.llama.tok_embeddings.weight.grad, hf.model.embed_tokens.weight.grad,
+                                   rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ours.llama.norm.weight.grad, hf.model.norm.weight.grad, rtol=1e-4, atol=1e-6)
 
 

@@ -42,3 +42,28 @@ def test_autocast_uses_the_plain_head_and_loss() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(head_loss.head_loss(h, w, t), head_loss.reference(h, w, t))
         assert "autocast" in head_loss.choose(h).reason
+
+
+@pytest.mark.parametrize("cpp", [pytest.param(True, marks=needs_kernels), False], ids=["c++", "torch"])
+@pytest.mark.parametrize("n,spread", [(1, 0.1), (70, 0.1), (64, 30.0)])
+def test_token_logprobs_equal_log_softmax_of_the_head(n: int, spread: float, cpp: bool,
+                                                     request: pytest.FixtureRequest,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(head_loss, "CE_CHUNK_ELEMENTS", 32 * 300)  # chunks of 32 rows: several, one partial
+    if not cpp:
+        request.getfixturevalue("no_kernels")
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(n, 64, generator=g, requires_grad=True)
+    w = spread * torch.randn(300, 64, generator=g)  # frozen (LoRA's head): the chunked path
+    t = torch.randint(0, 300, (n,), generator=g)
+    upstream = torch.randn(n, generator=g)  # each row's weight differs (DPO sums rows per sequence, then mixes)
+    ref = torch.log_softmax(h @ w.t(), -1).gather(1, t[:, None]).squeeze(1)
+    (ref * upstream).sum().backward()
+    gh = h.grad.clone()
+    h.grad = None
+    ours = head_loss.token_logprobs(h, w, t)
+    (ours * upstream).sum().backward()
+    assert close(ours, ref) and close(h.grad, gh)
+    w.requires_grad_(True)  # a head that trains takes the plain path, with its own gradient
+    head_loss.token_logprobs(h, w, t).sum().backward()
+    assert w.grad is not None
