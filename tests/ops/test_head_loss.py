@@ -13,14 +13,19 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     return bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
 
 
+def _small_chunks(cpp: bool, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 32 rows at a vocabulary of 300 (several, one partial), through C++ or torch."""
+    monkeypatch.setattr(head_loss, "CE_CHUNK_ELEMENTS", 32 * 300)
+    if not cpp:
+        request.getfixturevalue("no_kernels")
+
+
 @pytest.mark.parametrize("cpp", [pytest.param(True, marks=needs_kernels), False], ids=["c++", "torch"])
 @pytest.mark.parametrize("n,spread", [(1, 0.1), (31, 0.1), (64, 0.1), (200, 0.1), (64, 30.0)])
 def test_linear_cross_entropy_equals_head_then_cross_entropy(n: int, spread: float, cpp: bool,
                                                              request: pytest.FixtureRequest,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(head_loss, "CE_CHUNK_ELEMENTS", 32 * 300)  # chunks of 32 rows: several, one partial
-    if not cpp:
-        request.getfixturevalue("no_kernels")
+    _small_chunks(cpp, request, monkeypatch)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(n, 64, generator=g, requires_grad=True)
     w = (spread * torch.randn(300, 64, generator=g)).requires_grad_()  # 30: logits hundreds apart
@@ -49,9 +54,7 @@ def test_autocast_uses_the_plain_head_and_loss() -> None:
 def test_token_logprobs_equal_log_softmax_of_the_head(n: int, spread: float, cpp: bool,
                                                      request: pytest.FixtureRequest,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(head_loss, "CE_CHUNK_ELEMENTS", 32 * 300)  # chunks of 32 rows: several, one partial
-    if not cpp:
-        request.getfixturevalue("no_kernels")
+    _small_chunks(cpp, request, monkeypatch)
     g = torch.Generator().manual_seed(1)
     h = torch.randn(n, 64, generator=g, requires_grad=True)
     w = spread * torch.randn(300, 64, generator=g)  # frozen (LoRA's head): the chunked path
