@@ -56,7 +56,7 @@ mode, sets, n_pairs, steps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[
 cfg = load_finetune_config(sys.argv[5], sets)
 if sys.argv[6] == "glibc-default":  # for comparison: glibc's adaptive mmap threshold
     import camelid.finetune.dpo as D
-    D.map_large_allocations = lambda: None
+    D.own_pages_for_large_tensors = lambda: False
 mark("import")
 probe = DPO(cfg, torch.device("cpu"))
 data = PreferenceData(probe.data.train[:n_pairs], probe.data.val[:max(1, n_pairs // 4)], probe.data.notes)
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--modes", default="one,loop,phases")
     parser.add_argument("--malloc", choices=["camelid", "glibc-default"], default="camelid",
-                        help="camelid: a fixed mmap threshold (camelid.finetune.dpo.map_large_allocations)")
+                        help="camelid: a fixed mmap threshold (camelid.finetune.objective.own_pages_for_large_tensors)")
     args = parser.parse_args()
     out = Path("/tmp/camelid-dpo-memory")
     sets = [*args.set, f"out={out}", f"max_steps={args.steps}", "epochs=0", "eval_interval=0",

@@ -36,7 +36,14 @@ from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
 from camelid.finetune.config import FinetuneConfig
 from camelid.finetune.data import Batch, Example, RowStream, make_batch, steps_for_epochs
-from camelid.finetune.objective import SFT, HeadAt, load_tokenizer, load_training_model
+from camelid.finetune.objective import (
+    SFT,
+    HeadAt,
+    load_tokenizer,
+    load_training_model,
+    own_pages_for_large_tensors,
+    release_freed_memory,
+)
 from camelid.finetune.preference import Pair, PreferenceData, load_preference_data
 from camelid.train import distributed as D
 from camelid.train.config import TrainConfig
@@ -73,41 +80,6 @@ def pair_batch(pairs: Sequence[Pair], pad_id: int) -> tuple[Batch, Tensor]:
 def sequence_logps(model: nn.Module, b: Batch, device: torch.device) -> Tensor:
     """Each row's summed log-probability of its learned tokens [B] under `model` (a HeadAt)."""
     return model(b.input_ids, b.documents.positions(device), b.documents, b.loss_positions, b.targets)
-
-
-def map_large_allocations(threshold: int = 128 << 10) -> None:
-    """Have glibc's malloc map every allocation of `threshold` bytes or more on its own and unmap it when freed
-    (elsewhere: nothing). By default glibc raises that threshold to the size of each large block freed, up to
-    32 MiB, and serves later blocks from its heap, which it cannot shrink past a block still in use: pairs differ
-    in length, so every step's activations differ in size, and a LoRA-DPO process grew by about 150 MB a step
-    (benchmarks/dpo_memory.py). Fixing the threshold keeps freed activations out of the process's memory, at a
-    price: every large tensor is then fresh pages from the system (about 1.5x the CPU time per step, measured
-    there), so DPO does it only with activation_checkpointing, which trades compute for memory anyway."""
-    if _LIBC is not None:
-        _LIBC.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also stops the adjustment
-
-
-def release_free_memory() -> None:
-    """Give the free pages of glibc's heap back to the system (malloc_trim; elsewhere nothing)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc() -> Any:
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
-
-
-_LIBC = _glibc()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -207,8 +179,12 @@ class DPO:
         if not isinstance(cfg, FinetuneConfig):
             raise CamelidError("the dpo objective takes a FinetuneConfig (camelid finetune CONFIG --set objective=dpo)")
         self.cfg, self.device = cfg, device
-        if cfg.activation_checkpointing:  # memory before speed: before the model and its activations (see there)
-            map_large_allocations()
+        if cfg.activation_checkpointing or cfg.return_freed_memory:
+            # before the model and its activations: pairs differ in length, so every step's activations differ in
+            # size, and glibc's default (serving large blocks from a heap it cannot shrink past one in use) grew a
+            # LoRA-DPO process by ~150 MB a step (benchmarks/dpo_memory.py); mapped pages cost ~1.5x CPU per step,
+            # so with checkpointing (memory before speed anyway) or when asked
+            own_pages_for_large_tensors()
         self.tokenizer = load_tokenizer(cfg.model)
         tok = self.tokenizer
         self.data = data or load_preference_data(cfg, tok)
@@ -297,7 +273,7 @@ class DPO:
         return [row[0] for row in self.stream.rows((step * self.micro_per_step + index) * bs, bs)]
 
     def batch(self, step: int, index: int) -> PairBatch:
-        release_free_memory()  # the last step's activations are freed by now
+        release_freed_memory()  # the last step's activations are freed by now
         idx = self._pair_indices(step, index)
         b, counts = pair_batch([self.data.train[i] for i in idx], self.pad_id)
         ref = None
