@@ -75,14 +75,16 @@ def teacher_cache(
                                    "--set teacher=smollm2-135m-instruct --set teacher_cache=topk.safetensors."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
-    """Run the teacher once over the training examples and write its top-k logits at every learned position to
+    """Run the teacher once over the training examples and write its top-k logits (or, with
+    teacher_cache_kind=sampled, tokens drawn from its distribution) at every learned position to
     teacher_cache, for `camelid finetune --set objective=kd --set teacher_cache=...` without the teacher in memory."""
     from camelid.finetune import load_finetune_config
     from camelid.finetune.distill import write_teacher_cache
 
     cfg = load_finetune_config(config, set_ or [])
     stats = write_teacher_cache(cfg, progress=progress)
-    typer.echo(f"wrote {cfg.teacher_cache}: top-{cfg.teacher_topk} logits at {int(stats['tokens']):,} positions, "
+    what = f"{cfg.teacher_samples} draws" if cfg.teacher_cache_kind == "sampled" else f"top-{cfg.teacher_topk} logits"
+    typer.echo(f"wrote {cfg.teacher_cache}: {what} at {int(stats['tokens']):,} positions, "
                f"{stats['bytes'] / 1e6:.1f} MB ({stats['bytes_per_token']:.0f} bytes per token) in "
                f"{stats['seconds']:.1f} s")
 

@@ -16,6 +16,7 @@ LONG_EXAMPLES = ("drop", "truncate")
 BASE_QUANTIZE = ("none", "int8", "int4")
 FINETUNE_OBJECTIVES = ("sft", "dpo", "kd")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+TEACHER_CACHE_KINDS = ("topk", "sampled")
 DPO_LOSSES = ("sigmoid", "ipo")
 REFERENCES = ("cached", "live")
 FIELD_NAMES = ("messages", "instruction", "input", "output", "text")
@@ -74,8 +75,10 @@ class FinetuneConfig(TrainConfig):
     reference_cache: str = ""  # the cache file (default: out/reference/<hash of model, adapter and data>.safetensors)
     # knowledge distillation (objective: kd) on the same data as SFT
     teacher: str = ""  # the teacher model (live), also the tokenizer of a fresh student
-    teacher_cache: str = ""  # else its top-k logits, written once by `camelid teacher-cache`
-    teacher_topk: int = 20  # logits per position kept in that cache
+    teacher_cache: str = ""  # else a cache of its distributions, written once by `camelid teacher-cache`
+    teacher_cache_kind: str = "topk"  # topk: its k largest logits; sampled: tokens drawn from its distribution
+    teacher_topk: int = 20  # logits per position kept in a topk cache
+    teacher_samples: int = 32  # tokens drawn per position for a sampled cache (at most 255; repeats kept as counts)
     student: Any = ""  # a fresh student: a preset name or LlamaConfig fields ({preset: tiny-mha, dim: 256, ...})
     kd_loss: str = "forward_kl"  # forward_kl, reverse_kl or jsd
     kd_beta: float = 0.5  # the mixture weight of jsd
@@ -92,7 +95,7 @@ class FinetuneConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         choices = {"objective": FINETUNE_OBJECTIVES, "dpo_loss": DPO_LOSSES, "reference": REFERENCES,
-                   "kd_loss": KD_LOSSES,
+                   "kd_loss": KD_LOSSES, "teacher_cache_kind": TEACHER_CACHE_KINDS,
                    "method": METHODS, "data_format": DATA_FORMATS, "long_examples": LONG_EXAMPLES,
                    "quantize": BASE_QUANTIZE}
         for name, allowed in choices.items():
@@ -133,6 +136,12 @@ class FinetuneConfig(TrainConfig):
                                    f"{self.kd_ratio}, {self.kd_beta}, {self.kd_temperature}")
             if not isinstance(self.teacher_topk, int) or self.teacher_topk < 1:
                 raise CamelidError(f"teacher_topk must be a positive count, got {self.teacher_topk!r}")
+            if not isinstance(self.teacher_samples, int) or not 1 <= self.teacher_samples <= 255:
+                raise CamelidError(f"teacher_samples must be a count from 1 to 255, got {self.teacher_samples!r}")
+            if (self.teacher_cache and self.teacher_cache_kind == "sampled" and self.kd_loss != "forward_kl"
+                    and self.kd_ratio > 0):
+                raise CamelidError(f"a sampled teacher cache estimates forward KL only, not {self.kd_loss}; set "
+                                   "kd_loss=forward_kl or teacher_cache_kind=topk")
             if self.student and not self.teacher:
                 raise CamelidError("a fresh student takes the teacher's tokenizer: set teacher (the cache alone has "
                                    "none)")

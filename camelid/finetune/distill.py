@@ -11,11 +11,17 @@ softmax(s / T):
 as trl's GKDTrainer.generalized_jsd_loss computes them (beta 0 is forward KL, 1 reverse KL), averaged over the
 learned tokens; the loss is kd_ratio x that + (1 - kd_ratio) x the next-token cross-entropy.
 
-The teacher is `teacher` (any model camelid loads with the student's vocabulary), live in memory, or its top-k
-logits read from `teacher_cache`, a file `camelid teacher-cache` writes once (so the teacher never shares memory
-with the student). From a top-k cache the teacher's distribution is its softmax over those k tokens; forward KL
-compares it with the student's full-vocabulary log-probabilities at them (which also pulls the student's mass
-onto them), reverse KL and JSD with the student renormalised over the same k tokens.
+The teacher is `teacher` (any model camelid loads with the student's vocabulary), live in memory, or read from
+`teacher_cache`, a file `camelid teacher-cache` writes once (so the teacher never shares memory with the student):
+
+    topk      its k largest logits per position. The teacher's distribution is its softmax over those k tokens;
+              forward KL compares it with the student's full-vocabulary log-probabilities at them (which also
+              pulls the student's mass onto them), reverse KL and JSD with the student renormalised over the same
+              k tokens. A biased estimate: the teacher's tail is dropped.
+    sampled   n tokens drawn per position from p (sparse logit sampling, Anshumann et al. 2025), kept as the
+              distinct ids, how often each was drawn and log p there. With weights w = count / n,
+              sum w (log p - log q) is an unbiased estimate of KL(p || q), and so is its gradient in the
+              student's logits (E[w] = p). Forward KL only.
 
 The student is `model` (a checkpoint to fine-tune, LoRA or full), or with `student` (a preset name or LlamaConfig
 fields) a fresh camelid LLaMA of that shape with the teacher's vocabulary and tokenizer.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +51,55 @@ from camelid.train.config import TrainConfig
 from camelid.train.objectives import autocast
 
 CACHE_FORMAT = "camelid-teacher-topk-1"
+SAMPLED_FORMAT = "camelid-teacher-sampled-1"
 
 
-def distill_loss(student_logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor], kind: str = "forward_kl",
-                 beta: float = 0.5, temperature: float = 1.0) -> Tensor:
-    """Per-position divergence [N] between the student's logits [N, V] and the teacher's: full logits [N, V], or
-    (top-k values [N, k], their token ids [N, k])."""
+@dataclass(frozen=True)
+class SampledTeacher:
+    """Tokens drawn from the teacher's distribution at N positions, padded to U per position: ids [N, U], weights
+    [N, U] (each token's share of the draws; 0 in padding) and the teacher's log-probabilities there [N, U]."""
+
+    ids: Tensor
+    weights: Tensor
+    logprobs: Tensor
+
+
+def sample_teacher(logits: Tensor, draws: int, temperature: float = 1.0,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Draw `draws` tokens with replacement from softmax(logits [N, V] / temperature) at each position; returns the
+    distinct tokens of all positions in order (ids [M], counts [M], log-probabilities [M]) and how many each
+    position has (lengths [N])."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    drawn = torch.multinomial(logp.exp(), draws, replacement=True, generator=generator)
+    counts = torch.zeros(logp.shape, dtype=torch.int32).scatter_add_(1, drawn, torch.ones_like(drawn,
+                                                                                              dtype=torch.int32))
+    rows, ids = counts.nonzero(as_tuple=True)  # row-major: each position's tokens together, in id order
+    lengths = torch.bincount(rows, minlength=logp.shape[0])
+    return ids, counts[rows, ids], logp[rows, ids], lengths
+
+
+def gather_sampled(cache: dict[str, Tensor], positions: Tensor) -> SampledTeacher:
+    """The sampled cache's tokens at `positions` (indices of learned positions), padded to the longest."""
+    starts, lengths = cache["starts"][positions], cache["lengths"][positions].long()
+    width = max(1, int(lengths.max())) if len(positions) else 1
+    slot = torch.arange(width)
+    real = slot < lengths[:, None]
+    index = torch.where(real, starts[:, None] + slot, 0)
+    counts = torch.where(real, cache["counts"][index].float(), 0.0)
+    return SampledTeacher(torch.where(real, cache["ids"][index].long(), 0), counts / counts.sum(-1, keepdim=True),
+                          torch.where(real, cache["logprobs"][index].float(), 0.0))
+
+
+def distill_loss(student_logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor] | SampledTeacher,
+                 kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0) -> Tensor:
+    """Per-position divergence [N] between the student's logits [N, V] and the teacher's: full logits [N, V],
+    (top-k values [N, k], their token ids [N, k]), or tokens drawn from it (SampledTeacher: forward KL only)."""
     s = torch.log_softmax(student_logits.float() / temperature, -1)
+    if isinstance(teacher, SampledTeacher):
+        if kind != "forward_kl":
+            raise CamelidError(f"a sampled teacher cache estimates forward KL only, not {kind}; set "
+                               "kd_loss=forward_kl or teacher_cache_kind=topk")
+        return (teacher.weights * (teacher.logprobs - s.gather(1, teacher.ids))).sum(-1)
     if isinstance(teacher, tuple):
         values, ids = teacher
         t = torch.log_softmax(values.float() / temperature, -1)
@@ -104,8 +153,10 @@ def teacher_identity(source: str) -> str:
 
 @torch.no_grad()
 def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str, float]:
-    """Run the teacher once over the training examples and keep its top-k logits at every learned position in
-    cfg.teacher_cache (fp16 values, int32 token ids); returns {tokens, bytes, bytes_per_token, seconds}."""
+    """Run the teacher once over the training examples and keep, at every learned position, in cfg.teacher_cache:
+    its top-k logits (fp16 values, int32 token ids), or (teacher_cache_kind sampled) the distinct tokens of
+    teacher_samples draws from its distribution at kd_temperature (int32 ids, uint8 counts, fp16 log-probabilities,
+    a uint8 count of them per position); returns {tokens, bytes, bytes_per_token, seconds}."""
     from tqdm import tqdm
 
     if not cfg.teacher or not cfg.teacher_cache:
@@ -116,26 +167,45 @@ def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str,
     teacher = HeadAt(load_training_model(cfg.teacher)).eval().requires_grad_(False)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     k = cfg.teacher_topk
+    sampled = cfg.teacher_cache_kind == "sampled"
+    generator = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    values, ids, counts = [], [], []
+    values: list[Tensor] = []
+    ids: list[Tensor] = []
+    counts: list[Tensor] = []
+    lengths: list[Tensor] = []
     rows = [[i] for i in range(len(data.train))]
-    for s in tqdm(range(0, len(rows), cfg.batch_size), desc="teacher top-k", unit="batch", disable=not progress):
+    for s in tqdm(range(0, len(rows), cfg.batch_size), desc=f"teacher {cfg.teacher_cache_kind} cache", unit="batch",
+                  disable=not progress):
         b = make_batch(data.train, rows[s:s + cfg.batch_size], pad)
         with autocast(cfg, device):
             logits = logits_at(teacher, b, device)
-        top = logits.topk(k, -1)
-        values.append(top.values.half())
-        ids.append(top.indices.int())
-    counts = [e.n_trained for e in data.train]
+        if sampled:
+            token_ids, token_counts, logprobs, n = sample_teacher(logits, cfg.teacher_samples, cfg.kd_temperature,
+                                                                  generator)
+            ids.append(token_ids.int())
+            counts.append(token_counts.to(torch.uint8))
+            values.append(logprobs.half())
+            lengths.append(n.to(torch.uint8))
+        else:
+            top = logits.topk(k, -1)
+            values.append(top.values.half())
+            ids.append(top.indices.int())
+    trained = [e.n_trained for e in data.train]
     key = examples_key(data.train, _cache_settings(cfg))
-    tensors = {"values": torch.cat(values), "ids": torch.cat(ids),
-               "offsets": torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64)}
+    tensors = {"ids": torch.cat(ids),
+               "offsets": torch.tensor([0, *torch.tensor(trained).cumsum(0).tolist()], dtype=torch.int64)}
+    if sampled:
+        tensors |= {"counts": torch.cat(counts), "logprobs": torch.cat(values), "lengths": torch.cat(lengths)}
+    else:
+        tensors["values"] = torch.cat(values)
     path = Path(cfg.teacher_cache)
     path.parent.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    meta = {"format": CACHE_FORMAT, "key": key, "teacher": teacher_identity(cfg.teacher), "k": str(k),
-            "vocab_size": str(teacher.config.vocab_size)}
+    meta = {"format": SAMPLED_FORMAT if sampled else CACHE_FORMAT, "key": key,
+            "teacher": teacher_identity(cfg.teacher), "vocab_size": str(teacher.config.vocab_size),
+            **({"draws": str(cfg.teacher_samples)} if sampled else {"k": str(k)})}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
     n = int(tensors["offsets"][-1])
     size = path.stat().st_size
@@ -144,12 +214,16 @@ def write_teacher_cache(cfg: FinetuneConfig, progress: bool = True) -> dict[str,
 
 
 def _cache_settings(cfg: FinetuneConfig) -> dict[str, Any]:
+    if cfg.teacher_cache_kind == "sampled":
+        return {"format": SAMPLED_FORMAT, "draws": cfg.teacher_samples, "temperature": cfg.kd_temperature,
+                "seed": cfg.seed, "dtype": cfg.dtype}
     return {"format": CACHE_FORMAT, "k": cfg.teacher_topk, "dtype": cfg.dtype}
 
 
-def read_teacher_cache(path: Path, key: str, vocab_size: int, teacher: str | None = None) -> dict[str, Tensor]:
-    """The cached top-k logits; a cache for other data or settings, another teacher (`teacher`: its identity) or
-    another vocabulary is a one-line error."""
+def read_teacher_cache(path: Path, key: str, vocab_size: int, teacher: str | None = None,
+                       kind: str = "topk") -> dict[str, Tensor]:
+    """The cached teacher (`kind`: topk or sampled); a cache for other data or settings, another teacher
+    (`teacher`: its identity), another vocabulary or inconsistent contents is a one-line error."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -157,8 +231,12 @@ def read_teacher_cache(path: Path, key: str, vocab_size: int, teacher: str | Non
     except (SafetensorError, OSError) as e:
         raise CamelidError(f"{path}: not a readable teacher cache ({e}); write it with `camelid teacher-cache`"
                            ) from None
-    if meta.get("format") != CACHE_FORMAT:
+    formats = {CACHE_FORMAT: "topk", SAMPLED_FORMAT: "sampled"}
+    if meta.get("format") not in formats:
         raise CamelidError(f"{path}: not a camelid teacher cache; write it with `camelid teacher-cache`")
+    if formats[meta["format"]] != kind:
+        raise CamelidError(f"{path}: a {formats[meta['format']]} teacher cache, but teacher_cache_kind is {kind}; "
+                           f"set teacher_cache_kind={formats[meta['format']]} or rewrite the cache")
     if meta.get("key") != key:
         raise CamelidError(f"{path}: stale teacher cache: it was written for other data or settings (key "
                            f"{str(meta.get('key'))[:12]}, this run needs {key[:12]}); rewrite it with "
@@ -169,7 +247,31 @@ def read_teacher_cache(path: Path, key: str, vocab_size: int, teacher: str | Non
     if int(meta.get("vocab_size", -1)) != vocab_size:
         raise CamelidError(f"{path}: the teacher's vocabulary has {meta.get('vocab_size')} tokens, the student's "
                            f"{vocab_size}; distillation needs the same vocabulary")
+    _check_cache(path, tensors, kind, vocab_size, int(meta.get("draws", 0)))
+    if kind == "sampled":
+        tensors["starts"] = torch.cumsum(tensors["lengths"].long(), 0) - tensors["lengths"].long()
     return tensors
+
+
+def _check_cache(path: Path, t: dict[str, Tensor], kind: str, vocab_size: int, draws: int) -> None:
+    """The shapes, dtypes and ranges the loss relies on (so a damaged cache fails here, not inside a step)."""
+    names = {"topk": {"values", "ids", "offsets"}, "sampled": {"ids", "counts", "logprobs", "lengths", "offsets"}}
+    ok = set(t) == names[kind] and t["offsets"].ndim == 1 and len(t["offsets"]) > 0 and int(t["offsets"][0]) == 0 \
+        and bool((t["offsets"].diff() >= 0).all())
+    positions = int(t["offsets"][-1]) if ok else -1
+    if ok and kind == "topk":
+        ok = t["values"].shape == t["ids"].shape and t["ids"].ndim == 2 and len(t["ids"]) == positions
+    elif ok:
+        n = len(t["ids"])
+        ok = (t["lengths"].dtype == torch.uint8 and t["counts"].dtype == torch.uint8 and len(t["lengths"]) == positions
+              and t["counts"].shape == t["logprobs"].shape == (n,) and int(t["lengths"].long().sum()) == n
+              and bool((t["lengths"] > 0).all()) and 0 < draws <= 255
+              and bool((torch.segment_reduce(t["counts"].float(), "sum", lengths=t["lengths"].long()) == draws).all()))
+    if ok and len(t["ids"]):
+        ok = int(t["ids"].min()) >= 0 and int(t["ids"].max()) < vocab_size
+    if not ok:
+        raise CamelidError(f"{path}: a damaged {kind} teacher cache (its tensors do not fit together); rewrite it "
+                           "with `camelid teacher-cache`")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,7 +298,10 @@ class KD(SFT):
         self.micro_per_step = cfg.grad_accum * D.world_size()
         if cfg.epochs:
             cfg.max_steps = steps_for_epochs(self.stream, cfg.epochs, self.micro_per_step * cfg.batch_size)
-        teacher = f"top-{cfg.teacher_topk} cache" if cfg.teacher_cache else Path(str(cfg.teacher)).name
+        teacher = Path(str(cfg.teacher)).name
+        if cfg.teacher_cache:
+            teacher = f"a cache of {cfg.teacher_samples} draws" if cfg.teacher_cache_kind == "sampled" \
+                else f"top-{cfg.teacher_topk} cache"
         self.name = f"KD ({cfg.kd_loss}, ratio {cfg.kd_ratio:g}) from {teacher}"
         self.references: dict[str, float] = {}
         self.saves_trainable_only = cfg.method == "lora" and not cfg.student
@@ -231,7 +336,8 @@ class KD(SFT):
         elif cfg.teacher_cache:
             key = examples_key(self.data.train, _cache_settings(cfg))
             self.cache = read_teacher_cache(Path(cfg.teacher_cache), key, vocab,
-                                            teacher_identity(cfg.teacher) if cfg.teacher else None)
+                                            teacher_identity(cfg.teacher) if cfg.teacher else None,
+                                            cfg.teacher_cache_kind)
         else:
             teacher = load_training_model(cfg.teacher)
             if teacher.config.vocab_size != vocab:
@@ -245,7 +351,7 @@ class KD(SFT):
     def blocks(model: nn.Module) -> nn.ModuleList:
         return model.llama.layers
 
-    def _teacher(self, step: int, index: int, b: Batch) -> Tensor | tuple[Tensor, Tensor] | None:
+    def _teacher(self, step: int, index: int, b: Batch) -> Tensor | tuple[Tensor, Tensor] | SampledTeacher | None:
         if self.cfg.kd_ratio == 0:
             return None
         if self.teacher is not None:
@@ -254,6 +360,9 @@ class KD(SFT):
         offsets = self.cache["offsets"]
         rows = torch.cat([torch.arange(int(offsets[i]), int(offsets[i + 1])) for row in self._rows(step, index)
                           for i in row])
+        if "lengths" in self.cache:
+            t = gather_sampled(self.cache, rows)
+            return SampledTeacher(t.ids.to(self.device), t.weights.to(self.device), t.logprobs.to(self.device))
         return self.cache["values"][rows].to(self.device), self.cache["ids"][rows].to(self.device)
 
     def batch(self, step: int, index: int) -> tuple[Batch, float, Any]:  # type: ignore[override]

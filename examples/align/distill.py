@@ -1,13 +1,15 @@
 """The distillation demo: SmolLM2-135M-Instruct teaches a fresh camelid LLaMA of a few million parameters, with
-SmolLM2's tokenizer, on Austen paragraphs; three students at equal steps, scored on held-out paragraphs.
+SmolLM2's tokenizer, on Austen paragraphs; students at equal steps, scored on held-out paragraphs.
 
-    python examples/align/distill.py [--set epochs=4 ...] [--train 12 --heldout 6]
+    python examples/align/distill.py [--set epochs=4 ...] [--train 12 --heldout 6] [--topk 20,100,500]
 
 1. next-token loss alone (kd_ratio 0)
 2. distilled from the live teacher, full vocabulary (forward KL, kd_ratio 0.5)
-3. `camelid teacher-cache` (the teacher's top-20 logits, once), then distilled from that cache
-The held-out loss (nats per token) of each, the share of full-vocabulary distillation's gain that the top-k cache
-recovers, and the wall time of each (the cache's writing counted); summary.json, kd_loss.png are copied here.
+3. `camelid teacher-cache` once, then distilled from that cache: the teacher's top-k logits (k = teacher_topk,
+   or each k of --topk), and tokens sampled from its distribution (teacher_samples draws per position)
+The held-out loss (nats per token) of each, the share of full-vocabulary distillation's gain that each cache
+recovers, its bytes per token, and the wall time of each (the cache's writing counted) against the live
+teacher's; summary.json, kd_loss.png are copied here.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override a setting, key=value")
     parser.add_argument("--train", type=int, default=6, help="training paragraphs (from the start of Persuasion)")
     parser.add_argument("--heldout", type=int, default=6, help="held-out paragraphs (from its end)")
+    parser.add_argument("--topk", default="", help="top-k caches to compare, e.g. 20,100,500 (default: teacher_topk)")
     args = parser.parse_args()
     os.chdir(ROOT)
 
@@ -51,30 +54,35 @@ def main() -> None:
 
     load = os.getloadavg()
     results: dict[str, dict] = {}
-    arms = {"next-token only": ["kd_ratio=0", "teacher_cache="],
-            "KD, live teacher, full vocabulary": ["teacher_cache="],
-            f"KD, top-{cfg0.teacher_topk} cache": [f"teacher_cache={run}/topk.safetensors"]}
-    for name, extra in arms.items():
-        out = run / name.split(",")[0].replace(" ", "-") if "cache" not in name else run / "topk"
-        if "live" in name:
-            out = run / "live"
+    ks = [int(k) for k in args.topk.split(",")] if args.topk else [cfg0.teacher_topk]
+    arms = {f"KD, sampled cache ({cfg0.teacher_samples} draws)": (
+                "sampled", [f"teacher_cache={run}/sampled.safetensors", "teacher_cache_kind=sampled"]),
+            **{f"KD, top-{k} cache": (f"top{k}", [f"teacher_cache={run}/top{k}.safetensors", "teacher_cache_kind=topk",
+                                                  f"teacher_topk={k}"]) for k in ks},
+            "next-token only": ("next", ["kd_ratio=0", "teacher_cache="]),
+            "KD, live teacher, full vocabulary": ("live", ["teacher_cache="])}
+    for name, (short, extra) in arms.items():
+        out = run / short
         cfg = load_finetune_config(HERE / "distill.yaml", [*args.set, *extra, f"out={out}"])
         cache = {}
         if cfg.teacher_cache:
+            c = time.process_time()
             cache = write_teacher_cache(cfg, progress=True)
-        t = time.perf_counter()
+            cache["cpu_seconds"] = time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
         r = distill(cfg)
         log = [(int(x["step"]), float(x["val_loss"])) for x in read_log(out / "log.csv") if x["val_loss"]]
         results[name] = {"val_loss": r.val_loss, "steps": r.steps, "train_seconds": time.perf_counter() - t,
-                         "cache": cache, "log": log}
-    base, full, topk = (results[k]["val_loss"] for k in results)
-    live_s = results["KD, live teacher, full vocabulary"]["train_seconds"]
-    top = results[f"KD, top-{cfg0.teacher_topk} cache"]
+                         "train_cpu_seconds": time.process_time() - c, "cache": cache, "log": log}
+    base = results["next-token only"]["val_loss"]
+    live = results["KD, live teacher, full vocabulary"]
+    caches = {name: {"recovers": (base - r["val_loss"]) / (base - live["val_loss"]),
+                     "time_share": (r["train_seconds"] + r["cache"]["seconds"]) / live["train_seconds"],
+                     "cpu_share": (r["train_cpu_seconds"] + r["cache"]["cpu_seconds"]) / live["train_cpu_seconds"],
+                     "bytes_per_token": r["cache"]["bytes_per_token"]} for name, r in results.items() if r["cache"]}
     summary = {"cpu": cpu_name(), "threads": cfg0.threads, "load_before": load, "load_after": os.getloadavg(),
-               "train_paragraphs": args.train, "heldout_paragraphs": args.heldout, "arms": results,
-               "gain_full": base - full, "gain_topk": base - topk, "topk_recovers": (base - topk) / (base - full),
-               "topk_time_share": (top["train_seconds"] + top["cache"]["seconds"]) / live_s,
-               "cache_bytes_per_token": top["cache"]["bytes_per_token"]}
+               "train_paragraphs": args.train, "heldout_paragraphs": args.heldout, "settings": args.set,
+               "arms": results, "gain_full": base - live["val_loss"], "caches": caches}
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(results, run / "kd_loss.png")
     shutil.copy(run / "summary.json", HERE / "distill_summary.json")

@@ -1,7 +1,7 @@
 """Distillation: forward KL, reverse KL and generalised JSD with a temperature equal trl's GKD loss (values and
-gradients); a top-k cache holding every token equals the full distribution; a fresh student learns from a live
-teacher and from the cache `camelid teacher-cache` writes; another vocabulary and a stale cache are one-line
-errors."""
+gradients); a top-k cache holding every token equals the full distribution; the sampled cache's loss and gradient
+average to full forward KL's; a fresh student learns from a live teacher and from the caches `camelid
+teacher-cache` writes; another vocabulary, a stale, mismatched or damaged cache are one-line errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from camelid.cli import COMMAND_MODULES, app
 from camelid.errors import CamelidError
 from camelid.finetune import FinetuneConfig
-from camelid.finetune.distill import KD, distill, distill_loss
+from camelid.finetune.distill import KD, SampledTeacher, distill, distill_loss, gather_sampled, sample_teacher
 from camelid.train.plot import read_log
 
 for _m in COMMAND_MODULES:
@@ -100,3 +100,68 @@ def test_another_vocabulary_and_a_stale_cache_are_one_line_errors(tiny_base: tup
     with pytest.raises(CamelidError, match="stale teacher cache") as e:
         KD(cfg, torch.device("cpu")).build_model()
     assert "\n" not in str(e.value)
+
+
+def test_sampled_teacher_averages_to_full_forward_kl_in_value_and_gradient() -> None:
+    """Many independent draws of a sampled cache: their mean loss and gradient equal full forward KL's, while
+    top-k with the same number of stored tokens is off by far more than the tolerance."""
+    g = torch.Generator().manual_seed(3)
+    n, vocab, draws, repeats, temperature = 4, 40, 16, 4000, 1.5
+    student = 2 * torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    teacher = 2 * torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    ids, counts, logprobs, lengths = sample_teacher(teacher.repeat(repeats, 1), draws, temperature, g)
+    assert int(counts.sum()) == n * repeats * draws and bool((lengths <= draws).all())
+    starts = torch.cumsum(lengths, 0) - lengths
+    sampled = gather_sampled({"ids": ids, "counts": counts.to(torch.uint8), "logprobs": logprobs.double(),
+                              "starts": starts, "lengths": lengths.to(torch.uint8)}, torch.arange(n * repeats))
+    a = student.repeat(repeats, 1).requires_grad_(True)
+    estimate = distill_loss(a, SampledTeacher(sampled.ids, sampled.weights.double(), sampled.logprobs),
+                            temperature=temperature).view(repeats, n)
+    estimate.sum().backward()
+    b = student.clone().requires_grad_(True)
+    full = distill_loss(b, teacher, temperature=temperature)
+    full.sum().backward()
+    mean, stderr = estimate.mean(0), estimate.std(0) / repeats ** 0.5
+    assert bool((stderr < 0.02).all())
+    # 3 standard errors or more; top-k below is 0.2 or more away
+    torch.testing.assert_close(mean.double(), full.detach().double(), rtol=0, atol=0.06)
+    grad = a.grad.view(repeats, n, vocab).sum(0) / repeats  # type: ignore[union-attr]
+    torch.testing.assert_close(grad.double(), b.grad.double(), rtol=0, atol=0.01)  # type: ignore[union-attr]
+    top = teacher.topk(draws, -1)  # the biased alternative, as many stored tokens as draws
+    assert (distill_loss(student, (top.values, top.indices), temperature=temperature) - full.detach()).abs().max() > 0.2
+
+
+def test_sampled_cache_trains_and_bad_caches_are_one_line_errors(tiny_base: tuple[Path, Path],
+                                                                 tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from camelid.finetune.distill import write_teacher_cache
+
+    base, data = tiny_base
+    cache = tmp_path / "sampled.safetensors"
+    opts = {"teacher_cache": str(cache), "teacher_cache_kind": "sampled", "teacher_samples": 12, "kd_ratio": 1.0}
+    stats = write_teacher_cache(FinetuneConfig(**settings(base, data, tmp_path / "w", **opts)), progress=False)
+    assert 0 < stats["bytes_per_token"] < 12 * 7 + 1 + 1
+    distill(FinetuneConfig(**settings(base, data, tmp_path / "s", **opts)), progress=False)
+    log = read_log(tmp_path / "s" / "log.csv")
+    assert float(log[-1]["loss"]) < float(log[0]["loss"])
+
+    def error(**extra: object) -> str:
+        with pytest.raises(CamelidError) as e:
+            KD(FinetuneConfig(**settings(base, data, tmp_path / "e", **{**opts, **extra})),
+               torch.device("cpu")).build_model()
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "stale teacher cache" in error(teacher_samples=13)
+    assert "teacher_cache_kind=sampled" in error(teacher_cache_kind="topk")
+    with pytest.raises(CamelidError, match="forward KL only"):
+        FinetuneConfig(**settings(base, data, tmp_path / "e", **{**opts, "kd_loss": "jsd"})).validate()
+    tensors = load_file(str(cache))
+    from safetensors import safe_open
+
+    with safe_open(str(cache), "pt") as f:
+        meta = f.metadata()
+    tensors["counts"][0] += 1  # the draws at the first position no longer add up
+    save_file(tensors, str(cache), metadata=meta)
+    assert "damaged sampled teacher cache" in error()
