@@ -84,26 +84,51 @@ def main() -> None:
                "train_paragraphs": args.train, "heldout_paragraphs": args.heldout, "settings": args.set,
                "arms": results, "gain_full": base - live["val_loss"], "caches": caches}
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _plot(results, run / "kd_loss.png")
+    _plot(summary, run / "kd_loss.png")
     shutil.copy(run / "summary.json", HERE / "distill_summary.json")
     shutil.copy(run / "kd_loss.png", HERE / "kd_loss.png")
     print(json.dumps({k: v for k, v in summary.items() if k != "arms"}, indent=2))
 
 
-def _plot(results: dict[str, dict], path: Path) -> None:
+def _plot(summary: dict, path: Path) -> None:
+    """Left: held-out loss against steps (the next-token, live, top-k with the smallest k and sampled students);
+    right: the share of full-vocabulary KD's gain each cache recovers against its bytes per token."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    results, caches = summary["arms"], summary["caches"]
+    topk = sorted((n for n in caches if "top-" in n), key=lambda n: caches[n]["bytes_per_token"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in results.items():
+        if "top-" in name and name != topk[0]:
+            continue
         steps, losses = zip(*r["log"], strict=True)
-        ax.plot(steps, losses, marker="o", label=f"{name}: {r['val_loss']:.3f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out loss (nats per token)")
-    ax.set_title("Students of SmolLM2-135M-Instruct at equal steps")
-    ax.legend()
+        left.plot(steps, losses, marker="o", label=f"{name}: {r['val_loss']:.3f}")
+    left.set_xlabel("step")
+    left.set_ylabel("held-out loss (nats per token)")
+    left.set_title("Students of SmolLM2-135M-Instruct at equal steps")
+    left.legend(fontsize=8)
+    right.plot([caches[n]["bytes_per_token"] for n in topk], [100 * caches[n]["recovers"] for n in topk],
+               marker="o", label="top-k cache")
+    for n in topk:
+        right.annotate(n.split(",")[1].split()[0], (caches[n]["bytes_per_token"], 100 * caches[n]["recovers"]),
+                       textcoords="offset points", xytext=(4, -10), fontsize=8)
+    for n in caches:
+        if "sampled" in n:
+            right.plot([caches[n]["bytes_per_token"]], [100 * caches[n]["recovers"]], marker="*", markersize=12,
+                       linestyle="", label=n.removeprefix("KD, "))
+    right.axhline(90, color="grey", linestyle="--", linewidth=1)
+    right.set_xscale("log")
+    right.xaxis.set_minor_formatter(NullFormatter())
+    right.xaxis.set_major_formatter(ScalarFormatter())
+    right.set_xticks([100, 200, 500, 1000, 2000, 5000])
+    right.set_xlabel("cache bytes per token")
+    right.set_ylabel("% of full-vocabulary KD's gain recovered")
+    right.set_title("What a cache recovers, by its size")
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
