@@ -70,12 +70,13 @@ def sample_teacher(logits: Tensor, draws: int, temperature: float = 1.0,
     distinct tokens of all positions in order (ids [M], counts [M], log-probabilities [M]) and how many each
     position has (lengths [N])."""
     logp = torch.log_softmax(logits.float() / temperature, -1)
-    drawn = torch.multinomial(logp.exp(), draws, replacement=True, generator=generator)
-    counts = torch.zeros(logp.shape, dtype=torch.int32).scatter_add_(1, drawn, torch.ones_like(drawn,
-                                                                                              dtype=torch.int32))
-    rows, ids = counts.nonzero(as_tuple=True)  # row-major: each position's tokens together, in id order
-    lengths = torch.bincount(rows, minlength=logp.shape[0])
-    return ids, counts[rows, ids], logp[rows, ids], lengths
+    drawn = torch.multinomial(logp.exp(), draws, replacement=True, generator=generator).sort(-1).values
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]  # each distinct token's first draw, per position in id order
+    rows = torch.arange(len(drawn)).unsqueeze(1).expand_as(drawn)[first]
+    ids = drawn[first]
+    counts = torch.bincount(first.flatten().cumsum(0) - 1, minlength=len(ids))
+    return ids, counts, logp[rows, ids], first.sum(1)
 
 
 def gather_sampled(cache: dict[str, Tensor], positions: Tensor) -> SampledTeacher:
