@@ -177,8 +177,9 @@ inline void weighted_sums16(const float* p, int64_t ldp, const float* inv, const
 }
 
 // attend() for the n query heads q [n, d] of one KV head (grouped-query attention), d = 16 * NV: each cached key
-// and value is read from memory once for the whole group, the keys 16 positions at a time (prefetching the next
-// 16). Each head's arithmetic does not depend on n, so a head gives the same result alone or in its group.
+// and value is read from memory once for the whole group, the keys 16 positions at a time (prefetching the keys
+// 32 positions ahead and the values of the same 16). Each head's arithmetic does not depend on n, so a head
+// gives the same result alone or in its group.
 // p: n rows of scratch of ldp >= pos + 1 floats.
 template <int NV>
 inline void attend_group(const float* q, int64_t n, const float* Kc, const float* Vc, const float* kcur,
@@ -188,7 +189,11 @@ inline void attend_group(const float* q, int64_t n, const float* Kc, const float
   int64_t j = 0;
   for (; j + 16 <= pos; j += 16) {
     const float* kb = Kc + j * d;
-    for (int l = 0; l < 16 * NV; ++l) _mm_prefetch(reinterpret_cast<const char*>(kb + 16 * d + 16 * l), _MM_HINT_T0);
+    // keys 32 positions ahead into L1; this block's values into L2, for the pass over V below
+    for (int l = 0; l < 16 * NV; ++l) {
+      _mm_prefetch(reinterpret_cast<const char*>(kb + 32 * d + 16 * l), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(Vc + j * d + 16 * l), _MM_HINT_T1);
+    }
     for (int64_t k = 0; k < n; ++k) {
       __m512 qv[NV];
       for (int e = 0; e < NV; ++e) qv[e] = _mm512_loadu_ps(q + k * d + 16 * e);
