@@ -253,9 +253,12 @@ def test_the_cli_says_why_it_decodes_per_layer_unless_quiet(tmp_path, small_toke
 def _rows_model(mode: str, prompts: list[list[int]] | None = None) -> Llama:
     """A model with one cache row per prompt (ROW_PROMPTS: 4 rows), each holding its prompt (prompts of different
     lengths, prefilled one row at a time)."""
-    prompts = prompts or ROW_PROMPTS
-    model = _model("tiny-gqa", mode, False, intermediate_size=192)
-    model.setup_cache(len(prompts), 40)
+    return _prefilled(_model("tiny-gqa", mode, False, intermediate_size=192), prompts or ROW_PROMPTS, 40)
+
+
+def _prefilled(model: Llama, prompts: list[list[int]], positions: int) -> Llama:
+    """`model` with a cache of one row per prompt, row r holding prompt r (prefilled one row at a time)."""
+    model.setup_cache(len(prompts), positions)
     full = [b.attention.kv_cache for b in model.layers]
     with torch.inference_mode():
         for r, prompt in enumerate(prompts):
@@ -313,3 +316,37 @@ def test_a_rows_logits_do_not_depend_on_the_batch(mode: str, rows: int) -> None:
         assert torch.equal(one(9, 20)[0, 0], many.rows([9], [20], [0])[0])
     with pytest.raises(RuntimeError, match="two tokens in one cache row"):
         many.rows([1, 2], [30, 30], [1, 1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 128), (6, 2, 48)])
+def test_grouped_attention_over_long_caches_matches_fp64_and_not_the_batch(heads: int, kv_heads: int,
+                                                                            head_dim: int) -> None:
+    """SmolLM2's attention shape (9 query heads over 3 KV heads, head_dim 64) and others, at positions that take
+    the vectorised paths' blocks of 16 cached positions and their remainders: the C++ rows step against the fp64
+    PyTorch forward, and each row bit for bit the same alone (at 2 threads: one task per head) as in a batch
+    (one task per group of heads)."""
+    torch.manual_seed(0)
+    config = LlamaConfig.from_name("tiny-gqa", dim=heads * head_dim, n_heads=heads, n_kv_heads=kv_heads,
+                                   intermediate_size=64, max_seq_len=128)
+    base = Llama(config).eval()
+    prompts = [[(7 * r + 3 * i) % 300 + 1 for i in range(n)] for r, n in enumerate([16, 47, 64, 95])]
+    model = _prefilled(quantize_model(copy.deepcopy(base), "fp32"), prompts, 128)
+    alone = copy.deepcopy(model)
+    reference = _prefilled(copy.deepcopy(base).double(), prompts, 128)
+    step, one = decode_step(model), decode_step(alone)
+    assert step is not None and one is not None
+    tokens, positions, rows = [3, 4, 5, 6], [len(p) for p in prompts], [0, 1, 2, 3]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            for _ in range(2):
+                got = step.rows(tokens, positions, rows)
+                want = reference(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], last_only=True)
+                torch.testing.assert_close(got, want[:, -1], rtol=1e-4, atol=1e-4)  # fp64 inside, fp32 out
+                for r in rows:
+                    assert torch.equal(one.rows([tokens[r]], [positions[r]], [r])[0], got[r])
+                tokens, positions = [int(t) for t in want[:, -1].argmax(-1)], [p + 1 for p in positions]
+    finally:
+        torch.set_num_threads(threads)

@@ -112,6 +112,148 @@ inline void attend(const float* q, const float* Kc, const float* Vc, const float
   }
 }
 
+#ifdef CAMELID_AVX512_Q8
+// exp_nonpositive (vecmath.h) of 16 lanes: the same polynomial
+inline __m512 exp16_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+}
+
+// softmax numerators of p[0, P) in place; returns 1 / their sum
+inline float softmax16(float* p, int64_t P) {
+  const __mmask16 tail = (__mmask16)((1u << (P % 16)) - 1);
+  const int64_t P16 = P - P % 16;
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < P16; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(p + i));
+  m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, p + P16));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < P16; i += 16) {
+    const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p + i), mx));
+    _mm512_storeu_ps(p + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (tail) {
+    const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p + P16), mx));
+    _mm512_mask_storeu_ps(p + P16, tail, e);
+    sum = _mm512_mask_add_ps(sum, tail, sum, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// o_k = sum_j p_k[j] * inv_k * v_j over j <= pos (v_pos = vcur) for NH heads at once: each v_j is loaded once for
+// all of them. A head's sums are the same whatever NH.
+template <int NV, int NH>
+inline void weighted_sums16(const float* p, int64_t ldp, const float* inv, const float* Vc, const float* vcur,
+                            int64_t pos, float* o) {
+  constexpr int64_t d = 16 * NV;
+  __m512 acc[NH][NV];
+  for (int h = 0; h < NH; ++h)
+    for (int e = 0; e < NV; ++e) acc[h][e] = _mm512_setzero_ps();
+  for (int64_t j = 0; j <= pos; ++j) {
+    const float* vj = j == pos ? vcur : Vc + j * d;
+    for (int e = 0; e < NV; ++e) _mm_prefetch(reinterpret_cast<const char*>(Vc + (j + 16) * d + 16 * e), _MM_HINT_T0);
+    __m512 v[NV];
+    for (int e = 0; e < NV; ++e) v[e] = _mm512_loadu_ps(vj + 16 * e);
+    for (int h = 0; h < NH; ++h) {
+      const __m512 pj = _mm512_set1_ps(p[h * ldp + j] * inv[h]);
+      for (int e = 0; e < NV; ++e) acc[h][e] = _mm512_fmadd_ps(pj, v[e], acc[h][e]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int e = 0; e < NV; ++e) _mm512_storeu_ps(o + h * d + 16 * e, acc[h][e]);
+}
+
+// attend() for the n query heads q [n, d] of one KV head (grouped-query attention), d = 16 * NV: each cached key
+// and value is read from memory once for the whole group, the keys 16 positions at a time (prefetching the keys
+// 32 positions ahead and the values of the same 16). Each head's arithmetic does not depend on n, so a head
+// gives the same result alone or in its group.
+// p: n rows of scratch of ldp >= pos + 1 floats.
+template <int NV>
+inline void attend_group(const float* q, int64_t n, const float* Kc, const float* Vc, const float* kcur,
+                         const float* vcur, int64_t pos, float scale, float* p, int64_t ldp, float* o) {
+  constexpr int64_t d = 16 * NV;
+  const __m256 sv = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 16 <= pos; j += 16) {
+    const float* kb = Kc + j * d;
+    // keys 32 positions ahead into L1; this block's values into L2, for the pass over V below
+    for (int l = 0; l < 16 * NV; ++l) {
+      _mm_prefetch(reinterpret_cast<const char*>(kb + 32 * d + 16 * l), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(Vc + j * d + 16 * l), _MM_HINT_T1);
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      __m512 qv[NV];
+      for (int e = 0; e < NV; ++e) qv[e] = _mm512_loadu_ps(q + k * d + 16 * e);
+      __m256 a[16];
+      for (int i = 0; i < 16; ++i) {
+        const float* kr = kb + i * d;
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(kr), qv[0]);
+        for (int e = 1; e < NV; ++e) acc = _mm512_fmadd_ps(_mm512_loadu_ps(kr + 16 * e), qv[e], acc);
+        a[i] = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+      }
+      for (int half = 0; half < 2; ++half) {  // eight 8-lane sums -> one vector of 8 scores
+        const __m256* b = a + 8 * half;
+        const __m256 t0 = _mm256_hadd_ps(b[0], b[1]), t1 = _mm256_hadd_ps(b[2], b[3]);
+        const __m256 t2 = _mm256_hadd_ps(b[4], b[5]), t3 = _mm256_hadd_ps(b[6], b[7]);
+        const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+        const __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+        _mm256_storeu_ps(p + k * ldp + j + 8 * half, _mm256_mul_ps(s, sv));
+      }
+    }
+  }
+  for (; j <= pos; ++j) {  // the last < 16 cached positions and pos itself, one at a time
+    const float* kr = j == pos ? kcur : Kc + j * d;
+    for (int64_t k = 0; k < n; ++k) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(kr), _mm512_loadu_ps(q + k * d));
+      for (int e = 1; e < NV; ++e) acc = _mm512_fmadd_ps(_mm512_loadu_ps(kr + 16 * e), _mm512_loadu_ps(q + k * d + 16 * e), acc);
+      p[k * ldp + j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  float inv[8];
+  constexpr int HC = NV <= 4 ? 4 : 2;  // heads per pass over V: HC * NV accumulators in registers
+  for (int64_t k0 = 0; k0 < n; k0 += HC) {
+    const int nh = (int)std::min<int64_t>(HC, n - k0);
+    for (int h = 0; h < nh; ++h) inv[h] = softmax16(p + (k0 + h) * ldp, pos + 1);
+    const float* pk = p + k0 * ldp;
+    float* ok = o + k0 * d;
+    switch (nh) {
+      case 1: weighted_sums16<NV, 1>(pk, ldp, inv, Vc, vcur, pos, ok); break;
+      case 2: weighted_sums16<NV, 2>(pk, ldp, inv, Vc, vcur, pos, ok); break;
+      case 3: weighted_sums16<NV, HC >= 3 ? 3 : 1>(pk, ldp, inv, Vc, vcur, pos, ok); break;
+      default: weighted_sums16<NV, HC>(pk, ldp, inv, Vc, vcur, pos, ok); break;
+    }
+  }
+}
+#endif
+
+// attend() for n query heads q [n, d] that share one KV head; o [n, d]; p: n rows of ldp >= pos + 1 floats
+inline void attend_heads(const float* q, int64_t n, const float* Kc, const float* Vc, const float* kcur,
+                         const float* vcur, int64_t pos, int64_t d, float scale, float* p, int64_t ldp, float* o) {
+#ifdef CAMELID_AVX512_Q8
+  switch (d) {
+    case 16: return attend_group<1>(q, n, Kc, Vc, kcur, vcur, pos, scale, p, ldp, o);
+    case 32: return attend_group<2>(q, n, Kc, Vc, kcur, vcur, pos, scale, p, ldp, o);
+    case 64: return attend_group<4>(q, n, Kc, Vc, kcur, vcur, pos, scale, p, ldp, o);
+    case 128: return attend_group<8>(q, n, Kc, Vc, kcur, vcur, pos, scale, p, ldp, o);
+    default: break;
+  }
+#endif
+  for (int64_t k = 0; k < n; ++k) attend(q + k * d, Kc, Vc, kcur, vcur, pos, d, scale, p, o + k * d);
+}
+
 Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t, std::vector<at::Tensor>& keep) {
   Linear L;
   TORCH_CHECK(kind >= F32 && kind <= INT4, "unknown weight kind ", kind);
@@ -233,7 +375,8 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     // private scratch: each thread normalises the rows of x itself (B x 576 floats: cheaper than a barrier)
     const int64_t maxK = std::max({D, H * d, F}), nG = maxK / 32 + 1;
-    std::vector<float> xn(B * D), xs(B * nG), dq(B * nG), q(d), kcur(d), p(max_pos + 1);
+    const int64_t ldp = (max_pos + 16) / 16 * 16;  // a row of scores per query head of a group
+    std::vector<float> xn(B * D), xs(B * nG), dq(B * nG), q(G * d), kcur(d), p(G * ldp);
     std::vector<int8_t> xq(B * maxK);
     std::vector<Act> a(B);
     for (int64_t b = 0; b < B; ++b) {
@@ -254,25 +397,28 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
       share(W, t, nt, n0, n1);
       L.wqkv.rows_batch(a.data(), B, n0, n1, qkv.data(), W);
 #pragma omp barrier
-      // (row, head) pairs are few: split them evenly, not in blocks of 4
-      n0 = B * H * t / nt; n1 = B * H * (t + 1) / nt;
+      // tasks: (row, KV head) pairs, each the whole group of G query heads (every cached key and value read
+      // once for the group); single heads where there are too few pairs to keep every thread busy. Split evenly.
+      const int64_t hc = nt == 1 || B * KV >= 4 * nt ? G : 1, per_row = H / hc;
+      n0 = B * per_row * t / nt; n1 = B * per_row * (t + 1) / nt;
       for (int64_t i = n0; i < n1; ++i) {
-        const int64_t b = i / H, h = i % H, kvh = h / G, pos = positions[b];
+        const int64_t b = i / per_row, h0 = (i % per_row) * hc, kvh = h0 / G, pos = positions[b];
         const float* row = qkv.data() + b * W;
         const float* c = cos_p + pos * d;
         const float* s = sin_p + pos * d;
         float* K = L.cache_k + rows[b] * row_stride + kvh * S * d;
         float* Vc = L.cache_v + rows[b] * row_stride + kvh * S * d;
-        rope(row + h * d, c, s, d, q.data());
+        for (int64_t k = 0; k < hc; ++k) rope(row + (h0 + k) * d, c, s, d, q.data() + k * d);
         rope(row + (H + kvh) * d, c, s, d, kcur.data());
         const float* vcur = row + (H + KV + kvh) * d;
         // the group's first head writes the new key and value; every head reads positions < pos only
         // from the cache, so no other thread waits on this write
-        if (h % G == 0) {
+        if (h0 % G == 0) {
           std::copy_n(kcur.data(), d, K + pos * d);
           std::copy_n(vcur, d, Vc + pos * d);
         }
-        attend(q.data(), K, Vc, kcur.data(), vcur, pos, d, scale, p.data(), att.data() + (b * H + h) * d);
+        attend_heads(q.data(), hc, K, Vc, kcur.data(), vcur, pos, d, scale, p.data(), ldp,
+                     att.data() + (b * H + h0) * d);
       }
 #pragma omp barrier
       set_acts(att.data(), H * d, nullptr);

@@ -215,6 +215,17 @@ static inline __m512 pair_ps(float a, float b) {
   return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
 }
 
+// The row kPrefetchRows ahead is prefetched while a row is multiplied: the weights, int4's scales and minimums
+// are separate streams, and the hardware prefetchers alone leave the loops waiting on memory (the int8 output
+// head, 28 MB for SmolLM2, and the int4 scale loads were the hottest stalls of an 8-row step). A prefetch never
+// faults, so reading past the matrix is harmless.
+constexpr int64_t kPrefetchRows = 4;
+static inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+  _mm_prefetch(c + bytes - 1, _MM_HINT_T0);  // the last line, where the row does not start on a line
+}
+
 // int8 weights: vpdpbusd wants one unsigned operand, so the weights are read as w + 128 (w ^ 0x80) and each
 // lane's accumulator starts at -128 * (the sum of its 4 activation codes): the integer lane sums are exactly
 // those of w * q. Lanes 0-7 hold group 2p, lanes 8-15 group 2p + 1.
@@ -233,6 +244,7 @@ static inline void int8_q8_pairs(const int8_t* const* q, const float* const* dq,
     }
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = w + n * K;
+    prefetch_row(row + kPrefetchRows * K, K);
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t p = 0; p < P; ++p) {
@@ -283,6 +295,9 @@ static inline void int4_q8_pairs(const int8_t* const* q, const float* const* dq,
     const uint8_t* row = w + n * (K / 2);
     const at::Half* srow = sc + n * G;
     const at::Half* mrow = mn + n * G;
+    prefetch_row(row + kPrefetchRows * (K / 2), K / 2);
+    prefetch_row(srow + kPrefetchRows * G, 2 * G);
+    prefetch_row(mrow + kPrefetchRows * G, 2 * G);
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     __m256 mins = _mm256_setzero_ps();
