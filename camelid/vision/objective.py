@@ -49,13 +49,15 @@ class SceneTrainer(nn.Module):
     frozen text model and the gates. Llama 3.2 Vision starts instead from an encoder pretrained on image-text
     pairs; this one starts from nothing. Scene labels come from training scenes only (no held-out pair), and half
     of the pictures the head sees are in shades of grey, their colours not asked: shape must then be seen apart
-    from colour, which is what a never-seen colour-shape pair needs."""
+    from colour, which is what a never-seen colour-shape pair needs. The head also names each cell's place in the
+    grid, so that the features keep where they are as plainly as what is there."""
 
     def __init__(self, model: VisionLlama, weight: float, prefix_cache: int = 0) -> None:
         super().__init__()
         self.model = model
         self.weight = weight
-        self.scene_head = nn.Linear(model.vision_config.vit.dim, len(COLOURS) + len(SHAPES) + len(SIZES) + 3)
+        self.scene_head = nn.Linear(model.vision_config.vit.dim,
+                                    len(COLOURS) + len(SHAPES) + len(SIZES) + 3 + len(CELLS))
         # the image-free blocks' output per distinct prompt (a question and its answer: a few thousand in all),
         # computed once: the frozen text model's first blocks then cost nothing after the first epoch of prompts
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache and model.image_free_blocks else None
@@ -79,8 +81,12 @@ class SceneTrainer(nn.Module):
         grid = features.view(-1, v.grid, v.grid, v.dim).permute(0, 3, 1, 2)
         cell = F.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # [B, 9, dim]
         logits = self.scene_head(cell)
-        parts = logits.split([len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1], dim=-1)
+        *parts, where = logits.split([len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1, len(CELLS)], dim=-1)
         scene = sum(F.cross_entropy(p.flatten(0, 1), cells[..., i].flatten()) for i, p in enumerate(parts))
+        # which cell each feature is: the position embedding alone would fade among the contents' features, and
+        # the text model then cannot read where a shape is ("Where is the red circle?")
+        cell_ids = torch.arange(len(CELLS), device=where.device).expand(where.shape[0], -1)
+        scene = scene + F.cross_entropy(where.flatten(0, 1), cell_ids.flatten())
         return loss + self.weight * scene / 3
 
 

@@ -3,6 +3,7 @@ and values are computed once per image; text-only requests skip the vision parts
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import pixels, tiny_text, tiny_vision
@@ -195,3 +196,25 @@ def test_text_only_view_is_the_text_model_and_takes_the_fast_path(fusion: str) -
     with model.image(pixels(1)), torch.no_grad():
         assert not torch.equal(model(ids), expected)  # the view never sees the image
         assert torch.equal(view(ids), expected)
+
+
+def test_scene_head_also_names_each_cells_place_in_the_grid() -> None:
+    import math
+
+    from camelid.vision.data import CELLS, COLOURS, SHAPES, SIZES, random_scene
+    from camelid.vision.objective import SceneTrainer, cell_labels
+
+    trainer = SceneTrainer(tiny_vision(), weight=1.0)
+    scenes = [random_scene(np.random.default_rng(i)) for i in range(2)]
+    cells = torch.tensor([cell_labels(s) for s in scenes])
+    content = (math.log(len(COLOURS) + 1) + math.log(len(SHAPES) + 1) + math.log(len(SIZES) + 1)) / 3
+    with torch.no_grad():
+        trainer.scene_head.weight.zero_()
+        trainer.scene_head.bias.zero_()  # every class alike: log(classes) per part
+        assert math.isclose(float(trainer(None, pixels(2), None, pixels(2), cells)),
+                            content + math.log(len(CELLS)) / 3, rel_tol=1e-5)
+        high = 5.0  # "top left" for every cell: right for one cell of the nine, wrong by `high` for the others
+        trainer.scene_head.bias[-len(CELLS)] = high
+        where = (math.log(math.exp(high) + len(CELLS) - 1) * len(CELLS) - high) / len(CELLS)
+        assert math.isclose(float(trainer(None, pixels(2), None, pixels(2), cells)), content + where / 3,
+                            rel_tol=1e-5)
