@@ -4,6 +4,8 @@
                                [--streams 1,4,8,16] [--max-tokens 128] [--threads 2] [--out benchmarks/results]
     python benchmarks/serve.py steps [--threads 2]       # the batched decode step: C++ rows vs per-layer path
     python benchmarks/serve.py steps --threads 1 --cpu-time  # the same in CPU time (a busy machine's yardstick)
+    python benchmarks/serve.py steps --threads 1 --cpu-time --modes int4 --position 300 --spread 1 \
+        --no-per-layer --root DIR                        # another checkout's C++ step, to alternate with this one
     python benchmarks/serve.py loop [--threads 2]        # the engine's loop without HTTP: where a step's time goes
 
 Each engine is started alone (a subprocess on a loopback port), warmed up, then driven by N concurrent streams
@@ -320,7 +322,11 @@ def report(runs: list[EngineRun], streams: list[int], args: argparse.Namespace, 
 def steps(args: argparse.Namespace) -> None:
     """ms per decode step for B sequences at different positions: the C++ whole-model step with one row per
     sequence (DecodeStep.rows) against the per-layer forward with positions [B, 1] (C++ GEMVs up to 8 rows,
-    the C++ attention call), same model and cache; interleaved rounds, medians."""
+    the C++ attention call), same model and cache; interleaved rounds, medians. Row r sits at position
+    --position + --spread * r. --root imports another checkout of camelid instead (with its own
+    CAMELID_KERNEL_CACHE), so two versions can be timed one after the other in separate processes."""
+    if args.root:
+        sys.path.insert(0, os.path.abspath(args.root))
     import torch
 
     import camelid
@@ -331,12 +337,14 @@ def steps(args: argparse.Namespace) -> None:
     clock = time.thread_time if args.cpu_time else time.perf_counter
     for mode in args.modes.split(","):
         model = camelid.load(MODEL, quantize=mode).model
-        engine = Engine(model, slots=16, context=512, prefix_cache_bytes=0)  # not started: its cache and step
+        context = args.position + args.spread * 15 + 1
+        engine = Engine(model, slots=16, context=context, prefix_cache_bytes=0)  # not started: its cache and step
+        one = None
         with torch.inference_mode():
             for b in (1, 4, 8, 16):
                 rows, tokens = list(range(b)), [5] * b
-                positions = [200 + 7 * r for r in rows]
-                times: dict[str, list[float]] = {"C++ rows": [], "per-layer": []}
+                positions = [args.position + args.spread * r for r in rows]
+                times: dict[str, list[float]] = {"C++ rows": [], **({"per-layer": []} if args.per_layer else {})}
                 step = engine.step
                 for _ in range(args.rounds):
                     for name in times:
@@ -348,10 +356,11 @@ def steps(args: argparse.Namespace) -> None:
                         times[name].append((clock() - t0) / 5 * 1000)
                 engine.step = step
                 med = {k: statistics.median(v) for k, v in times.items()}
-                print(f"{mode} B={b:>2}: C++ rows {med['C++ rows']:6.1f} ms ({b / med['C++ rows'] * 1000:6.1f} tok/s)"
-                      f"   per-layer {med['per-layer']:6.1f} ms ({b / med['per-layer'] * 1000:6.1f} tok/s)",
-                      flush=True)
-    print(f"load average {load_average()}")
+                one = one or med["C++ rows"]
+                print(f"{mode} B={b:>2}: C++ rows {med['C++ rows']:6.1f} ms ({b / med['C++ rows'] * 1000:6.1f} tok/s, "
+                      f"{med['C++ rows'] / one:.2f} x one row)" + (f"   per-layer {med['per-layer']:6.1f} ms "
+                      f"({b / med['per-layer'] * 1000:6.1f} tok/s)" if args.per_layer else ""), flush=True)
+    print(f"{camelid.__file__}; load average {load_average()}")
 
 
 # -- the engine's loop ---------------------------------------------------------------------------------------------
@@ -437,6 +446,11 @@ def main() -> None:
     parser.add_argument("--llama-server", default=None, help="path of the llama-server binary")
     parser.add_argument("--cpu-time", action="store_true", help="(steps) CPU time of the calling thread, not wall")
     parser.add_argument("--modes", default="int4,fp32", help="(steps) weight formats")
+    parser.add_argument("--position", type=int, default=200, help="(steps) the first row's position")
+    parser.add_argument("--spread", type=int, default=7, help="(steps) positions between one row and the next")
+    parser.add_argument("--root", default=None, help="(steps) a camelid checkout to import instead of this one")
+    parser.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True,
+                        help="(steps) also time the per-layer forward, alternating with the C++ step")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     {"steps": steps, "loop": loop, "bench": bench}[args.what](args)
