@@ -6,7 +6,9 @@
     python benchmarks/serve.py steps --threads 1 --cpu-time  # the same in CPU time (a busy machine's yardstick)
     python benchmarks/serve.py steps --threads 1 --cpu-time --modes int4 --position 300 --spread 1 \
         --no-per-layer --root DIR                        # another checkout's C++ step, to alternate with this one
-    python benchmarks/serve.py loop [--threads 2]        # the engine's loop without HTTP: where a step's time goes
+    python benchmarks/serve.py steps ... --kv-dtypes fp32,fp16   # the step over an fp32 and an fp16 KV cache
+    python benchmarks/serve.py loop [--threads 2] [--kv-dtypes fp16]  # the engine's loop without HTTP: where a
+                                                         # step's time goes, and the process's CPU ms per token
 
 Each engine is started alone (a subprocess on a loopback port), warmed up, then driven by N concurrent streams
 (N = 1, 4, 8, 16), each sending streamed chat requests one after another: a shared 256-token system prompt and
@@ -17,7 +19,7 @@ concurrency level (all tokens / its wall time). Then the prefix cache at one str
 system prompt was seen before (a hit) against one whose system prompt starts with a fresh nonce (a miss).
 
 Engines:
-  camelid:MODE          `camelid serve smollm2-135m-instruct --quantize MODE --slots 8 --ctx 2048`
+  camelid:MODE[:KV]     `camelid serve smollm2-135m-instruct --quantize MODE --slots 8 --ctx 2048 [--kv-dtype KV]`
   llama-server:GGUF     llama.cpp's server, `-np 8 -c 16384` (8 slots of 2048), continuous batching on; the
                         binary from --llama-server, else `llama-server` on PATH, else the one that
                         `python benchmarks/llama_server.py` built (once, into a cache folder) from the llama.cpp
@@ -111,8 +113,10 @@ def start(engine: str, threads: int, llama_server: str | None, log: Path) -> tup
     kind, _, arg = engine.partition(":")
     port = free_port()
     if kind == "camelid":
-        cmd = [sys.executable, "-m", "camelid", "serve", MODEL, "--quantize", arg or "int4", "--slots", str(SLOTS),
-               "--ctx", str(CTX), "--threads", str(threads), "--port", str(port), "--quiet"]
+        mode, _, kv = arg.partition(":")  # camelid:int4:fp16 serves with --kv-dtype fp16
+        cmd = [sys.executable, "-m", "camelid", "serve", MODEL, "--quantize", mode or "int4", "--slots", str(SLOTS),
+               "--ctx", str(CTX), "--threads", str(threads), "--port", str(port), "--quiet",
+               *(["--kv-dtype", kv] if kv else [])]
         ready = "/health"
     elif kind == "llama-server":
         binary = llama_server or shutil.which("llama-server") or built_llama_server()
@@ -335,10 +339,12 @@ def steps(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     # CPU time of this thread: with --threads 1 it is the step's whole cost, and other jobs' load barely moves it
     clock = time.thread_time if args.cpu_time else time.perf_counter
-    for mode in args.modes.split(","):
+    for mode, kv in [(m, kv) for m in args.modes.split(",") for kv in args.kv_dtypes.split(",")]:
         model = camelid.load(MODEL, quantize=mode).model
         context = args.position + args.spread * 15 + 1
-        engine = Engine(model, slots=16, context=context, prefix_cache_bytes=0)  # not started: its cache and step
+        # not started: its cache and step (kv_dtype only where asked, so that older checkouts run too)
+        engine = Engine(model, slots=16, context=context, prefix_cache_bytes=0, **kv_option(kv))
+        label = mode if kv == "default" else f"{mode} {kv} KV"
         one = None
         with torch.inference_mode():
             for b in (1, 4, 8, 16):
@@ -357,19 +363,25 @@ def steps(args: argparse.Namespace) -> None:
                 engine.step = step
                 med = {k: statistics.median(v) for k, v in times.items()}
                 one = one or med["C++ rows"]
-                print(f"{mode} B={b:>2}: C++ rows {med['C++ rows']:6.1f} ms ({b / med['C++ rows'] * 1000:6.1f} tok/s, "
+                print(f"{label} B={b:>2}: C++ rows {med['C++ rows']:6.1f} ms ({b / med['C++ rows'] * 1000:6.1f} tok/s, "
                       f"{med['C++ rows'] / one:.2f} x one row)" + (f"   per-layer {med['per-layer']:6.1f} ms "
                       f"({b / med['per-layer'] * 1000:6.1f} tok/s)" if args.per_layer else ""), flush=True)
     print(f"{camelid.__file__}; load average {load_average()}")
 
 
+def kv_option(kv: str) -> dict[str, str]:
+    """Engine keyword arguments for a --kv-dtypes entry ("default": none, which any camelid version takes)."""
+    return {} if kv == "default" else {"kv_dtype": kv}
+
+
 # -- the engine's loop ---------------------------------------------------------------------------------------------
-def loop_once(model: Any, tok: Any, system: str, b: int, max_tokens: int) -> dict[str, float]:
+def loop_once(model: Any, tok: Any, system: str, b: int, max_tokens: int, kv: str = "default") -> dict[str, float]:
     """One batch of `b` sequences through a fresh engine (after a warm-up that fills the prefix cache): the wall
-    time, the decode steps, and the seconds spent in forward_rows, _choose and _forward_row (prefill)."""
+    time, the process's CPU time, the decode steps, and the seconds spent in forward_rows, _choose and
+    _forward_row (prefill)."""
     from camelid.serve.engine import Done, Engine, Sequence
 
-    engine = Engine(model, slots=max(b, 8), context=CTX, prefix_cache_bytes=256 << 20)
+    engine = Engine(model, slots=max(b, 8), context=CTX, prefix_cache_bytes=256 << 20, **kv_option(kv))
     spent = {"step": 0.0, "choose": 0.0, "prefill": 0.0}
 
     def timed(name: str, fn: Any) -> Any:
@@ -402,14 +414,14 @@ def loop_once(model: Any, tok: Any, system: str, b: int, max_tokens: int) -> dic
         spent.update(step=0.0, choose=0.0, prefill=0.0)
         steps0 = engine.steps
         seqs = [Sequence(chat(f"Question {i}: what about Emma?"), max_tokens, emit, logit_bias=ban) for i in range(b)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         engine.submit(seqs)
         for _ in seqs:
             finished.acquire()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         engine.stop()
-    return {"wall": wall, "steps": engine.steps - steps0, **spent}
+    return {"wall": wall, "cpu": cpu, "steps": engine.steps - steps0, **spent}
 
 
 def loop(args: argparse.Namespace) -> None:
@@ -423,13 +435,15 @@ def loop(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     llm = camelid.load(MODEL, quantize="int4")
     system = system_prompt()
-    for b in (1, 4, 8, 16):
-        r = loop_once(llm.model, llm.tokenizer, system, b, args.max_tokens)
-        n, decode = r["steps"], r["wall"] - r["prefill"]
-        print(f"B={b:>2}: {b * args.max_tokens / r['wall']:6.1f} tok/s; {n} steps of {decode / n * 1000:6.1f} ms = "
-              f"C++ step {r['step'] / n * 1000:6.1f} + choose {r['choose'] / n * 1000:5.2f} + other "
-              f"{(decode - r['step'] - r['choose']) / n * 1000:5.2f}; prefill {r['prefill'] / b * 1000:5.1f} ms "
-              "per sequence", flush=True)
+    for kv in args.kv_dtypes.split(","):
+        for b in (1, 4, 8, 16):
+            r = loop_once(llm.model, llm.tokenizer, system, b, args.max_tokens, kv)
+            n, decode = r["steps"], r["wall"] - r["prefill"]
+            print(f"{kv} KV B={b:>2}: {b * args.max_tokens / r['wall']:6.1f} tok/s, CPU "
+                  f"{r['cpu'] / (b * args.max_tokens) * 1000:5.2f} ms/token; {n} steps of {decode / n * 1000:6.1f} "
+                  f"ms = C++ step {r['step'] / n * 1000:6.1f} + choose {r['choose'] / n * 1000:5.2f} + other "
+                  f"{(decode - r['step'] - r['choose']) / n * 1000:5.2f}; prefill {r['prefill'] / b * 1000:5.1f} "
+                  "ms per sequence", flush=True)
     print(f"load average {load_average()}")
 
 
@@ -448,6 +462,8 @@ def main() -> None:
     parser.add_argument("--modes", default="int4,fp32", help="(steps) weight formats")
     parser.add_argument("--position", type=int, default=200, help="(steps) the first row's position")
     parser.add_argument("--spread", type=int, default=7, help="(steps) positions between one row and the next")
+    parser.add_argument("--kv-dtypes", default="default", help="(steps, loop) the engine's KV cache: fp32, fp16 "
+                                                                   "or default (the model's dtype), comma-separated")
     parser.add_argument("--root", default=None, help="(steps) a camelid checkout to import instead of this one")
     parser.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True,
                         help="(steps) also time the per-layer forward, alternating with the C++ step")

@@ -88,8 +88,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, KV, T, d] at `positions`: [T] for every row, or [B, T] (each row its own slots)."""
-        batch = k.shape[0]
+        """Write k, v [B, KV, T, d] at `positions`: [T] for every row, or [B, T] (each row its own slots). Returns
+        the cache's first B rows in k's dtype (a cache of lower precision, e.g. fp16 under fp32 compute, stores
+        rounded values and is read back widened)."""
+        batch, dtype = k.shape[0], k.dtype
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if positions.dim() == 1:
             self.k[:batch].index_copy_(2, positions, k)
             self.v[:batch].index_copy_(2, positions, v)
@@ -97,7 +100,7 @@ class KVCache(nn.Module):
             index = positions[:, None, :, None].expand_as(k)
             self.k[:batch].scatter_(2, index, k)
             self.v[:batch].scatter_(2, index, v)
-        return self.k[:batch], self.v[:batch]
+        return self.k[:batch].to(dtype), self.v[:batch].to(dtype)
 
 
 class Attention(nn.Module):

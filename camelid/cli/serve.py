@@ -20,18 +20,21 @@ from camelid.hub import DEFAULT_MODEL
 def build(model: str, *, quantize: str = "fp32", slots: int = 8, context: int | None = None, max_queue: int = 64,
           prefix_cache_mb: int = 256, max_tokens: int = 4096, timeout: float = 600.0, max_body_kb: int = 1024,
           api_key: str | None = None, cors_origin: list[str] | None = None, embedding_model: str | None = None,
-          name: str | None = None, adapters: list[str] | None = None, quiet: bool = True) -> Any:
+          name: str | None = None, adapters: list[str] | None = None, kv_dtype: str = "fp32",
+          quiet: bool = True) -> Any:
     """Load the model, start the engine and return the FastAPI app (its engine is app.state.served.engine).
     `adapters`: NAME=DIR LoRA adapters, each served as the model NAME (the base with the adapter merged, loaded
-    as `camelid.load(model, quantize=..., adapter=DIR)` loads it)."""
+    as `camelid.load(model, quantize=..., adapter=DIR)` loads it). `kv_dtype`: fp32 or fp16 KV cache."""
     import camelid
     from camelid.ops import native
     from camelid.serve.app import Limits, Served, create_app
-    from camelid.serve.engine import Engine
+    from camelid.serve.engine import KV_DTYPES, Engine
     from camelid.serve.metrics import ServerMetrics
 
     if quantize not in ("none", "fp32", "int8", "int4"):
         raise CamelidError(f"--quantize {quantize!r}: choose one of none, fp32, int8, int4")
+    if kv_dtype not in KV_DTYPES:
+        raise CamelidError(f"--kv-dtype {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
     camelid.llm.resolve(model)  # a wrong name is the one line on stderr, before anything else is said
     if quantize != "none":
         native.load(quiet=quiet)  # a server waits for its kernels (built once per CPU)
@@ -44,7 +47,8 @@ def build(model: str, *, quantize: str = "fp32", slots: int = 8, context: int | 
     metrics = ServerMetrics()
     adapted = {n: camelid.load(model, quantize=mode, adapter=d, tokenizer=False).model for n, d in adapter_dirs.items()}
     engine = Engine(llm.model, slots=slots, context=ctx, max_queue=max_queue,
-                    prefix_cache_bytes=prefix_cache_mb << 20, metrics=metrics, adapters=adapted).start()
+                    prefix_cache_bytes=prefix_cache_mb << 20, metrics=metrics, adapters=adapted,
+                    kv_dtype=kv_dtype).start()
     served = Served(name=name or model, engine=engine, tokenizer=llm.tokenizer, adapters=adapter_dirs)
     if embedding_model:
         from camelid.serve.embeddings import bert_embedder
@@ -57,8 +61,8 @@ def build(model: str, *, quantize: str = "fp32", slots: int = 8, context: int | 
         how = "the C++ batched decode step" if engine.step is not None else \
             f"the per-layer path ({refusal(llm.model) or native.reason()})"
         print(f"camelid: serving {llm.config.name} ({llm.config.num_params() / 1e6:.1f}M parameters, {quantize}) "
-              f"from {llm.source}: {slots} slots x {ctx} positions ({kv_mb:.0f} MiB KV cache), decoding through "
-              f"{how}", file=sys.stderr)
+              f"from {llm.source}: {slots} slots x {ctx} positions ({kv_mb:.0f} MiB {kv_dtype} KV cache), "
+              f"decoding through {how}", file=sys.stderr)
         for n, d in adapter_dirs.items():
             print(f"camelid: LoRA adapter {d} served as model {n!r}", file=sys.stderr)
     return create_app(served, limits=Limits(max_body_bytes=max_body_kb << 10, max_tokens=max_tokens,
@@ -110,6 +114,8 @@ def serve(
     served_model_name: str | None = typer.Option(None, help="the model's name in the API (default: MODEL)"),
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: serve a LoRA adapter as the model NAME "
                                                             "(repeatable; requests choose it by `model`)"),
+    kv_dtype: str = typer.Option("fp32", "--kv-dtype", help="what the KV cache stores: fp32, or fp16 (half the "
+                                                            "memory and attention reads; keys and values rounded)"),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for the model (default: PyTorch's)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="only errors on stderr"),
 ) -> None:
@@ -122,7 +128,7 @@ def serve(
     api = build(model, quantize=quantize, slots=slots, context=ctx, max_queue=max_queue,
                 prefix_cache_mb=prefix_cache_mb, max_tokens=max_tokens, timeout=timeout, max_body_kb=max_body_kb,
                 api_key=api_key, cors_origin=cors_origin, embedding_model=embedding_model,
-                name=served_model_name, adapters=adapter, quiet=quiet)
+                name=served_model_name, adapters=adapter, kv_dtype=kv_dtype, quiet=quiet)
     if not quiet:
         auth = "API key required" if api_key else "no API key"
         print(f"camelid: http://{host}:{port} ({auth}; web chat at /, OpenAI API under /v1)", file=sys.stderr)

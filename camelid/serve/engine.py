@@ -125,6 +125,18 @@ class Metrics:
     def finished(self, reason: str, seconds: float) -> None: ...
 
 
+KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def kv_cache_dtype(kv_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch dtype of a KV-cache dtype option ("fp32", "fp16", a torch dtype or None), or a one-line error."""
+    if kv_dtype is None or kv_dtype in KV_DTYPES.values():
+        return kv_dtype  # type: ignore[return-value]
+    if kv_dtype not in KV_DTYPES:
+        raise CamelidError(f"KV-cache dtype {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
+    return KV_DTYPES[kv_dtype]
+
+
 def cache_view(k: Tensor, v: Tensor) -> KVCache:
     """A KVCache over existing storage (rows of the engine's one KV tensor)."""
     cache = KVCache(0, k.shape[1], k.shape[2], k.shape[3], k.dtype, k.device)
@@ -147,7 +159,10 @@ class Engine:
     def __init__(self, model: Llama, *, slots: int = 8, context: int | None = None, max_queue: int = 64,
                  prefill_chunk: int = 256, prefix_cache_bytes: int = 256 << 20, prefix_block: int = 16,
                  metrics: Metrics | None = None, use_decode_step: bool = True,
-                 adapters: dict[str, Llama] | None = None) -> None:
+                 adapters: dict[str, Llama] | None = None, kv_dtype: str | torch.dtype | None = None) -> None:
+        """kv_dtype: what the KV cache stores, "fp32" or "fp16" (None: the model's dtype). An fp16 cache halves
+        the bytes each step's attention reads; keys and values are rounded to fp16 when written (prefill and
+        step) and attention still computes in fp32."""
         cfg = model.config
         for name, other in (adapters or {}).items():
             if other.config != cfg or other.norm.weight.dtype != model.norm.weight.dtype:
@@ -159,7 +174,7 @@ class Engine:
         self.model, self.slots, self.context = model.eval(), slots, context
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.metrics = metrics or Metrics()
-        dtype = model.norm.weight.dtype
+        dtype = kv_cache_dtype(kv_dtype) or model.norm.weight.dtype
         device = model.norm.weight.device
         self.kv = torch.zeros(cfg.n_layers, 2, slots, cfg.n_kv_heads, context, cfg.head_dim, dtype=dtype,
                               device=device)

@@ -256,9 +256,10 @@ def _rows_model(mode: str, prompts: list[list[int]] | None = None) -> Llama:
     return _prefilled(_model("tiny-gqa", mode, False, intermediate_size=192), prompts or ROW_PROMPTS, 40)
 
 
-def _prefilled(model: Llama, prompts: list[list[int]], positions: int) -> Llama:
-    """`model` with a cache of one row per prompt, row r holding prompt r (prefilled one row at a time)."""
-    model.setup_cache(len(prompts), positions)
+def _prefilled(model: Llama, prompts: list[list[int]], positions: int, kv_dtype: torch.dtype | None = None) -> Llama:
+    """`model` with a cache of one row per prompt (of kv_dtype; None: the model's), row r holding prompt r
+    (prefilled one row at a time)."""
+    model.setup_cache(len(prompts), positions, kv_dtype)
     full = [b.attention.kv_cache for b in model.layers]
     with torch.inference_mode():
         for r, prompt in enumerate(prompts):
@@ -319,21 +320,26 @@ def test_a_rows_logits_do_not_depend_on_the_batch(mode: str, rows: int) -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 128), (6, 2, 48)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,kv_dtype", [
+    (9, 3, 64, torch.float32), (4, 2, 128, torch.float32), (6, 2, 48, torch.float32),
+    (9, 3, 64, torch.float16), (4, 2, 128, torch.float16), (6, 2, 48, torch.float16)])
 def test_grouped_attention_over_long_caches_matches_fp64_and_not_the_batch(heads: int, kv_heads: int,
-                                                                            head_dim: int) -> None:
+                                                                            head_dim: int,
+                                                                            kv_dtype: torch.dtype) -> None:
     """SmolLM2's attention shape (9 query heads over 3 KV heads, head_dim 64) and others, at positions that take
     the vectorised paths' blocks of 16 cached positions and their remainders: the C++ rows step against the fp64
     PyTorch forward, and each row bit for bit the same alone (at 2 threads: one task per head) as in a batch
-    (one task per group of heads)."""
+    (one task per group of heads). With an fp16 cache (the serving engine's --kv-dtype fp16) both sides store
+    keys and values rounded to fp16 and compute in fp32 / fp64."""
     torch.manual_seed(0)
     config = LlamaConfig.from_name("tiny-gqa", dim=heads * head_dim, n_heads=heads, n_kv_heads=kv_heads,
                                    intermediate_size=64, max_seq_len=128)
     base = Llama(config).eval()
     prompts = [[(7 * r + 3 * i) % 300 + 1 for i in range(n)] for r, n in enumerate([16, 47, 64, 95])]
-    model = _prefilled(quantize_model(copy.deepcopy(base), "fp32"), prompts, 128)
+    model = _prefilled(quantize_model(copy.deepcopy(base), "fp32"), prompts, 128, kv_dtype)
     alone = copy.deepcopy(model)
-    reference = _prefilled(copy.deepcopy(base).double(), prompts, 128)
+    reference = _prefilled(copy.deepcopy(base).double(), prompts, 128,
+                           torch.float16 if kv_dtype == torch.float16 else None)
     step, one = decode_step(model), decode_step(alone)
     assert step is not None and one is not None
     tokens, positions, rows = [3, 4, 5, 6], [len(p) for p in prompts], [0, 1, 2, 3]
@@ -350,3 +356,8 @@ def test_grouped_attention_over_long_caches_matches_fp64_and_not_the_batch(heads
                 tokens, positions = [int(t) for t in want[:, -1].argmax(-1)], [p + 1 for p in positions]
     finally:
         torch.set_num_threads(threads)
+    for a, b in zip(model.layers, reference.layers, strict=True):  # the step's cache writes: within an fp16 ulp
+        ours, theirs = a.attention.kv_cache, b.attention.kv_cache
+        for x, y in ((ours.k, theirs.k), (ours.v, theirs.v)):
+            assert x.dtype == kv_dtype
+            torch.testing.assert_close(x.float(), y.float(), rtol=2e-3, atol=1e-3)

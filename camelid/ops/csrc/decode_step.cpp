@@ -46,16 +46,29 @@ inline void rope(const float* x, const float* c, const float* s, int64_t d, floa
   }
 }
 
+// The KV cache holds fp32 or fp16 (KvT = float or at::Half); attention always computes in fp32.
+inline float to_f32(float x) { return x; }
+inline float to_f32(at::Half x) { return h2f(x); }
+
+// n values into the cache's element type (fp16: round to nearest even, as PyTorch's .to(torch.float16))
+inline void store_kv(const float* x, int64_t n, float* out) { std::copy_n(x, n, out); }
+inline void store_kv(const float* x, int64_t n, at::Half* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = at::Half(x[i]);
+}
+
 #ifdef CAMELID_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
 // sum_j p[j] * v_j over j <= pos (v_pos = vcur) for d = 8 * NV, the output vector kept in registers
-template <int NV>
-inline void weighted_sum(const float* p, float inv, const float* Vc, const float* vcur, int64_t pos, float* o) {
+template <int NV, typename KvT>
+inline void weighted_sum(const float* p, float inv, const KvT* Vc, const KvT* vcur, int64_t pos, float* o) {
   __m256 acc[NV];
   for (int e = 0; e < NV; ++e) acc[e] = _mm256_setzero_ps();
   for (int64_t j = 0; j <= pos; ++j) {
-    const float* vj = j == pos ? vcur : Vc + j * NV * 8;
+    const KvT* vj = j == pos ? vcur : Vc + j * NV * 8;
     const __m256 pj = _mm256_set1_ps(p[j] * inv);
-    for (int e = 0; e < NV; ++e) acc[e] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * e), acc[e]);
+    for (int e = 0; e < NV; ++e) acc[e] = _mm256_fmadd_ps(pj, load8(vj + 8 * e), acc[e]);
   }
   for (int e = 0; e < NV; ++e) _mm256_storeu_ps(o + 8 * e, acc[e]);
 }
@@ -64,7 +77,8 @@ inline void weighted_sum(const float* p, float inv, const float* Vc, const float
 // One head's attention for one new token: scores q . k_j * scale for j <= pos (k_pos = kcur: the cache row
 // of pos may not be written yet), softmax, o = sum_j p_j v_j. The scores of eight cached positions are summed
 // at once (one transposing reduction instead of eight horizontal sums).
-inline void attend(const float* q, const float* Kc, const float* Vc, const float* kcur, const float* vcur,
+template <typename KvT>
+inline void attend(const float* q, const KvT* Kc, const KvT* Vc, const KvT* kcur, const KvT* vcur,
                    int64_t pos, int64_t d, float scale, float* p, float* o) {
   int64_t j = 0;
 #ifdef CAMELID_AVX2
@@ -73,9 +87,9 @@ inline void attend(const float* q, const float* Kc, const float* Vc, const float
     for (; j + 8 <= pos; j += 8) {
       __m256 a[8];
       for (int i = 0; i < 8; ++i) {
-        const float* k = Kc + (j + i) * d;
-        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(k), _mm256_loadu_ps(q));
-        for (int64_t e = 8; e < d; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(k + e), _mm256_loadu_ps(q + e), acc);
+        const KvT* k = Kc + (j + i) * d;
+        __m256 acc = _mm256_mul_ps(load8(k), _mm256_loadu_ps(q));
+        for (int64_t e = 8; e < d; e += 8) acc = _mm256_fmadd_ps(load8(k + e), _mm256_loadu_ps(q + e), acc);
         a[i] = acc;
       }
       const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
@@ -87,9 +101,9 @@ inline void attend(const float* q, const float* Kc, const float* Vc, const float
   }
 #endif
   for (; j <= pos; ++j) {
-    const float* kj = j == pos ? kcur : Kc + j * d;
+    const KvT* kj = j == pos ? kcur : Kc + j * d;
     float acc = 0.f;
-    for (int64_t e = 0; e < d; ++e) acc += q[e] * kj[e];
+    for (int64_t e = 0; e < d; ++e) acc += q[e] * to_f32(kj[e]);
     p[j] = acc * scale;
   }
   float mx = -std::numeric_limits<float>::infinity();
@@ -106,13 +120,27 @@ inline void attend(const float* q, const float* Kc, const float* Vc, const float
 #endif
   std::fill(o, o + d, 0.f);
   for (int64_t i = 0; i <= pos; ++i) {
-    const float* vj = i == pos ? vcur : Vc + i * d;
+    const KvT* vj = i == pos ? vcur : Vc + i * d;
     const float pj = p[i] * inv;
-    for (int64_t e = 0; e < d; ++e) o[e] += pj * vj[e];
+    for (int64_t e = 0; e < d; ++e) o[e] += pj * to_f32(vj[e]);
   }
 }
 
 #ifdef CAMELID_AVX512_Q8
+// prefetch [p, p + bytes) one 64-byte line at a time, into L1 (L1 = true) or L2
+template <bool L1>
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) {
+    if constexpr (L1) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
+    else _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T1);
+  }
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // exp_nonpositive (vecmath.h) of 16 lanes: the same polynomial
 inline __m512 exp16_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
@@ -155,18 +183,18 @@ inline float softmax16(float* p, int64_t P) {
 
 // o_k = sum_j p_k[j] * inv_k * v_j over j <= pos (v_pos = vcur) for NH heads at once: each v_j is loaded once for
 // all of them. A head's sums are the same whatever NH.
-template <int NV, int NH>
-inline void weighted_sums16(const float* p, int64_t ldp, const float* inv, const float* Vc, const float* vcur,
+template <int NV, int NH, typename KvT>
+inline void weighted_sums16(const float* p, int64_t ldp, const float* inv, const KvT* Vc, const KvT* vcur,
                             int64_t pos, float* o) {
   constexpr int64_t d = 16 * NV;
   __m512 acc[NH][NV];
   for (int h = 0; h < NH; ++h)
     for (int e = 0; e < NV; ++e) acc[h][e] = _mm512_setzero_ps();
   for (int64_t j = 0; j <= pos; ++j) {
-    const float* vj = j == pos ? vcur : Vc + j * d;
-    for (int e = 0; e < NV; ++e) _mm_prefetch(reinterpret_cast<const char*>(Vc + (j + 16) * d + 16 * e), _MM_HINT_T0);
+    const KvT* vj = j == pos ? vcur : Vc + j * d;
+    prefetch_bytes<true>(Vc + (j + 16) * d, d * (int64_t)sizeof(KvT));
     __m512 v[NV];
-    for (int e = 0; e < NV; ++e) v[e] = _mm512_loadu_ps(vj + 16 * e);
+    for (int e = 0; e < NV; ++e) v[e] = load16(vj + 16 * e);
     for (int h = 0; h < NH; ++h) {
       const __m512 pj = _mm512_set1_ps(p[h * ldp + j] * inv[h]);
       for (int e = 0; e < NV; ++e) acc[h][e] = _mm512_fmadd_ps(pj, v[e], acc[h][e]);
@@ -181,27 +209,25 @@ inline void weighted_sums16(const float* p, int64_t ldp, const float* inv, const
 // 32 positions ahead and the values of the same 16). Each head's arithmetic does not depend on n, so a head
 // gives the same result alone or in its group.
 // p: n rows of scratch of ldp >= pos + 1 floats.
-template <int NV>
-inline void attend_group(const float* q, int64_t n, const float* Kc, const float* Vc, const float* kcur,
-                         const float* vcur, int64_t pos, float scale, float* p, int64_t ldp, float* o) {
+template <int NV, typename KvT>
+inline void attend_group(const float* q, int64_t n, const KvT* Kc, const KvT* Vc, const KvT* kcur,
+                         const KvT* vcur, int64_t pos, float scale, float* p, int64_t ldp, float* o) {
   constexpr int64_t d = 16 * NV;
   const __m256 sv = _mm256_set1_ps(scale);
   int64_t j = 0;
   for (; j + 16 <= pos; j += 16) {
-    const float* kb = Kc + j * d;
+    const KvT* kb = Kc + j * d;
     // keys 32 positions ahead into L1; this block's values into L2, for the pass over V below
-    for (int l = 0; l < 16 * NV; ++l) {
-      _mm_prefetch(reinterpret_cast<const char*>(kb + 32 * d + 16 * l), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(Vc + j * d + 16 * l), _MM_HINT_T1);
-    }
+    prefetch_bytes<true>(kb + 32 * d, 16 * d * (int64_t)sizeof(KvT));
+    prefetch_bytes<false>(Vc + j * d, 16 * d * (int64_t)sizeof(KvT));
     for (int64_t k = 0; k < n; ++k) {
       __m512 qv[NV];
       for (int e = 0; e < NV; ++e) qv[e] = _mm512_loadu_ps(q + k * d + 16 * e);
       __m256 a[16];
       for (int i = 0; i < 16; ++i) {
-        const float* kr = kb + i * d;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(kr), qv[0]);
-        for (int e = 1; e < NV; ++e) acc = _mm512_fmadd_ps(_mm512_loadu_ps(kr + 16 * e), qv[e], acc);
+        const KvT* kr = kb + i * d;
+        __m512 acc = _mm512_mul_ps(load16(kr), qv[0]);
+        for (int e = 1; e < NV; ++e) acc = _mm512_fmadd_ps(load16(kr + 16 * e), qv[e], acc);
         a[i] = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
       }
       for (int half = 0; half < 2; ++half) {  // eight 8-lane sums -> one vector of 8 scores
@@ -215,10 +241,10 @@ inline void attend_group(const float* q, int64_t n, const float* Kc, const float
     }
   }
   for (; j <= pos; ++j) {  // the last < 16 cached positions and pos itself, one at a time
-    const float* kr = j == pos ? kcur : Kc + j * d;
+    const KvT* kr = j == pos ? kcur : Kc + j * d;
     for (int64_t k = 0; k < n; ++k) {
-      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(kr), _mm512_loadu_ps(q + k * d));
-      for (int e = 1; e < NV; ++e) acc = _mm512_fmadd_ps(_mm512_loadu_ps(kr + 16 * e), _mm512_loadu_ps(q + k * d + 16 * e), acc);
+      __m512 acc = _mm512_mul_ps(load16(kr), _mm512_loadu_ps(q + k * d));
+      for (int e = 1; e < NV; ++e) acc = _mm512_fmadd_ps(load16(kr + 16 * e), _mm512_loadu_ps(q + k * d + 16 * e), acc);
       p[k * ldp + j] = _mm512_reduce_add_ps(acc) * scale;
     }
   }
@@ -230,18 +256,19 @@ inline void attend_group(const float* q, int64_t n, const float* Kc, const float
     const float* pk = p + k0 * ldp;
     float* ok = o + k0 * d;
     switch (nh) {
-      case 1: weighted_sums16<NV, 1>(pk, ldp, inv, Vc, vcur, pos, ok); break;
-      case 2: weighted_sums16<NV, 2>(pk, ldp, inv, Vc, vcur, pos, ok); break;
-      case 3: weighted_sums16<NV, HC >= 3 ? 3 : 1>(pk, ldp, inv, Vc, vcur, pos, ok); break;
-      default: weighted_sums16<NV, HC>(pk, ldp, inv, Vc, vcur, pos, ok); break;
+      case 1: weighted_sums16<NV, 1, KvT>(pk, ldp, inv, Vc, vcur, pos, ok); break;
+      case 2: weighted_sums16<NV, 2, KvT>(pk, ldp, inv, Vc, vcur, pos, ok); break;
+      case 3: weighted_sums16<NV, HC >= 3 ? 3 : 1, KvT>(pk, ldp, inv, Vc, vcur, pos, ok); break;
+      default: weighted_sums16<NV, HC, KvT>(pk, ldp, inv, Vc, vcur, pos, ok); break;
     }
   }
 }
 #endif
 
 // attend() for n query heads q [n, d] that share one KV head; o [n, d]; p: n rows of ldp >= pos + 1 floats
-inline void attend_heads(const float* q, int64_t n, const float* Kc, const float* Vc, const float* kcur,
-                         const float* vcur, int64_t pos, int64_t d, float scale, float* p, int64_t ldp, float* o) {
+template <typename KvT>
+inline void attend_heads(const float* q, int64_t n, const KvT* Kc, const KvT* Vc, const KvT* kcur,
+                         const KvT* vcur, int64_t pos, int64_t d, float scale, float* p, int64_t ldp, float* o) {
 #ifdef CAMELID_AVX512_Q8
   switch (d) {
     case 16: return attend_group<1>(q, n, Kc, Vc, kcur, vcur, pos, scale, p, ldp, o);
@@ -312,7 +339,8 @@ void DecodeStep::set_head(at::Tensor norm_w, int64_t kind, std::vector<at::Tenso
   TORCH_CHECK(head.K == D, "output head width does not match dim");
 }
 
-// The model's KV cache (one [rows, KV, S, d] k and v per layer) and the RoPE tables [S, d] for its positions.
+// The model's KV cache (one [rows, KV, S, d] k and v per layer, fp32 or fp16) and the RoPE tables [S, d] for
+// its positions.
 void DecodeStep::bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> vs, at::Tensor cos_t,
                             at::Tensor sin_t) {
   TORCH_CHECK(ks.size() == layers.size() && vs.size() == layers.size(), "one k and v cache per layer expected");
@@ -320,11 +348,13 @@ void DecodeStep::bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> 
   S = cos_t.size(0);
   cache_rows = ks.empty() ? 0 : ks[0].size(0);
   cache.clear();
+  kv16 = !ks.empty() && ks[0].scalar_type() == at::kHalf;
   for (size_t i = 0; i < layers.size(); ++i) {
     for (auto* c : {&ks[i], &vs[i]})
-      TORCH_CHECK(c->is_contiguous() && c->scalar_type() == at::kFloat && c->size(1) == KV && c->size(2) == S &&
-                  c->size(3) == d && c->size(0) == cache_rows, "fp32 contiguous [B, KV, S, head_dim] cache expected");
-    layers[i].cache_k = ks[i].data_ptr<float>(); layers[i].cache_v = vs[i].data_ptr<float>();
+      TORCH_CHECK(c->is_contiguous() && c->scalar_type() == (kv16 ? at::kHalf : at::kFloat) && c->size(1) == KV &&
+                  c->size(2) == S && c->size(3) == d && c->size(0) == cache_rows,
+                  "contiguous [B, KV, S, head_dim] caches, all fp32 or all fp16, expected");
+    layers[i].cache_k = ks[i].data_ptr(); layers[i].cache_v = vs[i].data_ptr();
     cache.push_back(ks[i]); cache.push_back(vs[i]);
   }
   cos = cos_t; sin = sin_t;
@@ -377,6 +407,7 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
     const int64_t maxK = std::max({D, H * d, F}), nG = maxK / 32 + 1;
     const int64_t ldp = (max_pos + 16) / 16 * 16;  // a row of scores per query head of a group
     std::vector<float> xn(B * D), xs(B * nG), dq(B * nG), q(G * d), kcur(d), p(G * ldp);
+    std::vector<at::Half> kcur16(kv16 ? d : 0), vcur16(kv16 ? d : 0);
     std::vector<int8_t> xq(B * maxK);
     std::vector<Act> a(B);
     for (int64_t b = 0; b < B; ++b) {
@@ -406,19 +437,29 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
         const float* row = qkv.data() + b * W;
         const float* c = cos_p + pos * d;
         const float* s = sin_p + pos * d;
-        float* K = L.cache_k + rows[b] * row_stride + kvh * S * d;
-        float* Vc = L.cache_v + rows[b] * row_stride + kvh * S * d;
+        const int64_t at_row = rows[b] * row_stride + kvh * S * d;
         for (int64_t k = 0; k < hc; ++k) rope(row + (h0 + k) * d, c, s, d, q.data() + k * d);
         rope(row + (H + kvh) * d, c, s, d, kcur.data());
         const float* vcur = row + (H + KV + kvh) * d;
         // the group's first head writes the new key and value; every head reads positions < pos only
-        // from the cache, so no other thread waits on this write
-        if (h0 % G == 0) {
-          std::copy_n(kcur.data(), d, K + pos * d);
-          std::copy_n(vcur, d, Vc + pos * d);
+        // from the cache, so no other thread waits on this write. Position pos is attended in the cache's
+        // precision (kc, vc), as if read back from it.
+        auto run = [&](auto* K, auto* Vc, auto* kc, auto* vc) {
+          if (h0 % G == 0) {
+            store_kv(kcur.data(), d, K + pos * d);
+            store_kv(vcur, d, Vc + pos * d);
+          }
+          attend_heads(q.data(), hc, K, Vc, kc, vc, pos, d, scale, p.data(), ldp, att.data() + (b * H + h0) * d);
+        };
+        if (kv16) {
+          store_kv(kcur.data(), d, kcur16.data());
+          store_kv(vcur, d, vcur16.data());
+          run(static_cast<at::Half*>(L.cache_k) + at_row, static_cast<at::Half*>(L.cache_v) + at_row,
+              static_cast<const at::Half*>(kcur16.data()), static_cast<const at::Half*>(vcur16.data()));
+        } else {
+          run(static_cast<float*>(L.cache_k) + at_row, static_cast<float*>(L.cache_v) + at_row,
+              static_cast<const float*>(kcur.data()), vcur);
         }
-        attend_heads(q.data(), hc, K, Vc, kcur.data(), vcur, pos, d, scale, p.data(), ldp,
-                     att.data() + (b * H + h0) * d);
       }
 #pragma omp barrier
       set_acts(att.data(), H * d, nullptr);

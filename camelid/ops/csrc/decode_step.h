@@ -102,8 +102,8 @@ struct Layer {
   const float* attn_norm;
   const float* ffn_norm;
   Linear wqkv, wo, w13, w2;
-  float* cache_k = nullptr;  // [rows, KV, S, d] of this layer, bound per generation
-  float* cache_v = nullptr;
+  void* cache_k = nullptr;  // [rows, KV, S, d] of this layer (fp32, or fp16 where kv16), bound per generation
+  void* cache_v = nullptr;
 };
 
 }  // namespace camelid
@@ -116,7 +116,7 @@ class DecodeStep {
   void add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, std::vector<int64_t> kinds,
                  std::vector<std::vector<at::Tensor>> t);
   void set_head(at::Tensor norm_w, int64_t kind, std::vector<at::Tensor> t);
-  // The model's KV cache (one [rows, KV, S, d] k and v per layer) and the RoPE tables [S, d] for its positions.
+  // The model's KV cache (one [rows, KV, S, d] k and v per layer, all fp32 or all fp16) and the RoPE tables [S, d] for its positions.
   void bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> vs, at::Tensor cos_t,
                   at::Tensor sin_t);
   // Logits [1, 1, vocab] of `token` at position `pos`; writes this position's keys and values into the cache.
@@ -128,6 +128,7 @@ class DecodeStep {
   int64_t D, H, KV, d, F, S = 0, cache_rows = 0;
   float eps;
   bool q8;  // int8 activations for int8/int4 weights
+  bool kv16 = false;  // the bound KV cache holds fp16 (attention computes in fp32)
   camelid::Linear embed, head;
   const float* norm = nullptr;
   std::vector<camelid::Layer> layers;
