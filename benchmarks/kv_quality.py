@@ -2,6 +2,7 @@
 SmolLM2-135M-Instruct, against its fp32 cache, through the same C++ decode step.
 
     python benchmarks/kv_quality.py [--prompts 20] [--max-tokens 64] [--quantize int4] [--threads 1]
+    CAMELID_INT8_ACTIVATIONS=0 python benchmarks/kv_quality.py   # the fp16 rounding alone (fp32 activations)
 
 Prompts: the first test-split example of each of the first --prompts tasks of data/chat's Natural Instructions
 (instruction + input as one user message, chat template applied). For each prompt and each cache dtype:

@@ -383,14 +383,16 @@ def loop_once(model: Any, tok: Any, system: str, b: int, max_tokens: int, kv: st
 
     engine = Engine(model, slots=max(b, 8), context=CTX, prefix_cache_bytes=256 << 20, **kv_option(kv))
     spent = {"step": 0.0, "choose": 0.0, "prefill": 0.0}
+    cpu = {"step": 0.0, "choose": 0.0, "prefill": 0.0}  # the engine thread's CPU seconds in each
 
     def timed(name: str, fn: Any) -> Any:
         def wrapper(*a: Any, **k: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return fn(*a, **k)
             finally:
                 spent[name] += time.perf_counter() - t0
+                cpu[name] += time.thread_time() - c0
         return wrapper
 
     engine.forward_rows = timed("step", engine.forward_rows)  # type: ignore[method-assign]
@@ -412,22 +414,26 @@ def loop_once(model: Any, tok: Any, system: str, b: int, max_tokens: int, kv: st
         engine.submit([Sequence(chat("Hi"), 2, emit)])  # the system prompt into the prefix cache, kernels warm
         finished.acquire()
         spent.update(step=0.0, choose=0.0, prefill=0.0)
+        cpu.update(step=0.0, choose=0.0, prefill=0.0)
         steps0 = engine.steps
         seqs = [Sequence(chat(f"Question {i}: what about Emma?"), max_tokens, emit, logit_bias=ban) for i in range(b)]
         t0, c0 = time.perf_counter(), time.process_time()
         engine.submit(seqs)
         for _ in seqs:
             finished.acquire()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        wall, process = time.perf_counter() - t0, time.process_time() - c0
     finally:
         engine.stop()
-    return {"wall": wall, "cpu": cpu, "steps": engine.steps - steps0, **spent}
+    return {"wall": wall, "cpu": process, "steps": engine.steps - steps0, **spent,
+            **{f"cpu_{k}": v for k, v in cpu.items()}}
 
 
 def loop(args: argparse.Namespace) -> None:
     """The engine's loop in-process (no HTTP): B sequences with the benchmark's system prompt and end-of-text
     banned, `--max-tokens` each, all admitted at once. Per decode step: wall ms, of which the C++ step
-    (forward_rows), sampling and reporting (_choose), and the rest (scheduling, emit); prefill ms per sequence."""
+    (forward_rows), sampling and reporting (_choose), and the rest (scheduling, emit); prefill ms per sequence.
+    Then the process's CPU time per generated token outside prefill, split the same way (with --threads 1 the
+    step's CPU time is all of its work): what a token costs besides the step is the Python loop's overhead."""
     import torch
 
     import camelid
@@ -444,6 +450,11 @@ def loop(args: argparse.Namespace) -> None:
                   f"ms = C++ step {r['step'] / n * 1000:6.1f} + choose {r['choose'] / n * 1000:5.2f} + other "
                   f"{(decode - r['step'] - r['choose']) / n * 1000:5.2f}; prefill {r['prefill'] / b * 1000:5.1f} "
                   "ms per sequence", flush=True)
+            tokens = b * args.max_tokens
+            decode_cpu = r["cpu"] - r["cpu_prefill"]
+            print(f"      CPU per generated token (prefill excluded): {decode_cpu / tokens * 1000:5.2f} ms = C++ step "
+                  f"{r['cpu_step'] / tokens * 1000:5.2f} + choose {r['cpu_choose'] / tokens * 1000:5.3f} + other "
+                  f"{(decode_cpu - r['cpu_step'] - r['cpu_choose']) / tokens * 1000:5.3f}", flush=True)
     print(f"load average {load_average()}")
 
 
