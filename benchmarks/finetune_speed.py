@@ -230,20 +230,14 @@ def hf_arm(args: argparse.Namespace, sft, cfg):
 
 
 def matmul_peak_per_cpu_s(n: int = 1024, seconds: float = 1.0) -> float:
-    """The best fp32 matmul FLOPs per CPU-second of this process (what a core does while it runs, whatever share
-    of the machine the process gets: the MFU denominator for tokens per CPU-second)."""
+    """The best fp32 matmul FLOPs per CPU-second of this process over the GEMM libraries camelid can use (what a
+    core does while it runs, whatever share of the machine the process gets: the MFU denominator for tokens per
+    CPU-second)."""
     import torch
 
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    a @ b
-    best, t_end = 0.0, time.process_time() + seconds
-    while time.process_time() < t_end:
-        c0 = time.process_time()
-        for _ in range(4):
-            a @ b
-        best = max(best, 4 * 2 * n**3 / max(time.process_time() - c0, 1e-9))
-    return best
+    from camelid.train.flops import measure_matmul_peak
+
+    return measure_matmul_peak("cpu", torch.float32, n=n, seconds=seconds / 2, clock=time.process_time)
 
 
 def median(values: list[float]) -> float:

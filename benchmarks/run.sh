@@ -10,3 +10,4 @@ done
 python benchmarks/quality.py "$GGUF"
 python benchmarks/speculative.py "$GGUF"
 python benchmarks/decode_step.py --threads 1
+python benchmarks/gemm.py

@@ -193,7 +193,7 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
 
 
-MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"}
+MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "mkldnn::_linear_pointwise"}
 
 
 def breakdown(step, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

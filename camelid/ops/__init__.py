@@ -2,7 +2,7 @@
 C++ kernel binding and ONE dispatch function that picks the implementation and falls back by itself:
 
     rmsnorm.rms_norm   rope.rope_bthd   attention.causal_attention / cached_attention   swiglu.swiglu
-    linear.linear / dequantize   head_loss.head_loss
+    linear.linear / dequantize / matmul_t / trainable   head_loss.head_loss
 
 `native` builds and loads the C++ kernels (csrc/) for this CPU. `implementations()` says which implementation
 each op runs on this machine and why (`camelid info --kernels`).
@@ -28,6 +28,7 @@ def implementations() -> dict[str, native.Choice]:
         "attention (training)": attention.choose(),
         "attention (decode)": attention.choose_cached(),
         "swiglu": swiglu.choose(),
+        "GEMM fp32 (prompts, training)": linear.gemm_choice(),
         "linear fp32": linear.choose("f32"),
         "linear int8": linear.choose("int8"),
         "linear int4": linear.choose("int4"),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from camelid.ops import native
+from camelid.ops.linear import gemm_library, matmul_t
 
 # logits per chunk: 4 MiB of fp32 (256 rows at vocab 4096). Measured on 2 cores, the head's forward and backward
 # took 48 ms in 64-row chunks, 41-43 ms in 128-512-row ones (fuller matmuls), 48 at 1024.
@@ -50,14 +51,15 @@ def _chunked(h: Tensor, weight: Tensor, targets: Tensor, want_h: bool, want_w: b
     losses = torch.empty(n, dtype=torch.float32, device=h.device)
     mod = native.module() if _why_not(h, weight) is None else None
     # C++: softmax in place, into one logits buffer (fresh ones cost page faults)
-    buf = torch.empty(min(chunk, n), weight.shape[0], dtype=h.dtype) if mod is not None else None
+    gemm_onednn = gemm_library()[0] == "onednn"
+    buf = torch.empty(min(chunk, n), weight.shape[0], dtype=h.dtype) if mod is not None and not gemm_onednn else None
     for s in range(0, n, chunk):
         hc, tc = h[s:s + chunk], targets[s:s + chunk].contiguous()
         if mod is not None:
-            probs = torch.mm(hc, weight.t(), out=buf[:len(tc)])
+            probs = (matmul_t(hc, weight) if gemm_onednn else torch.mm(hc, weight.t(), out=buf[:len(tc)]))
             losses[s:s + len(tc)] = mod.cross_entropy_grad_(probs, tc)  # probs is now d(loss)/d(logits)
         else:
-            logits = (hc @ weight.t()).float()
+            logits = matmul_t(hc, weight).float()
             rows = torch.arange(len(tc), device=h.device)
             picked = logits[rows, tc]
             peak = logits.amax(-1, keepdim=True)
@@ -69,7 +71,10 @@ def _chunked(h: Tensor, weight: Tensor, targets: Tensor, want_h: bool, want_w: b
                 probs[rows, tc] -= 1.0  # d(loss)/d(logits)
                 probs = probs.to(h.dtype)
         if want_h:
-            torch.mm(probs, weight, out=grad_h[s:s + chunk])
+            if gemm_onednn:
+                grad_h[s:s + chunk] = matmul_t(probs, weight.t())
+            else:
+                torch.mm(probs, weight, out=grad_h[s:s + chunk])
         if want_w:
             grad_w.addmm_(probs.t(), hc)
     return losses, grad_h, grad_w

@@ -6,16 +6,20 @@ Implementations: the references (`dequantize_reference`, then torch's GEMM); C++
 bound); for prompts, C++ whole-matrix dequantisation and torch's GEMM, or (CAMELID_INT8_PROMPTS=1, int8/int4
 weights) a C++ kernel with int8 activations (`gemm_q8`, llama.cpp's Q8_0 activations: blocks of 32, one scale
 each) that loads each weight block once for up to 8 rows and multiplies them with integer dot products. `_pick`
-decides. The
+decides. Every fp32 GEMM here (prompts, and training through `trainable`) goes through `matmul_t`, which takes
+oneDNN's GEMM instead of torch's (MKL) on AMD CPUs, where MKL runs at half speed (`gemm_library` decides). The
 formats themselves (quantisation, int4 packing) live here too, so the kernels and their references share one
 definition.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from camelid.errors import CamelidError
@@ -127,13 +131,90 @@ def _pick(kind: str, x2d: Tensor) -> tuple[str, str]:
         return "gemv", f"{kind} GEMV for up to {MAX_GEMV_ROWS} rows"
     why = f"more than {MAX_GEMV_ROWS} rows (a prompt)"
     if kind == "f32":
-        return "torch", f"{why}, fp32 weights: torch's GEMM"
+        return "torch", f"{why}, fp32 weights: {_gemm_words()}"
     if compiling or not int8_prompts() or x2d.shape[-1] % GROUP:
         cause = ("under torch.compile" if compiling else "CAMELID_INT8_PROMPTS=1 not set" if not int8_prompts()
                  else f"in_features not a multiple of {GROUP}")
-        return "torch", f"{why}, {cause}: dequantise, then torch's GEMM"
+        return "torch", f"{why}, {cause}: dequantise, then {_gemm_words()}"
     # measured 1.2-2x dequantise + GEMM from 16 to 512 rows (benchmarks/README.md, "Prompt products")
     return "q8", f"{why}: int8 activations, integer dot products, each weight block loaded once per 8 rows"
+
+
+# -- fp32 GEMM: torch's (MKL) or oneDNN's -----------------------------------------------------------------------
+@functools.cache
+def gemm_library() -> tuple[str, str]:
+    """("onednn" | "torch", why): which library multiplies fp32 matrices in camelid's fast paths. CAMELID_GEMM=
+    onednn|torch decides; else oneDNN on AMD CPUs, where torch's MKL takes slower code paths (SmolLM2's products
+    at 1 thread on an AVX-512 AMD EPYC: 90-94 GFLOP/s for MKL, 190-220 for oneDNN; benchmarks/README.md,
+    "fp32 GEMM"), torch's GEMM elsewhere."""
+    wanted = os.environ.get("CAMELID_GEMM", "auto")
+    if wanted not in ("auto", "onednn", "torch"):
+        raise CamelidError(f"CAMELID_GEMM={wanted!r}: use onednn, torch or auto")
+    have = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if wanted == "torch":
+        return "torch", "CAMELID_GEMM=torch"
+    if not have:
+        return "torch", "this PyTorch has no oneDNN linear"
+    if wanted == "onednn":
+        return "onednn", "CAMELID_GEMM=onednn"
+    try:
+        vendor = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        vendor = False
+    if vendor:
+        return "onednn", "AMD CPU: MKL's GEMM runs at about half oneDNN's speed here"
+    return "torch", "torch's GEMM (MKL on Intel CPUs is at least as fast as oneDNN's)"
+
+
+def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias [N]), fp32, with the library `gemm_library` picks; strided views (such as
+    weight.t() for a gradient) are read as they are, not copied. No autograd: `trainable` is the op with a
+    backward."""
+    if (gemm_library()[0] == "onednn" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2
+            and x.device.type == "cpu" and weight.device.type == "cpu" and not torch.compiler.is_compiling()
+            and (bias is None or bias.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def gemm_choice() -> native.Choice:
+    """`gemm_library` as `camelid info --kernels` shows it."""
+    lib, why = gemm_library()
+    return native.Choice("PyTorch, oneDNN" if lib == "onednn" else "PyTorch", why)
+
+
+def _gemm_words() -> str:
+    lib, why = gemm_library()
+    return f"oneDNN's GEMM ({why})" if lib == "onednn" else f"torch's GEMM ({why})"
+
+
+class _TrainableLinear(torch.autograd.Function):
+    """x @ W^T + b with all three products (forward, d/dx, d/dW) through `matmul_t`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ANN001 - ctx
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return matmul_t(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001 - ctx
+        x2, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = matmul_t(g, weight.t()).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dw = matmul_t(g.t(), x2.t()) if ctx.needs_input_grad[1] else None
+        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def trainable(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) for training: forward and backward through oneDNN where `gemm_library` picks it,
+    else F.linear itself."""
+    if gemm_library()[0] != "onednn" or torch.compiler.is_compiling() or x.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    return _TrainableLinear.apply(x, weight, bias)
 
 
 class DequantizedMatmul(torch.autograd.Function):
@@ -144,12 +225,12 @@ class DequantizedMatmul(torch.autograd.Function):
     def forward(ctx, x: Tensor, kind: str, *weight: Tensor) -> Tensor:  # noqa: ANN001 - ctx
         ctx.kind = kind
         ctx.save_for_backward(*weight)
-        return x @ dequantize(kind, *weight).to(x.dtype).T
+        return matmul_t(x, dequantize(kind, *weight).to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001 - ctx
         weight = ctx.saved_tensors
-        return (grad @ dequantize(ctx.kind, *weight).to(grad.dtype), None, *(None for _ in weight))
+        return (matmul_t(grad, dequantize(ctx.kind, *weight).to(grad.dtype).t()), None, *(None for _ in weight))
 
 
 def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
@@ -163,7 +244,7 @@ def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
     impl, _ = _pick(kind, x2d)
     if impl == "torch":
         w = weight[0] if kind == "f32" else dequantize(kind, *weight)
-        y = x2d @ w.to(x.dtype).T
+        y = matmul_t(x2d, w.to(x.dtype))
     elif impl == "q8":
         y = native.module().gemm_q8(x2d, 1 if kind == "int8" else 2, list(weight))
     elif torch.compiler.is_compiling():

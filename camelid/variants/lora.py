@@ -31,7 +31,7 @@ from camelid.errors import CamelidError
 from camelid.interop import peft
 from camelid.interop.hf import hf_to_camelid_name
 from camelid.model import Llama, rope_inv_freq
-from camelid.ops.linear import quantize_int8
+from camelid.ops.linear import matmul_t, quantize_int8
 from camelid.variants.quantized import FastLinear, Int4Linear, Int8Embedding, Int8Linear
 
 # the linear layers of a block, by camelid's names (HF: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
@@ -80,7 +80,7 @@ class _LoraProduct(torch.autograd.Function):
                 scale: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         xa = x2 @ a.t()
-        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        out = matmul_t(x2, weight, bias)
         out.addmm_(xa, b.t(), alpha=scale)
         ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.scale, ctx.x_shape, ctx.has_bias = scale, x.shape, bias is not None
@@ -92,8 +92,8 @@ class _LoraProduct(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         dxa = (g @ b).mul_(ctx.scale)
-        dx = (g @ weight).addmm_(dxa, a).view(ctx.x_shape) if need_x else None
-        dw = g.t() @ x2 if need_w else None
+        dx = matmul_t(g, weight.t()).addmm_(dxa, a).view(ctx.x_shape) if need_x else None
+        dw = matmul_t(g.t(), x2.t()) if need_w else None
         dbias = g.sum(0) if need_bias and ctx.has_bias else None
         da = dxa.t() @ x2 if need_a else None
         db = (g.t() @ xa).mul_(ctx.scale) if need_b else None
@@ -119,7 +119,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return self.base(x)
-        if (type(self.base) is nn.Linear and isinstance(self.dropout, nn.Identity) and x.dtype == self.lora_a.dtype
+        # training only: without gradients the base module's own product keeps a zero adapter's output exactly the
+        # base's
+        if (isinstance(self.base, nn.Linear) and isinstance(self.dropout, nn.Identity) and x.dtype == self.lora_a.dtype
+                and torch.is_grad_enabled()
                 and self.base.weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)):
             return _LoraProduct.apply(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.scale)
         y = self.base(x)

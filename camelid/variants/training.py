@@ -28,9 +28,26 @@ from torch import Tensor, nn
 
 from camelid.config import LlamaConfig
 from camelid.model import Attention, FeedForward, Llama, RMSNorm
-from camelid.ops import attention, head_loss, rope, swiglu
+from camelid.ops import attention, head_loss, linear, rope, swiglu
 from camelid.variants.fused import FastRMSNorm
 from camelid.variants.quantized import Int8Linear
+
+
+class TrainLinear(nn.Linear):
+    """An nn.Linear holding the same parameters whose products, forward and backward, run through
+    ops.linear.trainable (oneDNN's GEMM on CPUs where it beats torch's)."""
+
+    @classmethod
+    def like(cls, lin: nn.Linear) -> TrainLinear:
+        twin = cls.__new__(cls)
+        nn.Module.__init__(twin)  # no init of fresh weights: the parameters are lin's own
+        twin.in_features, twin.out_features = lin.in_features, lin.out_features
+        twin.weight = lin.weight
+        twin.bias = lin.bias
+        return twin
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear.trainable(x, self.weight, self.bias)
 
 
 class TrainAttention(nn.Module):
@@ -82,6 +99,10 @@ def for_training(model: Llama) -> Llama:
         for name, child in list(parent.named_children()):
             if type(child) is RMSNorm:
                 setattr(parent, name, FastRMSNorm(child))
+    for parent in list(model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, TrainLinear.like(child))
     return model
 
 

@@ -154,3 +154,22 @@ def test_cached_attention_with_rows_at_different_positions(T: int, kernels: bool
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(caches[0].v, caches[1].v, rtol=0, atol=0)
+
+
+def test_a_prompt_reads_only_the_written_part_of_a_long_cache() -> None:
+    """A prompt chunk attends over slots 0..its last position only: a server's slot of thousands of positions
+    costs a prompt nothing past what it wrote, and whatever lies beyond (here NaN) never reaches the output."""
+    cfg = LlamaConfig.from_name("tiny-gqa")
+    H, KV, d, B = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 1
+    rot = RotaryEmbedding(cfg)
+    g = torch.Generator().manual_seed(7)
+    qkv_all = torch.randn(B, 12, (H + 2 * KV) * d, generator=g)
+    long, short = KVCache(B, KV, 256, d, torch.float32), KVCache(B, KV, 12, d, torch.float32)
+    long.k.fill_(float("nan")), long.v.fill_(float("nan"))
+    for a, b in [(0, 9), (9, 12)]:  # a prompt in two chunks: the second reads what the first wrote
+        positions = torch.arange(a, b)
+        cos, sin = rot(positions, torch.float32)
+        outs = [attention.cached_attention(qkv_all[:, a:b], cos, sin, positions, c,
+                                           positions[:, None] >= torch.arange(c.k.shape[2]), H, KV)
+                for c in (long, short)]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)

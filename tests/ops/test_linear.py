@@ -142,3 +142,57 @@ def test_gemv_under_compile_is_a_custom_op() -> None:
     x = torch.randn(1, 96, generator=g)
     compiled = torch.compile(lambda t: linear.linear(t, "int4", *w), fullgraph=True)
     torch.testing.assert_close(compiled(x), linear.linear(x, "int4", *w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def gemm(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - yields a setter
+    """Set CAMELID_GEMM for one test (gemm_library is cached per process)."""
+
+    def use(value: str) -> tuple[str, str]:
+        monkeypatch.setenv("CAMELID_GEMM", value)
+        linear.gemm_library.cache_clear()
+        return linear.gemm_library()
+
+    yield use
+    linear.gemm_library.cache_clear()
+
+
+@pytest.mark.parametrize("library", ["onednn", "torch"])
+def test_matmul_t_is_x_times_w_transposed_with_either_library(library: str, gemm) -> None:  # noqa: ANN001
+    if gemm(library)[0] != library:
+        pytest.skip("this PyTorch has no oneDNN linear")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g) for s in [(37, 48), (20, 48), (20,)])
+    want = x.double() @ w.double().T
+    torch.testing.assert_close(linear.matmul_t(x, w).double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear.matmul_t(x, w, b).double(), want + b.double(), rtol=1e-5, atol=1e-5)
+    # transposed operands are strided views (a backward pass's products)
+    gy = torch.randn(37, 20, generator=g)
+    torch.testing.assert_close(linear.matmul_t(gy, w.t()).double(), gy.double() @ w.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear.matmul_t(gy.t(), x.t()).double(), gy.double().T @ x.double(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("library", ["onednn", "torch"])
+def test_trainable_linear_gives_autograds_values_and_gradients(library: str, gemm) -> None:  # noqa: ANN001
+    if gemm(library)[0] != library:
+        pytest.skip("this PyTorch has no oneDNN linear")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 48, generator=g, dtype=torch.float64)
+    w, b = torch.randn(20, 48, generator=g, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    want_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    want = torch.nn.functional.linear(*want_leaves)
+    up = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    want.backward(up)
+    leaves = [t.float().requires_grad_() for t in (x, w, b)]
+    got = linear.trainable(*leaves)
+    got.backward(up.float())
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(leaves, want_leaves, strict=True):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_choice_follows_camelid_gemm(gemm) -> None:  # noqa: ANN001
+    assert gemm("torch") == ("torch", "CAMELID_GEMM=torch")
+    with pytest.raises(CamelidError, match="CAMELID_GEMM='mkl': use onednn, torch or auto"):
+        gemm("mkl")
