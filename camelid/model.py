@@ -87,10 +87,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, positions: Tensor, k: Tensor, v: Tensor, upto: int | None = None) -> tuple[Tensor, Tensor]:
         """Write k, v [B, KV, T, d] at `positions`: [T] for every row, or [B, T] (each row its own slots). Returns
-        the cache's first B rows in k's dtype (a cache of lower precision, e.g. fp16 under fp32 compute, stores
-        rounded values and is read back widened)."""
+        the cache's first B rows (and first `upto` slots, default all) in k's dtype (a cache of lower precision,
+        e.g. fp16 under fp32 compute, stores rounded values and is read back widened)."""
         batch, dtype = k.shape[0], k.dtype
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if positions.dim() == 1:
@@ -100,7 +100,7 @@ class KVCache(nn.Module):
             index = positions[:, None, :, None].expand_as(k)
             self.k[:batch].scatter_(2, index, k)
             self.v[:batch].scatter_(2, index, v)
-        return self.k[:batch].to(dtype), self.v[:batch].to(dtype)
+        return self.k[:batch, :, :upto].to(dtype), self.v[:batch, :, :upto].to(dtype)
 
 
 class Attention(nn.Module):

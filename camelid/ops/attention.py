@@ -169,12 +169,13 @@ def cached_attention(qkv: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | 
     v = v.view(B, T, n_kv_heads, d).transpose(1, 2)
     q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
     if cache is not None and positions is not None:
-        k, v = cache.update(positions, k, v)
-        if mask is not None and mask.shape[-1] == k.shape[2] and not torch.compiler.is_compiling():
+        upto = None
+        if mask is not None and mask.shape[-1] == cache.k.shape[2] and not torch.compiler.is_compiling():
             # no query sees a slot past the furthest position written: attend over the cache's used part only
             # (a server's slots hold thousands of positions; a prompt's attention would otherwise grow with them)
-            used = int(positions.max()) + 1
-            k, v, mask = k[:, :, :used], v[:, :, :used], mask[..., :used]
+            upto = int(positions.max()) + 1
+            mask = mask[..., :upto]
+        k, v = cache.update(positions, k, v, upto)
     return reference(q, k, v, mask).transpose(1, 2).reshape(B, T, n_heads * d)
 
 
