@@ -44,6 +44,8 @@ def _strings(reader: Any, key: str, path: Path) -> list[str] | None:
         return None
     if len(field.types) != 2 or field.types[-1].name != "STRING":
         raise CamelidError(f"{path}: {key} is not an array of strings; the file is damaged, re-convert it")
+    if hasattr(field, "strings"):  # camelid.formats' packed array
+        return field.strings(errors="replace")
     return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from camelid import heap
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 from camelid.model import Llama, rope_inv_freq
@@ -158,7 +159,7 @@ class StoredWeight(Protocol):
         """The whole tensor in Int4Linear's format (packed codes, scale, minimum), when that is exact."""
 
 
-ROWS_PER_SLICE = 1 << 22  # values quantised at a time (16 MiB of fp32): an 8B model's embedding never whole
+ROWS_PER_SLICE = 1 << 18  # values quantised at a time (1 MiB of fp32, ~5x that in temporaries while converting)
 
 
 def _destinations(model: Llama, name: str) -> list[tuple[nn.Module, str, int]]:
@@ -282,6 +283,8 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
         whole: dict[int, Tensor] = {}
         for module, attr, row in _destinations(model, name):
             _write(module, attr, row, w, whole)
+        del whole
+        heap.trim()  # the slices' temporaries lie between the kept buffers: their pages would stay resident
         seen.add(name)
     if config.tie_embeddings and "tok_embeddings.weight" in seen:
         seen.add("output.weight")
