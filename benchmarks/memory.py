@@ -7,6 +7,8 @@ the table gives medians. Engines per file:
 
     camelid       camelid.load(file, quantize=MODE): built tensor by tensor in its final format
     camelid-old   load_gguf(file) to fp32, then quantize_model(model, MODE): the dequantise-then-quantise path
+    camelid@DIR   camelid as another checkout at DIR has it (e.g. `git worktree add DIR main`), to compare
+                  two versions in one run
     llama.cpp     llama-cpp-python's Llama(file) with its default settings (except on CPUs that report AMX,
                   where its AMX/repacked buffers crash and are turned off, as `camelid bench` does)
 
@@ -99,11 +101,15 @@ def _child(engine: str, path: str, mode: str, prompt_len: int, new_tokens: int, 
 
 def run(engine: str, path: str, mode: str, args: argparse.Namespace, **options: object) -> dict:
     """_child in a fresh interpreter (its peak RSS is its own); options: _child's vocab and tokenizer."""
+    engine, _, checkout = engine.partition("@")
+    path = str(Path(path).resolve())
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from memory import _child; "
-            f"print('MEMORY ' + json.dumps(_child({engine!r}, {str(path)!r}, {mode!r}, {args.prompt}, {args.new}, "
+            f"print('MEMORY ' + json.dumps(_child({engine!r}, {path!r}, {mode!r}, {args.prompt}, {args.new}, "
             f"{args.threads}, **{options!r})))")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if checkout:  # run in it: its camelid package comes before the installed one
+        checkout = str(Path(checkout).resolve())
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=checkout or None)
     for line in proc.stdout.splitlines():
         if line.startswith("MEMORY "):
             return json.loads(line[7:])
@@ -136,8 +142,9 @@ def main() -> None:
     print(f"\n{os.uname().nodename}, {args.threads} threads, {args.prompt}-token prompt, {args.new} new tokens, "
           f"median of {args.rounds} interleaved rounds; load average after each round: "
           + " / ".join(f"{x:.1f}" for x in loads))
-    print("| engine | file | peak RSS MiB | after imports MiB | load s | decode tok/s | peak vs llama.cpp |")
-    print("|---|---|---|---|---|---|---|")
+    print("| engine | file | peak RSS MiB (each round) | median | after imports MiB | load s | decode tok/s | "
+          "peak vs llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|")
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     for mode, path in files:
         ref = med.get(f"llama.cpp {mode} {Path(path).name}")
@@ -145,7 +152,8 @@ def main() -> None:
             m = med[f"{engine} {mode} {Path(path).name}"]
             vs = f"{m['peak_rss_mib'] - ref['peak_rss_mib']:+.0f} MiB" if ref and engine != "llama.cpp" else ""
             label = f"{engine} ({mode})" if engine.startswith("camelid") else engine
-            print(f"| {label} | {Path(path).name} | {m['peak_rss_mib']:.0f} | {m['imports_rss_mib']:.0f} | "
+            rounds = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in runs[f"{engine} {mode} {Path(path).name}"])
+            print(f"| {label} | {Path(path).name} | {rounds} | {m['peak_rss_mib']:.0f} | {m['imports_rss_mib']:.0f} | "
                   f"{m['load_s']:.2f} | {m['decode_tok_s']:.1f} | {vs} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

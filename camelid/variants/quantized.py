@@ -13,6 +13,7 @@ fp32 weights behind the same GEMV kernels.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -160,6 +161,7 @@ class StoredWeight(Protocol):
 
 
 ROWS_PER_SLICE = 1 << 18  # values quantised at a time (1 MiB of fp32, ~5x that in temporaries while converting)
+TRIM_EVERY = 1 << 22  # values converted between two heap.trim() calls
 
 
 def _destinations(model: Llama, name: str) -> list[tuple[nn.Module, str, int]]:
@@ -273,6 +275,7 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
     Peak memory is the result plus one slice in flight."""
     model, expected = skeleton(config, mode, head)
     seen = set()
+    converted = 0
     for name, w in weights:
         if name not in expected:
             raise CamelidError(f"{source}: unexpected tensor {name!r}; it does not belong to a {config.n_layers}-layer "
@@ -284,8 +287,14 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
         for module, attr, row in _destinations(model, name):
             _write(module, attr, row, w, whole)
         del whole
-        heap.trim()  # the slices' temporaries lie between the kept buffers: their pages would stay resident
+        # the slices' temporaries lie between the kept buffers, so their pages would stay resident; handed back
+        # every TRIM_EVERY values converted (a trim walks the heap: ~2 ms, too slow after every tensor)
+        converted += math.prod(w.shape)
+        if converted >= TRIM_EVERY:
+            heap.trim()
+            converted = 0
         seen.add(name)
+    heap.trim()
     if config.tie_embeddings and "tok_embeddings.weight" in seen:
         seen.add("output.weight")
     missing = [k for k in expected if k not in seen]
