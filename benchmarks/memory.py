@@ -17,7 +17,8 @@ the table gives medians. Engines per file:
 int4=PATH/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 (`camelid convert smollm2-135m-instruct /tmp/ggufs/SmolLM2-135M-Instruct.F32.gguf --to gguf --qtype f32` writes
-the F32 and Q8_0 files.) Writes results/memory.json.
+the F32 and Q8_0 files.) Writes results/memory.json. `--stages` instead runs camelid once in this process and
+prints its memory after each stage (imports, vocabulary, model, prompt, generation).
 """
 
 from __future__ import annotations
@@ -99,6 +100,37 @@ def _child(engine: str, path: str, mode: str, prompt_len: int, new_tokens: int, 
             "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
 
 
+def stages(path: str, mode: str, prompt_len: int, new_tokens: int, threads: int) -> None:
+    """Where camelid's memory goes: VmRSS (anonymous / file pages) and the peak after each stage of one run."""
+    def show(stage: str) -> None:
+        v = {k: _status_mib(k) for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
+        print(f"| {stage} | {v['VmRSS']:.0f} | {v['RssAnon']:.0f} | {v['RssFile']:.0f} | {v['VmHWM']:.0f} | "
+              f"{len(sys.modules)} |", flush=True)
+
+    print("| stage | VmRSS MiB | anonymous | file pages | peak (VmHWM) | Python modules |\n|---|---|---|---|---|---|")
+    show("python")
+    import torch
+
+    show("import torch")
+    from camelid.generate import generate_tokens
+    from camelid.interop.gguf import load_gguf
+    from camelid.llm import model_tokenizer
+    from camelid.ops import native
+
+    torch.set_num_threads(threads)
+    native.module()
+    show("camelid, its C++ kernels")
+    tokenizer = model_tokenizer(Path(path))  # noqa: F841 - kept, as camelid.load keeps it
+    show("the vocabulary")
+    model = load_gguf(path, quantize=mode)[1]
+    show(f"the model ({mode})")
+    ids = [(1 + (i * 7919) % 40000) % model.config.vocab_size for i in range(prompt_len)]
+    for n, _ in enumerate(generate_tokens(model, ids, new_tokens, stop_ids=())):
+        if n == 0:
+            show(f"{prompt_len}-token prompt")
+    show(f"{new_tokens} tokens")
+
+
 def run(engine: str, path: str, mode: str, args: argparse.Namespace, **options: object) -> dict:
     """_child in a fresh interpreter (its peak RSS is its own); options: _child's vocab and tokenizer."""
     engine, _, checkout = engine.partition("@")
@@ -125,8 +157,13 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.json"))
+    p.add_argument("--stages", action="store_true", help="instead: camelid's memory after each stage, this process, "
+                   "the first of --files")
     args = p.parse_args()
     files = [tuple(item.split("=", 1)) for item in args.files.split(",")]
+    if args.stages:
+        stages(files[0][1], files[0][0], args.prompt, args.new, args.threads)
+        return
     engines = args.engines.split(",")
     runs: dict[str, list[dict]] = {}
     loads = []
