@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--new", type=int, default=8)
+    p.add_argument("--engines", default="camelid,llama.cpp", help="as memory.py's (camelid@DIR: another checkout)")
     p.add_argument("--keep", action="store_true", help="keep the GGUF file for the next run")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "big_gguf.json"))
     args = p.parse_args()
@@ -109,7 +110,7 @@ def main() -> None:
         tmp.rename(path)
     print(f"{path}: {path.stat().st_size / 2**30:.2f} GiB", file=sys.stderr)
     mode = MODES[args.qtype]
-    runs: dict[str, list[dict]] = {"camelid": [], "llama.cpp": []}
+    runs: dict[str, list[dict]] = {engine: [] for engine in args.engines.split(",")}
     loads = []
     for r in range(args.rounds):
         for engine in runs:
@@ -118,14 +119,14 @@ def main() -> None:
             print(f"round {r + 1}: {engine}: {res}", file=sys.stderr, flush=True)
         loads.append(os.getloadavg()[0])
     med = {e: {k: statistics.median(x[k] for x in v) for k in v[0]} for e, v in runs.items()}
-    ref = med["llama.cpp"]
+    ref = med.get("llama.cpp", next(iter(med.values())))
     print(f"\n{path.name} ({path.stat().st_size / 2**30:.2f} GiB), {args.threads} threads, {args.prompt}-token "
           f"prompt, {args.new} new tokens, median of {args.rounds} alternating rounds; load average after each "
           "round: " + " / ".join(f"{x:.1f}" for x in loads))
     print("| engine | peak RSS MiB | load s | decode tok/s | peak vs llama.cpp | decode vs llama.cpp |")
     print("|---|---|---|---|---|---|")
     for engine, m in med.items():
-        label = f"camelid ({mode})" if engine == "camelid" else "llama.cpp"
+        label = f"{engine} ({mode})" if engine.startswith("camelid") else engine
         print(f"| {label} | {m['peak_rss_mib']:.0f} | {m['load_s']:.1f} | {m['decode_tok_s']:.2f} | "
               f"{m['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x | {m['decode_tok_s'] / ref['decode_tok_s']:.2f}x |")
     out = Path(args.out)

@@ -7,6 +7,8 @@ the table gives medians. Engines per file:
 
     camelid       camelid.load(file, quantize=MODE): built tensor by tensor in its final format
     camelid-old   load_gguf(file) to fp32, then quantize_model(model, MODE): the dequantise-then-quantise path
+    camelid@DIR   camelid as another checkout at DIR has it (e.g. `git worktree add DIR main`), to compare
+                  two versions in one run
     llama.cpp     llama-cpp-python's Llama(file) with its default settings (except on CPUs that report AMX,
                   where its AMX/repacked buffers crash and are turned off, as `camelid bench` does)
 
@@ -15,7 +17,8 @@ the table gives medians. Engines per file:
 int4=PATH/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 (`camelid convert smollm2-135m-instruct /tmp/ggufs/SmolLM2-135M-Instruct.F32.gguf --to gguf --qtype f32` writes
-the F32 and Q8_0 files.) Writes results/memory.json.
+the F32 and Q8_0 files.) Writes results/memory.json. `--stages` instead runs camelid once in this process and
+prints its memory after each stage (imports, vocabulary, model, prompt, generation).
 """
 
 from __future__ import annotations
@@ -97,13 +100,48 @@ def _child(engine: str, path: str, mode: str, prompt_len: int, new_tokens: int, 
             "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
 
 
+def stages(path: str, mode: str, prompt_len: int, new_tokens: int, threads: int) -> None:
+    """Where camelid's memory goes: VmRSS (anonymous / file pages) and the peak after each stage of one run."""
+    def show(stage: str) -> None:
+        v = {k: _status_mib(k) for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
+        print(f"| {stage} | {v['VmRSS']:.0f} | {v['RssAnon']:.0f} | {v['RssFile']:.0f} | {v['VmHWM']:.0f} | "
+              f"{len(sys.modules)} |", flush=True)
+
+    print("| stage | VmRSS MiB | anonymous | file pages | peak (VmHWM) | Python modules |\n|---|---|---|---|---|---|")
+    show("python")
+    import torch
+
+    show("import torch")
+    from camelid.generate import generate_tokens
+    from camelid.interop.gguf import load_gguf
+    from camelid.llm import model_tokenizer
+    from camelid.ops import native
+
+    torch.set_num_threads(threads)
+    native.module()
+    show("camelid, its C++ kernels")
+    tokenizer = model_tokenizer(Path(path))  # noqa: F841 - kept, as camelid.load keeps it
+    show("the vocabulary")
+    model = load_gguf(path, quantize=mode)[1]
+    show(f"the model ({mode})")
+    ids = [(1 + (i * 7919) % 40000) % model.config.vocab_size for i in range(prompt_len)]
+    for n, _ in enumerate(generate_tokens(model, ids, new_tokens, stop_ids=())):
+        if n == 0:
+            show(f"{prompt_len}-token prompt")
+    show(f"{new_tokens} tokens")
+
+
 def run(engine: str, path: str, mode: str, args: argparse.Namespace, **options: object) -> dict:
     """_child in a fresh interpreter (its peak RSS is its own); options: _child's vocab and tokenizer."""
+    engine, _, checkout = engine.partition("@")
+    path = str(Path(path).resolve())
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from memory import _child; "
-            f"print('MEMORY ' + json.dumps(_child({engine!r}, {str(path)!r}, {mode!r}, {args.prompt}, {args.new}, "
+            f"print('MEMORY ' + json.dumps(_child({engine!r}, {path!r}, {mode!r}, {args.prompt}, {args.new}, "
             f"{args.threads}, **{options!r})))")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if checkout:  # run in it: its camelid package comes before the installed one
+        checkout = str(Path(checkout).resolve())
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=checkout or None)
     for line in proc.stdout.splitlines():
         if line.startswith("MEMORY "):
             return json.loads(line[7:])
@@ -119,8 +157,13 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.json"))
+    p.add_argument("--stages", action="store_true", help="instead: camelid's memory after each stage, this process, "
+                   "the first of --files")
     args = p.parse_args()
     files = [tuple(item.split("=", 1)) for item in args.files.split(",")]
+    if args.stages:
+        stages(files[0][1], files[0][0], args.prompt, args.new, args.threads)
+        return
     engines = args.engines.split(",")
     runs: dict[str, list[dict]] = {}
     loads = []
@@ -136,8 +179,9 @@ def main() -> None:
     print(f"\n{os.uname().nodename}, {args.threads} threads, {args.prompt}-token prompt, {args.new} new tokens, "
           f"median of {args.rounds} interleaved rounds; load average after each round: "
           + " / ".join(f"{x:.1f}" for x in loads))
-    print("| engine | file | peak RSS MiB | after imports MiB | load s | decode tok/s | peak vs llama.cpp |")
-    print("|---|---|---|---|---|---|---|")
+    print("| engine | file | peak RSS MiB (each round) | median | after imports MiB | load s | decode tok/s | "
+          "peak vs llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|")
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     for mode, path in files:
         ref = med.get(f"llama.cpp {mode} {Path(path).name}")
@@ -145,7 +189,8 @@ def main() -> None:
             m = med[f"{engine} {mode} {Path(path).name}"]
             vs = f"{m['peak_rss_mib'] - ref['peak_rss_mib']:+.0f} MiB" if ref and engine != "llama.cpp" else ""
             label = f"{engine} ({mode})" if engine.startswith("camelid") else engine
-            print(f"| {label} | {Path(path).name} | {m['peak_rss_mib']:.0f} | {m['imports_rss_mib']:.0f} | "
+            rounds = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in runs[f"{engine} {mode} {Path(path).name}"])
+            print(f"| {label} | {Path(path).name} | {rounds} | {m['peak_rss_mib']:.0f} | {m['imports_rss_mib']:.0f} | "
                   f"{m['load_s']:.2f} | {m['decode_tok_s']:.1f} | {vs} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

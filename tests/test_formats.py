@@ -145,6 +145,65 @@ def test_open_gguf_reads_tensors_like_gguf_py(tiny_gguf):
         assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape) and (a.data == b.data).all()
 
 
+def _arrays_file(path: Path, n_strings: int = 5) -> Path:
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_array("t.strings", ["", "héllo", "<|im_end|>", "Ġworld", *(f"piece{i}" for i in range(n_strings - 4))])
+    writer.add_array("t.ints", [3, -1, 7])
+    writer.add_array("t.floats", [0.5, -2.25])
+    writer.add_array("t.bools", [True, False, True])
+    writer.add_array("t.nested", [[1, 2], [3]])
+    writer.add_array("t.empty", [])
+    writer.add_string("t.text", "plain")
+    writer.add_uint32("t.count", 7)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path
+
+
+def test_open_gguf_reads_arrays_as_gguf_py_does(tmp_path):
+    """Arrays of strings and scalars are kept whole (not one numpy view per element); the values are the same,
+    whole or by index, and strings that are not UTF-8 still fail as gguf-py's do."""
+    path = _arrays_file(tmp_path / "a.gguf")
+    ours, stock = open_gguf(path), gguf.GGUFReader(str(path))
+    assert list(ours.fields) == list(stock.fields)
+    for key, field in stock.fields.items():
+        assert gguf_value(ours, key) == (v.item() if hasattr(v := field.contents(), "item") else v), key
+        assert ours.fields[key].types == field.types, key
+    assert ours.fields["t.strings"].contents(1) == "héllo" and ours.fields["t.ints"].contents(2) == 7
+    data = bytearray(path.read_bytes())
+    at = data.index("héllo".encode())
+    data[at + 1] = 0xFF  # no longer UTF-8
+    path.write_bytes(bytes(data))
+    with pytest.raises(CamelidError, match="not UTF-8"):
+        gguf_value(open_gguf(path), "t.strings")
+    assert open_gguf(path).fields["t.strings"].strings(errors="replace")[1] == "h\ufffd\ufffdllo"
+
+
+def test_open_gguf_keeps_a_vocabulary_small(tmp_path):
+    """100k strings (a vocabulary) take a few MiB to index; gguf-py's reader makes ~100 bytes of numpy views per
+    string (and leaves the heap fragmented when they are freed)."""
+    import tracemalloc
+
+    path = _arrays_file(tmp_path / "v.gguf", n_strings=100_000)
+    tracemalloc.start()
+    try:
+        reader = open_gguf(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(gguf_value(reader, "t.strings")) == 100_000
+    assert peak < 4 * 2**20, peak
+
+
+def test_a_truncated_string_array_is_an_error(tmp_path):
+    path = _arrays_file(tmp_path / "t.gguf", n_strings=50)
+    data = path.read_bytes()
+    path.write_bytes(data[:data.index(b"piece30")])
+    with pytest.raises(CamelidError, match="corrupt or truncated GGUF file"):
+        open_gguf(path)
+
+
 def test_a_huge_array_length_is_an_error_not_a_long_loop(tmp_path):
     """gguf-py alone loops once per claimed element (for 2**63 elements: forever); camelid stops at the file's end."""
     writer = gguf.GGUFWriter(str(tmp_path / "v.gguf"), arch="llama")

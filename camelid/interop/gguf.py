@@ -207,6 +207,9 @@ def _unknown_type(t: Any, source: str) -> CamelidError:
 
 
 _Q4 = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
+# smaller F32 tensors (norms, biases) are copied: a mapped one costs the kernel's fault-around of file pages
+# (64 KiB of resident memory for a 2 KiB norm, 4 MiB for SmolLM2's 61 norms)
+MAP_AT_LEAST = 1 << 20
 
 
 class TensorFile:
@@ -290,6 +293,8 @@ class GGUFTensor:
         if self.qtype != gguf.GGMLQuantizationType.F32 or self.heads is not None or not self.file.native_order:
             return None
         count = int(np.prod(self.shape))
+        if 4 * count < MAP_AT_LEAST:
+            return None
         data = self.file.mapped(int(self.t.data_offset) + self.row0 * self.row_bytes, count)
         return torch.from_numpy(data).view(self.shape)
 

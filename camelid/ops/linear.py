@@ -242,9 +242,10 @@ def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
     if kind != "f32" and x.requires_grad and torch.is_grad_enabled():
         return DequantizedMatmul.apply(x2d, kind, *weight).view(*x.shape[:-1], -1)
     impl, _ = _pick(kind, x2d)
-    if impl == "torch":
-        w = weight[0] if kind == "f32" else dequantize(kind, *weight)
-        y = matmul_t(x2d, w.to(x.dtype))
+    if impl == "torch" and kind == "f32":
+        y = matmul_t(x2d, weight[0].to(x.dtype))
+    elif impl == "torch":
+        y = _dequantized_product(x2d, kind, weight)
     elif impl == "q8":
         y = native.module().gemm_q8(x2d, 1 if kind == "int8" else 2, list(weight))
     elif torch.compiler.is_compiling():
@@ -252,6 +253,23 @@ def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
     else:
         y = getattr(native.module(), f"gemv_{kind}")(x2d, *weight)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+DEQUANTIZE_AT_ONCE = 1 << 20  # weight values a prompt's product dequantises at a time (4 MiB of fp32)
+
+
+def _dequantized_product(x2d: Tensor, kind: str, weight: tuple[Tensor, ...]) -> Tensor:
+    """x2d @ W^T for int8/int4 W, dequantised a block of weight rows at a time, so that the fp32 copy of a
+    large matrix (a fused gate/up, an output head) never exists whole."""
+    n = weight[0].shape[0]
+    step = max(1, DEQUANTIZE_AT_ONCE // x2d.shape[-1])
+    if n <= step:
+        return matmul_t(x2d, dequantize(kind, *weight).to(x2d.dtype))
+    y = x2d.new_empty(x2d.shape[0], n)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        y[:, a:b] = matmul_t(x2d, dequantize(kind, *(w[a:b] for w in weight)).to(x2d.dtype))
+    return y
 
 
 def dequantize(kind: str, *weight: Tensor) -> Tensor:

@@ -166,16 +166,16 @@ def load(wait: bool = True, quiet: bool = False, build: bool = True) -> ModuleTy
     if _compiler() is None:
         _reason = f"no C++ compiler ({os.environ.get('CXX', 'c++')} not found; install g++ for the fast path)"
         return None
+    folder = build_dir()
+    if (folder / "ready").is_file():  # loaded as it is: torch's builder (setuptools, ~6 MiB of modules) not imported
+        return _import(folder)
+    if (folder / "failed").is_file():
+        _reason = f"the build for this CPU failed ({(folder / 'failed').read_text().strip()}); delete {folder} to retry"
+        return None
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
         _reason = "ninja is not installed (pip install ninja)"
-        return None
-    folder = build_dir()
-    if (folder / "ready").is_file():
-        return _import(folder)
-    if (folder / "failed").is_file():
-        _reason = f"the build for this CPU failed ({(folder / 'failed').read_text().strip()}); delete {folder} to retry"
         return None
     if not build:
         _reason = ("the C++ kernels are being built (another process)" if _building(folder) else

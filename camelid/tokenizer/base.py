@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,8 @@ class Tokenizer:
             self._pieces = tiktoken_backend.pieces(self._tt)
         else:
             n = self._hf.get_vocab_size(with_added_tokens=True)
-            self._pieces = [self._hf.id_to_token(i) or "" for i in range(n)]
+            # interned: a GGUF vocabulary's strings are (camelid.tokenizer.gguf), so these are those, not copies
+            self._pieces = [sys.intern(self._hf.id_to_token(i) or "") for i in range(n)]
         self._ids = {p: i for i, p in enumerate(self._pieces)}
         self._types = token_types or self._infer_types()
         self.special_tokens: dict[str, int] = {

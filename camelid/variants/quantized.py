@@ -13,6 +13,7 @@ fp32 weights behind the same GEMV kernels.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from camelid import heap
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 from camelid.model import Llama, rope_inv_freq
@@ -158,7 +160,8 @@ class StoredWeight(Protocol):
         """The whole tensor in Int4Linear's format (packed codes, scale, minimum), when that is exact."""
 
 
-ROWS_PER_SLICE = 1 << 22  # values quantised at a time (16 MiB of fp32): an 8B model's embedding never whole
+ROWS_PER_SLICE = 1 << 18  # values quantised at a time (1 MiB of fp32, ~5x that in temporaries while converting)
+TRIM_EVERY = 1 << 22  # values converted between two heap.trim() calls
 
 
 def _destinations(model: Llama, name: str) -> list[tuple[nn.Module, str, int]]:
@@ -272,6 +275,7 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
     Peak memory is the result plus one slice in flight."""
     model, expected = skeleton(config, mode, head)
     seen = set()
+    converted = 0
     for name, w in weights:
         if name not in expected:
             raise CamelidError(f"{source}: unexpected tensor {name!r}; it does not belong to a {config.n_layers}-layer "
@@ -282,7 +286,15 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
         whole: dict[int, Tensor] = {}
         for module, attr, row in _destinations(model, name):
             _write(module, attr, row, w, whole)
+        del whole
+        # the slices' temporaries lie between the kept buffers, so their pages would stay resident; handed back
+        # every TRIM_EVERY values converted (a trim walks the heap: ~2 ms, too slow after every tensor)
+        converted += math.prod(w.shape)
+        if converted >= TRIM_EVERY:
+            heap.trim()
+            converted = 0
         seen.add(name)
+    heap.trim()
     if config.tie_embeddings and "tok_embeddings.weight" in seen:
         seen.add("output.weight")
     missing = [k for k in expected if k not in seen]

@@ -163,10 +163,28 @@ def test_q4_blocks_become_int4_exactly(tmp_path: Path, qtype: Q) -> None:
         assert (old - ref).abs().mean() > 3 * (logits - ref).abs().mean()
 
 
-def test_weights_mapped_from_the_file_are_copy_on_write(tmp_path: Path) -> None:
+def _in_mapping_of(t: torch.Tensor, path: Path) -> bool:
+    """Whether the tensor's memory lies in a memory map of `path` (Linux's /proc/self/maps)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5] == str(path.resolve()):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= t.data_ptr() < hi:
+                return True
+    return False
+
+
+def test_weights_mapped_from_the_file_are_copy_on_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path, Q.F32)
     before = path.read_bytes()
     model = camelid.load(path, quantize="fp32", tokenizer=False).model
+    # a tiny model's tensors are all below the size that is mapped: copied, not mapped
+    assert not _in_mapping_of(model.layers[0].attention.wo.weight, path)
+    assert not _in_mapping_of(model.norm.weight, path)
+    del model
+    monkeypatch.setattr(gguf_io, "MAP_AT_LEAST", 0)
+    model = camelid.load(path, quantize="fp32", tokenizer=False).model
+    assert _in_mapping_of(model.layers[0].attention.wo.weight, path)
     with torch.no_grad():
         model.layers[0].attention.wo.weight.add_(1.0)  # memory-mapped: the change stays in this process
         model.norm.weight.zero_()

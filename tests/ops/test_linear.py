@@ -55,6 +55,23 @@ def test_prompts_and_no_kernels_use_dequantisation_and_torch(kind: str, monkeypa
     assert linear.choose(kind, x1).impl == "PyTorch"
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("at_once", [64 * 7, 64 * 40, 64 * 1000])  # blocks of 7 rows (and 5 left), one, one
+def test_a_prompt_dequantises_the_weight_a_block_of_rows_at_a_time(kind: str, at_once: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(2)
+    w = _weights(kind, 40, 64, g)
+    x = torch.randn(2, 9, 64, generator=g)
+    calls = []
+    dequantize = linear.dequantize
+    monkeypatch.setattr(linear, "dequantize", lambda kind, *w: calls.append(w[0].shape[0]) or dequantize(kind, *w))
+    monkeypatch.setattr(linear, "DEQUANTIZE_AT_ONCE", at_once)
+    got = linear.linear(x, kind, *w)
+    assert calls == ([7] * 5 + [5] if at_once == 64 * 7 else [40])
+    want = _reference64(x.reshape(-1, 64), kind, w).view(2, 9, 40)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 @needs_kernels
 # 64: two groups (one 512-bit pair), 96: an odd group count (the 256-bit kernels), 576: SmolLM2's width;
 # N not a multiple of 4: the kernels' tails; 8 / 11 / 20 rows: one full group of 8 activations and the rest

@@ -415,3 +415,16 @@ def test_a_gguf_bpe_tokenizer_pickles() -> None:
     back = pickle.loads(pickle.dumps(tok))
     for text, ids in reference_cases("falcon"):
         assert back.encode(text) == ids
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "llama-spm"])
+def test_the_vocabulary_strings_are_kept_once(name: str) -> None:
+    """The Tokenizer's pieces and the BPE merges' pieces are the strings read from the file, not copies (for a
+    128k-token vocabulary, tens of MiB)."""
+    tok = Tokenizer.from_gguf(vocab_file(name))
+    pieces = {id(tok.token_to_piece(i)) for i in range(tok.vocab_size)}
+    assert len(pieces) > tok.vocab_size * 0.99  # distinct strings: duplicates in the file are rare
+    again = Tokenizer.from_gguf(vocab_file(name))
+    assert all(again.token_to_piece(i) is tok.token_to_piece(i) for i in range(tok.vocab_size))
+    if tok._encoder is not None:
+        assert all(id(p) in pieces for pair in tok._encoder.ranks for p in pair)
