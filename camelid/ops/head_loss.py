@@ -51,7 +51,7 @@ def _chunked(h: Tensor, weight: Tensor, targets: Tensor, want_h: bool, want_w: b
     losses = torch.empty(n, dtype=torch.float32, device=h.device)
     mod = native.module() if _why_not(h, weight) is None else None
     # C++: softmax in place, into one logits buffer (fresh ones cost page faults)
-    gemm_onednn = gemm_library()[0] == "onednn"
+    gemm_onednn = not torch.compiler.is_compiling() and gemm_library()[0] == "onednn"
     buf = torch.empty(min(chunk, n), weight.shape[0], dtype=h.dtype) if mod is not None and not gemm_onednn else None
     for s in range(0, n, chunk):
         hc, tc = h[s:s + chunk], targets[s:s + chunk].contiguous()

@@ -170,8 +170,9 @@ def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias [N]), fp32, with the library `gemm_library` picks; strided views (such as
     weight.t() for a gradient) are read as they are, not copied. No autograd: `trainable` is the op with a
     backward."""
-    if (gemm_library()[0] == "onednn" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2
-            and x.device.type == "cpu" and weight.device.type == "cpu" and not torch.compiler.is_compiling()
+    # under torch.compile: F.linear, which inductor lowers itself (and gemm_library is not traced)
+    if (not torch.compiler.is_compiling() and gemm_library()[0] == "onednn" and x.dtype == weight.dtype == torch.float32
+            and x.dim() == 2 and x.device.type == "cpu" and weight.device.type == "cpu"
             and (bias is None or bias.dtype == torch.float32)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -185,6 +186,8 @@ def gemm_choice() -> native.Choice:
 
 
 def _gemm_words() -> str:
+    if torch.compiler.is_compiling():
+        return "torch's GEMM (under torch.compile)"
     lib, why = gemm_library()
     return f"oneDNN's GEMM ({why})" if lib == "onednn" else f"torch's GEMM ({why})"
 
@@ -212,7 +215,7 @@ class _TrainableLinear(torch.autograd.Function):
 def trainable(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias) for training: forward and backward through oneDNN where `gemm_library` picks it,
     else F.linear itself."""
-    if gemm_library()[0] != "onednn" or torch.compiler.is_compiling() or x.dtype != torch.float32:
+    if torch.compiler.is_compiling() or gemm_library()[0] != "onednn" or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
     return _TrainableLinear.apply(x, weight, bias)
 
