@@ -146,6 +146,9 @@ def test_switched_off_kernels_say_so_for_every_op() -> None:
     rows = [line.split(" | ") for line in r.stdout.splitlines()]
     assert len(rows) == len(ops.implementations()) and r.returncode == 0, r.stderr
     for op, impl, why in rows:
+        if op.startswith("GEMM"):  # the fp32 GEMM is a library's (torch's or oneDNN's), kernels or not
+            assert impl.startswith("PyTorch") and why, (op, impl, why)
+            continue
         assert impl == "PyTorch" and "CAMELID_NO_KERNELS=1" in why, (op, impl, why)
 
 
@@ -155,7 +158,8 @@ def test_every_op_reports_the_cpp_implementation_where_it_runs() -> None:
     assert {"rmsnorm", "rope (training)", "attention (training)", "attention (decode)", "swiglu", "linear fp32",
             "linear int8", "linear int4", "head + loss (training)"} <= set(table)
     for op, choice in table.items():
-        assert choice.impl == f"C++ {native.label()}", (op, choice)
+        if not op.startswith("GEMM"):  # the fp32 GEMM is a library's, not one of camelid's kernels
+            assert choice.impl == f"C++ {native.label()}", (op, choice)
     assert native.module().isa().startswith("avx2") == ({"avx2", "fma", "f16c"} <= native.cpu_flags())
 
 
