@@ -38,6 +38,32 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _read_bandwidth(threads: int) -> float:
+    """GB/s of a streaming read of 1 GiB of fp32 (torch's sum over `threads` threads), best of 5: the memory
+    bandwidth a batch-1 fp32 decode step, which reads every weight once per token, is bound by."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(1 << 28)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def _measure_bandwidth(threads: int) -> float:
+    """`_read_bandwidth` in a process of its own (the 1 GiB never counts in another engine's peak RSS)."""
+    code = f"from camelid.cli.bench import _read_bandwidth; print('BW', _read_bandwidth({threads}))"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BW "):
+            return float(line[3:])
+    raise CamelidError(f"the memory-bandwidth measurement failed: {proc.stderr.strip()[-300:]}")
+
+
 def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int,
                   checkpoint: str | None = None) -> dict:
     """precision: fp32-eager (the plain model), fp32 (fused + C++ decode step), int8 or int4 (loaded from a quantised
@@ -215,10 +241,11 @@ def bench(
             raise CamelidError(f"unknown engine {engine!r}; use camelid:P, transformers:P or llama.cpp:FILE.gguf")
         specs.append(spec)
     results: dict[str, list[dict]] = {f"{s['engine']} {s['precision']}": [] for s in specs}
+    bandwidth: list[float] = []
     with tempfile.TemporaryDirectory(prefix="camelid-bench-") as tmp:
         _in_child(_write_checkpoints, specs, tmp)
-        _run_rounds(specs, rounds, results)
-    _report(model, prompt_len, new_tokens, threads, rounds, specs, results, out)
+        _run_rounds(specs, rounds, results, bandwidth)
+    _report(model, prompt_len, new_tokens, threads, rounds, specs, results, out, bandwidth)
 
 
 def _in_child(fn, specs: list[dict], folder: str) -> None:  # noqa: ANN001
@@ -253,10 +280,13 @@ def _write_checkpoints(specs: list[dict], folder: str) -> None:
         s["checkpoint"] = str(path)
 
 
-def _run_rounds(specs: list[dict], rounds: int, results: dict[str, list[dict]]) -> None:
-    """Interleave the engines round by round; an engine that fails is reported once and dropped."""
+def _run_rounds(specs: list[dict], rounds: int, results: dict[str, list[dict]], bandwidth: list[float]) -> None:
+    """Interleave the engines round by round, each round after a memory-bandwidth reading; an engine that fails
+    is reported once and dropped."""
     failed: set[str] = set()
     for r in range(rounds):
+        bandwidth.append(_measure_bandwidth(specs[0]["threads"]))
+        print(f"round {r + 1}/{rounds} memory read: {bandwidth[-1]:.1f} GB/s", file=sys.stderr, flush=True)
         for s in specs:
             key = f"{s['engine']} {s['precision']}"
             if key in failed:
@@ -275,7 +305,7 @@ def _run_rounds(specs: list[dict], rounds: int, results: dict[str, list[dict]]) 
 
 
 def _report(model: str, prompt_len: int, new_tokens: int, threads: int, rounds: int, specs: list[dict],
-            results: dict[str, list[dict]], out: Path) -> None:
+            results: dict[str, list[dict]], out: Path, bandwidth: list[float]) -> None:
     rows = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in results.items()}
     base = rows.get("transformers fp32")
     table = Table(title=f"{model}, batch 1, {prompt_len}-token prompt, {new_tokens} greedy tokens, {threads} threads")
@@ -287,9 +317,19 @@ def _report(model: str, prompt_len: int, new_tokens: int, threads: int, rounds: 
         table.add_row(k, f"{v['prefill_tok_s']:.0f}", f"{v['decode_tok_s']:.1f}", f"{v['peak_rss_mib']:.0f}", ratio,
                       f"{v['compile_s']:.0f}" if "compile_s" in v else "-")
     Console().print(table)
+    from camelid.config import LlamaConfig
+
+    read = statistics.median(bandwidth)
+    weight_gb = LlamaConfig.from_name(model).num_params() * 4 / 1e9  # fp32: every weight read once per token
+    streamed = {k: v["decode_tok_s"] * weight_gb for k, v in rows.items()
+                if k.split()[-1].split("-")[0] in ("fp32", "F32")}
+    print(f"memory read bandwidth: {read:.1f} GB/s (median of {len(bandwidth)}, {threads} threads); fp32 decode "
+          "streams " + ", ".join(f"{k} {gb:.1f} GB/s ({gb / read:.0%})" for k, gb in streamed.items()))
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: specs[0][k] for k in ("model", "prompt_len", "new_tokens", "threads")} | {"rounds": rounds}
-    body = json.dumps({"settings": settings, "medians": rows, "runs": results}, indent=2)
+    body = json.dumps({"settings": settings, "medians": rows, "runs": results,
+                       "read_bandwidth_gb_s": {"median": read, "rounds": bandwidth},
+                       "fp32_weight_gb_s": streamed}, indent=2)
     atomic_write(out / "bench.json", lambda tmp: tmp.write_text(body))
     try:
         import matplotlib

@@ -22,6 +22,10 @@ def test_bench_tiny_writes_json_and_chart(tmp_path) -> None:
     for row in data["medians"].values():
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mib"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 0
+    # the memory read bandwidth of the run, and what the fp32 engine's decode streams of it
+    assert data["read_bandwidth_gb_s"]["median"] > 0 and len(data["read_bandwidth_gb_s"]["rounds"]) == 1
+    assert set(data["fp32_weight_gb_s"]) == {"camelid fp32-eager", "transformers fp32"}
+    assert data["fp32_weight_gb_s"]["camelid fp32-eager"] > 0
 
 
 def test_bench_rejects_unknown_engines_in_one_line(tmp_path) -> None:
