@@ -145,7 +145,7 @@ def _pick(kind: str, x2d: Tensor) -> tuple[str, str]:
 def gemm_library() -> tuple[str, str]:
     """("onednn" | "torch", why): which library multiplies fp32 matrices in camelid's fast paths. CAMELID_GEMM=
     onednn|torch decides; else oneDNN on AMD CPUs, where torch's MKL takes slower code paths (SmolLM2's products
-    at 1 thread on an AVX-512 AMD EPYC: 90-94 GFLOP/s for MKL, 190-220 for oneDNN; benchmarks/README.md,
+    at 1 thread on an AVX-512 AMD EPYC: 86-94 GFLOP/s for MKL, 140-196 for oneDNN; benchmarks/README.md,
     "fp32 GEMM"), torch's GEMM elsewhere."""
     wanted = os.environ.get("CAMELID_GEMM", "auto")
     if wanted not in ("auto", "onednn", "torch"):
@@ -158,10 +158,10 @@ def gemm_library() -> tuple[str, str]:
     if wanted == "onednn":
         return "onednn", "CAMELID_GEMM=onednn"
     try:
-        vendor = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+        amd = "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
     except OSError:
-        vendor = False
-    if vendor:
+        amd = False
+    if amd:
         return "onednn", "AMD CPU: MKL's GEMM runs at about half oneDNN's speed here"
     return "torch", "torch's GEMM (MKL on Intel CPUs is at least as fast as oneDNN's)"
 
