@@ -101,6 +101,9 @@ class Sequence:
     row: int = -1
     length: int = 0  # positions of this sequence in its cache row
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    # ids of the prefix cache's blocks that this row holds bit for bit, a chain from position 0: rows with a
+    # common chain share those positions' keys and values, so a step reads them once
+    kv_blocks: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     next_token: int | None = None  # sampled, not yet in the cache
     prompt_scores: PromptLogprobs | None = None  # with prompt_logprobs, filled chunk by chunk
@@ -159,10 +162,15 @@ class Engine:
     def __init__(self, model: Llama, *, slots: int = 8, context: int | None = None, max_queue: int = 64,
                  prefill_chunk: int = 256, prefix_cache_bytes: int = 256 << 20, prefix_block: int = 16,
                  metrics: Metrics | None = None, use_decode_step: bool = True,
-                 adapters: dict[str, Llama] | None = None, kv_dtype: str | torch.dtype | None = None) -> None:
+                 adapters: dict[str, Llama] | None = None, kv_dtype: str | torch.dtype | None = None,
+                 interleave: bool = True) -> None:
         """kv_dtype: what the KV cache stores, "fp32" or "fp16" (None: the model's dtype). An fp16 cache halves
         the bytes each step's attention reads; keys and values are rounded to fp16 when written (prefill and
-        step) and attention still computes in fp32."""
+        step) and attention still computes in fp32.
+
+        interleave: with more than one slot, the C++ step of an int8/int4 model keeps a second copy of the
+        weights laid out for several sequences at once (`camelid.variants.decode_step.decode_step`): faster steps
+        of several sequences, for 1 (int8) or 0.56 (int4) bytes per weight more memory."""
         cfg = model.config
         for name, other in (adapters or {}).items():
             if other.config != cfg or other.norm.weight.dtype != model.norm.weight.dtype:
@@ -173,6 +181,7 @@ class Engine:
             raise CamelidError(f"need at least 1 slot and 2 positions of context, got {slots} and {context}")
         self.model, self.slots, self.context = model.eval(), slots, context
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.interleave = interleave and slots > 1
         self.metrics = metrics or Metrics()
         dtype = kv_cache_dtype(kv_dtype) or model.norm.weight.dtype
         device = model.norm.weight.device
@@ -198,7 +207,8 @@ class Engine:
         row = [[cache_view(kv[i, 0, r:r + 1], kv[i, 1, r:r + 1]) for i in L] for r in range(self.slots)]
         self._install(all_rows, model)
         model.cache_len = self.context
-        return _Served(model, all_rows, row, decode_step(model) if use_decode_step else None, root)
+        step = decode_step(model, interleave=self.interleave) if use_decode_step else None
+        return _Served(model, all_rows, row, step, root)
 
     @property
     def step(self) -> Any:
@@ -318,9 +328,10 @@ class Engine:
             seq.length = 0
             if self.prefix_cache is not None and not seq.prompt_logprobs:
                 # at least the last prompt token is computed: its logits give the first new token
-                blocks = self.prefix_cache.lookup(seq.prompt[:-1], root=self._models[seq.adapter].root)
+                blocks = self.prefix_cache.find(seq.prompt[:-1], root=self._models[seq.adapter].root)
+                seq.kv_blocks = [b.id for b in blocks]
                 if blocks:
-                    kv = concat(blocks)
+                    kv = concat([b.kv for b in blocks])
                     n = kv.shape[3]
                     self.kv[:, :, seq.row, :, :n] = kv
                     seq.length = seq.cached_tokens = n
@@ -343,8 +354,14 @@ class Engine:
             if end < len(seq.prompt):
                 continue
             if self.prefix_cache is not None:
-                self.prefix_cache.store(seq.prompt, lambda a, b, row=seq.row: self.kv[:, :, row, :, a:b],
-                                        root=self._models[seq.adapter].root)
+                chain = self.prefix_cache.store(seq.prompt, lambda a, b, row=seq.row: self.kv[:, :, row, :, a:b],
+                                                root=self._models[seq.adapter].root)
+                # the chain past the blocks this row was given: blocks copied from this row hold its values, a
+                # block stored meanwhile by another request holds that request's (maybe differently rounded) ones
+                for block_id, stored in chain[len(seq.kv_blocks):]:
+                    if not stored:
+                        break
+                    seq.kv_blocks.append(block_id)
             self.metrics.tokens(len(seq.prompt), 0, seq.cached_tokens)
             if seq.max_tokens == 0:
                 self._finish(seq, Done("length"))
@@ -361,7 +378,7 @@ class Engine:
         chosen = []
         for adapter, group in groups.items():
             logits = self.forward_rows([s.next_token for s in group], [s.length for s in group],
-                                       [s.row for s in group], adapter=adapter)
+                                       [s.row for s in group], adapter=adapter, shared=self._shared_prefixes(group))
             # each group's lengths before the next group's call (the per-layer forward writes every row at its
             # length) and every length before any choice (a sequence that finishes moves another's row, up
             # to its length)
@@ -372,6 +389,26 @@ class Engine:
         self.steps += 1
         for seq, row_logits in chosen:
             self._choose(seq, row_logits)
+
+    def _shared_prefixes(self, group: list[Sequence]) -> tuple[list[int], list[int]] | None:
+        """(source rows, shared positions) for a step of `group`: each sequence reads the longest block chain it
+        has in common with an earlier sequence of the group from that sequence's row (the earliest of the
+        longest), a whole number of 16 positions; None where no two sequences share a block."""
+        sources, shared = [], []
+        for i, s in enumerate(group):
+            best, source = 0, s.row
+            for t in group[:i]:
+                n = 0
+                for a, b in zip(s.kv_blocks, t.kv_blocks, strict=False):
+                    if a != b:
+                        break
+                    n += 1
+                if n > best:
+                    best, source = n, t.row
+            positions = best * self.prefix_cache.block // 16 * 16 if self.prefix_cache is not None else 0
+            sources.append(source if positions else 0)
+            shared.append(positions)
+        return (sources, shared) if any(shared) else None
 
     # -- model calls --------------------------------------------------------------------------------------------
     @staticmethod
@@ -390,12 +427,14 @@ class Engine:
         finally:
             self._install(served.all_rows, served.model)
 
-    def forward_rows(self, tokens: list[int], positions: list[int], rows: list[int], adapter: str | None = None
-                     ) -> Tensor:
-        """Logits [B, V] of one new token per sequence: tokens[b] at positions[b] of cache row rows[b]."""
+    def forward_rows(self, tokens: list[int], positions: list[int], rows: list[int], adapter: str | None = None,
+                     shared: tuple[list[int], list[int]] | None = None) -> Tensor:
+        """Logits [B, V] of one new token per sequence: tokens[b] at positions[b] of cache row rows[b]; shared:
+        (source rows, positions) whose keys and values the C++ step may read from the source rows instead
+        (`_shared_prefixes`)."""
         served = self._models[adapter]
         if served.step is not None:
-            return served.step.rows(tokens, positions, rows)
+            return served.step.rows(tokens, positions, rows, *(shared or (None, None)))
         # the per-layer forward over rows 0..n-1: rows not in this step (still in prefill) get a token at the
         # position their prefill writes next, which overwrites it
         n = max(rows) + 1

@@ -36,14 +36,19 @@ class PrefixCache:
     def lookup(self, tokens: list[int], root: int = 0) -> list[Tensor]:
         """The cached blocks at the start of `tokens`, longest chain first to last (may be empty). `root` (0 or
         negative) keeps the chains of different models (LoRA adapters) apart."""
+        return [block.kv for block in self.find(tokens, root)]
+
+    def find(self, tokens: list[int], root: int = 0) -> list[Block]:
+        """`lookup`'s blocks with their ids (an id is never reused: equal ids, equal keys and values)."""
         self.lookups += 1
-        found, chain, parent = [], [], root
+        found: list[Block] = []
+        chain, parent = [], root
         for start in range(0, len(tokens) - self.block + 1, self.block):
             key = (parent, tuple(tokens[start:start + self.block]))
             entry = self._entries.get(key)
             if entry is None:
                 break
-            found.append(entry.kv)
+            found.append(entry)
             chain.append(key)
             parent = entry.id
         self._touch(chain)
@@ -52,14 +57,16 @@ class PrefixCache:
             self.tokens_reused += len(found) * self.block
         return found
 
-    def store(self, tokens: list[int], kv_of: Callable[[int, int], Tensor], root: int = 0) -> None:
+    def store(self, tokens: list[int], kv_of: Callable[[int, int], Tensor], root: int = 0
+              ) -> list[tuple[int, bool]]:
         """Remember every whole block of `tokens` not cached yet; kv_of(start, end) returns the keys and values
         of positions [start, end) as [n_layers, 2, n_kv_heads, end - start, head_dim] (copied out of the cache
-        only for the new blocks); `root` as in lookup."""
-        chain, parent = [], root
+        only for the new blocks); `root` as in lookup. Returns the chain's (block id, stored by this call)."""
+        chain, parent, ids = [], root, []
         for start in range(0, len(tokens) - self.block + 1, self.block):
             key = (parent, tuple(tokens[start:start + self.block]))
             entry = self._entries.get(key)
+            new = entry is None
             if entry is None:
                 kv = kv_of(start, start + self.block).clone()
                 size = kv.numel() * kv.element_size()
@@ -70,8 +77,10 @@ class PrefixCache:
                 entry = self._entries[key] = Block(next(self._ids), kv)
                 self.bytes += size
             chain.append(key)
+            ids.append((entry.id, new))
             parent = entry.id
         self._touch(chain)
+        return ids
 
     def _touch(self, chain: list[tuple[int, tuple[int, ...]]]) -> None:
         # most recently used: the chain's last block first and its first block last, so a parent is never

@@ -101,8 +101,9 @@ class DecodeStep:
     """One generated token per sequence per call through decode_step.cpp: `step(token_id, position)` -> logits
     [1, 1, vocab] (cache row 0); `step.rows(tokens, positions, rows)` -> logits [B, vocab]."""
 
-    def __init__(self, model: Llama, native_step: Any) -> None:
+    def __init__(self, model: Llama, native_step: Any, interleaved_bytes: int = 0) -> None:
         self.model, self.native = model, native_step
+        self.interleaved_bytes = interleaved_bytes  # the interleaved int8/int4 copy's size (0: none)
         self._bound: Tensor | None = None  # layer 0's cache k tensor the kernel was last bound to
 
     def __call__(self, token: int, position: int) -> Tensor:
@@ -111,14 +112,18 @@ class DecodeStep:
             self._bind()
         return self.native.forward(token, position)
 
-    def rows(self, tokens: list[int], positions: list[int], rows: list[int]) -> Tensor:
+    def rows(self, tokens: list[int], positions: list[int], rows: list[int], sources: list[int] | None = None,
+             shared: list[int] | None = None) -> Tensor:
         """Logits [B, vocab] of one new token per sequence, all in one call: tokens[b] at positions[b] of cache
         row rows[b] (continuous batching: each sequence in its own row of the model's KV cache, which
-        `Llama.setup_cache(rows, ...)` allocated; the rows must be distinct)."""
+        `Llama.setup_cache(rows, ...)` allocated; the rows must be distinct). sources/shared: positions
+        [0, shared[b]) of row rows[b] hold exactly the keys and values of row sources[b] there (a prompt prefix
+        both took from the prefix cache), so attention reads them once for every row that shares them;
+        shared[b] a multiple of 16, 0 for none."""
         cache = self.model.layers[0].attention.kv_cache
         if cache is None or cache.k is not self._bound:
             self._bind()
-        return self.native.forward_rows(tokens, positions, rows)
+        return self.native.forward_rows(tokens, positions, rows, sources or [], shared or [])
 
     def _bind(self) -> None:
         """Point the kernel at the model's current KV cache (setup_cache makes new tensors every generation)."""
@@ -132,14 +137,21 @@ class DecodeStep:
 
 
 @torch.no_grad()
-def decode_step(model: nn.Module, int8_activations: bool | None = None) -> DecodeStep | None:
+def decode_step(model: nn.Module, int8_activations: bool | None = None, interleave: bool = False
+                ) -> DecodeStep | None:
     """A C++ decode step for `model`, or None where it cannot run (`refusal(model)`, or no kernels: then use the
     model itself).
 
     int8_activations: int8/int4 weights multiply an int8 copy of the activations (blocks of 32, one scale
     each, as llama.cpp's Q8_0/Q4_1 kernels do) with integer dot products: ~20% faster steps, but no longer
     equal to the PyTorch path up to float rounding (benchmarks/quality.py measures the cost). Default: on,
-    unless CAMELID_INT8_ACTIVATIONS=0. fp32 weights always use fp32 activations."""
+    unless CAMELID_INT8_ACTIVATIONS=0. fp32 weights always use fp32 activations.
+
+    interleave: the step keeps a second copy of the int8/int4 weights (the output head's included), 16 rows
+    interleaved (int4: 0.56 bytes per weight, int8: 1), where the kernels have AVX-512 VNNI and int8 activations
+    are on. Its kernels sum each group's integer products inside the vector lanes, so a step of several sequences
+    (continuous batching) needs about a third of the instructions per weight (benchmarks/README.md, "Batched
+    decode steps"). Its logits equal the plain step's up to float summation order."""
     if int8_activations is None:
         int8_activations = linear.int8_activations()
     if refusal(model) is not None:
@@ -156,4 +168,4 @@ def decode_step(model: nn.Module, int8_activations: bool | None = None) -> Decod
         lin = [_linear(m) for m in (att.wqkv, att.wo, ffn.w13, ffn.w2)]
         step.add_layer(block.attention_norm.weight, block.ffn_norm.weight, [k for k, _ in lin], [t for _, t in lin])
     step.set_head(model.norm.weight, *_linear(model.output))
-    return DecodeStep(model, step)
+    return DecodeStep(model, step, step.interleave() if interleave else 0)

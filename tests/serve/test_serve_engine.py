@@ -112,6 +112,40 @@ def test_the_prefix_cache_skips_a_shared_prefix_and_changes_nothing(monkeypatch:
         engine.stop()
 
 
+@needs_kernels
+@pytest.mark.parametrize("mode", ["fp32", "int4"])
+def test_sequences_sharing_a_cached_prefix_read_it_from_one_row(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests that took the same blocks from the prefix cache run in one step reading those positions from
+    the first one's row (the C++ step is told so), and each still gets its own greedy tokens."""
+    model = model_for(mode)
+    system = list(range(50, 90))  # two whole blocks of 16
+    prompts = [system + [5, 6, 7], system + [9], system + [11, 12], system + [13]]
+    want = [reference_tokens(model, p, 8, True, monkeypatch) for p in prompts]
+    engine = Engine(copy.deepcopy(model), slots=4, context=64)
+    shared: list[tuple[list[int], list[int]]] = []
+    rows = engine.step.rows
+
+    def spy(tokens: list[int], positions: list[int], rows_: list[int], sources: list[int] | None = None,
+            lengths: list[int] | None = None) -> torch.Tensor:
+        if lengths is not None:
+            shared.append((sources, lengths))
+        return rows(tokens, positions, rows_, sources, lengths)
+
+    engine.step.rows = spy
+    engine.start()
+    try:
+        outs = [submit(engine, prompts[0], 8)[1]]
+        assert outs[0].done.wait(60)  # its prompt's blocks are now in the prefix cache
+        outs += [submit(engine, p, 8)[1] for p in prompts[1:]]
+        for out in outs:
+            assert out.done.wait(60)
+        assert [o.tokens for o in outs] == want
+        # the three later requests: the first reads its own row, the other two the first's 32 positions
+        assert ([0, 0, 0], [0, 32, 32]) in shared
+    finally:
+        engine.stop()
+
+
 def test_prompt_logprobs_are_the_models_own() -> None:
     model = model_for("reference")
     prompt = [1, 5, 9, 42, 7, 3, 8, 100, 12]

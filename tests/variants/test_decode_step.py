@@ -14,6 +14,7 @@ from helpers import needs_kernels
 from camelid.config import LlamaConfig
 from camelid.generate import generate
 from camelid.model import KVCache, Llama
+from camelid.ops import native
 from camelid.variants.decode_step import decode_step, refusal
 from camelid.variants.fused import fuse
 from camelid.variants.quantized import Int4Linear, Int8Linear, quantize_model
@@ -83,14 +84,16 @@ def _q8(x: torch.Tensor) -> torch.Tensor:
 
 
 @needs_kernels
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode,interleave", [("int8", False), ("int4", False), ("int8", True), ("int4", True)])
 @pytest.mark.parametrize("name", ["tiny-gqa", "tiny-llama3"])  # tiny-llama3: 331 rows, the kernels' tail loop
-def test_int8_activation_step_equals_torch_with_rounded_inputs(name: str, mode: str) -> None:
+def test_int8_activation_step_equals_torch_with_rounded_inputs(name: str, mode: str, interleave: bool) -> None:
     """With int8 activations the step is the PyTorch model whose quantised linears see int8-rounded inputs
-    (so the only difference from the exact path is that rounding, which benchmarks/quality.py prices)."""
+    (so the only difference from the exact path is that rounding, which benchmarks/quality.py prices); the
+    same with the int4 weights interleaved for batches (where the kernels have AVX-512 VNNI)."""
     model = _model(name, mode, True, intermediate_size=192)
     twin = copy.deepcopy(model)
-    step = decode_step(model, int8_activations=True)
+    step = decode_step(model, int8_activations=True, interleave=interleave)
+    assert (step.interleaved_bytes > 0) == (interleave and native.module().isa().endswith("avx512-q8"))
     with torch.inference_mode():
         for m in (model, twin):
             m.setup_cache(1, 40)
@@ -297,15 +300,17 @@ def test_rows_step_equals_the_per_layer_path_with_per_row_positions(mode: str) -
 
 
 @needs_kernels
-@pytest.mark.parametrize("mode,rows", [("fp32", 4), ("int8", 4), ("int4", 4), ("int8", 11), ("int4", 11)])
-def test_a_rows_logits_do_not_depend_on_the_batch(mode: str, rows: int) -> None:
+@pytest.mark.parametrize("mode,rows,interleave", [("fp32", 4, False), ("int8", 4, False), ("int4", 4, False),
+                                                  ("int8", 11, False), ("int4", 11, False), ("int8", 11, True),
+                                                  ("int4", 11, True)])
+def test_a_rows_logits_do_not_depend_on_the_batch(mode: str, rows: int, interleave: bool) -> None:
     """Bit for bit: a sequence's logits are the same alone (and through the batch-1 call) or among others, in any
     order, so continuous batching never changes a greedy reply. (11 rows: the int8-activation kernels take 8
     activations at a time, then the rest.)"""
     prompts = [*ROW_PROMPTS, *([5 + r, 9, 2 * r + 1][: 1 + r % 3] for r in range(rows - len(ROW_PROMPTS)))]
     model = _rows_model(mode, prompts)
     alone, batched = copy.deepcopy(model), copy.deepcopy(model)
-    one, many = decode_step(alone), decode_step(batched)
+    one, many = decode_step(alone, interleave=interleave), decode_step(batched, interleave=interleave)
     tokens, positions = [3 + r for r in range(rows)], [len(p) for p in prompts]
     with torch.inference_mode():
         for i in range(3):
@@ -361,3 +366,29 @@ def test_grouped_attention_over_long_caches_matches_fp64_and_not_the_batch(heads
         for x, y in ((ours.k, theirs.k), (ours.v, theirs.v)):
             assert x.dtype == kv_dtype
             torch.testing.assert_close(x.float(), y.float(), rtol=2e-3, atol=1e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode,kv_dtype", [("fp32", None), ("int4", None), ("int4", torch.float16)])
+def test_a_shared_prefix_is_read_from_its_source_row(mode: str, kv_dtype: torch.dtype | None) -> None:
+    """Rows that hold the same prefix (from the prefix cache) read it from one row: with row 1's copy of the
+    prefix overwritten by NaN, pointing it at row 0's gives bit for bit the logits of the intact rows."""
+    common = list(range(20, 52))  # 32 positions
+    prompts = [common + [3], common + [4, 5], common + [6]]
+    model = _prefilled(_model("tiny-gqa", mode, False, intermediate_size=192), prompts, 48, kv_dtype)
+    intact = copy.deepcopy(model)
+    tokens, positions, rows = [7, 8, 9], [len(p) for p in prompts], [0, 1, 2]
+    with torch.inference_mode():
+        want = decode_step(intact).rows(tokens, positions, rows)
+        for block in model.layers:
+            block.attention.kv_cache.k[1:, :, :32] = float("nan")
+            block.attention.kv_cache.v[1:, :, :32] = float("nan")
+        step = decode_step(model)
+        got = step.rows(tokens, positions, rows, [0, 0, 0], [0, 32, 16])
+        assert not torch.equal(got[2], want[2])  # row 2 shares 16 positions: it reads its own NaN at 16..31
+        assert torch.equal(got[:2], want[:2])
+        assert torch.equal(step.rows(tokens, positions, rows, [0, 0, 0], [0, 32, 32]), want)
+        with pytest.raises(RuntimeError, match="multiple of 16"):
+            step.rows(tokens, positions, rows, [0, 0, 0], [0, 8, 0])
+        with pytest.raises(RuntimeError, match="one source row and one shared length"):
+            step.rows(tokens, positions, rows, [0], [0])

@@ -17,15 +17,17 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 using namespace camelid;
 
 namespace {
 
-// Thread t's share [n0, n1) of N rows: contiguous, in multiples of 4 (the kernels' row block).
+// Thread t's share [n0, n1) of N rows: contiguous, in multiples of 16 (the interleaved int4 kernel's row block;
+// the other kernels work in blocks of 4).
 inline void share(int64_t N, int t, int T, int64_t& n0, int64_t& n1) {
-  const int64_t per = ((N + T - 1) / T + 3) / 4 * 4;
+  const int64_t per = ((N + T - 1) / T + 15) / 16 * 16;
   n0 = std::min(N, t * per);
   n1 = std::min(N, n0 + per);
 }
@@ -56,17 +58,28 @@ inline void store_kv(const float* x, int64_t n, at::Half* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = at::Half(x[i]);
 }
 
+// One cache row's keys and values as attention reads them: positions < P from the row of another sequence whose
+// cache holds the same prefix (so a prefix that several sequences share is read from memory once for all of
+// them, not once per sequence), the others from this row. P = 0: this row only.
+template <typename KvT>
+struct KvRow {
+  const KvT *k, *v, *shared_k, *shared_v;
+  int64_t P, d;
+  const KvT* key(int64_t j) const { return (j < P ? shared_k : k) + j * d; }
+  const KvT* value(int64_t j) const { return (j < P ? shared_v : v) + j * d; }
+};
+
 #ifdef CAMELID_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // sum_j p[j] * v_j over j <= pos (v_pos = vcur) for d = 8 * NV, the output vector kept in registers
 template <int NV, typename KvT>
-inline void weighted_sum(const float* p, float inv, const KvT* Vc, const KvT* vcur, int64_t pos, float* o) {
+inline void weighted_sum(const float* p, float inv, const KvRow<KvT>& c, const KvT* vcur, int64_t pos, float* o) {
   __m256 acc[NV];
   for (int e = 0; e < NV; ++e) acc[e] = _mm256_setzero_ps();
   for (int64_t j = 0; j <= pos; ++j) {
-    const KvT* vj = j == pos ? vcur : Vc + j * NV * 8;
+    const KvT* vj = j == pos ? vcur : c.value(j);
     const __m256 pj = _mm256_set1_ps(p[j] * inv);
     for (int e = 0; e < NV; ++e) acc[e] = _mm256_fmadd_ps(pj, load8(vj + 8 * e), acc[e]);
   }
@@ -78,7 +91,7 @@ inline void weighted_sum(const float* p, float inv, const KvT* Vc, const KvT* vc
 // of pos may not be written yet), softmax, o = sum_j p_j v_j. The scores of eight cached positions are summed
 // at once (one transposing reduction instead of eight horizontal sums).
 template <typename KvT>
-inline void attend(const float* q, const KvT* Kc, const KvT* Vc, const KvT* kcur, const KvT* vcur,
+inline void attend(const float* q, const KvRow<KvT>& c, const KvT* kcur, const KvT* vcur,
                    int64_t pos, int64_t d, float scale, float* p, float* o) {
   int64_t j = 0;
 #ifdef CAMELID_AVX2
@@ -87,7 +100,7 @@ inline void attend(const float* q, const KvT* Kc, const KvT* Vc, const KvT* kcur
     for (; j + 8 <= pos; j += 8) {
       __m256 a[8];
       for (int i = 0; i < 8; ++i) {
-        const KvT* k = Kc + (j + i) * d;
+        const KvT* k = c.key(j + i);
         __m256 acc = _mm256_mul_ps(load8(k), _mm256_loadu_ps(q));
         for (int64_t e = 8; e < d; e += 8) acc = _mm256_fmadd_ps(load8(k + e), _mm256_loadu_ps(q + e), acc);
         a[i] = acc;
@@ -101,7 +114,7 @@ inline void attend(const float* q, const KvT* Kc, const KvT* Vc, const KvT* kcur
   }
 #endif
   for (; j <= pos; ++j) {
-    const KvT* kj = j == pos ? kcur : Kc + j * d;
+    const KvT* kj = j == pos ? kcur : c.key(j);
     float acc = 0.f;
     for (int64_t e = 0; e < d; ++e) acc += q[e] * to_f32(kj[e]);
     p[j] = acc * scale;
@@ -115,12 +128,12 @@ inline void attend(const float* q, const KvT* Kc, const KvT* Vc, const KvT* kcur
   }
   const float inv = 1.f / sum;
 #ifdef CAMELID_AVX2
-  if (d == 64) return weighted_sum<8>(p, inv, Vc, vcur, pos, o);
-  if (d == 128) return weighted_sum<16>(p, inv, Vc, vcur, pos, o);
+  if (d == 64) return weighted_sum<8>(p, inv, c, vcur, pos, o);
+  if (d == 128) return weighted_sum<16>(p, inv, c, vcur, pos, o);
 #endif
   std::fill(o, o + d, 0.f);
   for (int64_t i = 0; i <= pos; ++i) {
-    const KvT* vj = i == pos ? vcur : Vc + i * d;
+    const KvT* vj = i == pos ? vcur : c.value(i);
     const float pj = p[i] * inv;
     for (int64_t e = 0; e < d; ++e) o[e] += pj * to_f32(vj[e]);
   }
@@ -184,15 +197,15 @@ inline float softmax16(float* p, int64_t P) {
 // o_k = sum_j p_k[j] * inv_k * v_j over j <= pos (v_pos = vcur) for NH heads at once: each v_j is loaded once for
 // all of them. A head's sums are the same whatever NH.
 template <int NV, int NH, typename KvT>
-inline void weighted_sums16(const float* p, int64_t ldp, const float* inv, const KvT* Vc, const KvT* vcur,
+inline void weighted_sums16(const float* p, int64_t ldp, const float* inv, const KvRow<KvT>& c, const KvT* vcur,
                             int64_t pos, float* o) {
   constexpr int64_t d = 16 * NV;
   __m512 acc[NH][NV];
   for (int h = 0; h < NH; ++h)
     for (int e = 0; e < NV; ++e) acc[h][e] = _mm512_setzero_ps();
   for (int64_t j = 0; j <= pos; ++j) {
-    const KvT* vj = j == pos ? vcur : Vc + j * d;
-    prefetch_bytes<true>(Vc + (j + 16) * d, d * (int64_t)sizeof(KvT));
+    const KvT* vj = j == pos ? vcur : c.value(j);
+    prefetch_bytes<true>(c.value(j + 16), d * (int64_t)sizeof(KvT));
     __m512 v[NV];
     for (int e = 0; e < NV; ++e) v[e] = load16(vj + 16 * e);
     for (int h = 0; h < NH; ++h) {
@@ -210,16 +223,16 @@ inline void weighted_sums16(const float* p, int64_t ldp, const float* inv, const
 // gives the same result alone or in its group.
 // p: n rows of scratch of ldp >= pos + 1 floats.
 template <int NV, typename KvT>
-inline void attend_group(const float* q, int64_t n, const KvT* Kc, const KvT* Vc, const KvT* kcur,
+inline void attend_group(const float* q, int64_t n, const KvRow<KvT>& c, const KvT* kcur,
                          const KvT* vcur, int64_t pos, float scale, float* p, int64_t ldp, float* o) {
   constexpr int64_t d = 16 * NV;
   const __m256 sv = _mm256_set1_ps(scale);
   int64_t j = 0;
   for (; j + 16 <= pos; j += 16) {
-    const KvT* kb = Kc + j * d;
+    const KvT* kb = c.key(j);  // P is a multiple of 16: a block lies in one row
     // keys 32 positions ahead into L1; this block's values into L2, for the pass over V below
-    prefetch_bytes<true>(kb + 32 * d, 16 * d * (int64_t)sizeof(KvT));
-    prefetch_bytes<false>(Vc + j * d, 16 * d * (int64_t)sizeof(KvT));
+    prefetch_bytes<true>(c.key(j + 32), 16 * d * (int64_t)sizeof(KvT));
+    prefetch_bytes<false>(c.value(j), 16 * d * (int64_t)sizeof(KvT));
     for (int64_t k = 0; k < n; ++k) {
       __m512 qv[NV];
       for (int e = 0; e < NV; ++e) qv[e] = _mm512_loadu_ps(q + k * d + 16 * e);
@@ -241,7 +254,7 @@ inline void attend_group(const float* q, int64_t n, const KvT* Kc, const KvT* Vc
     }
   }
   for (; j <= pos; ++j) {  // the last < 16 cached positions and pos itself, one at a time
-    const KvT* kr = j == pos ? kcur : Kc + j * d;
+    const KvT* kr = j == pos ? kcur : c.key(j);
     for (int64_t k = 0; k < n; ++k) {
       __m512 acc = _mm512_mul_ps(load16(kr), _mm512_loadu_ps(q + k * d));
       for (int e = 1; e < NV; ++e) acc = _mm512_fmadd_ps(load16(kr + 16 * e), _mm512_loadu_ps(q + k * d + 16 * e), acc);
@@ -256,10 +269,10 @@ inline void attend_group(const float* q, int64_t n, const KvT* Kc, const KvT* Vc
     const float* pk = p + k0 * ldp;
     float* ok = o + k0 * d;
     switch (nh) {
-      case 1: weighted_sums16<NV, 1, KvT>(pk, ldp, inv, Vc, vcur, pos, ok); break;
-      case 2: weighted_sums16<NV, 2, KvT>(pk, ldp, inv, Vc, vcur, pos, ok); break;
-      case 3: weighted_sums16<NV, HC >= 3 ? 3 : 1, KvT>(pk, ldp, inv, Vc, vcur, pos, ok); break;
-      default: weighted_sums16<NV, HC, KvT>(pk, ldp, inv, Vc, vcur, pos, ok); break;
+      case 1: weighted_sums16<NV, 1, KvT>(pk, ldp, inv, c, vcur, pos, ok); break;
+      case 2: weighted_sums16<NV, 2, KvT>(pk, ldp, inv, c, vcur, pos, ok); break;
+      case 3: weighted_sums16<NV, HC >= 3 ? 3 : 1, KvT>(pk, ldp, inv, c, vcur, pos, ok); break;
+      default: weighted_sums16<NV, HC, KvT>(pk, ldp, inv, c, vcur, pos, ok); break;
     }
   }
 }
@@ -267,18 +280,18 @@ inline void attend_group(const float* q, int64_t n, const KvT* Kc, const KvT* Vc
 
 // attend() for n query heads q [n, d] that share one KV head; o [n, d]; p: n rows of ldp >= pos + 1 floats
 template <typename KvT>
-inline void attend_heads(const float* q, int64_t n, const KvT* Kc, const KvT* Vc, const KvT* kcur,
+inline void attend_heads(const float* q, int64_t n, const KvRow<KvT>& c, const KvT* kcur,
                          const KvT* vcur, int64_t pos, int64_t d, float scale, float* p, int64_t ldp, float* o) {
 #ifdef CAMELID_AVX512_Q8
   switch (d) {
-    case 16: return attend_group<1>(q, n, Kc, Vc, kcur, vcur, pos, scale, p, ldp, o);
-    case 32: return attend_group<2>(q, n, Kc, Vc, kcur, vcur, pos, scale, p, ldp, o);
-    case 64: return attend_group<4>(q, n, Kc, Vc, kcur, vcur, pos, scale, p, ldp, o);
-    case 128: return attend_group<8>(q, n, Kc, Vc, kcur, vcur, pos, scale, p, ldp, o);
+    case 16: return attend_group<1>(q, n, c, kcur, vcur, pos, scale, p, ldp, o);
+    case 32: return attend_group<2>(q, n, c, kcur, vcur, pos, scale, p, ldp, o);
+    case 64: return attend_group<4>(q, n, c, kcur, vcur, pos, scale, p, ldp, o);
+    case 128: return attend_group<8>(q, n, c, kcur, vcur, pos, scale, p, ldp, o);
     default: break;
   }
 #endif
-  for (int64_t k = 0; k < n; ++k) attend(q + k * d, Kc, Vc, kcur, vcur, pos, d, scale, p, o + k * d);
+  for (int64_t k = 0; k < n; ++k) attend(q + k * d, c, kcur, vcur, pos, d, scale, p, o + k * d);
 }
 
 Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t, std::vector<at::Tensor>& keep) {
@@ -339,6 +352,78 @@ void DecodeStep::set_head(at::Tensor norm_w, int64_t kind, std::vector<at::Tenso
   TORCH_CHECK(head.K == D, "output head width does not match dim");
 }
 
+namespace {
+
+// int4 weights [N, K/2] (dot_int4's layout) with their scales and minimums -> int4x16_q8's blocks, N padded to a
+// multiple of 16 with zero rows
+at::Tensor interleave_int4(const Linear& L) {
+  const int64_t G = L.K / 32, blocks = (L.N + kInterleavedRows - 1) / kInterleavedRows;
+  auto out = at::zeros({blocks * G * kInterleavedGroupBytes}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const uint8_t* w = static_cast<const uint8_t*>(L.w);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t g = 0; g < G; ++g) {
+        uint8_t* p = o + (b * G + g) * kInterleavedGroupBytes;
+        for (int64_t i = 0; i < kInterleavedRows && b * kInterleavedRows + i < L.N; ++i) {
+          const int64_t n = b * kInterleavedRows + i;
+          const uint8_t* src = w + n * (L.K / 2) + g * 16;  // byte j: input j (low nibble), input j + 16 (high)
+          auto code = [&](int64_t k) { return k < 16 ? src[k] & 15 : src[k - 16] >> 4; };
+          for (int c = 0; c < 4; ++c)
+            for (int j = 0; j < 4; ++j) p[64 * c + 4 * i + j] = (uint8_t)(code(8 * c + j) | code(8 * c + 4 + j) << 4);
+          std::memcpy(p + 256 + 2 * i, L.scale4 + n * G + g, 2);
+          std::memcpy(p + 288 + 2 * i, L.min4 + n * G + g, 2);
+        }
+      }
+  });
+  return out;
+}
+
+// int8 weights [N, K] with their row scales -> int8x16_q8's blocks, N padded to a multiple of 16 with zero rows
+at::Tensor interleave_int8(const Linear& L) {
+  const int64_t G = L.K / 32, blocks = (L.N + kInterleavedRows - 1) / kInterleavedRows;
+  const int64_t block_bytes = G * kInterleavedInt8GroupBytes + 64;
+  auto out = at::zeros({blocks * block_bytes}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const int8_t* w = static_cast<const int8_t*>(L.w);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      uint8_t* blk = o + b * block_bytes;
+      for (int64_t i = 0; i < kInterleavedRows; ++i) {
+        const int64_t n = b * kInterleavedRows + i;
+        for (int64_t k = 0; k < L.K; ++k)  // padding rows: code 0, stored as 128
+          blk[(k / 32) * kInterleavedInt8GroupBytes + 64 * ((k % 32) / 4) + 4 * i + k % 4] =
+              (uint8_t)((n < L.N ? (int)w[n * L.K + k] : 0) + 128);
+        const float s = n < L.N ? L.scale8[n] : 0.f;
+        std::memcpy(blk + G * kInterleavedInt8GroupBytes + 4 * i, &s, 4);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+int64_t DecodeStep::interleave() {
+#ifdef CAMELID_AVX512_Q8
+  if (!q8) return 0;  // the interleaved kernels take int8 activations
+  int64_t bytes = 0;
+  auto convert = [&](Linear& L) {
+    if (L.kind == F32 || L.w16 || L.K % 32 || L.K / 32 > 2 * kMaxPairs) return;
+    at::Tensor t = L.kind == INT4 ? interleave_int4(L) : interleave_int8(L);
+    bytes += t.numel();
+    L.w16 = t.data_ptr();
+    keep.push_back(t);
+  };
+  for (Layer& L : layers)
+    for (Linear* lin : {&L.wqkv, &L.wo, &L.w13, &L.w2}) convert(*lin);
+  convert(head);
+  return bytes;
+#else
+  return 0;
+#endif
+}
+
 // The model's KV cache (one [rows, KV, S, d] k and v per layer, fp32 or fp16) and the RoPE tables [S, d] for
 // its positions.
 void DecodeStep::bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> vs, at::Tensor cos_t,
@@ -362,19 +447,26 @@ void DecodeStep::bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> 
 
 // Logits [1, 1, vocab] of `token` at position `pos`; writes this position's keys and values into the cache.
 at::Tensor DecodeStep::forward(int64_t token, int64_t pos) {
-  return forward_rows({token}, {pos}, {0}).view({1, 1, -1});
+  return forward_rows({token}, {pos}, {0}, {}, {}).view({1, 1, -1});
 }
 
 // Logits [B, vocab]: one new token per row b, at position positions[b] of cache row rows[b] (continuous
 // batching: every sequence at its own position, in its own row of the cache).
 at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int64_t> positions,
-                                    std::vector<int64_t> rows) {
+                                    std::vector<int64_t> rows, std::vector<int64_t> sources,
+                                    std::vector<int64_t> shared) {
   TORCH_CHECK(embed.w && norm && !cache.empty(), "decode step is not fully set up");
   const int64_t B = (int64_t)tokens.size();
   TORCH_CHECK(B > 0 && positions.size() == tokens.size() && rows.size() == tokens.size(),
               "one position and one cache row per token expected");
+  TORCH_CHECK(sources.size() == shared.size() && (shared.empty() || (int64_t)shared.size() == B),
+              "one source row and one shared length per token expected (or none)");
+  if (shared.empty()) sources = shared = std::vector<int64_t>(B, 0);
   int64_t max_pos = 0;
   for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(shared[b] == 0 || (shared[b] % 16 == 0 && shared[b] <= positions[b] && 0 <= sources[b] &&
+                                   sources[b] < cache_rows),
+                "a shared prefix is a multiple of 16 positions before the token's, in a cache row");
     TORCH_CHECK(0 <= tokens[b] && tokens[b] < embed.N, "token id outside the vocabulary");
     TORCH_CHECK(0 <= positions[b] && positions[b] < S, "position outside the cache");
     TORCH_CHECK(0 <= rows[b] && rows[b] < cache_rows, "cache row outside the cache");
@@ -444,12 +536,16 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
         // the group's first head writes the new key and value; every head reads positions < pos only
         // from the cache, so no other thread waits on this write. Position pos is attended in the cache's
         // precision (kc, vc), as if read back from it.
+        const int64_t from_row = shared[b] > 0 ? sources[b] * row_stride + kvh * S * d : at_row;
         auto run = [&](auto* K, auto* Vc, auto* kc, auto* vc) {
           if (h0 % G == 0) {
             store_kv(kcur.data(), d, K + pos * d);
             store_kv(vcur, d, Vc + pos * d);
           }
-          attend_heads(q.data(), hc, K, Vc, kc, vc, pos, d, scale, p.data(), ldp, att.data() + (b * H + h0) * d);
+          using KvT = std::remove_pointer_t<decltype(K)>;
+          const KvRow<KvT> c{K, Vc, static_cast<KvT*>(L.cache_k) + from_row, static_cast<KvT*>(L.cache_v) + from_row,
+                             shared[b], d};
+          attend_heads(q.data(), hc, c, kc, vc, pos, d, scale, p.data(), ldp, att.data() + (b * H + h0) * d);
         };
         if (kv16) {
           store_kv(kcur.data(), d, kcur16.data());

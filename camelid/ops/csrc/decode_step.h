@@ -51,6 +51,7 @@ struct Linear {
   const float* scale8 = nullptr;   // int8: one scale per row
   const at::Half* scale4 = nullptr; // int4: fp16 scale and minimum per group of 32
   const at::Half* min4 = nullptr;
+  const void* w16 = nullptr;  // the same int8/int4 weights interleaved 16 rows at a time (int8x16_q8, int4x16_q8)
   int64_t N = 0, K = 0;
 
   // rows [n0, n1) of y = W x; int8/int4 weights use the int8 copy of x when there is one
@@ -59,10 +60,17 @@ struct Linear {
     switch (kind) {
       case F32: dot_f32(a.x, static_cast<const float*>(w), K, n0, n1, y); break;
       case INT8:
+#ifdef CAMELID_AVX512_Q8
+        if (a.q8 && w16) return int8x16_q8<1>(&a.q, &a.dq, static_cast<const int8_t*>(w16), K, N, n0, n1, y, 0);
+#endif
         if (a.q8) dot_int8_q8(a.q, a.dq, static_cast<const int8_t*>(w), scale8, K, n0, n1, y);
         else dot_int8(a.x, static_cast<const int8_t*>(w), scale8, K, n0, n1, y);
         break;
       case INT4:
+#ifdef CAMELID_AVX512_Q8
+        if (a.q8 && w16)
+          return int4x16_q8<1>(&a.q, &a.dq, &a.xs, static_cast<const uint8_t*>(w16), K, N, n0, n1, y, 0);
+#endif
         if (a.q8) dot_int4_q8(a.q, a.dq, a.xs, static_cast<const uint8_t*>(w), scale4, min4, K, n0, n1, y);
         else dot_int4(a.x, a.xs, static_cast<const uint8_t*>(w), scale4, min4, K, n0, n1, y);
         break;
@@ -89,6 +97,16 @@ struct Linear {
         const int M = (int)std::min<int64_t>(kMaxActs, B - b0);
         const int8_t* q[kMaxActs]; const float* dq[kMaxActs]; const float* xs[kMaxActs];
         for (int m = 0; m < M; ++m) { q[m] = a[b0 + m].q; dq[m] = a[b0 + m].dq; xs[m] = a[b0 + m].xs; }
+#ifdef CAMELID_AVX512_Q8
+        if (w16 && kind == INT8) {
+          dot_int8x16_q8_multi(M, q, dq, static_cast<const int8_t*>(w16), K, N, n, e, y + b0 * ldy, ldy);
+          continue;
+        }
+        if (w16) {
+          dot_int4x16_q8_multi(M, q, dq, xs, static_cast<const uint8_t*>(w16), K, N, n, e, y + b0 * ldy, ldy);
+          continue;
+        }
+#endif
         if (kind == INT8)
           dot_int8_q8_multi(M, q, dq, static_cast<const int8_t*>(w), scale8, K, n, e, y + b0 * ldy, ldy);
         else
@@ -116,13 +134,20 @@ class DecodeStep {
   void add_layer(at::Tensor attn_norm, at::Tensor ffn_norm, std::vector<int64_t> kinds,
                  std::vector<std::vector<at::Tensor>> t);
   void set_head(at::Tensor norm_w, int64_t kind, std::vector<at::Tensor> t);
+  // A copy of every int8/int4 linear's weights (the output head included) interleaved 16 rows at a time, which
+  // every later step reads (faster steps of several sequences); returns the copy's bytes, 0 where this build or
+  // these weights cannot use it.
+  int64_t interleave();
   // The model's KV cache (one [rows, KV, S, d] k and v per layer, all fp32 or all fp16) and the RoPE tables [S, d] for its positions.
   void bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> vs, at::Tensor cos_t,
                   at::Tensor sin_t);
   // Logits [1, 1, vocab] of `token` at position `pos`; writes this position's keys and values into the cache.
   at::Tensor forward(int64_t token, int64_t pos);
   // Logits [B, vocab] of one token per sequence: tokens[b] at positions[b], in cache row rows[b] (distinct).
-  at::Tensor forward_rows(std::vector<int64_t> tokens, std::vector<int64_t> positions, std::vector<int64_t> rows);
+  // sources/shared (empty, or one each per token): positions [0, shared[b]) of row rows[b] hold exactly what
+  // row sources[b] holds there, so attention reads them from that row (shared[b]: a multiple of 16; 0: none).
+  at::Tensor forward_rows(std::vector<int64_t> tokens, std::vector<int64_t> positions, std::vector<int64_t> rows,
+                          std::vector<int64_t> sources, std::vector<int64_t> shared);
 
  private:
   int64_t D, H, KV, d, F, S = 0, cache_rows = 0;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -326,6 +327,95 @@ static inline void int4_q8_pairs(const int8_t* const* q, const float* const* dq,
   }
 }
 
+// int4 weights interleaved 16 rows at a time (`interleave_int4`): int32 lane i of every vector belongs to row i of
+// a block of 16, so a group's integer dot products are summed inside the lanes (8 vpdpbusd per group and
+// activation, each with 4 activation bytes broadcast) and each (group, activation) costs one conversion and two
+// multiply-adds for all 16 rows. Per weight that is about a third of int4_q8_pairs's instructions, which matters
+// once several activations make the product compute-bound (continuous batching). Per row and activation the
+// operations and their order do not depend on M. Block layout, per group of 32 inputs (kInterleavedGroupBytes):
+// four 64-byte vectors, vector c holding inputs 8c..8c+3 (low nibbles) and 8c+4..8c+7 (high) of row i at bytes
+// 4i..4i+3; then the 16 rows' fp16 scales, then their fp16 minimums.
+constexpr int64_t kInterleavedRows = 16, kInterleavedGroupBytes = 4 * 64 + 2 * 32;
+template <int M>
+static inline void int4x16_q8(const int8_t* const* q, const float* const* dq, const float* const* xs,
+                              const uint8_t* w, int64_t K, int64_t N, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t G = K / 32;
+  const __m512i low = _mm512_set1_epi8(15);
+  for (int64_t n = n0; n < n1; n += kInterleavedRows) {
+    const uint8_t* blk = w + (n / kInterleavedRows) * G * kInterleavedGroupBytes;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* p = blk + g * kInterleavedGroupBytes;
+      prefetch_row(p + 4 * kInterleavedGroupBytes, kInterleavedGroupBytes);
+      __m512i isum[M];
+      for (int m = 0; m < M; ++m) isum[m] = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(p + 64 * c);
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* qg = q[m] + g * 32 + 8 * c;
+          int32_t q0, q1;
+          std::memcpy(&q0, qg, 4);
+          std::memcpy(&q1, qg + 4, 4);
+          isum[m] = _mm512_dpbusd_epi32(isum[m], lo, _mm512_set1_epi32(q0));
+          isum[m] = _mm512_dpbusd_epi32(isum[m], hi, _mm512_set1_epi32(q1));
+        }
+      }
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 256)));
+      const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 288)));
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_mul_ps(s, _mm512_set1_ps(dq[m][g])), acc[m]);
+        acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[m][g]), acc[m]);
+      }
+    }
+    const __mmask16 rows = (__mmask16)((1u << std::min<int64_t>(kInterleavedRows, std::min(n1, N) - n)) - 1);
+    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, rows, acc[m]);
+  }
+}
+
+// int8 weights (one scale per row) interleaved the same way (`interleave_int8`): per group of 32 inputs, eight
+// 64-byte vectors, vector c holding inputs 4c..4c+3 of row i at bytes 4i..4i+3, stored as w + 128 (vpdpbusd's
+// unsigned operand; each sum starts at -128 * the group's activation codes, so the integer sums are exactly those of
+// w * q); after the block's G groups, its 16 fp32 row scales.
+constexpr int64_t kInterleavedInt8GroupBytes = 8 * 64;
+template <int M>
+static inline void int8x16_q8(const int8_t* const* q, const float* const* dq, const int8_t* w, int64_t K, int64_t N,
+                              int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t G = K / 32, block_bytes = G * kInterleavedInt8GroupBytes + 64;
+  static thread_local int32_t corr[2 * kMaxPairs][kMaxActs];  // [g][m]: -128 * sum of activation m's group g
+  for (int m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) sum += q[m][g * 32 + j];
+      corr[g][m] = -128 * sum;
+    }
+  for (int64_t n = n0; n < n1; n += kInterleavedRows) {
+    const uint8_t* blk = reinterpret_cast<const uint8_t*>(w) + (n / kInterleavedRows) * block_bytes;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* p = blk + g * kInterleavedInt8GroupBytes;
+      prefetch_row(p + 2 * kInterleavedInt8GroupBytes, kInterleavedInt8GroupBytes);
+      __m512i isum[M];
+      for (int m = 0; m < M; ++m) isum[m] = _mm512_set1_epi32(corr[g][m]);
+      for (int c = 0; c < 8; ++c) {
+        const __m512i v = _mm512_loadu_si512(p + 64 * c);
+        for (int m = 0; m < M; ++m) {
+          int32_t q4;
+          std::memcpy(&q4, q[m] + g * 32 + 4 * c, 4);
+          isum[m] = _mm512_dpbusd_epi32(isum[m], v, _mm512_set1_epi32(q4));
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m]), _mm512_set1_ps(dq[m][g]), acc[m]);
+    }
+    const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + G * kInterleavedInt8GroupBytes));
+    const __mmask16 rows = (__mmask16)((1u << std::min<int64_t>(kInterleavedRows, std::min(n1, N) - n)) - 1);
+    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(y + m * ldy + n, rows, _mm512_mul_ps(acc[m], s));
+  }
+}
+
 // M (1..kMaxActs) as a template argument, so the accumulators live in registers
 template <typename F>
 static inline void with_acts(int M, F&& f) {
@@ -339,6 +429,18 @@ static inline void with_acts(int M, F&& f) {
     case 7: f(std::integral_constant<int, 7>{}); break;
     default: f(std::integral_constant<int, 8>{}); break;
   }
+}
+#endif
+
+#ifdef CAMELID_AVX512_Q8
+static inline void dot_int8x16_q8_multi(int M, const int8_t* const* q, const float* const* dq, const int8_t* w,
+                                        int64_t K, int64_t N, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  with_acts(M, [&](auto m) { int8x16_q8<decltype(m)::value>(q, dq, w, K, N, n0, n1, y, ldy); });
+}
+static inline void dot_int4x16_q8_multi(int M, const int8_t* const* q, const float* const* dq, const float* const* xs,
+                                        const uint8_t* w, int64_t K, int64_t N, int64_t n0, int64_t n1, float* y,
+                                        int64_t ldy) {
+  with_acts(M, [&](auto m) { int4x16_q8<decltype(m)::value>(q, dq, xs, w, K, N, n0, n1, y, ldy); });
 }
 #endif
 

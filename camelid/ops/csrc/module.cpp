@@ -30,9 +30,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_embedding", &DecodeStep::set_embedding)
       .def("add_layer", &DecodeStep::add_layer)
       .def("set_head", &DecodeStep::set_head)
+      .def("interleave", &DecodeStep::interleave)
       .def("bind_cache", &DecodeStep::bind_cache)
       .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>())
-      .def("forward_rows", &DecodeStep::forward_rows, py::call_guard<py::gil_scoped_release>());
+      .def("forward_rows", &DecodeStep::forward_rows, py::arg("tokens"), py::arg("positions"), py::arg("rows"),
+           py::arg("sources") = std::vector<int64_t>{}, py::arg("shared") = std::vector<int64_t>{},
+           py::call_guard<py::gil_scoped_release>());
   // which instruction paths this build compiled in (`camelid info --kernels`)
   m.def("isa", []() {
     std::string s;
