@@ -7,6 +7,8 @@
     python benchmarks/serve.py steps --threads 1 --cpu-time --modes int4 --position 300 --spread 1 \
         --no-per-layer --root DIR                        # another checkout's C++ step, to alternate with this one
     python benchmarks/serve.py steps ... --kv-dtypes fp32,fp16   # the step over an fp32 and an fp16 KV cache
+    python benchmarks/serve.py steps ... --shared 256 --no-interleave  # rows sharing a 256-position prefix (read
+                                                         # from the first row); the int8/int4 weights not interleaved
     python benchmarks/serve.py loop [--threads 2] [--kv-dtypes fp16]  # the engine's loop without HTTP: where a
                                                          # step's time goes, and the process's CPU ms per token
 
@@ -343,22 +345,26 @@ def steps(args: argparse.Namespace) -> None:
         model = camelid.load(MODEL, quantize=mode).model
         context = args.position + args.spread * 15 + 1
         # not started: its cache and step (kv_dtype only where asked, so that older checkouts run too)
-        engine = Engine(model, slots=16, context=context, prefix_cache_bytes=0, **kv_option(kv))
-        label = mode if kv == "default" else f"{mode} {kv} KV"
+        engine = Engine(model, slots=16, context=context, prefix_cache_bytes=0, **kv_option(kv),
+                        **({} if args.interleave else {"interleave": False}))
+        label = (mode if kv == "default" else f"{mode} {kv} KV") + (f", {args.shared} shared" if args.shared else "")
         one = None
         with torch.inference_mode():
             for b in (1, 4, 8, 16):
                 rows, tokens = list(range(b)), [5] * b
                 positions = [args.position + args.spread * r for r in rows]
                 times: dict[str, list[float]] = {"C++ rows": [], **({"per-layer": []} if args.per_layer else {})}
+                # every row after the first reads positions [0, --shared) from the first row (as rows that took
+                # the same system prompt from the prefix cache do)
+                shared = {"shared": ([0] * b, [0] + [args.shared] * (b - 1))} if args.shared and b > 1 else {}
                 step = engine.step
                 for _ in range(args.rounds):
                     for name in times:
                         engine.step = step if name == "C++ rows" else None
-                        engine.forward_rows(tokens, positions, rows)  # warm
+                        engine.forward_rows(tokens, positions, rows, **shared)  # warm
                         t0 = clock()
                         for _ in range(5):
-                            engine.forward_rows(tokens, positions, rows)
+                            engine.forward_rows(tokens, positions, rows, **shared)
                         times[name].append((clock() - t0) / 5 * 1000)
                 engine.step = step
                 med = {k: statistics.median(v) for k, v in times.items()}
@@ -476,6 +482,10 @@ def main() -> None:
     parser.add_argument("--kv-dtypes", default="default", help="(steps, loop) the engine's KV cache: fp32, fp16 "
                                                                    "or default (the model's dtype), comma-separated")
     parser.add_argument("--root", default=None, help="(steps) a camelid checkout to import instead of this one")
+    parser.add_argument("--shared", type=int, default=0, help="(steps) positions every row shares with the first "
+                                                              "(a multiple of 16, below --position)")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                        help="(steps) the engine's interleaved int8/int4 weights for batched steps")
     parser.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True,
                         help="(steps) also time the per-layer forward, alternating with the C++ step")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

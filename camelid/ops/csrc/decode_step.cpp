@@ -354,6 +354,7 @@ void DecodeStep::set_head(at::Tensor norm_w, int64_t kind, std::vector<at::Tenso
 
 namespace {
 
+#ifdef CAMELID_AVX512_Q8
 // int4 weights [N, K/2] (dot_int4's layout) with their scales and minimums -> int4x16_q8's blocks, N padded to a
 // multiple of 16 with zero rows
 at::Tensor interleave_int4(const Linear& L) {
@@ -401,6 +402,7 @@ at::Tensor interleave_int8(const Linear& L) {
   });
   return out;
 }
+#endif
 
 }  // namespace
 
