@@ -71,7 +71,7 @@ class Tokenizer:
             n = self._hf.get_vocab_size(with_added_tokens=True)
             # interned: a GGUF vocabulary's strings are (camelid.tokenizer.gguf), so these are those, not copies
             self._pieces = [sys.intern(self._hf.id_to_token(i) or "") for i in range(n)]
-        self._ids = {p: i for i, p in enumerate(self._pieces)}
+        self._ids: dict[str, int] | None = None  # built by the first id_of (a 50k vocabulary's: ~3 MiB)
         self._types = token_types or self._infer_types()
         self.special_tokens: dict[str, int] = {
             p: i for i, p in enumerate(self._pieces) if self._types[i] in (CONTROL, USER_DEFINED, UNKNOWN)}
@@ -150,6 +150,8 @@ class Tokenizer:
         return self._pieces[id]
 
     def id_of(self, token: str) -> int:
+        if self._ids is None:
+            self._ids = {p: i for i, p in enumerate(self._pieces)}
         if token not in self._ids:
             raise CamelidError(f"{token!r} is not a token of this vocabulary; check its spelling")
         return self._ids[token]

@@ -182,7 +182,7 @@ def read_gguf_vocab(path: Path) -> Vocabulary:
         if row.byte_level:  # encoded by `encoder`, decoded by decode_byte_level: `tokenizers` only on demand
             build_hf = partial(build_bpe, tokens, types, merges, pre=pre, source=str(path))
             first = vocab_dict(tokens)  # (a repeated piece's later ids are no token to `tokenizers` either)
-            pieces = [t if first[t] == i else "" for i, t in enumerate(tokens)]
+            pieces = tokens if len(first) == n else [t if first[t] == i else "" for i, t in enumerate(tokens)]
             bad = next((m for m in merges if m[0] not in first or m[1] not in first or m[0] + m[1] not in first),
                        None)
             if bad is not None:  # what building `hf` would find (or panic on: a merged piece missing)

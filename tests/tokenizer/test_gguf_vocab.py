@@ -159,6 +159,14 @@ _chunks = st.one_of(st.characters(codec="utf-8"), st.sampled_from(
 _random_text = st.lists(_chunks, max_size=40).map("".join)
 
 
+def _is_token(tok: Tokenizer, piece: str) -> bool:
+    try:
+        tok.id_of(piece)
+    except CamelidError:
+        return False
+    return True
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(_random_text)
 def test_smollm2_matches_llama_cpp_and_transformers_on_random_text(smol, hf_smol_digits, smol_llama_cpp, text):
@@ -168,7 +176,7 @@ def test_smollm2_matches_llama_cpp_and_transformers_on_random_text(smol, hf_smol
     # some control characters and code points >= U+40000). llama.cpp drops such a byte but keeps it as a barrier
     # ('/\x16<' -> '/', '<'); `tokenizers` (transformers) merges the text around the gap ('/<'). Text made of the
     # other bytes tokenises the same in all three and comes back exactly.
-    if all(bytes_to_unicode()[b] in smol._ids for b in text.encode()):
+    if all(_is_token(smol, bytes_to_unicode()[b]) for b in text.encode()):
         assert ids == hf_smol_digits.encode(text, add_special_tokens=False)
         assert smol.decode(ids) == text
 
