@@ -46,7 +46,8 @@ class Vocabulary:
     kind: str
     hf: Any = None  # a tokenizers.Tokenizer
     # GGUF byte-level BPE vocabularies: `hf` is built on first use (export, structured output), as it costs
-    # ~20 MiB that encoding (`encoder`) and decoding (camelid.tokenizer.bpe.decode_byte_level) do not need
+    # ~20 MiB (SmolLM2's, with the library's import) that encoding (`encoder`) and decoding
+    # (camelid.tokenizer.bpe.decode_byte_level) do not need
     build_hf: Callable[[], Any] | None = None
     pieces: list[str] | None = None  # the strings by id, when `hf` is not built yet
     tiktoken: Any = None  # a tiktoken.Encoding (Llama 3's tokenizer.model)
