@@ -56,7 +56,8 @@ def _child(engine: str, path: str, mode: str, prompt_len: int, new_tokens: int, 
         imported = _status_mib("VmRSS")
         t0 = time.perf_counter()
         if engine == "camelid":
-            model = camelid.load(path, quantize=mode, tokenizer=tokenizer).model  # as a user loads it
+            llm = camelid.load(path, quantize=mode, tokenizer=tokenizer)  # as a user loads it, and keeps it
+            model = llm.model
         else:
             from camelid.interop.gguf import load_gguf
             from camelid.tokenizer import Tokenizer

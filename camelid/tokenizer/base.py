@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from camelid.errors import CamelidError
 from camelid.formats import TOKENIZER_FILES, Format, detect
 from camelid.tokenizer import hf_json
 from camelid.tokenizer import tiktoken as tiktoken_backend
+from camelid.tokenizer.bpe import decode_byte_level
 from camelid.tokenizer.chat_template import BUILTIN_TEMPLATES, render_chat
 from camelid.tokenizer.gguf import read_gguf_vocab, write_gguf_vocab
 from camelid.tokenizer.sentencepiece import read_sentencepiece
@@ -45,10 +46,13 @@ class Tokenizer:
                  pre: str | None = None, bos_id: int | None = None, eos_id: int | None = None,
                  unk_id: int | None = None, pad_id: int | None = None, add_bos: bool = False,
                  chat_template: str | None = None, token_types: list[int] | None = None,
-                 scores: list[float] | None = None, max_len: int | None = None, encoder: Any = None) -> None:
-        if (hf is None) == (tiktoken_encoding is None):
+                 scores: list[float] | None = None, max_len: int | None = None, encoder: Any = None,
+                 build_hf: Callable[[], Any] | None = None, pieces: list[str] | None = None) -> None:
+        if (hf is None and build_hf is None) == (tiktoken_encoding is None) or (build_hf is None) != (pieces is None):
             raise ValueError("give exactly one backend")
         self._hf = hf
+        # GGUF byte-level BPE: `tokenizers` built on first use; `encoder` encodes, decode_byte_level decodes
+        self._build_hf = build_hf
         self._tt = tiktoken_encoding
         self._encoder = encoder  # text -> ids instead of `hf` (GGUF BPE vocabularies: llama.cpp's exact rules)
         # "spm" (SentencePiece-style BPE), "bpe" (byte-level BPE), "wordpiece", "wordlevel" or "unigram"
@@ -61,11 +65,13 @@ class Tokenizer:
         self._scores = scores
         if self._tt is not None:
             self._pieces = tiktoken_backend.pieces(self._tt)
+        elif pieces is not None:
+            self._pieces = pieces
         else:
             n = self._hf.get_vocab_size(with_added_tokens=True)
             # interned: a GGUF vocabulary's strings are (camelid.tokenizer.gguf), so these are those, not copies
             self._pieces = [sys.intern(self._hf.id_to_token(i) or "") for i in range(n)]
-        self._ids = {p: i for i, p in enumerate(self._pieces)}
+        self._ids: dict[str, int] | None = None  # built by the first id_of (a 50k vocabulary's: ~3 MiB)
         self._types = token_types or self._infer_types()
         self.special_tokens: dict[str, int] = {
             p: i for i, p in enumerate(self._pieces) if self._types[i] in (CONTROL, USER_DEFINED, UNKNOWN)}
@@ -76,7 +82,8 @@ class Tokenizer:
     def from_vocabulary(cls, v: Vocabulary) -> Tokenizer:
         return cls(v.hf, tiktoken_encoding=v.tiktoken, kind=v.kind, pre=v.pre, bos_id=v.bos_id, eos_id=v.eos_id,
                    unk_id=v.unk_id, pad_id=v.pad_id, add_bos=v.add_bos, chat_template=v.chat_template,
-                   token_types=v.token_types, scores=v.scores, max_len=v.max_len, encoder=v.encoder)
+                   token_types=v.token_types, scores=v.scores, max_len=v.max_len, encoder=v.encoder,
+                   build_hf=v.build_hf, pieces=v.pieces)
 
     # ---- the interface -------------------------------------------------------------------------------------
 
@@ -132,6 +139,8 @@ class Tokenizer:
             ids = [i for i in ids if i not in self._control]
         if self._tt is not None:
             return self._tt.decode_bytes(ids).decode("utf-8", errors="replace")
+        if self._build_hf is not None:  # the same text as `tokenizers`' decode, without building it
+            return decode_byte_level(self._pieces, ids)
         return self._hf.decode(ids, skip_special_tokens=False)
 
     def token_to_piece(self, id: int) -> str:
@@ -141,6 +150,8 @@ class Tokenizer:
         return self._pieces[id]
 
     def id_of(self, token: str) -> int:
+        if self._ids is None:
+            self._ids = {p: i for i, p in enumerate(self._pieces)}
         if token not in self._ids:
             raise CamelidError(f"{token!r} is not a token of this vocabulary; check its spelling")
         return self._ids[token]
@@ -258,7 +269,7 @@ class Tokenizer:
     def hf_tokenizer(self) -> Any:
         """This vocabulary as a Hugging Face `tokenizers.Tokenizer` (converted from tiktoken if need be)."""
         if self._hf is None:
-            self._hf = tiktoken_backend.to_hf(self._tt)
+            self._hf = self._build_hf() if self._build_hf is not None else tiktoken_backend.to_hf(self._tt)
         return self._hf
 
     def special_token_names(self) -> dict[str, str]:

@@ -23,6 +23,21 @@ from camelid.tokenizer.vocab import CONTROL, UNKNOWN, USER_DEFINED, bytes_to_uni
 _C_SPACE = " \t\n\v\f\r"  # C's isspace, which llama.cpp's lstrip/rstrip use
 _BYTE_LEVEL = str.maketrans({chr(b): c for b, c in bytes_to_unicode().items()})
 _CACHE_LIMIT = 1 << 16
+_BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}
+
+
+def decode_byte_level(pieces: list[str], ids: Iterable[int]) -> str:
+    """The text of byte-level BPE tokens, as `tokenizers`' ByteLevel decoder gives it: each piece's characters
+    mapped back to their bytes (a piece with a character outside GPT-2's byte alphabet, such as a special token
+    with a space, stays as its own UTF-8), all bytes joined, invalid UTF-8 as U+FFFD."""
+    out = bytearray()
+    for i in ids:
+        piece = pieces[i]
+        try:
+            out.extend([_BYTE_OF[c] for c in piece])
+        except KeyError:
+            out.extend(piece.encode("utf-8"))
+    return out.decode("utf-8", errors="replace")
 
 
 def special_tokens(tokens: list[str], types: list[int], *, lstrip: Iterable[int] = (),

@@ -11,6 +11,7 @@ before use: array lengths agree, ids lie in the vocabulary.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from camelid.tokenizer.vocab import (
     build_unigram,
     build_wordpiece,
     pre_tokenizer,
+    vocab_dict,
 )
 
 
@@ -161,7 +163,7 @@ def read_gguf_vocab(path: Path) -> Vocabulary:
                                "the file is damaged, re-convert it")
         ids[key] = value
     add_bos = get("ggml.add_bos_token", bool)
-    encoder = None
+    encoder = hf = build_hf = pieces = None
     if model == "llama":
         add_space_prefix = get("ggml.add_space_prefix", bool)
         hf = build_spm(tokens, scores or [0.0] * n, types,
@@ -177,7 +179,17 @@ def read_gguf_vocab(path: Path) -> Vocabulary:
         # llama.cpp: Gemma 4's vocabulary type implies its pre-tokenizer; a missing one means "default"
         pre = "gemma4" if model == "gemma4" else get("ggml.pre", str) or "default"
         row = pre_tokenizer(pre, str(path))
-        hf = build_bpe(tokens, types, merges, pre=pre, source=str(path))
+        if row.byte_level:  # encoded by `encoder`, decoded by decode_byte_level: `tokenizers` only on demand
+            build_hf = partial(build_bpe, tokens, types, merges, pre=pre, source=str(path))
+            first = vocab_dict(tokens)  # (a repeated piece's later ids are no token to `tokenizers` either)
+            pieces = tokens if len(first) == n else [t if first[t] == i else "" for i, t in enumerate(tokens)]
+            bad = next((m for m in merges if m[0] not in first or m[1] not in first or m[0] + m[1] not in first),
+                       None)
+            if bad is not None:  # what building `hf` would find (or panic on: a merged piece missing)
+                raise CamelidError(f"{path}: the merges do not fit the tokens ({' '.join(bad)!r}: a piece or their "
+                                   "merge is not a token); the vocabulary is damaged")
+        else:
+            hf = build_bpe(tokens, types, merges, pre=pre, source=str(path))
         lstrip, rstrip = _strip_ids(reader, tokens, types)
         encoder = BPEEncoder(tokens, types, merges, row, lstrip=lstrip, rstrip=rstrip)
         kind, add_bos_default = "bpe", row.add_bos
@@ -206,8 +218,8 @@ def read_gguf_vocab(path: Path) -> Vocabulary:
         raise CamelidError(f"{path}: GGUF vocabulary kind {model!r} (tokenizer.ggml.model) is not supported; "
                            "camelid reads 'llama' (SentencePiece), 'gpt2' and 'gemma4' (BPE), 'bert' (WordPiece) "
                            "and 't5' (unigram)")
-    return Vocabulary(kind=kind, hf=hf, encoder=encoder, pre=pre, bos_id=ids["bos_token_id"],
-                      eos_id=ids["eos_token_id"],
+    return Vocabulary(kind=kind, hf=hf, build_hf=build_hf, pieces=pieces, encoder=encoder, pre=pre,
+                      bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"],
                       unk_id=ids["unknown_token_id"], pad_id=ids["padding_token_id"],
                       add_bos=add_bos_default if add_bos is None else add_bos,
                       chat_template=get("chat_template", str), token_types=types, scores=scores)

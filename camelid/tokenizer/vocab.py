@@ -13,6 +13,7 @@ converters produce:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -44,6 +45,11 @@ class Vocabulary:
 
     kind: str
     hf: Any = None  # a tokenizers.Tokenizer
+    # GGUF byte-level BPE vocabularies: `hf` is built on first use (export, structured output), as it costs
+    # ~20 MiB (SmolLM2's, with the library's import) that encoding (`encoder`) and decoding
+    # (camelid.tokenizer.bpe.decode_byte_level) do not need
+    build_hf: Callable[[], Any] | None = None
+    pieces: list[str] | None = None  # the strings by id, when `hf` is not built yet
     tiktoken: Any = None  # a tiktoken.Encoding (Llama 3's tokenizer.model)
     encoder: Any = None  # encodes instead of `hf` when set: camelid.tokenizer.bpe.BPEEncoder (GGUF BPE, as llama.cpp)
     pre: str | None = None  # the GGUF pre-tokenizer name, for byte-level BPE
@@ -61,6 +67,8 @@ class Vocabulary:
         """The id of a token string, or None when the vocabulary has no such token."""
         if self.hf is not None:
             return self.hf.token_to_id(token)
+        if self.pieces is not None:
+            return self.pieces.index(token) if token and token in self.pieces else None
         try:
             return self.tiktoken.encode_single_token(token)
         except KeyError:

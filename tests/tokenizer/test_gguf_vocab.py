@@ -4,7 +4,10 @@ vectors, llama.cpp itself (llama-cpp-python) and transformers' GGUF loader."""
 from __future__ import annotations
 
 import copy
+import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -12,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizer_helpers import (
+    COPIED,
     MIXED,
     UNCHECKED,
     VOCABS,
@@ -155,6 +159,14 @@ _chunks = st.one_of(st.characters(codec="utf-8"), st.sampled_from(
 _random_text = st.lists(_chunks, max_size=40).map("".join)
 
 
+def _is_token(tok: Tokenizer, piece: str) -> bool:
+    try:
+        tok.id_of(piece)
+    except CamelidError:
+        return False
+    return True
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(_random_text)
 def test_smollm2_matches_llama_cpp_and_transformers_on_random_text(smol, hf_smol_digits, smol_llama_cpp, text):
@@ -164,7 +176,7 @@ def test_smollm2_matches_llama_cpp_and_transformers_on_random_text(smol, hf_smol
     # some control characters and code points >= U+40000). llama.cpp drops such a byte but keeps it as a barrier
     # ('/\x16<' -> '/', '<'); `tokenizers` (transformers) merges the text around the gap ('/<'). Text made of the
     # other bytes tokenises the same in all three and comes back exactly.
-    if all(bytes_to_unicode()[b] in smol._ids for b in text.encode()):
+    if all(_is_token(smol, bytes_to_unicode()[b]) for b in text.encode()):
         assert ids == hf_smol_digits.encode(text, add_special_tokens=False)
         assert smol.decode(ids) == text
 
@@ -428,3 +440,53 @@ def test_the_vocabulary_strings_are_kept_once(name: str) -> None:
     assert all(again.token_to_piece(i) is tok.token_to_piece(i) for i in range(tok.vocab_size))
     if tok._encoder is not None:
         assert all(id(p) in pieces for pair in tok._encoder.ranks for p in pair)
+
+
+
+# ---- byte-level BPE without `tokenizers` until it is asked for -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [v for v in COPIED if v not in ("llama-spm", "bert-bge")])
+def test_byte_level_decoding_matches_tokenizers(name):
+    """GGUF byte-level BPE vocabularies decode in Python (the `tokenizers` object is built only for export): the
+    same text as `tokenizers`' own decode of every single token, of byte tokens that are invalid UTF-8 together,
+    and of random runs of tokens with the specials among them."""
+    tok = Tokenizer.from_gguf(vocab_file(name))
+    hf = Tokenizer.from_gguf(vocab_file(name)).hf_tokenizer()
+    n = tok.vocab_size
+    assert n == hf.get_vocab_size(with_added_tokens=True)
+    singles = [[i] for i in range(n)]
+    assert [tok.decode(ids) for ids in singles] == [hf.decode(ids, skip_special_tokens=False) for ids in singles]
+    rng = random.Random(0)
+    pieces = {tok.token_to_piece(i): i for i in range(n)}
+    byte_ids = [pieces[c] for c in bytes_to_unicode().values() if c in pieces]
+    assert len(byte_ids) > 200
+    specials = sorted(tok.special_tokens.values())
+    runs = [[rng.choice(byte_ids) for _ in range(rng.randint(1, 6))] for _ in range(500)]
+    runs += [[rng.choice(specials) if specials and rng.random() < 0.2 else rng.randrange(n)
+              for _ in range(rng.randint(1, 12))] for _ in range(500)]
+    assert any("\ufffd" in tok.decode(ids) for ids in runs)
+    for ids in runs:
+        assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False), ids
+
+
+def test_a_byte_level_gguf_vocabulary_encodes_and_decodes_without_tokenizers():
+    """`tokenizers` holds a second copy of the vocabulary (~20 MiB for SmolLM2's): it is not even imported to
+    read, encode and decode a byte-level GGUF vocabulary; export builds it."""
+    code = ("import sys; from camelid.tokenizer import Tokenizer; "
+            f"t = Tokenizer.from_gguf({str(vocab_file('qwen2'))!r}); "
+            "ids = t.encode('<|im_start|>Hello, wörld'); assert t.decode(ids) == '<|im_start|>Hello, wörld'; "
+            "assert 'tokenizers' not in sys.modules, 'imported'; t.hf_tokenizer(); "
+            "assert 'tokenizers' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "ok", out.stderr[-600:]
+
+
+def test_merges_of_pieces_that_are_not_tokens_are_one_line_errors(tmp_path):
+    """A merge whose merged piece is not a token made `tokenizers` panic; every merge is checked on reading."""
+    for merges in (["a b"], ["a c"]):
+        path = _gguf_with(tmp_path / "v.gguf", **{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+                                                  "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": merges})
+        with pytest.raises(CamelidError, match="the merges do not fit the tokens") as e:
+            Tokenizer.from_gguf(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
