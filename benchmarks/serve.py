@@ -7,8 +7,8 @@
     python benchmarks/serve.py steps --threads 1 --cpu-time --modes int4 --position 300 --spread 1 \
         --no-per-layer --root DIR                        # another checkout's C++ step, to alternate with this one
     python benchmarks/serve.py steps ... --kv-dtypes fp32,fp16   # the step over an fp32 and an fp16 KV cache
-    python benchmarks/serve.py steps ... --shared 256 --no-interleave  # rows sharing a 256-position prefix (read
-                                                         # from the first row); the int8/int4 weights not interleaved
+    python benchmarks/serve.py steps ... --shared 256 --interleave  # rows sharing a 256-position prefix (read
+                                                         # from the first row); int8/int4 weights interleaved
     python benchmarks/serve.py loop [--threads 2] [--kv-dtypes fp16]  # the engine's loop without HTTP: where a
                                                          # step's time goes, and the process's CPU ms per token
 
@@ -21,7 +21,8 @@ concurrency level (all tokens / its wall time). Then the prefix cache at one str
 system prompt was seen before (a hit) against one whose system prompt starts with a fresh nonce (a miss).
 
 Engines:
-  camelid:MODE[:KV]     `camelid serve smollm2-135m-instruct --quantize MODE --slots 8 --ctx 2048 [--kv-dtype KV]`
+  camelid:MODE[:OPTS]   `camelid serve smollm2-135m-instruct --quantize MODE --slots 8 --ctx 2048`; OPTS, comma-
+                        separated: fp16 or fp32 (--kv-dtype), interleave (--interleave)
   llama-server:GGUF     llama.cpp's server, `-np 8 -c 16384` (8 slots of 2048), continuous batching on; the
                         binary from --llama-server, else `llama-server` on PATH, else the one that
                         `python benchmarks/llama_server.py` built (once, into a cache folder) from the llama.cpp
@@ -115,10 +116,13 @@ def start(engine: str, threads: int, llama_server: str | None, log: Path) -> tup
     kind, _, arg = engine.partition(":")
     port = free_port()
     if kind == "camelid":
-        mode, _, kv = arg.partition(":")  # camelid:int4:fp16 serves with --kv-dtype fp16
+        # camelid:int4:fp16 serves with --kv-dtype fp16, camelid:int4:interleave (or :fp16,interleave) with
+        # --interleave
+        mode, _, opts = arg.partition(":")
+        kv = next((o for o in opts.split(",") if o in ("fp16", "fp32")), "")
         cmd = [sys.executable, "-m", "camelid", "serve", MODEL, "--quantize", mode or "int4", "--slots", str(SLOTS),
                "--ctx", str(CTX), "--threads", str(threads), "--port", str(port), "--quiet",
-               *(["--kv-dtype", kv] if kv else [])]
+               *(["--kv-dtype", kv] if kv else []), *(["--interleave"] if "interleave" in opts.split(",") else [])]
         ready = "/health"
     elif kind == "llama-server":
         binary = llama_server or shutil.which("llama-server") or built_llama_server()
@@ -346,7 +350,7 @@ def steps(args: argparse.Namespace) -> None:
         context = args.position + args.spread * 15 + 1
         # not started: its cache and step (kv_dtype only where asked, so that older checkouts run too)
         engine = Engine(model, slots=16, context=context, prefix_cache_bytes=0, **kv_option(kv),
-                        **({} if args.interleave else {"interleave": False}))
+                        **({"interleave": True} if args.interleave else {}))
         label = (mode if kv == "default" else f"{mode} {kv} KV") + (f", {args.shared} shared" if args.shared else "")
         one = None
         with torch.inference_mode():
@@ -484,8 +488,8 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="(steps) a camelid checkout to import instead of this one")
     parser.add_argument("--shared", type=int, default=0, help="(steps) positions every row shares with the first "
                                                               "(a multiple of 16, below --position)")
-    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
-                        help="(steps) the engine's interleaved int8/int4 weights for batched steps")
+    parser.add_argument("--interleave", action="store_true",
+                        help="(steps) the engine's interleaved int8/int4 weights for batched steps (--interleave)")
     parser.add_argument("--per-layer", action=argparse.BooleanOptionalAction, default=True,
                         help="(steps) also time the per-layer forward, alternating with the C++ step")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -6,6 +6,7 @@ but /health and the page. Startup lines go to stderr; the address is the last of
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -21,7 +22,7 @@ def build(model: str, *, quantize: str = "fp32", slots: int = 8, context: int | 
           prefix_cache_mb: int = 256, max_tokens: int = 4096, timeout: float = 600.0, max_body_kb: int = 1024,
           api_key: str | None = None, cors_origin: list[str] | None = None, embedding_model: str | None = None,
           name: str | None = None, adapters: list[str] | None = None, kv_dtype: str = "fp32",
-          interleave: bool = True, quiet: bool = True) -> Any:
+          interleave: bool = False, quiet: bool = True) -> Any:
     """Load the model, start the engine and return the FastAPI app (its engine is app.state.served.engine).
     `adapters`: NAME=DIR LoRA adapters, each served as the model NAME (the base with the adapter merged, loaded
     as `camelid.load(model, quantize=..., adapter=DIR)` loads it). `kv_dtype`: fp32 or fp16 KV cache.
@@ -94,6 +95,25 @@ def parse_adapters(specs: list[str], base_name: str) -> dict[str, str]:
     return out
 
 
+# GNU OpenMP's workers spin for a while after each parallel region (300,000 iterations by default) before they
+# sleep. Between decode steps that spinning takes the cores from the threads that stream the tokens (and from a
+# client on the same machine): on 2 cores, 8 streams got ~1.4x more tokens/s with a short spin
+# (benchmarks/README.md, "Serving: idle OpenMP workers"). libgomp reads the setting once, when PyTorch loads it.
+SERVE_SPINCOUNT = "10000"
+
+
+def yield_idle_cores() -> None:
+    """Run this process again with GOMP_SPINCOUNT=SERVE_SPINCOUNT unless GOMP_SPINCOUNT or OMP_WAIT_POLICY is set
+    (the user's choice wins); the setting only takes effect in a process that has not loaded OpenMP yet."""
+    if ("GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ or not hasattr(os, "execv")
+            or sys.argv[1:2] != ["serve"]):  # not `camelid serve ...` itself (an app driven in-process)
+        return
+    os.environ["GOMP_SPINCOUNT"] = SERVE_SPINCOUNT
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "camelid", *sys.argv[1:]])
+
+
 @app.command()
 def serve(
     model: str = typer.Argument(DEFAULT_MODEL, help="model name (camelid list), HF dir, .gguf or Meta dir"),
@@ -119,12 +139,14 @@ def serve(
                                                             "(repeatable; requests choose it by `model`)"),
     kv_dtype: str = typer.Option("fp32", "--kv-dtype", help="what the KV cache stores: fp32, or fp16 (half the "
                                                             "memory and attention reads; keys and values rounded)"),
-    interleave: bool = typer.Option(True, help="int8/int4: keep a copy of the weights laid out for steps of "
-                                              "several sequences (faster batches; +1 or +0.56 bytes per weight)"),
+    interleave: bool = typer.Option(False, help="int8/int4: keep a copy of the weights laid out for batched "
+                                               "steps (~1.4x faster; +1 or +0.56 bytes per weight; logits equal "
+                                               "`camelid generate`'s only up to float summation order)"),
     threads: int | None = typer.Option(None, min=1, help="CPU threads for the model (default: PyTorch's)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="only errors on stderr"),
 ) -> None:
     """Serve MODEL over OpenAI's API (chat, completions, embeddings, ...) with a web chat at /."""
+    yield_idle_cores()
     import torch
     import uvicorn
 

@@ -163,14 +163,16 @@ class Engine:
                  prefill_chunk: int = 256, prefix_cache_bytes: int = 256 << 20, prefix_block: int = 16,
                  metrics: Metrics | None = None, use_decode_step: bool = True,
                  adapters: dict[str, Llama] | None = None, kv_dtype: str | torch.dtype | None = None,
-                 interleave: bool = True) -> None:
+                 interleave: bool = False) -> None:
         """kv_dtype: what the KV cache stores, "fp32" or "fp16" (None: the model's dtype). An fp16 cache halves
         the bytes each step's attention reads; keys and values are rounded to fp16 when written (prefill and
         step) and attention still computes in fp32.
 
         interleave: with more than one slot, the C++ step of an int8/int4 model keeps a second copy of the
-        weights laid out for several sequences at once (`camelid.variants.decode_step.decode_step`): faster steps
-        of several sequences, for 1 (int8) or 0.56 (int4) bytes per weight more memory."""
+        weights laid out for several sequences at once (`camelid.variants.decode_step.decode_step`): ~1.4x faster
+        steps, for 1 (int8) or 0.56 (int4) bytes per weight more memory; its logits equal the plain step's (and
+        `camelid generate`'s) up to float summation order, which int8 activations can amplify into a different
+        greedy token."""
         cfg = model.config
         for name, other in (adapters or {}).items():
             if other.config != cfg or other.norm.weight.dtype != model.norm.weight.dtype:

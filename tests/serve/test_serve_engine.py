@@ -294,3 +294,14 @@ def test_adapter_models_share_the_slots_and_keep_their_own_tokens(fast: bool,
 def test_an_unknown_kv_dtype_is_one_line() -> None:
     with pytest.raises(CamelidError, match="KV-cache dtype 'int3': choose one of fp32, fp16"):
         Engine(model_for("fp32"), slots=1, context=16, kv_dtype="int3")
+
+
+@needs_kernels
+def test_interleaved_weights_are_opt_in_and_only_for_batches() -> None:
+    from camelid.ops import native
+
+    model = model_for("int4")
+    wide = native.module().isa().endswith("avx512-q8")  # the interleaved kernels' build
+    assert Engine(copy.deepcopy(model), slots=2, context=32).step.interleaved_bytes == 0
+    assert (Engine(copy.deepcopy(model), slots=2, context=32, interleave=True).step.interleaved_bytes > 0) == wide
+    assert Engine(copy.deepcopy(model), slots=1, context=32, interleave=True).step.interleaved_bytes == 0
