@@ -57,11 +57,17 @@ static inline float min_term(const at::Half* row_min, const float* xs, int64_t G
 // AVX2: while a block of 4 rows is summed, the next block (the 4 rows that follow in memory) is prefetched, one
 // cache line per row per 16 floats: the hardware prefetchers alone leave the loop waiting on memory (measured
 // ~10% faster steps at 1 thread). A prefetch never faults, so running past n1 or the matrix is harmless.
-// AVX-512: one 64-byte load is one whole cache line, 8 rows at a time (then 4), a masked tail for any K, and
-// no software prefetch: on a 2-core AMD EPYC (Zen 5) the whole fp32 decode step ran ~10% faster at 1 thread
-// than with the AVX2 loop and its prefetches (interleaved processes), and adding prefetches (T0 or NTA, next
-// block) to this loop made it slower, not faster.
+// AVX-512 on AMD CPUs: one 64-byte load is one whole cache line, 8 rows at a time (then 4), a masked tail for
+// any K, and no software prefetch: on a 2-core AMD EPYC (Zen 5) the whole fp32 decode step ran ~10% faster at 1
+// thread than with the AVX2 loop and its prefetches, and prefetches (T0 or NTA, next block) in this loop made it
+// slower. On an Intel Xeon the same loop was ~7% slower than the AVX2 one (benchmarks/README.md), so Intel CPUs
+// keep that.
 #if defined(CAMELID_AVX2) && defined(__AVX512F__)
+static inline bool f32_avx512_loop() {
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+}
+
 template <int R>
 static inline void dot_f32_avx512(const float* x, const float* w, int64_t K, int64_t n, float* y) {
   const float* r0 = w + n * K;
@@ -94,9 +100,12 @@ static inline void fma4(const float* r0, const float* r1, const float* r2, const
 static inline void dot_f32(const float* x, const float* w, int64_t K, int64_t n0, int64_t n1, float* y) {
   int64_t n = n0;
 #if defined(CAMELID_AVX2) && defined(__AVX512F__)
-  for (; n + 8 <= n1; n += 8) dot_f32_avx512<8>(x, w, K, n, y);
-  for (; n + 4 <= n1; n += 4) dot_f32_avx512<4>(x, w, K, n, y);
-#elif defined(CAMELID_AVX2)
+  if (f32_avx512_loop()) {
+    for (; n + 8 <= n1; n += 8) dot_f32_avx512<8>(x, w, K, n, y);
+    for (; n + 4 <= n1; n += 4) dot_f32_avx512<4>(x, w, K, n, y);
+  }
+#endif
+#ifdef CAMELID_AVX2
   if (K % 8 == 0) {
     for (; n + 4 <= n1; n += 4) {
       const float *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
