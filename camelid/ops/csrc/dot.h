@@ -58,9 +58,9 @@ static inline float min_term(const at::Half* row_min, const float* xs, int64_t G
 // cache line per row per 16 floats: the hardware prefetchers alone leave the loop waiting on memory (measured
 // ~10% faster steps at 1 thread). A prefetch never faults, so running past n1 or the matrix is harmless.
 // AVX-512 on AMD CPUs: one 64-byte load is one whole cache line, 8 rows at a time (then 4), a masked tail for
-// any K, and no software prefetch: on a 2-core AMD EPYC (Zen 5) the whole fp32 decode step ran ~10% faster at 1
-// thread than with the AVX2 loop and its prefetches, and prefetches (T0 or NTA, next block) in this loop made it
-// slower. On an Intel Xeon the same loop was ~7% slower than the AVX2 one (benchmarks/README.md), so Intel CPUs
+// any K, and no software prefetch: on a 2-core AMD EPYC (Zen 5) the whole fp32 decode step ran 3-11% faster at 1
+// thread (two runs) than with the AVX2 loop and its prefetches, the weight streaming alone 12%
+// (benchmarks/fp32_stream.cpp), and prefetches (T0 or NTA, next block) in this loop made it slower. On an Intel Xeon the same loop was ~7% slower than the AVX2 one (benchmarks/README.md), so Intel CPUs
 // keep that.
 #if defined(CAMELID_AVX2) && defined(__AVX512F__)
 static inline bool f32_avx512_loop() {
