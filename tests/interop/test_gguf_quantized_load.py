@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import camelid
-from camelid import CamelidError, Llama, LlamaConfig
+from camelid import CamelidError, Llama, LlamaConfig, hugepages
 from camelid.interop import gguf as gguf_io
 from camelid.interop.gguf import load_gguf, save_gguf
 from camelid.interop.meta import from_interleaved
@@ -184,7 +184,9 @@ def test_weights_mapped_from_the_file_are_copy_on_write(tmp_path: Path, monkeypa
     del model
     monkeypatch.setattr(gguf_io, "MAP_AT_LEAST", 0)
     model = camelid.load(path, quantize="fp32", tokenizer=False).model
-    assert _in_mapping_of(model.layers[0].attention.wo.weight, path)
+    assert _in_mapping_of(model.layers[0].attention.wo.weight, path)  # left mapped, not moved to huge pages
+    if hugepages.available():  # the fused products are built, not mapped: they are moved
+        assert hugepages.huge_bytes(model.layers[0].attention.wqkv.weight) >= hugepages.HUGE_PAGE
     with torch.no_grad():
         model.layers[0].attention.wo.weight.add_(1.0)  # memory-mapped: the change stays in this process
         model.norm.weight.zero_()
