@@ -6,7 +6,6 @@ but /health and the page. Startup lines go to stderr; the address is the last of
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -95,25 +94,6 @@ def parse_adapters(specs: list[str], base_name: str) -> dict[str, str]:
     return out
 
 
-# GNU OpenMP's workers spin for a while after each parallel region (300,000 iterations by default) before they
-# sleep. Between decode steps that spinning takes the cores from the threads that stream the tokens (and from a
-# client on the same machine): on 2 cores, 8 streams got ~1.4x more tokens/s with a short spin
-# (benchmarks/README.md, "Serving: idle OpenMP workers"). libgomp reads the setting once, when PyTorch loads it.
-SERVE_SPINCOUNT = "10000"
-
-
-def yield_idle_cores() -> None:
-    """Run this process again with GOMP_SPINCOUNT=SERVE_SPINCOUNT unless GOMP_SPINCOUNT or OMP_WAIT_POLICY is set
-    (the user's choice wins); the setting only takes effect in a process that has not loaded OpenMP yet."""
-    if ("GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ or not hasattr(os, "execv")
-            or sys.argv[1:2] != ["serve"]):  # not `camelid serve ...` itself (an app driven in-process)
-        return
-    os.environ["GOMP_SPINCOUNT"] = SERVE_SPINCOUNT
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "camelid", *sys.argv[1:]])
-
-
 @app.command()
 def serve(
     model: str = typer.Argument(DEFAULT_MODEL, help="model name (camelid list), HF dir, .gguf or Meta dir"),
@@ -146,7 +126,6 @@ def serve(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="only errors on stderr"),
 ) -> None:
     """Serve MODEL over OpenAI's API (chat, completions, embeddings, ...) with a web chat at /."""
-    yield_idle_cores()
     import torch
     import uvicorn
 
