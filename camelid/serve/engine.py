@@ -27,6 +27,7 @@ and values differ).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -396,18 +397,16 @@ class Engine:
         """(source rows, shared positions) for a step of `group`: each sequence reads the longest block chain it
         has in common with an earlier sequence of the group from that sequence's row (the earliest of the
         longest), a whole number of 16 positions; None where no two sequences share a block."""
+        if self.prefix_cache is None:
+            return None
         sources, shared = [], []
         for i, s in enumerate(group):
-            best, source = 0, s.row
+            best, source = 0, 0
             for t in group[:i]:
-                n = 0
-                for a, b in zip(s.kv_blocks, t.kv_blocks, strict=False):
-                    if a != b:
-                        break
-                    n += 1
+                n = len(os.path.commonprefix([s.kv_blocks, t.kv_blocks]))
                 if n > best:
                     best, source = n, t.row
-            positions = best * self.prefix_cache.block // 16 * 16 if self.prefix_cache is not None else 0
+            positions = best * self.prefix_cache.block // 16 * 16
             sources.append(source if positions else 0)
             shared.append(positions)
         return (sources, shared) if any(shared) else None
