@@ -17,10 +17,13 @@ GGUFReader, with every read checked against the file's size).
 from __future__ import annotations
 
 import base64
+import importlib
+import importlib.util
 import json
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
@@ -166,9 +169,41 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 # GGUF
 
 
+def gguf_module() -> Any:
+    """The `gguf` package with only its reader, constants and quants imported: what reading a file needs. The
+    package's own `__init__` also imports its writer, tensor-name tables, vocabulary tools, sentencepiece and
+    yaml (3.4 MiB more of a process); it runs the first time a name beyond those is asked for (`gguf.GGUFWriter`),
+    so `import gguf` elsewhere still gives the whole package."""
+    if "gguf" in sys.modules:
+        return sys.modules["gguf"]
+    spec = importlib.util.find_spec("gguf")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        import gguf  # an unusual installation: the whole package
+
+        return gguf
+    package = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+
+    def complete(name: str) -> Any:
+        del package.__dict__["__getattr__"]
+        loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__dict__["__getattr__"] = complete
+    sys.modules["gguf"] = package
+    try:
+        parts = [importlib.import_module(f"gguf.{m}") for m in ("constants", "quants", "gguf_reader")]
+    except BaseException:
+        del sys.modules["gguf"]
+        raise
+    for part in parts:
+        package.__dict__.update({k: v for k, v in vars(part).items() if not k.startswith("_")})
+    return package
+
+
 @lru_cache(maxsize=1)
 def _checked_reader() -> type:
-    import gguf  # imported on first use: it takes a while, and most commands never open a GGUF file
+    gguf = gguf_module()  # imported on first use: it takes a while, and most commands never open a GGUF file
 
     class CheckedReader(gguf.GGUFReader):
         """gguf.GGUFReader with every read checked against the file's size. The stock reader slices its memory
@@ -252,10 +287,13 @@ def _checked_reader() -> type:
             return field
 
         def strings(self, errors: str = "strict") -> list[str]:
+            return list(self.iter_strings(errors))
+
+        def iter_strings(self, errors: str = "strict") -> Iterator[str]:
             plain, starts, lengths = self.values
             buffer = memoryview(plain)
-            spans = zip(starts.tolist(), lengths.tolist(), strict=True)
-            return [str(buffer[a:a + n], "utf-8", errors) for a, n in spans]
+            for a, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+                yield str(buffer[a:a + n], "utf-8", errors)
 
         def contents(self, index_or_slice: int | slice = slice(None)) -> Any:
             values = self.strings() if self.types[-1] == gguf.GGUFValueType.STRING else self.values.tolist()

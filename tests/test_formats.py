@@ -266,3 +266,18 @@ def test_config_json_in_a_file_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config_to_hf(LlamaConfig.from_name("tiny-gqa"))))
     with pytest.raises(CamelidError, match="a model's config.json; pass the folder that holds it"):
         detect(tmp_path / "config.json")
+
+
+def test_loading_a_gguf_imports_only_the_reader_part_of_gguf(tiny_gguf):
+    """camelid.load of a GGUF file needs gguf-py's reader, constants and quants; the package's writer, vocabulary
+    tools, sentencepiece and yaml are imported only when a name of theirs is asked for."""
+    import subprocess
+    import sys
+
+    code = ("import sys, camelid; camelid.load(sys.argv[1], quantize='int8'); "
+            "print(sorted(m for m in ('yaml', 'sentencepiece', 'gguf.gguf_writer', 'gguf.vocab') "
+            "if m in sys.modules)); "
+            "import gguf; from gguf import GGUFWriter; from gguf.vocab import SpecialVocab; "
+            "print(GGUFWriter is gguf.gguf_writer.GGUFWriter, 'yaml' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_gguf)], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True True"], out.stdout + out.stderr

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 from torch import Tensor
@@ -25,10 +24,12 @@ from tqdm import tqdm
 from camelid.config import ConfigError, LlamaConfig, RopeScaling
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
-from camelid.formats import gguf_value, open_gguf
+from camelid.formats import gguf_module, gguf_value, open_gguf
 from camelid.interop.hf import build_model, hf_state_dict, hf_to_camelid_name
 from camelid.interop.meta import from_interleaved, to_interleaved
 from camelid.model import Llama, rope_inv_freq
+
+gguf = gguf_module()  # the reader's part: loading needs no more (the writer's names import the rest)
 
 # the llama layout, with q/k/v biases (qwen2), q/k norms (qwen3), or fused qkv and gate/up tensors (phi3)
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")

@@ -10,22 +10,25 @@ before use: array lengths agree, ids lie in the vocabulary.
 
 from __future__ import annotations
 
-import sys
+from array import array
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from camelid import heap
 from camelid.errors import CamelidError
 from camelid.formats import gguf_value, open_gguf
-from camelid.tokenizer.bpe import BPEEncoder
+from camelid.tokenizer.bpe import BPEEncoder, merge_ids
 from camelid.tokenizer.ugm import CharsMap, UGMEncoder
 from camelid.tokenizer.vocab import (
     CONTROL,
     NORMAL,
     UNKNOWN,
     USER_DEFINED,
+    Pieces,
     Vocabulary,
     build_bpe,
     build_spm,
@@ -40,19 +43,16 @@ def has_vocabulary(path: Path) -> bool:
     return gguf_value(open_gguf(path), "tokenizer.ggml.model") is not None
 
 
-def _strings(reader: Any, key: str, path: Path, intern: bool = False) -> list[str] | None:
-    """An array of strings, decoded leniently (as llama.cpp, which treats tokens as bytes); `intern`: as
-    sys.intern'ed strings."""
+def _strings(reader: Any, key: str, path: Path) -> Iterator[str] | None:
+    """An array of strings, decoded leniently (as llama.cpp, which treats tokens as bytes), one at a time."""
     field = reader.fields.get(key)
     if field is None:
         return None
     if len(field.types) != 2 or field.types[-1].name != "STRING":
         raise CamelidError(f"{path}: {key} is not an array of strings; the file is damaged, re-convert it")
-    if hasattr(field, "strings"):  # camelid.formats' packed array
-        values = field.strings(errors="replace")
-    else:
-        values = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-    return [sys.intern(v) for v in values] if intern else values
+    if hasattr(field, "iter_strings"):  # camelid.formats' packed array
+        return field.iter_strings(errors="replace")
+    return (bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data)
 
 
 # llama.cpp recognises these tokens by their text and makes them control tokens (so they are cut out of the text
@@ -130,6 +130,25 @@ def _bert_piece(token: str, kind: int) -> str:
     return "##" + token
 
 
+def _merge_ids(reader: Any, tokens: Sequence[str], path: Path) -> array:
+    """tokenizer.ggml.merges as camelid.tokenizer.bpe.merge_ids gives them."""
+    def pairs() -> Iterator[tuple[str, str]]:
+        for line in _strings(reader, "tokenizer.ggml.merges", path) or ():
+            left, space, right = line.partition(" ")
+            if not space:
+                raise CamelidError(f"{path}: a tokenizer.ggml.merges entry is not two pieces separated by a space; "
+                                   "the file is damaged, re-convert it")
+            yield left, right
+
+    return merge_ids(tokens, pairs(), str(path))
+
+
+def _build_bpe_from_ids(tokens: Sequence[str], types: list[int], merges: array, *, pre: str, source: str) -> Any:
+    """camelid.tokenizer.vocab.build_bpe with the merges given as `_merge_ids` gives them."""
+    pairs = [(tokens[merges[k]], tokens[merges[k + 1]]) for k in range(0, len(merges), 3)]
+    return build_bpe(list(tokens), types, pairs, pre=pre, source=source)
+
+
 def read_gguf_vocab(path: Path) -> Vocabulary:
     reader = open_gguf(path)
 
@@ -141,12 +160,14 @@ def read_gguf_vocab(path: Path) -> Vocabulary:
         return value
 
     model = get("ggml.model", str)
-    # interned: the merges' pieces and the Tokenizer's own list of pieces then share these strings (for a 50k
-    # vocabulary ~10 MiB less than a copy each)
-    tokens = _strings(reader, "tokenizer.ggml.tokens", path, intern=True)
-    if model is None or tokens is None:
+    # one UTF-8 blob, not 50k-150k Python strings (camelid.tokenizer.vocab.Pieces)
+    strings = _strings(reader, "tokenizer.ggml.tokens", path)
+    if model is None or strings is None:
         raise CamelidError(f"{path}: has no embedded vocabulary (tokenizer.ggml.* keys); pass the model's "
                            "tokenizer.json folder instead")
+    tokens: Sequence[str] = Pieces(strings)
+    if model not in ("gpt2", "gemma4"):  # these build a `tokenizers` object from a list anyway
+        tokens = list(tokens)
     n = len(tokens)
     types = get("ggml.token_type", list, [NORMAL] * n)
     scores = get("ggml.scores", list)
@@ -170,26 +191,17 @@ def read_gguf_vocab(path: Path) -> Vocabulary:
                        add_space_prefix=True if add_space_prefix is None else add_space_prefix)
         kind, pre, add_bos_default = "spm", None, True
     elif model in ("gpt2", "gemma4"):
-        lines = _strings(reader, "tokenizer.ggml.merges", path) or []
-        merges = [tuple(map(sys.intern, m.split(" ", 1))) for m in lines]
-        del lines
-        if any(len(m) != 2 for m in merges):
-            raise CamelidError(f"{path}: a tokenizer.ggml.merges entry is not two pieces separated by a space; the "
-                               "file is damaged, re-convert it")
         # llama.cpp: Gemma 4's vocabulary type implies its pre-tokenizer; a missing one means "default"
         pre = "gemma4" if model == "gemma4" else get("ggml.pre", str) or "default"
         row = pre_tokenizer(pre, str(path))
+        merges = _merge_ids(reader, tokens, path)
         if row.byte_level:  # encoded by `encoder`, decoded by decode_byte_level: `tokenizers` only on demand
-            build_hf = partial(build_bpe, tokens, types, merges, pre=pre, source=str(path))
+            build_hf = partial(_build_bpe_from_ids, tokens, types, merges, pre=pre, source=str(path))
             first = vocab_dict(tokens)  # (a repeated piece's later ids are no token to `tokenizers` either)
-            pieces = tokens if len(first) == n else [t if first[t] == i else "" for i, t in enumerate(tokens)]
-            bad = next((m for m in merges if m[0] not in first or m[1] not in first or m[0] + m[1] not in first),
-                       None)
-            if bad is not None:  # what building `hf` would find (or panic on: a merged piece missing)
-                raise CamelidError(f"{path}: the merges do not fit the tokens ({' '.join(bad)!r}: a piece or their "
-                                   "merge is not a token); the vocabulary is damaged")
+            pieces = tokens if len(first) == n else Pieces(t if first[t] == i else "" for i, t in enumerate(tokens))
+            del first
         else:
-            hf = build_bpe(tokens, types, merges, pre=pre, source=str(path))
+            hf = _build_bpe_from_ids(tokens, types, merges, pre=pre, source=str(path))
         lstrip, rstrip = _strip_ids(reader, tokens, types)
         encoder = BPEEncoder(tokens, types, merges, row, lstrip=lstrip, rstrip=rstrip)
         kind, add_bos_default = "bpe", row.add_bos
@@ -218,6 +230,7 @@ def read_gguf_vocab(path: Path) -> Vocabulary:
         raise CamelidError(f"{path}: GGUF vocabulary kind {model!r} (tokenizer.ggml.model) is not supported; "
                            "camelid reads 'llama' (SentencePiece), 'gpt2' and 'gemma4' (BPE), 'bert' (WordPiece) "
                            "and 't5' (unigram)")
+    heap.trim()  # the pages of the temporary lookup tables, which glibc's heap would keep
     return Vocabulary(kind=kind, hf=hf, build_hf=build_hf, pieces=pieces, encoder=encoder, pre=pre,
                       bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"],
                       unk_id=ids["unknown_token_id"], pad_id=ids["padding_token_id"],

@@ -4,6 +4,7 @@ vectors, llama.cpp itself (llama-cpp-python) and transformers' GGUF loader."""
 from __future__ import annotations
 
 import copy
+import pickle
 import random
 import re
 import subprocess
@@ -31,7 +32,8 @@ from tokenizer_helpers import (
 from camelid.errors import CamelidError
 from camelid.formats import gguf_value, open_gguf
 from camelid.tokenizer import PRE_TOKENIZERS, Tokenizer, bytes_to_unicode
-from camelid.tokenizer.bpe import BPEEncoder
+from camelid.tokenizer.bpe import BPEEncoder, merge_ids
+from camelid.tokenizer.vocab import Pieces
 
 # ---- llama.cpp's reference tokenisations ---------------------------------------------------------------------
 
@@ -281,7 +283,7 @@ def test_every_pre_tokenizer_matches_llama_cpp_on_random_text(tmp_path, gpt2_arr
     tok = copy.copy(tok)
     tok.pre = pre
     llm = open_llama_cpp(write_vocab_gguf(tok, tmp_path / "v.gguf"))
-    ours = BPEEncoder(tokens, types, merges, PRE_TOKENIZERS[pre])
+    ours = BPEEncoder(tokens, types, merge_ids(tokens, merges), PRE_TOKENIZERS[pre])
 
     # "whitespace" belongs to a vocabulary type that drops spaces first: on a gpt2 vocabulary llama.cpp aborts
     # (GGML_ASSERT) on a piece holding a space, so that row is compared on text without one
@@ -421,7 +423,7 @@ def test_a_vocabulary_only_gguf_reads_back_its_keys(tmp_path):
 
 def test_a_gguf_bpe_tokenizer_pickles() -> None:
     """Worker processes receive tokenizers by pickle: the encoder's compiled splitter is rebuilt on the other side."""
-    import pickle
+
 
     tok = vocab("falcon")
     back = pickle.loads(pickle.dumps(tok))
@@ -429,18 +431,29 @@ def test_a_gguf_bpe_tokenizer_pickles() -> None:
         assert back.encode(text) == ids
 
 
-@pytest.mark.parametrize("name", ["gpt-2", "llama-spm"])
-def test_the_vocabulary_strings_are_kept_once(name: str) -> None:
-    """The Tokenizer's pieces and the BPE merges' pieces are the strings read from the file, not copies (for a
+def test_the_vocabulary_strings_are_kept_once() -> None:
+    """A SentencePiece vocabulary's pieces are the interned strings `tokenizers` hands out, not copies (for a
     128k-token vocabulary, tens of MiB)."""
-    tok = Tokenizer.from_gguf(vocab_file(name))
+    tok = Tokenizer.from_gguf(vocab_file("llama-spm"))
     pieces = {id(tok.token_to_piece(i)) for i in range(tok.vocab_size)}
     assert len(pieces) > tok.vocab_size * 0.99  # distinct strings: duplicates in the file are rare
-    again = Tokenizer.from_gguf(vocab_file(name))
+    again = Tokenizer.from_gguf(vocab_file("llama-spm"))
     assert all(again.token_to_piece(i) is tok.token_to_piece(i) for i in range(tok.vocab_size))
-    if tok._encoder is not None:
-        assert all(id(p) in pieces for pair in tok._encoder.ranks for p in pair)
 
+
+def test_a_byte_level_vocabulary_is_kept_compact() -> None:
+    """GPT-2's 50k tokens and 50k merges, as a GGUF BPE tokenizer keeps them (strings as one UTF-8 blob, merges
+    and lookups as arrays of ids): ~3 MiB of Python objects, where dicts of strings, tuples and ints took ~20."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tok = Tokenizer.from_gguf(vocab_file("gpt-2"))
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tok.vocab_size == 50257 and tok._hf is None
+    assert size < 5 * 2**20, size / 2**20
 
 
 # ---- byte-level BPE without `tokenizers` until it is asked for -------------------------------------------------
@@ -490,3 +503,27 @@ def test_merges_of_pieces_that_are_not_tokens_are_one_line_errors(tmp_path):
         with pytest.raises(CamelidError, match="the merges do not fit the tokens") as e:
             Tokenizer.from_gguf(path)
         assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pieces_are_the_strings_they_were_given():
+    """camelid.tokenizer.vocab.Pieces: one UTF-8 blob and offsets, read back as the same strings."""
+    strings = ["a", "", "Ġthe", "▁▁", "é🦙", "<|im_end|>", "a"]
+    pieces = Pieces(strings)
+    assert len(pieces) == len(strings) and list(pieces) == strings and pieces == strings
+    assert [pieces[i] for i in range(-len(strings), len(strings))] == strings + strings
+    assert pieces[1:5] == strings[1:5] and pieces[::-2] == strings[::-2]
+    assert pieces.index("a") == 0 and "é🦙" in pieces and "b" not in pieces
+    assert pickle.loads(pickle.dumps(pieces)) == pieces
+    with pytest.raises(IndexError):
+        pieces[len(strings)]
+
+
+def test_bpe_encoder_finds_a_repeated_token_by_its_last_id():
+    """As llama.cpp's token -> id map: a string the vocabulary repeats encodes as its last id; merges fire on
+    the pieces' ids."""
+    tokens = ["a", "b", "ab", "a", "ab", "c"]
+    encoder = BPEEncoder(tokens, [1] * 6, merge_ids(tokens, [("a", "b")]), PRE_TOKENIZERS["default"])
+    assert [encoder.token_id(t) for t in ("a", "b", "ab", "c", "abc", "")] == [3, 1, 4, 5, None, None]
+    assert encoder.encode("abcab") == [4, 5, 4] and encoder.encode("ba") == [1, 3]
+    with pytest.raises(CamelidError, match="the merges do not fit the tokens"):
+        merge_ids(tokens, [("b", "c")])
