@@ -126,17 +126,15 @@ class BPEEncoder:
         self.pre = pre
         self.pieces = pieces
         n = self.n = len(pieces)
-        keys = array("q", (left * n + right for left, right in zip(merges[0::3], merges[1::3], strict=True)))
-        merged = array("q", merges[2::3])
-        order = np.argsort(np.frombuffer(keys, np.int64) if keys else np.empty(0, np.int64), kind="stable")
-        sorted_keys = np.frombuffer(keys, np.int64)[order] if keys else np.empty(0, np.int64)
+        triples = np.frombuffer(merges, np.int32).reshape(-1, 3).astype(np.int64)
+        keys = triples[:, 0] * n + triples[:, 1]
+        order = np.argsort(keys, kind="stable")
         first = np.ones(len(order), bool)  # a repeated pair keeps its first (lowest) rank
-        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        self._keys = array("q", sorted_keys[first].tobytes())
-        self._ranks = array("q", order[first].astype(np.int64).tobytes())
-        self._merged = array("q", (np.frombuffer(merged, np.int64)[order[first]] if keys
-                                   else np.empty(0, np.int64)).tobytes())
-        self._by_string = array("q", _sorted_ids(pieces).tobytes())
+        first[1:] = keys[order[1:]] != keys[order[:-1]]
+        self._keys = array("q", keys[order[first]].tobytes())
+        self._ranks = array("i", order[first].astype(np.int32).tobytes())
+        self._merged = array("i", triples[order[first], 2].astype(np.int32).tobytes())
+        self._by_string = array("i", _sorted_ids(pieces).astype(np.int32).tobytes())
         self._char_ids = {pieces[i]: i for i in self._by_string if len(pieces[i]) == 1}
         self.specials = special_tokens(pieces, types, lstrip=lstrip, rstrip=rstrip)
         self._cache: dict[str, list[int]] = {}
