@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class Tokenizer:
                  unk_id: int | None = None, pad_id: int | None = None, add_bos: bool = False,
                  chat_template: str | None = None, token_types: list[int] | None = None,
                  scores: list[float] | None = None, max_len: int | None = None, encoder: Any = None,
-                 build_hf: Callable[[], Any] | None = None, pieces: list[str] | None = None) -> None:
+                 build_hf: Callable[[], Any] | None = None, pieces: Sequence[str] | None = None) -> None:
         if (hf is None and build_hf is None) == (tiktoken_encoding is None) or (build_hf is None) != (pieces is None):
             raise ValueError("give exactly one backend")
         self._hf = hf
@@ -69,7 +69,7 @@ class Tokenizer:
             self._pieces = pieces
         else:
             n = self._hf.get_vocab_size(with_added_tokens=True)
-            # interned: a GGUF vocabulary's strings are (camelid.tokenizer.gguf), so these are those, not copies
+            # interned: Tokenizers of one vocabulary (a server's, its workers') share the strings
             self._pieces = [sys.intern(self._hf.id_to_token(i) or "") for i in range(n)]
         self._ids: dict[str, int] | None = None  # built by the first id_of (a 50k vocabulary's: ~3 MiB)
         self._types = token_types or self._infer_types()
