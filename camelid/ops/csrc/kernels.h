@@ -7,8 +7,8 @@
 at::Tensor gemv_f32(at::Tensor x, at::Tensor w);
 at::Tensor gemv_int8(at::Tensor x, at::Tensor w, at::Tensor scale);
 at::Tensor gemv_int4(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor minimum);
-at::Tensor dequant_int8(at::Tensor w, at::Tensor scale);
-at::Tensor dequant_int4(at::Tensor w, at::Tensor scale, at::Tensor minimum);
+at::Tensor dequant_int8(at::Tensor w, at::Tensor scale, std::optional<at::Tensor> out);
+at::Tensor dequant_int4(at::Tensor w, at::Tensor scale, at::Tensor minimum, std::optional<at::Tensor> out);
 
 // rmsnorm.cpp
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
