@@ -18,13 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camelid.ops import native
+from camelid.ops import linear, native
 from camelid.ops.rope import reference as rope_reference
 
 # Forward + backward against SDPA on 2 threads (benchmarks/train_kernels.py): 1.33x at 256 tokens, 1.56x at 512,
 # 1.16x at 1024, 0.96x at 2048, where SDPA's 512-key blocks skip most of the masked square themselves.
 MAX_ATTENTION_T = 1024
 MAX_FUSED_TOKENS = 8  # decode steps and speculative verification; prompts go through SDPA
+# Prompts of at least this many tokens on oneDNN machines: `_chunked_prompt_attention` (oneDNN's GEMMs) instead
+# of SDPA, whose CPU kernel multiplies with torch's BLAS (MKL: slow on AMD, `linear.gemm_library`)
+MIN_PROMPT_CHUNKED_T = 64
+PROMPT_QUERY_CHUNK = 128  # query rows per score block: [rows x keys] stays in cache
 
 _blas: bool | None = None  # the training kernel also needs PyTorch's BLAS (sgemm_), which every x86 wheel has
 
@@ -176,7 +180,64 @@ def cached_attention(qkv: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | 
             upto = int(positions.max()) + 1
             mask = mask[..., :upto]
         k, v = cache.update(positions, k, v, upto)
+    if _why_not_chunked(q, k, mask) is None:
+        out = _chunked_prompt_attention(q, k, v, mask)
+        if out is not None:
+            return out.view(B, T, n_heads * d)
     return reference(q, k, v, mask).transpose(1, 2).reshape(B, T, n_heads * d)
+
+
+def _why_not_chunked(q: Tensor, k: Tensor, mask: Tensor | None) -> str | None:
+    """None when a prompt's attention goes through `_chunked_prompt_attention`, else why not."""
+    if torch.compiler.is_compiling():
+        return "under torch.compile, inductor lowers SDPA itself"
+    if q.shape[2] < MIN_PROMPT_CHUNKED_T:
+        return f"fewer than {MIN_PROMPT_CHUNKED_T} new tokens"
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32:
+        return "fp32 CPU tensors only"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return "with autograd (SDPA has the backward)"
+    if linear.gemm_library()[0] != "onednn":
+        return "torch's GEMM is the fast one on this CPU, and SDPA uses it"
+    if mask is None and q.shape[2] != k.shape[2]:
+        return "no mask and fewer queries than keys"
+    return None
+
+
+def _chunked_prompt_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
+    """`reference` for a prompt, q [B, H, T, d], k and v [B, KV, S, d] (mask as there; None: causal, S == T),
+    returned as [B, T, H, d]: per row, key/value head and block of PROMPT_QUERY_CHUNK queries, scores = the
+    group's queries times its keys, masked, softmax, times its values, with oneDNN's GEMM (`linear.matmul_t`),
+    over the keys some query of the block sees (the causal triangle, block by block). None when a query sees no
+    key at all (left padding: SDPA's convention for such rows stands)."""
+    B, H, T, d = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    rep = H // KV
+    masks = mask.reshape(-1, T, S) if mask is not None else torch.ones(1, T, S, dtype=torch.bool).tril()
+    if int(masks.view(torch.uint8).amax(-1).amin()) == 0:
+        return None
+    out = q.new_empty(B, T, H, d)
+    scale = d ** -0.5
+    for b in range(B):
+        visible = masks[b if masks.shape[0] > 1 else 0]
+        for t0 in range(0, T, PROMPT_QUERY_CHUNK):
+            t1 = min(T, t0 + PROMPT_QUERY_CHUNK)
+            rows = visible[t0:t1].view(torch.uint8)  # (uint8 reductions: several times faster than bool any/all)
+            keys = int(rows.amax(0).nonzero()[-1]) + 1  # up to the last key a query sees (there is one)
+            # the mask is applied from the first column some query may not see (causal: the block's triangle)
+            masked = (rows[:, :keys].amin(0) == 0).nonzero()
+            cut = int(masked[0]) if len(masked) else keys
+            hidden = ~visible[t0:t1, cut:keys]
+            for g in range(KV):
+                heads = slice(g * rep, (g + 1) * rep)
+                scores = linear.matmul_t(q[b, heads, t0:t1].reshape(-1, d) * scale, k[b, g, :keys])
+                scores = scores.view(rep, t1 - t0, keys)
+                if cut < keys:
+                    scores[..., cut:].masked_fill_(hidden, float("-inf"))
+                probs = torch.softmax(scores, dim=-1).view(-1, keys)
+                o = linear.matmul_t(probs, v[b, g, :keys].t())
+                out[b, t0:t1, heads] = o.view(rep, t1 - t0, d).transpose(0, 1)
+    return out
 
 
 def choose(q: Tensor | None = None) -> native.Choice:
