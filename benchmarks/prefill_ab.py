@@ -6,10 +6,11 @@ Usage:
     python benchmarks/prefill_ab.py --gguf int8=PATH.Q8_0.gguf --gguf int4=PATH.Q4_1.gguf --gguf fp32=PATH.F32.gguf
         [--tokens 512] [--threads 1] [--rounds 5] [--at-once 262144 --at-once 1048576] [--attention]
 
-Variants: `fresh` dequantises each block of a prompt product into a newly allocated tensor (as camelid did
-before its scratch buffer), `scratch` into the thread's reused buffer (camelid's path; with --at-once N, one
-variant per block size N); with --attention, `sdpa` forces PyTorch's SDPA for prompt attention against camelid's
-choice. KIND is the quantize= argument of camelid.load (fp32, int8, int4). Figures: best and median of --rounds.
+Variants: by default `before` (each block of a prompt product dequantised into a newly allocated tensor, 1M
+values a block, prompt attention through PyTorch's SDPA) against `camelid` (its scratch buffer, DEQUANTIZE_AT_ONCE
+and prompt attention as chosen). With --at-once N...: `fresh` blocks against the scratch buffer with each block
+size N; with --attention: SDPA against camelid's prompt attention. KIND is the quantize= argument of camelid.load
+(fp32, int8, int4). Figures: best and median of --rounds; the ratio is the first variant's median over each.
 """
 
 from __future__ import annotations
@@ -51,16 +52,25 @@ def patched(module: object, name: str, value: object) -> Iterator[None]:
         setattr(module, name, old)
 
 
+def before() -> contextlib.AbstractContextManager:
+    """Prompt products with a fresh tensor per block of 1M values, prompt attention through SDPA."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(patched(linear, "_dequantized_product", fresh_blocks))
+    stack.enter_context(patched(linear, "DEQUANTIZE_AT_ONCE", 1 << 20))
+    stack.enter_context(patched(attention, "MIN_PROMPT_CHUNKED_T", 1 << 62))
+    return stack
+
+
 def variants(args: argparse.Namespace) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
-    out: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
     if args.attention:
-        out["camelid"] = contextlib.nullcontext
-        out["sdpa"] = lambda: patched(attention, "MIN_PROMPT_CHUNKED_T", 1 << 62)
+        return {"sdpa": lambda: patched(attention, "MIN_PROMPT_CHUNKED_T", 1 << 62), "camelid": contextlib.nullcontext}
+    if args.at_once:
+        out: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+            "fresh": lambda: patched(linear, "_dequantized_product", fresh_blocks)}
+        for n in args.at_once:
+            out[f"scratch {n}"] = lambda n=n: patched(linear, "DEQUANTIZE_AT_ONCE", n)
         return out
-    out["fresh"] = lambda: patched(linear, "_dequantized_product", fresh_blocks)
-    for n in args.at_once or [linear.DEQUANTIZE_AT_ONCE]:
-        out[f"scratch {n}"] = lambda n=n: patched(linear, "DEQUANTIZE_AT_ONCE", n)
-    return out
+    return {"before": before, "camelid": contextlib.nullcontext}
 
 
 def main() -> None:
@@ -96,7 +106,7 @@ def main() -> None:
         base = statistics.median(cpu[next(iter(cases))])
         for name in cases:
             c, w = statistics.median(cpu[name]), statistics.median(wall[name])
-            print(f"{kind:5s} {name:16s} cpu s best {min(cpu[name]):.3f} median {c:.3f} (x{base / c:.2f} vs first)"
+            print(f"{kind:5s} {name:16s} cpu s best {min(cpu[name]):.3f} median {c:.3f} (x{base / c:.2f})"
                   f"  wall best {min(wall[name]):.3f} median {w:.3f}  {args.tokens / c:.0f} tok/cpu-s"
                   f"  page faults {int(statistics.median(faults[name]))}")
     print(f"load average {os.getloadavg()}")

@@ -4,7 +4,8 @@ Implementations: `reference` (camelid.model.Attention's math: PyTorch's scaled_d
 [B, H, T, d]); for training, a C++ kernel with its backward (csrc/attention.cpp) that multiplies only the
 causal triangle and reads the projections' [B, T, H, d] layout, registered as the custom op
 `camelid::causal_attention` so `torch.compile` keeps it in its graph; for decoding, one C++ call that splits the
-fused qkv product, applies RoPE, writes the KV cache and attends for a few new tokens. Two dispatch functions,
+fused qkv product, applies RoPE, writes the KV cache and attends for a few new tokens; for long prompts where
+oneDNN is the GEMM library (AMD CPUs), blocks of queries through oneDNN's GEMM. Two dispatch functions,
 one per situation: `causal_attention` (training: whole sequences, autograd) and `cached_attention` (inference:
 new tokens against the KV cache).
 """
@@ -24,7 +25,7 @@ from camelid.ops.rope import reference as rope_reference
 # Forward + backward against SDPA on 2 threads (benchmarks/train_kernels.py): 1.33x at 256 tokens, 1.56x at 512,
 # 1.16x at 1024, 0.96x at 2048, where SDPA's 512-key blocks skip most of the masked square themselves.
 MAX_ATTENTION_T = 1024
-MAX_FUSED_TOKENS = 8  # decode steps and speculative verification; prompts go through SDPA
+MAX_FUSED_TOKENS = 8  # decode steps and speculative verification; prompts go through SDPA or the blocks below
 # Prompts of at least this many tokens on oneDNN machines: `_chunked_prompt_attention` (oneDNN's GEMMs) instead
 # of SDPA, whose CPU kernel multiplies with torch's BLAS (MKL: slow on AMD, `linear.gemm_library`)
 MIN_PROMPT_CHUNKED_T = 64
@@ -146,7 +147,8 @@ def _why_not_cached(qkv: Tensor, positions: Tensor, cache_k: Tensor) -> str | No
     if torch.compiler.is_compiling():
         return "under torch.compile, inductor fuses the reference ops"
     if qkv.shape[1] > MAX_FUSED_TOKENS:
-        return f"more than {MAX_FUSED_TOKENS} new tokens (a prompt): SDPA"
+        return (f"more than {MAX_FUSED_TOKENS} new tokens (a prompt): SDPA, or from {MIN_PROMPT_CHUNKED_T} tokens "
+                f"on, blocks of queries through oneDNN's GEMM where it is the GEMM library")
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or cache_k.dtype != torch.float32:
         return "the kernel takes fp32 CPU tensors and an fp32 cache"
     if native.module() is None:

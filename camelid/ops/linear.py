@@ -259,17 +259,20 @@ def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-DEQUANTIZE_AT_ONCE = 1 << 20  # weight values a prompt's product dequantises at a time (4 MiB of fp32)
+# weight values a prompt's product dequantises at a time (16 MiB of fp32): each of SmolLM2's layer matrices in one
+# block, no copy of partial outputs (int8 prefill 1.05-1.18x CPU time against 4 MiB blocks, benchmarks/README.md)
+DEQUANTIZE_AT_ONCE = 1 << 22
 _scratch = threading.local()  # per thread: the fp32 buffer `_dequantized_product` dequantises each block into
 
 
 def _scratch_block(numel: int) -> Tensor:
-    """This thread's dequantisation buffer, at least `numel` floats (grown when needed, then kept): one buffer
-    reused by every block of every prompt product, instead of a fresh 4 MiB tensor whose pages the kernel maps,
-    faults in and unmaps each time (a cost that swings with the machine's state)."""
+    """This thread's dequantisation buffer, at least `numel` floats (grown to the largest block asked for, then
+    kept; at most DEQUANTIZE_AT_ONCE floats unless one weight row is longer): one buffer reused by every block of
+    every prompt product, instead of a fresh tensor of megabytes whose pages the kernel maps, faults in and unmaps
+    each time (a cost that swings with the state of the allocator and the machine)."""
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(max(numel, DEQUANTIZE_AT_ONCE), dtype=torch.float32)
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
     return buf
 
 
