@@ -203,6 +203,8 @@ def _why_not_chunked(q: Tensor, k: Tensor, mask: Tensor | None) -> str | None:
         return "torch's GEMM is the fast one on this CPU, and SDPA uses it"
     if mask is None and q.shape[2] != k.shape[2]:
         return "no mask and fewer queries than keys"
+    if mask is not None and not (mask.dim() == 2 or (mask.dim() == 4 and mask.shape[1] == 1)):
+        return "a mask other than [T, S] or [B, 1, T, S]"
     return None
 
 

@@ -227,6 +227,7 @@ def test_which_prompts_take_the_chunked_attention(onednn: None, monkeypatch: pyt
     assert "fewer than" in attention._why_not_chunked(q[:, :, :10], k, None)
     assert "autograd" in attention._why_not_chunked(q.requires_grad_(), k, None)
     assert "fp32" in attention._why_not_chunked(q.detach().double(), k, None)
+    assert "a mask other than" in attention._why_not_chunked(q.detach(), k, torch.ones(1, 4, 80, 80, dtype=torch.bool))
     monkeypatch.setenv("CAMELID_GEMM", "torch")
     linear.gemm_library.cache_clear()
     assert "torch's GEMM" in attention._why_not_chunked(q.detach(), k, None)
