@@ -4,8 +4,8 @@ Implementations: `reference` (camelid.model.Attention's math: PyTorch's scaled_d
 [B, H, T, d]); for training, a C++ kernel with its backward (csrc/attention.cpp) that multiplies only the
 causal triangle and reads the projections' [B, T, H, d] layout, registered as the custom op
 `camelid::causal_attention` so `torch.compile` keeps it in its graph; for decoding, one C++ call that splits the
-fused qkv product, applies RoPE, writes the KV cache and attends for a few new tokens; for long prompts where
-oneDNN is the GEMM library (AMD CPUs), blocks of queries through oneDNN's GEMM. Two dispatch functions,
+fused qkv product, applies RoPE, writes the KV cache and attends for a few new tokens; for long prompts at one
+thread where oneDNN is the GEMM library (AMD CPUs), blocks of queries through oneDNN's GEMM. Two dispatch functions,
 one per situation: `causal_attention` (training: whole sequences, autograd) and `cached_attention` (inference:
 new tokens against the KV cache).
 """
@@ -29,6 +29,10 @@ MAX_FUSED_TOKENS = 8  # decode steps and speculative verification; prompts go th
 # Prompts of at least this many tokens on oneDNN machines: `_chunked_prompt_attention` (oneDNN's GEMMs) instead
 # of SDPA, whose CPU kernel multiplies with torch's BLAS (MKL: slow on AMD, `linear.gemm_library`)
 MIN_PROMPT_CHUNKED_T = 64
+# ... at this many torch threads at most: each block is a handful of small parallel ops, and with 2 threads on a
+# busy 2-core machine their thread synchronisation made one layer 3x slower than SDPA (one parallel loop); to be
+# raised once a quiet machine shows a gain (`benchmarks/prefill_ab.py --attention --threads 2`)
+MAX_PROMPT_CHUNKED_THREADS = 1
 PROMPT_QUERY_CHUNK = 128  # query rows per score block: [rows x keys] stays in cache
 
 _blas: bool | None = None  # the training kernel also needs PyTorch's BLAS (sgemm_), which every x86 wheel has
@@ -148,7 +152,8 @@ def _why_not_cached(qkv: Tensor, positions: Tensor, cache_k: Tensor) -> str | No
         return "under torch.compile, inductor fuses the reference ops"
     if qkv.shape[1] > MAX_FUSED_TOKENS:
         return (f"more than {MAX_FUSED_TOKENS} new tokens (a prompt): SDPA, or from {MIN_PROMPT_CHUNKED_T} tokens "
-                f"on, blocks of queries through oneDNN's GEMM where it is the GEMM library")
+                f"on at {MAX_PROMPT_CHUNKED_THREADS} thread, blocks of queries through oneDNN's GEMM where it is "
+                f"the GEMM library")
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or cache_k.dtype != torch.float32:
         return "the kernel takes fp32 CPU tensors and an fp32 cache"
     if native.module() is None:
@@ -197,6 +202,8 @@ def _why_not_chunked(q: Tensor, k: Tensor, mask: Tensor | None) -> str | None:
         return f"fewer than {MIN_PROMPT_CHUNKED_T} new tokens"
     if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32:
         return "fp32 CPU tensors only"
+    if torch.get_num_threads() > MAX_PROMPT_CHUNKED_THREADS:
+        return f"more than {MAX_PROMPT_CHUNKED_THREADS} torch threads"
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return "with autograd (SDPA has the backward)"
     if linear.gemm_library()[0] != "onednn":

@@ -222,11 +222,15 @@ def test_chunked_prompt_attention_leaves_a_query_that_sees_nothing_to_sdpa() -> 
 
 
 def test_which_prompts_take_the_chunked_attention(onednn: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "MAX_PROMPT_CHUNKED_THREADS", 1 << 20)
     q, k = torch.randn(1, 4, 80, 8), torch.randn(1, 2, 80, 8)
     assert attention._why_not_chunked(q, k, None) is None
     assert "fewer than" in attention._why_not_chunked(q[:, :, :10], k, None)
     assert "autograd" in attention._why_not_chunked(q.requires_grad_(), k, None)
     assert "fp32" in attention._why_not_chunked(q.detach().double(), k, None)
+    monkeypatch.setattr(attention, "MAX_PROMPT_CHUNKED_THREADS", 0)
+    assert "torch threads" in attention._why_not_chunked(q.detach(), k, None)
+    monkeypatch.setattr(attention, "MAX_PROMPT_CHUNKED_THREADS", 1 << 20)
     assert "a mask other than" in attention._why_not_chunked(q.detach(), k, torch.ones(1, 4, 80, 80, dtype=torch.bool))
     monkeypatch.setenv("CAMELID_GEMM", "torch")
     linear.gemm_library.cache_clear()
@@ -239,6 +243,7 @@ def test_a_long_prompt_through_cached_attention_takes_the_chunked_path(padded: b
     """A prompt in two pieces (the second after the first's keys in the cache), GQA, 16-query blocks, against the
     model's steps with SDPA: the same outputs and caches, and the chunked path ran for both pieces."""
     monkeypatch.setattr(attention, "MIN_PROMPT_CHUNKED_T", 8)
+    monkeypatch.setattr(attention, "MAX_PROMPT_CHUNKED_THREADS", 1 << 20)
     monkeypatch.setattr(attention, "PROMPT_QUERY_CHUNK", 16)
     ran = []
     chunked = attention._chunked_prompt_attention
