@@ -23,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_attention_forward", &causal_attention_forward);
   m.def("causal_attention_backward", &causal_attention_backward);
   m.def("attend_cached", &attend_cached);
+  m.def("prompt_attention", &prompt_attention, py::call_guard<py::gil_scoped_release>());
   m.def("cross_entropy_grad_", &cross_entropy_grad_);
   m.def("gemv_q8", &gemv_q8);
   m.def("gemm_q8", &gemm_q8);
