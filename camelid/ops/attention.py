@@ -26,13 +26,10 @@ from camelid.ops.rope import reference as rope_reference
 # 1.16x at 1024, 0.96x at 2048, where SDPA's 512-key blocks skip most of the masked square themselves.
 MAX_ATTENTION_T = 1024
 MAX_FUSED_TOKENS = 8  # decode steps and speculative verification; prompts go through SDPA or the blocks below
-# Prompts of at least this many tokens on oneDNN machines: `_chunked_prompt_attention` (oneDNN's GEMMs) instead
-# of SDPA, whose CPU kernel multiplies with torch's BLAS (MKL: slow on AMD, `linear.gemm_library`)
+# Prompts of at least this many tokens on oneDNN machines: the C++ `prompt_attention` (blocks of queries, oneDNN's
+# GEMM, one parallel region) instead of SDPA, whose CPU kernel multiplies with torch's BLAS (MKL: slow on AMD,
+# `linear.gemm_library`)
 MIN_PROMPT_CHUNKED_T = 64
-# ... at this many torch threads at most: each block is a handful of small parallel ops, and with 2 threads on a
-# busy 2-core machine their thread synchronisation made one layer 3x slower than SDPA (one parallel loop); to be
-# raised once a quiet machine shows a gain (`benchmarks/prefill_ab.py --attention --threads 2`)
-MAX_PROMPT_CHUNKED_THREADS = 1
 PROMPT_QUERY_CHUNK = 128  # query rows per score block: [rows x keys] stays in cache
 
 _blas: bool | None = None  # the training kernel also needs PyTorch's BLAS (sgemm_), which every x86 wheel has
@@ -151,9 +148,8 @@ def _why_not_cached(qkv: Tensor, positions: Tensor, cache_k: Tensor) -> str | No
     if torch.compiler.is_compiling():
         return "under torch.compile, inductor fuses the reference ops"
     if qkv.shape[1] > MAX_FUSED_TOKENS:
-        return (f"more than {MAX_FUSED_TOKENS} new tokens (a prompt): SDPA, or from {MIN_PROMPT_CHUNKED_T} tokens "
-                f"on at {MAX_PROMPT_CHUNKED_THREADS} thread, blocks of queries through oneDNN's GEMM where it is "
-                f"the GEMM library")
+        return (f"more than {MAX_FUSED_TOKENS} new tokens (a prompt): SDPA or, from {MIN_PROMPT_CHUNKED_T} tokens, "
+                f"the C++ blocks of queries through oneDNN's GEMM where it is the GEMM library")
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or cache_k.dtype != torch.float32:
         return "the kernel takes fp32 CPU tensors and an fp32 cache"
     if native.module() is None:
@@ -202,53 +198,31 @@ def _why_not_chunked(q: Tensor, k: Tensor, mask: Tensor | None) -> str | None:
         return f"fewer than {MIN_PROMPT_CHUNKED_T} new tokens"
     if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32:
         return "fp32 CPU tensors only"
-    if torch.get_num_threads() > MAX_PROMPT_CHUNKED_THREADS:
-        return f"more than {MAX_PROMPT_CHUNKED_THREADS} torch threads"
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return "with autograd (SDPA has the backward)"
     if linear.gemm_library()[0] != "onednn":
         return "torch's GEMM is the fast one on this CPU, and SDPA uses it"
     if mask is None and q.shape[2] != k.shape[2]:
         return "no mask and fewer queries than keys"
-    if mask is not None and not (mask.dim() == 2 or (mask.dim() == 4 and mask.shape[1] == 1)):
-        return "a mask other than [T, S] or [B, 1, T, S]"
+    if mask is not None and (mask.dtype != torch.bool
+                             or not (mask.dim() == 2 or (mask.dim() == 4 and mask.shape[1] == 1))):
+        return "a mask other than a bool [T, S] or [B, 1, T, S]"
+    if native.module() is None:
+        return native.reason()
     return None
 
 
 def _chunked_prompt_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
     """`reference` for a prompt, q [B, H, T, d], k and v [B, KV, S, d] (mask as there; None: causal, S == T),
-    returned as [B, T, H, d]: per row, key/value head and block of PROMPT_QUERY_CHUNK queries, scores = the
-    group's queries times its keys, masked, softmax, times its values, with oneDNN's GEMM (`linear.matmul_t`),
-    over the keys some query of the block sees (the causal triangle, block by block). None when a query sees no
-    key at all (left padding: SDPA's convention for such rows stands)."""
-    B, H, T, d = q.shape
-    KV, S = k.shape[1], k.shape[2]
-    rep = H // KV
+    returned as [B, T, H, d], by the C++ `prompt_attention`: per row, key/value head and block of
+    PROMPT_QUERY_CHUNK queries, scores = the group's queries times the keys some query of the block sees (the causal
+    triangle, block by block), masked, softmax, times the values, with oneDNN's GEMM, all blocks in one parallel
+    region. None when a query sees no key at all (left padding: SDPA's convention for such rows stands)."""
+    T, S = q.shape[2], k.shape[2]
     masks = mask.reshape(-1, T, S) if mask is not None else torch.ones(1, T, S, dtype=torch.bool).tril()
-    if int(masks.view(torch.uint8).amax(-1).amin()) == 0:
+    if int(masks.view(torch.uint8).amax(-1).amin()) == 0:  # (uint8: several times faster than bool any/all)
         return None
-    out = q.new_empty(B, T, H, d)
-    scale = d ** -0.5
-    for b in range(B):
-        visible = masks[b if masks.shape[0] > 1 else 0]
-        for t0 in range(0, T, PROMPT_QUERY_CHUNK):
-            t1 = min(T, t0 + PROMPT_QUERY_CHUNK)
-            rows = visible[t0:t1].view(torch.uint8)  # (uint8 reductions: several times faster than bool any/all)
-            keys = int(rows.amax(0).nonzero()[-1]) + 1  # up to the last key a query sees (there is one)
-            # the mask is applied from the first column some query may not see (causal: the block's triangle)
-            masked = (rows[:, :keys].amin(0) == 0).nonzero()
-            cut = int(masked[0]) if len(masked) else keys
-            hidden = ~visible[t0:t1, cut:keys]
-            for g in range(KV):
-                heads = slice(g * rep, (g + 1) * rep)
-                scores = linear.matmul_t(q[b, heads, t0:t1].reshape(-1, d) * scale, k[b, g, :keys])
-                scores = scores.view(rep, t1 - t0, keys)
-                if cut < keys:
-                    scores[..., cut:].masked_fill_(hidden, float("-inf"))
-                probs = torch.softmax(scores, dim=-1).view(-1, keys)
-                o = linear.matmul_t(probs, v[b, g, :keys].t())
-                out[b, t0:t1, heads] = o.view(rep, t1 - t0, d).transpose(0, 1)
-    return out
+    return native.module().prompt_attention(q, k, v, masks, PROMPT_QUERY_CHUNK)
 
 
 def choose(q: Tensor | None = None) -> native.Choice:
