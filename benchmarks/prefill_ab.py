@@ -10,7 +10,7 @@ Variants: by default `before` (each block of a prompt product dequantised into a
 values a block, prompt attention through PyTorch's SDPA) against `camelid` (its scratch buffer, DEQUANTIZE_AT_ONCE
 and prompt attention as chosen). With --at-once N...: `fresh` blocks against the scratch buffer with each block
 size N; with --attention: SDPA against the blocks of queries of `attention._chunked_prompt_attention`
-(at any thread count). KIND is the quantize= argument of camelid.load
+(the C++ prompt_attention). KIND is the quantize= argument of camelid.load
 (fp32, int8, int4). Figures: best and median of --rounds; the ratio is the first variant's median over each.
 """
 
@@ -65,7 +65,7 @@ def before() -> contextlib.AbstractContextManager:
 def variants(args: argparse.Namespace) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
     if args.attention:
         return {"sdpa": lambda: patched(attention, "MIN_PROMPT_CHUNKED_T", 1 << 62),
-                "blocks": lambda: patched(attention, "MAX_PROMPT_CHUNKED_THREADS", 1 << 20)}
+                "blocks": contextlib.nullcontext}
     if args.at_once:
         out: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
             "fresh": lambda: patched(linear, "_dequantized_product", fresh_blocks)}
