@@ -11,7 +11,8 @@
 // contiguous fp32; query head h reads key head h / (H / KV). Rows of one head are H * D (or KV * D) floats apart,
 // which BLAS takes as its leading dimension.
 //
-// Also here: attend_cached, the decode-time attention of a few new tokens against the KV cache.
+// Also here: attend_cached, the decode-time attention of a few new tokens against the KV cache, and
+// prompt_attention, a prompt's attention at inference on machines where oneDNN is the GEMM library.
 // camelid/ops/attention.py holds the reference (F.scaled_dot_product_attention); tests/ops/test_attention.py compares.
 #include "kernels.h"
 #include "vecmath.h"
