@@ -240,5 +240,7 @@ def choose_cached(qkv: Tensor | None = None) -> native.Choice:
     why = _why_not_cached(qkv, torch.zeros(qkv.shape[1], dtype=torch.long), qkv)
     if why is None:
         return native.Choice(f"C++ {native.label()}", f"RoPE + cache write + attention in one call for up to "
-                                                      f"{MAX_FUSED_TOKENS} new tokens (SDPA for prompts)")
+                                                      f"{MAX_FUSED_TOKENS} new tokens (prompts: SDPA, or from "
+                                                      f"{MIN_PROMPT_CHUNKED_T} tokens C++ prompt_attention where "
+                                                      f"oneDNN is the GEMM library)")
     return native.Choice("PyTorch", f"SDPA: {why}")
