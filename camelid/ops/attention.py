@@ -4,7 +4,8 @@ Implementations: `reference` (camelid.model.Attention's math: PyTorch's scaled_d
 [B, H, T, d]); for training, a C++ kernel with its backward (csrc/attention.cpp) that multiplies only the
 causal triangle and reads the projections' [B, T, H, d] layout, registered as the custom op
 `camelid::causal_attention` so `torch.compile` keeps it in its graph; for decoding, one C++ call that splits the
-fused qkv product, applies RoPE, writes the KV cache and attends for a few new tokens. Two dispatch functions,
+fused qkv product, applies RoPE, writes the KV cache and attends for a few new tokens; for long prompts at one
+thread where oneDNN is the GEMM library (AMD CPUs), blocks of queries through oneDNN's GEMM. Two dispatch functions,
 one per situation: `causal_attention` (training: whole sequences, autograd) and `cached_attention` (inference:
 new tokens against the KV cache).
 """
@@ -18,13 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camelid.ops import native
+from camelid.ops import linear, native
 from camelid.ops.rope import reference as rope_reference
 
 # Forward + backward against SDPA on 2 threads (benchmarks/train_kernels.py): 1.33x at 256 tokens, 1.56x at 512,
 # 1.16x at 1024, 0.96x at 2048, where SDPA's 512-key blocks skip most of the masked square themselves.
 MAX_ATTENTION_T = 1024
-MAX_FUSED_TOKENS = 8  # decode steps and speculative verification; prompts go through SDPA
+MAX_FUSED_TOKENS = 8  # decode steps and speculative verification; prompts go through SDPA or the blocks below
+# Prompts of at least this many tokens on oneDNN machines: the C++ `prompt_attention` (blocks of queries, oneDNN's
+# GEMM, one parallel region) instead of SDPA, whose CPU kernel multiplies with torch's BLAS (MKL: slow on AMD,
+# `linear.gemm_library`)
+MIN_PROMPT_CHUNKED_T = 64
+PROMPT_QUERY_CHUNK = 128  # query rows per score block: [rows x keys] stays in cache
 
 _blas: bool | None = None  # the training kernel also needs PyTorch's BLAS (sgemm_), which every x86 wheel has
 
@@ -142,7 +148,8 @@ def _why_not_cached(qkv: Tensor, positions: Tensor, cache_k: Tensor) -> str | No
     if torch.compiler.is_compiling():
         return "under torch.compile, inductor fuses the reference ops"
     if qkv.shape[1] > MAX_FUSED_TOKENS:
-        return f"more than {MAX_FUSED_TOKENS} new tokens (a prompt): SDPA"
+        return (f"more than {MAX_FUSED_TOKENS} new tokens (a prompt): SDPA or, from {MIN_PROMPT_CHUNKED_T} tokens, "
+                f"the C++ blocks of queries through oneDNN's GEMM where it is the GEMM library")
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or cache_k.dtype != torch.float32:
         return "the kernel takes fp32 CPU tensors and an fp32 cache"
     if native.module() is None:
@@ -176,7 +183,46 @@ def cached_attention(qkv: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | 
             upto = int(positions.max()) + 1
             mask = mask[..., :upto]
         k, v = cache.update(positions, k, v, upto)
+    if _why_not_chunked(q, k, mask) is None:
+        out = _chunked_prompt_attention(q, k, v, mask)
+        if out is not None:
+            return out.view(B, T, n_heads * d)
     return reference(q, k, v, mask).transpose(1, 2).reshape(B, T, n_heads * d)
+
+
+def _why_not_chunked(q: Tensor, k: Tensor, mask: Tensor | None) -> str | None:
+    """None when a prompt's attention goes through `_chunked_prompt_attention`, else why not."""
+    if torch.compiler.is_compiling():
+        return "under torch.compile, inductor lowers SDPA itself"
+    if q.shape[2] < MIN_PROMPT_CHUNKED_T:
+        return f"fewer than {MIN_PROMPT_CHUNKED_T} new tokens"
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k.dtype != torch.float32:
+        return "fp32 CPU tensors only"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return "with autograd (SDPA has the backward)"
+    if linear.gemm_library()[0] != "onednn":
+        return "torch's GEMM is the fast one on this CPU, and SDPA uses it"
+    if mask is None and q.shape[2] != k.shape[2]:
+        return "no mask and fewer queries than keys"
+    if mask is not None and (mask.dtype != torch.bool
+                             or not (mask.dim() == 2 or (mask.dim() == 4 and mask.shape[1] == 1))):
+        return "a mask other than a bool [T, S] or [B, 1, T, S]"
+    if native.module() is None:
+        return native.reason()
+    return None
+
+
+def _chunked_prompt_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
+    """`reference` for a prompt, q [B, H, T, d], k and v [B, KV, S, d] (mask as there; None: causal, S == T),
+    returned as [B, T, H, d], by the C++ `prompt_attention`: per row, key/value head and block of
+    PROMPT_QUERY_CHUNK queries, scores = the group's queries times the keys some query of the block sees (the causal
+    triangle, block by block), masked, softmax, times the values, with oneDNN's GEMM, all blocks in one parallel
+    region. None when a query sees no key at all (left padding: SDPA's convention for such rows stands)."""
+    T, S = q.shape[2], k.shape[2]
+    masks = mask.reshape(-1, T, S) if mask is not None else torch.ones(1, T, S, dtype=torch.bool).tril()
+    if int(masks.view(torch.uint8).amax(-1).amin()) == 0:  # (uint8: several times faster than bool any/all)
+        return None
+    return native.module().prompt_attention(q, k, v, masks, PROMPT_QUERY_CHUNK)
 
 
 def choose(q: Tensor | None = None) -> native.Choice:
@@ -194,5 +240,7 @@ def choose_cached(qkv: Tensor | None = None) -> native.Choice:
     why = _why_not_cached(qkv, torch.zeros(qkv.shape[1], dtype=torch.long), qkv)
     if why is None:
         return native.Choice(f"C++ {native.label()}", f"RoPE + cache write + attention in one call for up to "
-                                                      f"{MAX_FUSED_TOKENS} new tokens (SDPA for prompts)")
+                                                      f"{MAX_FUSED_TOKENS} new tokens (prompts: SDPA, or from "
+                                                      f"{MIN_PROMPT_CHUNKED_T} tokens C++ prompt_attention where "
+                                                      f"oneDNN is the GEMM library)")
     return native.Choice("PyTorch", f"SDPA: {why}")

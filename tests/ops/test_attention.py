@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from helpers import needs_kernels
 
 from camelid.config import LlamaConfig
 from camelid.model import KVCache, RotaryEmbedding
-from camelid.ops import attention, native
+from camelid.ops import attention, linear, native
 from camelid.ops.rope import reference as rope_reference
 
 
@@ -173,3 +175,100 @@ def test_a_prompt_reads_only_the_written_part_of_a_long_cache() -> None:
                                            positions[:, None] >= torch.arange(c.k.shape[2]), H, KV)
                 for c in (long, short)]
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def onednn(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """oneDNN as the GEMM library (where prompts take the chunked attention), whatever this CPU is."""
+    monkeypatch.setenv("CAMELID_GEMM", "onednn")
+    linear.gemm_library.cache_clear()
+    if linear.gemm_library()[0] != "onednn":
+        pytest.skip("this PyTorch has no oneDNN linear")
+    yield
+    linear.gemm_library.cache_clear()
+
+
+def _sdpa64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The reference in float64 (the exact answer to compare float32 against), as [B, T, H, d]."""
+    return attention.reference(q.double(), k.double(), v.double(), mask).transpose(1, 2)
+
+
+# MHA / GQA / MQA; T a multiple of the 16-query blocks and not; S > T: a prompt after earlier tokens in the cache;
+# 1 and 3 threads (tasks taken from a shared counter)
+@needs_kernels
+@pytest.mark.parametrize("B,H,KV,T,S,d", [(1, 4, 4, 32, 32, 16), (2, 6, 2, 37, 37, 32), (1, 9, 3, 50, 70, 64),
+                                          (2, 4, 1, 17, 40, 8)])
+def test_chunked_prompt_attention_matches_sdpa(B: int, H: int, KV: int, T: int, S: int, d: int, threads: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "PROMPT_QUERY_CHUNK", 16)
+    g = torch.Generator().manual_seed(T + S)
+    q, k, v = torch.randn(B, H, T, d, generator=g), torch.randn(B, KV, S, d, generator=g), torch.randn(B, KV, S, d,
+                                                                                                    generator=g)
+    positions = torch.arange(S - T, S)
+    masks = [positions[:, None] >= torch.arange(S)]  # [T, S]: causal after S - T earlier tokens
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    key_mask[-1, :3] = False  # the last row left-padded by 3 slots (a padding slot sees itself, as in the model)
+    masks.append((masks[0] & (key_mask[:, None, :] | (positions[:, None] == torch.arange(S))))[:, None])
+    if S == T:
+        masks.append(None)
+    for mask in masks:
+        got = attention._chunked_prompt_attention(q, k, v, mask)
+        # (1e-5: oneDNN's summation order and the kernel's polynomial exp; a wrong mask or block is off by ~0.1)
+        torch.testing.assert_close(got.double(), _sdpa64(q, k, v, mask), rtol=0, atol=1e-5)
+
+
+@needs_kernels
+def test_chunked_prompt_attention_leaves_a_query_that_sees_nothing_to_sdpa() -> None:
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()
+    mask[2] = False
+    assert attention._chunked_prompt_attention(q, k, k, mask) is None
+
+
+@needs_kernels
+def test_which_prompts_take_the_chunked_attention(onednn: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k = torch.randn(1, 4, 80, 8), torch.randn(1, 2, 80, 8)
+    assert attention._why_not_chunked(q, k, None) is None
+    assert "fewer than" in attention._why_not_chunked(q[:, :, :10], k, None)
+    assert "autograd" in attention._why_not_chunked(q.requires_grad_(), k, None)
+    assert "fp32" in attention._why_not_chunked(q.detach().double(), k, None)
+    assert "a mask other than" in attention._why_not_chunked(q.detach(), k, torch.ones(1, 4, 80, 80, dtype=torch.bool))
+    assert "a mask other than" in attention._why_not_chunked(q.detach(), k, torch.zeros(80, 80))
+    with monkeypatch.context() as m:
+        m.setattr(native, "module", lambda: None)
+        assert attention._why_not_chunked(q.detach(), k, None) == native.reason()
+    monkeypatch.setenv("CAMELID_GEMM", "torch")
+    linear.gemm_library.cache_clear()
+    assert "torch's GEMM" in attention._why_not_chunked(q.detach(), k, None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_long_prompt_through_cached_attention_takes_the_chunked_path(padded: bool, onednn: None, threads: int,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt in two pieces (the second after the first's keys in the cache), GQA, 16-query blocks, against the
+    model's steps with SDPA: the same outputs and caches, and the chunked path ran for both pieces."""
+    monkeypatch.setattr(attention, "MIN_PROMPT_CHUNKED_T", 8)
+    monkeypatch.setattr(attention, "PROMPT_QUERY_CHUNK", 16)
+    ran = []
+    chunked = attention._chunked_prompt_attention
+    monkeypatch.setattr(attention, "_chunked_prompt_attention", lambda *a: ran.append(a[0].shape[2]) or chunked(*a))
+    cfg = LlamaConfig.from_name("tiny-gqa")
+    H, KV, d, S, B = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 64, 2
+    rot = RotaryEmbedding(cfg)
+    g = torch.Generator().manual_seed(8)
+    qkv_all = torch.randn(B, 50, (H + 2 * KV) * d, generator=g)
+    caches = [KVCache(B, KV, S, d, torch.float32) for _ in range(2)]
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    if padded:
+        key_mask[1, :5] = False
+    for a, b in [(0, 21), (21, 50)]:
+        positions = torch.arange(a, b)
+        slots = torch.arange(S)
+        mask = (positions[:, None] >= slots) & (key_mask[:, None, None, :] | (positions[:, None] == slots))
+        cos, sin = rot(positions, torch.float32)
+        got = attention.cached_attention(qkv_all[:, a:b], cos, sin, positions, caches[0], mask, H, KV)
+        want = _cached_reference(qkv_all[:, a:b], cos, sin, positions, caches[1], mask, H, KV)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(caches[0].v, caches[1].v, rtol=0, atol=0)
+    assert ran == [21, 29]

@@ -3,6 +3,8 @@ formats themselves (quantisation, int4 packing)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from helpers import needs_kernels
@@ -63,14 +65,76 @@ def test_a_prompt_dequantises_the_weight_a_block_of_rows_at_a_time(kind: str, at
     g = torch.Generator().manual_seed(2)
     w = _weights(kind, 40, 64, g)
     x = torch.randn(2, 9, 64, generator=g)
-    calls = []
-    dequantize = linear.dequantize
-    monkeypatch.setattr(linear, "dequantize", lambda kind, *w: calls.append(w[0].shape[0]) or dequantize(kind, *w))
+    blocks = []
+    matmul_t = linear.matmul_t
+    monkeypatch.setattr(linear, "matmul_t", lambda x, w: blocks.append(w.shape[0]) or matmul_t(x, w))
     monkeypatch.setattr(linear, "DEQUANTIZE_AT_ONCE", at_once)
     got = linear.linear(x, kind, *w)
-    assert calls == ([7] * 5 + [5] if at_once == 64 * 7 else [40])
+    assert blocks == ([7] * 5 + [5] if at_once == 64 * 7 else [40])
     want = _reference64(x.reshape(-1, 64), kind, w).view(2, 9, 40)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def _fresh_blocks(x: torch.Tensor, kind: str, w: list[torch.Tensor]) -> torch.Tensor:
+    """The prompt product with a freshly allocated fp32 block per step (what the scratch buffer replaces)."""
+    n, step = w[0].shape[0], max(1, linear.DEQUANTIZE_AT_ONCE // x.shape[-1])
+    return torch.cat([linear.matmul_t(x, linear.dequantize(kind, *(t[a:a + step] for t in w)))
+                      for a in range(0, n, step)], dim=1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("at_once", [64 * 7, 64 * 40, 64 * 1000, 1])  # 1: one row a block, more than the buffer
+def test_dequantising_into_the_scratch_buffer_gives_the_same_bits(kind: str, at_once: int,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(3)
+    w = _weights(kind, 40, 64, g)
+    x = torch.randn(17, 64, generator=g)
+    monkeypatch.setattr(linear, "DEQUANTIZE_AT_ONCE", at_once)
+    first = linear.linear(x, kind, *w)
+    assert torch.equal(first, _fresh_blocks(x, kind, w))
+    buf = linear._scratch_block(1)
+    assert torch.equal(linear.linear(x, kind, *w), first)  # again, through the reused buffer
+    assert linear._scratch_block(1) is buf
+    x_other, w_other = torch.randn(17, 64, generator=g), _weights(kind, 40, 64, g)
+    assert torch.equal(linear.linear(x_other, kind, *w_other), _fresh_blocks(x_other, kind, w_other))
+
+
+@needs_kernels
+def test_prompt_products_on_two_threads_at_once_keep_their_own_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads running prompt products at the same time each dequantise into their own buffer: every result
+    equals the one computed alone."""
+    monkeypatch.setattr(linear, "DEQUANTIZE_AT_ONCE", 64 * 8)  # 5 blocks per product: many chances to interleave
+    g = torch.Generator().manual_seed(4)
+    jobs = [(kind, torch.randn(12, 64, generator=g), _weights(kind, 40, 64, g)) for kind in ("int8", "int4") * 2]
+    alone = [_fresh_blocks(x, kind, w) for kind, x, w in jobs]
+    start, end, results, buffers = threading.Barrier(len(jobs)), threading.Barrier(len(jobs)), {}, {}
+
+    def work(i: int) -> None:
+        kind, x, w = jobs[i]
+        start.wait()
+        results[i] = [linear.linear(x, kind, *w) for _ in range(50)]
+        buffers[i] = linear._scratch_block(1).data_ptr()
+        end.wait()  # every thread alive, with its buffer, when the addresses are compared
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, want in enumerate(alone):
+        assert all(torch.equal(got, want) for got in results[i])
+    assert len(set(buffers.values())) == len(jobs)
+
+
+@needs_kernels
+def test_dequantising_into_a_wrong_buffer_is_refused() -> None:
+    w = _weights("int8", 4, 64, torch.Generator().manual_seed(5))
+    with pytest.raises(RuntimeError, match="out must be a contiguous fp32 tensor of shape"):
+        native.module().dequant_int8(*w, out=torch.empty(4, 32))
+    out = torch.empty(4, 64)
+    assert native.module().dequant_int8(*w, out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, linear.dequantize_reference("int8", *w))
 
 
 @needs_kernels

@@ -11,7 +11,8 @@
 // contiguous fp32; query head h reads key head h / (H / KV). Rows of one head are H * D (or KV * D) floats apart,
 // which BLAS takes as its leading dimension.
 //
-// Also here: attend_cached, the decode-time attention of a few new tokens against the KV cache.
+// Also here: attend_cached, the decode-time attention of a few new tokens against the KV cache, and
+// prompt_attention, a prompt's attention at inference on machines where oneDNN is the GEMM library.
 // camelid/ops/attention.py holds the reference (F.scaled_dot_product_attention); tests/ops/test_attention.py compares.
 #include "kernels.h"
 #include "vecmath.h"
@@ -236,6 +237,110 @@ at::Tensor attend_cached(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Ten
           for (int64_t e = 0; e < d; ++e) o[e] += pj * V[j * d + e];
         }
       }
+    }
+  });
+  return out;
+}
+
+// ---- prompt attention: a prompt's queries against its keys (and any earlier cache entries), inference only ----
+// One OpenMP region over (row, key/value head, block of queries) tasks; inside a task, single-threaded: the
+// group's queries of the block times the keys some of them see (the causal triangle, block by block), mask,
+// softmax, times the values. The two products are oneDNN's GEMM through the dispatcher (mkldnn::_linear_pointwise,
+// the op camelid.ops.linear.matmul_t calls): inside this region its own OpenMP region runs on one thread. Tasks
+// are taken from a shared counter, the most expensive (last query blocks) first, so two threads stay balanced.
+// q [B, H, T, d], k and v [B, KV, S, d] (last dimension contiguous), mask [1 or B, T, S] bool, every query seeing
+// at least one key (attention.py checks); returns [B, T, H, d].
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/core/List.h>
+#include <c10/core/InferenceMode.h>
+#include <atomic>
+
+static at::Tensor onednn_matmul_t(const at::Tensor& x, const at::Tensor& w) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                         std::optional<c10::string_view>)>();
+  return op.call(x, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+at::Tensor prompt_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor mask, int64_t block) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 3,
+              "prompt_attention: q [B, H, T, d], k and v [B, KV, S, d], mask [1 or B, T, S] expected");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), d = q.size(3);
+  const int64_t KV = k.size(1), S = k.size(2);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "prompt_attention: fp32 CPU tensors expected");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == d && KV > 0 && H % KV == 0,
+              "prompt_attention: k and v [B, KV, S, d] with KV dividing H expected");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "prompt_attention: rows of q, k, v contiguous");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && (mask.size(0) == 1 || mask.size(0) == B) && mask.size(1) == T &&
+                  mask.size(2) == S,
+              "prompt_attention: mask [1 or B, T, S] bool expected");
+  TORCH_CHECK(block > 0, "prompt_attention: block > 0 expected");
+  mask = mask.contiguous();
+  const int64_t rep = H / KV, n_blocks = (T + block - 1) / block, n_tasks = B * n_blocks * KV;
+  const bool* mp = mask.data_ptr<bool>();
+  const float* qp = q.data_ptr<float>();
+  auto out = at::empty({B, T, H, d}, q.options());
+  float* op = out.data_ptr<float>();
+  const float scale = 1.f / std::sqrt((float)d);
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n_tasks);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    c10::InferenceMode guard;
+    for (int64_t task = next++; task < n_tasks; task = next++) {
+      // the last query blocks (the most keys) first
+      const int64_t blk = n_blocks - 1 - task / (B * KV), b = task % (B * KV) / KV, g = task % KV;
+      const int64_t t0 = blk * block, rows = std::min(T, t0 + block) - t0;
+      const bool* m = mp + ((mask.size(0) == 1 ? 0 : b) * T + t0) * S;
+      // keys: up to the last one a query of the block sees; cut: the first one some query does not see
+      int64_t keys = 0, cut = S;
+      for (int64_t i = 0; i < rows; ++i) {
+        const bool* r = m + i * S;
+        int64_t last = S;
+        while (last > 0 && !r[last - 1]) --last;
+        int64_t first_hidden = 0;
+        while (first_hidden < S && r[first_hidden]) ++first_hidden;
+        keys = std::max(keys, last);
+        cut = std::min(cut, first_hidden);
+      }
+      cut = std::min(cut, keys);
+      // the group's queries of this block, scaled: [rep * rows, d]
+      auto qs = at::empty({rep * rows, d}, q.options());
+      float* qsp = qs.data_ptr<float>();
+      for (int64_t h = 0; h < rep; ++h)
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* src = qp + b * q.stride(0) + (g * rep + h) * q.stride(1) + (t0 + i) * q.stride(2);
+          float* dst = qsp + (h * rows + i) * d;
+          for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * scale;
+        }
+      at::Tensor kg = k.select(0, b).select(0, g).narrow(0, 0, keys);
+      at::Tensor vg = v.select(0, b).select(0, g).narrow(0, 0, keys);
+      at::Tensor scores = onednn_matmul_t(qs, kg).contiguous();  // [rep * rows, keys]
+      float* sp = scores.data_ptr<float>();
+      std::vector<float> inv(rep * rows);
+      for (int64_t r = 0; r < rep * rows; ++r) {
+        float* s = sp + r * keys;
+        const bool* mr = m + (r % rows) * S;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < cut; ++j) mx = std::max(mx, s[j]);
+        for (int64_t j = cut; j < keys; ++j) mx = mr[j] ? std::max(mx, s[j]) : mx;
+        float sum = 0.f;
+        for (int64_t j = 0; j < cut; ++j) { s[j] = camelid::exp_nonpositive(s[j] - mx); sum += s[j]; }
+        for (int64_t j = cut; j < keys; ++j) { s[j] = mr[j] ? camelid::exp_nonpositive(s[j] - mx) : 0.f; sum += s[j]; }
+        inv[r] = 1.f / sum;
+      }
+      at::Tensor o = onednn_matmul_t(scores, vg.t()).contiguous();  // [rep * rows, d], unnormalised
+      const float* opp = o.data_ptr<float>();
+      for (int64_t h = 0; h < rep; ++h)
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t r = h * rows + i;
+          float* dst = op + ((b * T + t0 + i) * H + g * rep + h) * d;
+          for (int64_t e = 0; e < d; ++e) dst[e] = opp[r * d + e] * inv[r];
+        }
     }
   });
   return out;

@@ -7,8 +7,8 @@
 at::Tensor gemv_f32(at::Tensor x, at::Tensor w);
 at::Tensor gemv_int8(at::Tensor x, at::Tensor w, at::Tensor scale);
 at::Tensor gemv_int4(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor minimum);
-at::Tensor dequant_int8(at::Tensor w, at::Tensor scale);
-at::Tensor dequant_int4(at::Tensor w, at::Tensor scale, at::Tensor minimum);
+at::Tensor dequant_int8(at::Tensor w, at::Tensor scale, std::optional<at::Tensor> out);
+at::Tensor dequant_int4(at::Tensor w, at::Tensor scale, at::Tensor minimum, std::optional<at::Tensor> out);
 
 // rmsnorm.cpp
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
@@ -29,6 +29,8 @@ std::vector<at::Tensor> causal_attention_backward(at::Tensor grad_o, at::Tensor 
                                                   at::Tensor o, at::Tensor lse, double scale);
 at::Tensor attend_cached(at::Tensor qkv, at::Tensor cos, at::Tensor sin, at::Tensor positions, at::Tensor cache_k,
                          at::Tensor cache_v, at::Tensor mask, int64_t H, int64_t KV);
+// a prompt's attention, inference only: q [B, H, T, d], k and v [B, KV, S, d], mask [1 or B, T, S] -> [B, T, H, d]
+at::Tensor prompt_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor mask, int64_t block);
 
 // head_loss.cpp
 at::Tensor cross_entropy_grad_(at::Tensor logits, at::Tensor targets);

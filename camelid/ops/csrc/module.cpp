@@ -9,8 +9,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_f32", &gemv_f32);
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
-  m.def("dequant_int8", &dequant_int8);
-  m.def("dequant_int4", &dequant_int4);
+  namespace py = pybind11;
+  // out=None: a fresh tensor; else written in place and returned
+  m.def("dequant_int8", &dequant_int8, py::arg("w"), py::arg("scale"), py::arg("out") = py::none());
+  m.def("dequant_int4", &dequant_int4, py::arg("w"), py::arg("scale"), py::arg("minimum"), py::arg("out") = py::none());
   m.def("rms_norm", &rms_norm);
   m.def("rms_norm_forward", &rms_norm_forward);
   m.def("rms_norm_backward", &rms_norm_backward);
@@ -21,10 +23,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_attention_forward", &causal_attention_forward);
   m.def("causal_attention_backward", &causal_attention_backward);
   m.def("attend_cached", &attend_cached);
+  m.def("prompt_attention", &prompt_attention, py::call_guard<py::gil_scoped_release>());
   m.def("cross_entropy_grad_", &cross_entropy_grad_);
   m.def("gemv_q8", &gemv_q8);
   m.def("gemm_q8", &gemm_q8);
-  namespace py = pybind11;
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, bool>())
       .def("set_embedding", &DecodeStep::set_embedding)
