@@ -407,6 +407,8 @@ def loop_once(model: Any, tok: Any, system: str, b: int, max_tokens: int, kv: st
 
     engine.forward_rows = timed("step", engine.forward_rows)  # type: ignore[method-assign]
     engine._choose = timed("choose", engine._choose)  # type: ignore[method-assign]
+    if hasattr(engine, "_greedy"):  # a step's greedy rows, picked in one call (sampling too)
+        engine._greedy = timed("choose", engine._greedy)  # type: ignore[method-assign]
     engine._forward_row = timed("prefill", engine._forward_row)  # type: ignore[method-assign]
     ban = {int(i): -100.0 for i in tok.stop_ids}
     finished = threading.Semaphore(0)
