@@ -11,6 +11,8 @@
                                                          # from the first row); int8/int4 weights interleaved
     python benchmarks/serve.py loop [--threads 2] [--kv-dtypes fp16]  # the engine's loop without HTTP: where a
                                                          # step's time goes, and the process's CPU ms per token
+    python benchmarks/serve.py prefix [--threads 1] [--cpu-time]  # a prefix-cache hit's prefill against a miss's,
+                                                         # in-process (Engine._forward_row), int4
 
 Each engine is started alone (a subprocess on a loopback port), warmed up, then driven by N concurrent streams
 (N = 1, 4, 8, 16), each sending streamed chat requests one after another: a shared 256-token system prompt and
@@ -407,6 +409,8 @@ def loop_once(model: Any, tok: Any, system: str, b: int, max_tokens: int, kv: st
 
     engine.forward_rows = timed("step", engine.forward_rows)  # type: ignore[method-assign]
     engine._choose = timed("choose", engine._choose)  # type: ignore[method-assign]
+    if hasattr(engine, "_greedy"):  # a step's greedy rows, picked in one call (sampling too)
+        engine._greedy = timed("choose", engine._greedy)  # type: ignore[method-assign]
     engine._forward_row = timed("prefill", engine._forward_row)  # type: ignore[method-assign]
     ban = {int(i): -100.0 for i in tok.stop_ids}
     finished = threading.Semaphore(0)
@@ -468,18 +472,60 @@ def loop(args: argparse.Namespace) -> None:
     print(f"load average {load_average()}")
 
 
+def prefix(args: argparse.Namespace) -> None:
+    """A prefix-cache hit's prefill against a miss's, in-process: the benchmark's chat prompt (256-token system
+    prompt, a short question) through `Engine._forward_row` of an int4 engine with the benchmark's slots and
+    context, whole (a miss) and after its first 256 positions (a hit: the rest after the cached blocks).
+    Median of --rounds, wall or (--cpu-time) the thread's CPU time."""
+    import torch
+
+    import camelid
+    from camelid.serve.engine import Engine
+
+    torch.set_num_threads(args.threads)
+    llm = camelid.load(MODEL, quantize="int4")
+    tok, system = llm.tokenizer, system_prompt()
+
+    def chat(question: str) -> list[int]:
+        text = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": question}])
+        return tok.encode(text, add_bos=tok.add_bos and not text.startswith(tok.bos_token or "\0"))
+
+    ids = chat("Question 3?")
+    cached = len(os.path.commonprefix([ids, chat("Question 4?")])) // 16 * 16  # what another question left cached
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+
+    def median_ms(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(args.rounds):
+            t0 = clock()
+            fn()
+            times.append(clock() - t0)
+        return statistics.median(times) * 1000
+
+    with torch.inference_mode():
+        engine = Engine(llm.model, slots=SLOTS, context=CTX)
+        engine._forward_row(0, ids[:cached], 0, False)
+        hit = median_ms(lambda: engine._forward_row(0, ids[cached:], cached, False))
+        miss = median_ms(lambda: engine._forward_row(0, ids, 0, False))
+    what = "CPU" if args.cpu_time else "wall"
+    print(f"{len(ids)}-token prompt, {args.threads} threads, {what} ms: miss (whole) {miss:.1f}, hit (last "
+          f"{len(ids) - cached} after {cached} cached) {hit:.1f}: {miss / hit:.1f}x; load average {load_average()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="bench", choices=["bench", "steps", "loop"])
+    parser.add_argument("what", nargs="?", default="bench", choices=["bench", "steps", "loop", "prefix"])
     parser.add_argument("--engines", default="camelid:int4")
     parser.add_argument("--streams", default="1,4,8,16")
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level (at least one "
                                                                  "per stream)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="(steps) interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="(steps) interleaved rounds; (prefix) timed runs")
     parser.add_argument("--llama-server", default=None, help="path of the llama-server binary")
-    parser.add_argument("--cpu-time", action="store_true", help="(steps) CPU time of the calling thread, not wall")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="(steps, prefix) CPU time of the calling thread, not wall")
     parser.add_argument("--modes", default="int4,fp32", help="(steps) weight formats")
     parser.add_argument("--position", type=int, default=200, help="(steps) the first row's position")
     parser.add_argument("--spread", type=int, default=7, help="(steps) positions between one row and the next")
@@ -494,7 +540,7 @@ def main() -> None:
                         help="(steps) also time the per-layer forward, alternating with the C++ step")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
-    {"steps": steps, "loop": loop, "bench": bench}[args.what](args)
+    {"steps": steps, "loop": loop, "bench": bench, "prefix": prefix}[args.what](args)
 
 
 if __name__ == "__main__":

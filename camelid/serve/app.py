@@ -18,6 +18,8 @@ import hmac
 import json
 import time
 import uuid
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -178,12 +180,44 @@ class Choice:
     share_prompt_with: list[Choice] = field(default_factory=list)
 
 
+class Mailbox:
+    """Events from the engine thread to one event loop: a wake-up of the loop carries every event posted since
+    the last, so a decode step of B sequences wakes it once rather than B times."""
+
+    _of_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = weakref.ref(loop)  # (a strong one, from the dictionary's value, would keep every loop alive)
+        self.items: deque[tuple[asyncio.Queue, Any]] = deque()
+        self.scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        if loop not in cls._of_loop:
+            cls._of_loop[loop] = cls(loop)
+        return cls._of_loop[loop]
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:  # any thread
+        self.items.append((queue, item))
+        loop = self.loop()
+        if not self.scheduled and loop is not None:
+            self.scheduled = True
+            loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # on the loop
+        self.scheduled = False  # before draining: an item posted from now on schedules the next delivery
+        while self.items:
+            queue, item = self.items.popleft()
+            queue.put_nowait(item)
+
+
 class Run:
     """One request's sequences on the engine, as the events of its choices arrive (on the event loop)."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, stop: list[str], n_choices: int) -> None:
         self.engine, self.n_choices = engine, n_choices
         self.loop = asyncio.get_running_loop()
+        self.mailbox = Mailbox.of(self.loop)
         self.queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         self.choices = [Choice() for _ in range(n_choices)]
         self.cutters = [TextCutter(tokenizer, stop) for _ in range(n_choices)]
@@ -191,7 +225,7 @@ class Run:
 
     def emit_for(self, i: int) -> Callable[[Any], None]:
         def emit(event: Any) -> None:  # on the engine thread
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+            self.mailbox.post(self.queue, (i, event))
 
         return emit
 

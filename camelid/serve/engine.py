@@ -45,7 +45,7 @@ from torch import Tensor
 from camelid.errors import CamelidError
 from camelid.generate import SamplingParams, apply_repetition_penalty, sample
 from camelid.model import KVCache, Llama
-from camelid.serve.prefix_cache import PrefixCache, concat
+from camelid.serve.prefix_cache import PrefixCache
 from camelid.serve.structured import Constraint
 from camelid.variants.decode_step import decode_step
 
@@ -333,11 +333,12 @@ class Engine:
                 # at least the last prompt token is computed: its logits give the first new token
                 blocks = self.prefix_cache.find(seq.prompt[:-1], root=self._models[seq.adapter].root)
                 seq.kv_blocks = [b.id for b in blocks]
-                if blocks:
-                    kv = concat([b.kv for b in blocks])
-                    n = kv.shape[3]
-                    self.kv[:, :, seq.row, :, :n] = kv
-                    seq.length = seq.cached_tokens = n
+                n = 0
+                for b in blocks:  # straight into the row, without concatenating the blocks first
+                    width = b.kv.shape[3]
+                    self.kv[:, :, seq.row, :, n:n + width] = b.kv
+                    n += width
+                seq.length = seq.cached_tokens = n
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk
@@ -388,10 +389,37 @@ class Engine:
             for seq in group:
                 seq.length += 1
                 seq.next_token = None
-            chosen += zip(group, logits, strict=True)
+            chosen += zip(group, logits, self._greedy(group, logits), strict=True)
         self.steps += 1
-        for seq, row_logits in chosen:
-            self._choose(seq, row_logits)
+        for seq, row_logits, token in chosen:
+            self._choose(seq, row_logits, token)
+
+    @staticmethod
+    def _greedy(group: list[Sequence], logits: Tensor) -> list[int | None]:
+        """The argmax of each row whose choice is plain greedy (logit_bias allowed; no penalties, grammar or
+        log-probabilities), in one call for the whole step rather than one per row (each a parallel region,
+        which costs most on a busy machine); None for the other rows, which `_choose` scores alone."""
+        plain = [s.params.temperature == 0 and s.params.repetition_penalty == 1.0 and s.constraint is None
+                 and s.logprobs is None and not (s.generated and (s.presence_penalty or s.frequency_penalty))
+                 for s in group]
+        if not any(plain):
+            return [None] * len(group)
+        x = logits.float()
+        biased = [i for i, s in enumerate(group) if plain[i] and s.logit_bias]
+        if biased:
+            x = x.clone() if x.data_ptr() == logits.data_ptr() else x
+            for i in biased:
+                x[i].index_add_(0, *Engine._bias(group[i]))
+        tokens = x.argmax(dim=-1).tolist()
+        return [t if p else None for t, p in zip(tokens, plain, strict=True)]
+
+    @staticmethod
+    def _bias(seq: Sequence) -> tuple[Tensor, Tensor]:
+        """seq's logit_bias as (ids, values) tensors, built once."""
+        if seq.bias is None:
+            seq.bias = (torch.tensor(list(seq.logit_bias)),
+                        torch.tensor(list(seq.logit_bias.values()), dtype=torch.float32))
+        return seq.bias
 
     def _shared_prefixes(self, group: list[Sequence]) -> tuple[list[int], list[int]] | None:
         """(source rows, shared positions) for a step of `group`: each sequence reads the longest block chain it
@@ -470,27 +498,14 @@ class Engine:
         if end == len(seq.prompt):
             seq.emit(seq.prompt_scores)
 
-    def _choose(self, seq: Sequence, logits: Tensor) -> None:
-        """Sample seq's next token from its logits [V], report it, and finish the sequence or queue the token."""
-        raw = logits.float()
-        x = raw
-        if seq.logit_bias:
-            if seq.bias is None:
-                seq.bias = (torch.tensor(list(seq.logit_bias)),
-                            torch.tensor(list(seq.logit_bias.values()), dtype=torch.float32))
-            x = x.index_add(0, *seq.bias)
-        if seq.generated and (seq.presence_penalty or seq.frequency_penalty):
-            counts = torch.bincount(torch.tensor(seq.generated), minlength=x.shape[-1]).to(x.dtype)
-            x = x - seq.frequency_penalty * counts - seq.presence_penalty * (counts > 0).to(x.dtype)
-        if seq.params.repetition_penalty != 1.0:
-            seen = torch.tensor([seq.prompt + seq.generated])
-            x = apply_repetition_penalty(x[None], seen, seq.params.repetition_penalty)[0]
-        if seq.constraint is not None:
-            x = seq.constraint.mask(x)
-        token = int(sample(x[None], seq.params, seq.generator)[0])
+    def _choose(self, seq: Sequence, logits: Tensor, token: int | None = None) -> None:
+        """Sample seq's next token from its logits [V] (or take `token`, `_greedy`'s choice from them), report
+        it, and finish the sequence or queue the token."""
+        if token is None:
+            token = self._sample(seq, logits)
         event = Token(token)
         if seq.logprobs is not None:
-            logprobs = F.log_softmax(raw, dim=-1)
+            logprobs = F.log_softmax(logits.float(), dim=-1)
             event.logprob = float(logprobs[token])
             if seq.logprobs:
                 values, ids = logprobs.topk(seq.logprobs)
@@ -515,6 +530,21 @@ class Engine:
             self._finish(seq, Done("length"))
         else:
             seq.next_token = token
+
+    def _sample(self, seq: Sequence, logits: Tensor) -> int:
+        """seq's next token from its logits [V]: logit_bias, penalties, grammar, then `sample`."""
+        x = logits.float()
+        if seq.logit_bias:
+            x = x.index_add(0, *self._bias(seq))
+        if seq.generated and (seq.presence_penalty or seq.frequency_penalty):
+            counts = torch.bincount(torch.tensor(seq.generated), minlength=x.shape[-1]).to(x.dtype)
+            x = x - seq.frequency_penalty * counts - seq.presence_penalty * (counts > 0).to(x.dtype)
+        if seq.params.repetition_penalty != 1.0:
+            seen = torch.tensor([seq.prompt + seq.generated])
+            x = apply_repetition_penalty(x[None], seen, seq.params.repetition_penalty)[0]
+        if seq.constraint is not None:
+            x = seq.constraint.mask(x)
+        return int(sample(x[None], seq.params, seq.generator)[0])
 
     def _finish(self, seq: Sequence, done: Done) -> None:
         """Report `done` and free seq's row: the last running sequence moves into it."""

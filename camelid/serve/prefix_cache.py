@@ -14,7 +14,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 
@@ -104,7 +103,3 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-
-def concat(blocks: list[Tensor]) -> Tensor:
-    """Blocks found by `lookup` as one [n_layers, 2, n_kv_heads, n_tokens, head_dim] tensor."""
-    return torch.cat(blocks, dim=3)
