@@ -1,15 +1,15 @@
 """Linear layers y = x W^T with weights stored as fp32, int8 (one fp32 scale per output row) or int4 (groups of 32
 along the input, an fp16 scale and minimum per group, as llama.cpp's Q4_1; two codes per byte).
 
-Implementations: the references (`dequantize_reference`, then torch's GEMM); C++ GEMV kernels (csrc/linear.cpp) for
-one activation row (up to 8 of fp32 weights), which stream each packed weight row once (decode is memory bound); for
-int8/int4 chunks of 2..MAX_SHORT_ROWS rows, and prompts with CAMELID_INT8_PROMPTS=1, a C++ kernel with int8
-activations (`gemm_q8`, llama.cpp's Q8_0 activations: blocks of 32, one scale each) that loads each weight block
-once for up to 8 rows and multiplies them with integer dot products; for other prompts, C++ whole-matrix
-dequantisation and torch's GEMM. `_pick` decides. Every fp32 GEMM here (prompts, and training through `trainable`)
-goes through `matmul_t`, which takes oneDNN's GEMM instead of torch's (MKL) on AMD CPUs, where MKL runs at half
-speed (`gemm_library` decides). The formats themselves (quantisation, int4 packing) live here too, so the kernels
-and their references share one definition.
+Implementations: the references (`dequantize_reference`, then torch's GEMM); C++ GEMV kernels
+(csrc/linear.cpp) for a few activation rows, which stream each packed weight row once (decode is memory
+bound); for prompts, C++ whole-matrix dequantisation and torch's GEMM, or (CAMELID_INT8_PROMPTS=1, int8/int4
+weights) a C++ kernel with int8 activations (`gemm_q8`, llama.cpp's Q8_0 activations: blocks of 32, one scale
+each) that loads each weight block once for up to 8 rows and multiplies them with integer dot products. `_pick`
+decides. Every fp32 GEMM here (prompts, and training through `trainable`) goes through `matmul_t`, which takes
+oneDNN's GEMM instead of torch's (MKL) on AMD CPUs, where MKL runs at half speed (`gemm_library` decides). The
+formats themselves (quantisation, int4 packing) live here too, so the kernels and their references share one
+definition.
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ from camelid.errors import CamelidError
 from camelid.ops import native
 
 GROUP = 32  # int4 group size along the input dimension
-MAX_GEMV_ROWS = 8  # fp32 weights (and int8/int4 without int8 activations): rows the GEMV streams a weight row for
-# int8/int4 weights: chunks of 2..MAX_SHORT_ROWS rows (a prompt after a prefix-cache hit, speculative verification,
-# a short prompt) take int8 activations as decode does; longer prompts only with CAMELID_INT8_PROMPTS=1
-MAX_SHORT_ROWS = 24
+MAX_GEMV_ROWS = 8  # decode, small batches, speculative verification: each weight row is streamed from RAM once
 KINDS = ("f32", "int8", "int4")
 
 
@@ -116,7 +113,7 @@ def int8_activations() -> bool:
 
 
 def int8_prompts() -> bool:
-    """Whether prompts (more than MAX_SHORT_ROWS rows) of int8/int4 weights take int8 activations too: off unless
+    """Whether prompts (more than MAX_GEMV_ROWS rows) of int8/int4 weights take int8 activations too: off unless
     CAMELID_INT8_PROMPTS=1. Faster (1.2-2x per product), but a prompt's logits move by the activations' rounding,
     which can flip a near-tie greedy token (benchmarks/README.md, "Prompt products")."""
     return os.environ.get("CAMELID_INT8_PROMPTS", "0") == "1" and int8_activations()
@@ -131,24 +128,16 @@ def _pick(kind: str, x2d: Tensor) -> tuple[str, str]:
     # the build cannot be traced: under compile, a module built before counts
     if (native.loaded() if compiling else native.module()) is None:
         return "torch", native.reason()
-    rows = x2d.shape[0]
-    if rows <= 1:  # (gemm_q8 takes no empty input)
-        return "gemv", f"{kind} GEMV for one row"
+    if x2d.shape[0] <= MAX_GEMV_ROWS:
+        return "gemv", f"{kind} GEMV for up to {MAX_GEMV_ROWS} rows"
+    why = f"more than {MAX_GEMV_ROWS} rows (a prompt)"
     if kind == "f32":
-        if rows <= MAX_GEMV_ROWS:
-            return "gemv", f"f32 GEMV for up to {MAX_GEMV_ROWS} rows"
-        return "torch", f"more than {MAX_GEMV_ROWS} rows (a prompt), fp32 weights: {_gemm_words()}"
-    short = rows <= MAX_SHORT_ROWS
-    why = f"up to {MAX_SHORT_ROWS} rows (a short chunk)" if short else f"more than {MAX_SHORT_ROWS} rows (a prompt)"
-    if compiling or x2d.shape[-1] % GROUP or not (int8_activations() if short else int8_prompts()):
-        cause = ("under torch.compile" if compiling else f"in_features not a multiple of {GROUP}"
-                 if x2d.shape[-1] % GROUP else "CAMELID_INT8_ACTIVATIONS=0" if short
-                 else "CAMELID_INT8_PROMPTS=1 not set")
-        if rows <= MAX_GEMV_ROWS:
-            return "gemv", f"{why}, {cause}: {kind} GEMV with fp32 activations"
+        return "torch", f"{why}, fp32 weights: {_gemm_words()}"
+    if compiling or not int8_prompts() or x2d.shape[-1] % GROUP:
+        cause = ("under torch.compile" if compiling else "CAMELID_INT8_PROMPTS=1 not set" if not int8_prompts()
+                 else f"in_features not a multiple of {GROUP}")
         return "torch", f"{why}, {cause}: dequantise, then {_gemm_words()}"
-    # measured 3-7x the fp32-activation GEMV from 2 to 8 rows, 1.2-2x dequantise + GEMM from 16 to 512 rows
-    # (benchmarks/README.md, "Prompt products")
+    # measured 1.2-2x dequantise + GEMM from 16 to 512 rows (benchmarks/README.md, "Prompt products")
     return "q8", f"{why}: int8 activations, integer dot products, each weight block loaded once per 8 rows"
 
 

@@ -35,9 +35,7 @@ def _reference64(x: torch.Tensor, kind: str, w: list[torch.Tensor]) -> torch.Ten
                                         ("int8", 1, 96, 64), ("int8", 2, 1536, 576), ("int8", 1, 39, 72),
                                         ("int4", 1, 96, 64), ("int4", 2, 576, 1536), ("int4", 3, 43, 96),
                                         ("int4", 7, 40, 64)])
-def test_gemv_matches_the_reference(kind: str, M: int, N: int, K: int, threads: int,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CAMELID_INT8_ACTIVATIONS", "0")  # else int8/int4 chunks of 2.. rows take int8 activations
+def test_gemv_matches_the_reference(kind: str, M: int, N: int, K: int, threads: int) -> None:
     g = torch.Generator().manual_seed(N)
     x, w = torch.randn(M, K, generator=g), _weights(kind, N, K, g)
     assert linear.choose(kind, x).impl.startswith("C++")
@@ -50,8 +48,8 @@ def test_gemv_matches_the_reference(kind: str, M: int, N: int, K: int, threads: 
 def test_prompts_and_no_kernels_use_dequantisation_and_torch(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(1)
     w = _weights(kind, 40, 64, g)
-    x = torch.randn(2, 33, 64, generator=g)  # 66 rows: more than a GEMV's and a short chunk's
-    want = _reference64(x.reshape(-1, 64), kind, w).view(2, 33, 40)
+    x = torch.randn(2, 9, 64, generator=g)  # 18 rows: more than a GEMV's
+    want = _reference64(x.reshape(-1, 64), kind, w).view(2, 9, 40)
     assert "rows" in linear.choose(kind, x).reason and linear.choose(kind, x).impl == "PyTorch"
     torch.testing.assert_close(linear.linear(x, kind, *w).double(), want, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(native, "module", lambda: None)
@@ -91,14 +89,14 @@ def test_dequantising_into_the_scratch_buffer_gives_the_same_bits(kind: str, at_
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(3)
     w = _weights(kind, 40, 64, g)
-    x = torch.randn(linear.MAX_SHORT_ROWS + 9, 64, generator=g)
+    x = torch.randn(linear.MAX_GEMV_ROWS + 9, 64, generator=g)
     monkeypatch.setattr(linear, "DEQUANTIZE_AT_ONCE", at_once)
     first = linear.linear(x, kind, *w)
     assert torch.equal(first, _fresh_blocks(x, kind, w))
     buf = linear._scratch_block(1)
     assert torch.equal(linear.linear(x, kind, *w), first)  # again, through the reused buffer
     assert linear._scratch_block(1) is buf
-    x_other, w_other = torch.randn(linear.MAX_SHORT_ROWS + 9, 64, generator=g), _weights(kind, 40, 64, g)
+    x_other, w_other = torch.randn(linear.MAX_GEMV_ROWS + 9, 64, generator=g), _weights(kind, 40, 64, g)
     assert torch.equal(linear.linear(x_other, kind, *w_other), _fresh_blocks(x_other, kind, w_other))
 
 
@@ -108,7 +106,7 @@ def test_prompt_products_on_two_threads_at_once_keep_their_own_buffers(monkeypat
     equals the one computed alone."""
     monkeypatch.setattr(linear, "DEQUANTIZE_AT_ONCE", 64 * 8)  # 5 blocks per product: many chances to interleave
     g = torch.Generator().manual_seed(4)
-    jobs = [(kind, torch.randn(linear.MAX_SHORT_ROWS + 6, 64, generator=g), _weights(kind, 40, 64, g)) for kind in ("int8", "int4") * 2]
+    jobs = [(kind, torch.randn(linear.MAX_GEMV_ROWS + 4, 64, generator=g), _weights(kind, 40, 64, g)) for kind in ("int8", "int4") * 2]
     alone = [_fresh_blocks(x, kind, w) for kind, x, w in jobs]
     start, end, results, buffers = threading.Barrier(len(jobs)), threading.Barrier(len(jobs)), {}, {}
 
@@ -146,17 +144,15 @@ def test_dequantising_into_a_wrong_buffer_is_refused() -> None:
                                       ("int4", 37, 64), ("int4", 40, 96), ("int4", 130, 576)])
 def test_prompt_rows_take_int8_activations_and_each_row_is_its_own_product(
         kind: str, N: int, K: int, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks of 2..MAX_SHORT_ROWS rows of int8/int4 weights, and longer prompts with CAMELID_INT8_PROMPTS=1:
-    int8 activations (`gemm_q8`), equal to the products of the rounded activations, and each row bit for bit
-    what the one-row kernel gives it alone (so a row's result does not depend on the rows beside it: the
-    serving step relies on the same kernels)."""
+    """More than MAX_GEMV_ROWS rows of int8/int4 weights with CAMELID_INT8_PROMPTS=1: int8 activations
+    (`gemm_q8`), equal to the products of the rounded activations, and each row bit for bit what the one-row
+    kernel gives it alone (so a row's result does not depend on the rows beside it: the serving step relies on
+    the same kernels)."""
+    monkeypatch.setenv("CAMELID_INT8_PROMPTS", "1")
     g = torch.Generator().manual_seed(N + K)
     w = _weights(kind, N, K, g)
     code = 1 if kind == "int8" else 2
-    for M in (2, 5, 9, 11, 20, linear.MAX_SHORT_ROWS + 3):
-        if M > linear.MAX_SHORT_ROWS:
-            assert linear.choose(kind, torch.randn(M, K)).impl == "PyTorch"
-            monkeypatch.setenv("CAMELID_INT8_PROMPTS", "1")
+    for M in (9, 11, 20):
         x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4
         assert linear.choose(kind, x).impl.startswith("C++") and "int8 activations" in linear.choose(kind, x).reason
         got = linear.linear(x, kind, *w)
@@ -164,8 +160,7 @@ def test_prompt_rows_take_int8_activations_and_each_row_is_its_own_product(
         for m in range(M):
             assert torch.equal(got[m], native.module().gemv_q8(x[m], code, w))
         assert torch.equal(native.module().gemm_q8(x[:8], code, w), got[:8])
-        if M > 3:
-            assert torch.equal(native.module().gemm_q8(x[3:4], code, w)[0], got[3])
+        assert torch.equal(native.module().gemm_q8(x[3:4], code, w)[0], got[3])
 
 
 @needs_kernels

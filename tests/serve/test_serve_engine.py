@@ -71,10 +71,7 @@ def test_every_sequence_gets_its_own_greedy_tokens(mode: str, fast: bool, kv_dty
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """6 prompts, 3 slots: sequences join running batches, wait in the queue, retire at different steps (their
     rows move); each gets exactly the tokens it gets alone (with an fp16 KV cache too: the peaked model's greedy
-    choices are far apart, so rounding the cached keys and values does not change them; int8 activations, whose
-    rounding steps this tiny model amplifies, are off there)."""
-    if kv_dtype == "fp16":
-        monkeypatch.setenv("CAMELID_INT8_ACTIVATIONS", "0")
+    choices are far apart, so rounding the cached keys and values does not change them)."""
     model = model_for(mode)
     lengths = [12, 5, 9, 14, 3, 10]
     want = [reference_tokens(model, p, n, fast, monkeypatch) for p, n in zip(PROMPTS, lengths, strict=True)]
