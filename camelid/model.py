@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camelid import heap
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 
@@ -83,6 +84,7 @@ class KVCache(nn.Module):
     def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         super().__init__()
+        heap.keep_freed_buffers()  # inference from here on: each prompt's activations reuse freed heap memory
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
