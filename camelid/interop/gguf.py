@@ -375,6 +375,16 @@ def _gguf_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> 
 _ROWS_AT_A_TIME = 4096
 
 
+def _head_mode(reader: gguf.GGUFReader, config: LlamaConfig, quantize: str) -> str | None:
+    """An untied Q4_0/Q4_1 output head stays int4 in int4 mode: its blocks are taken as they are (exact, and 0.63
+    bytes per weight to read each token instead of 1), where the default int8 head would round them again. None:
+    the default."""
+    if quantize != "int4" or config.tie_embeddings:
+        return None
+    head = next((t for t in reader.tensors if t.name == "output.weight"), None)
+    return "int4" if head is not None and head.tensor_type in _Q4 else None
+
+
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
               device: torch.device | str = "cpu", quantize: str | None = None) -> tuple[LlamaConfig, Llama]:
     """Read a llama/qwen2/qwen3/phi3 GGUF file into a camelid model: the reference model (dequantised to fp32,
@@ -392,7 +402,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
             from camelid.variants.quantized import load_stored
 
             tensors = ((hf_to_camelid_name(n), w) for n, w in _stored_tensors(reader, config, source))
-            model = load_stored(config, quantize, tensors, source)
+            model = load_stored(config, quantize, tensors, source, head=_head_mode(reader, config, quantize))
         else:
             model = build_model(config, _gguf_tensors(reader, config, source), source, dtype=dtype, device=device)
             if quantize is not None:

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define CAMELID_AVX2 1
@@ -245,18 +246,20 @@ static inline __m256 dot_u4x32(__m256i w, __m256i q) { return _mm256_cvtepi32_ps
 // operations and their order do not depend on M. ----
 constexpr int kMaxActs = 8;
 #ifdef CAMELID_AVX512_Q8
-constexpr int64_t kMaxPairs = 128;  // rows up to K = 8192 (others take the 256-bit kernels)
+constexpr int64_t kMaxPairs = 512;  // int8 rows up to K = 32768 (others take the 256-bit kernels)
 static inline bool q8_pairs(int64_t G) { return G % 2 == 0 && G / 2 <= kMaxPairs; }
 // [a x8, b x8]
 static inline __m512 pair_ps(float a, float b) {
   return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
 }
 
-// The row kPrefetchRows ahead is prefetched while a row is multiplied: the weights, int4's scales and minimums
-// are separate streams, and the hardware prefetchers alone leave the loops waiting on memory (the int8 output
-// head, 28 MB for SmolLM2, and the int4 scale loads were the hottest stalls of an 8-row step). A prefetch never
-// faults, so reading past the matrix is harmless.
+// The weights kPrefetchBytes ahead are prefetched while a row is multiplied, one 64-byte line per line read (int4's
+// scales and minimums, separate streams, kPrefetchRows rows ahead): the hardware prefetchers alone leave the loops
+// waiting on memory, and a burst of prefetches for a whole row at its start did little better (8B-shaped rows at 1
+// thread: int8 12 GB/s with bursts, 30 GB/s spread; 4 KB ahead and 2 KB ahead were slower than 8 KB). A prefetch
+// never faults, so reading past the matrix is harmless.
 constexpr int64_t kPrefetchRows = 4;
+constexpr int64_t kPrefetchBytes = 8192;
 static inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
@@ -270,103 +273,118 @@ template <int M>
 static inline void int8_q8_pairs(const int8_t* const* q, const float* const* dq, const int8_t* w, const float* s,
                                  int64_t K, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t P = K / 64;
-  static thread_local __m512i corr[kMaxPairs][kMaxActs];  // [p][m]: one set of lines per pair
-  static thread_local __m512 dq2[kMaxPairs][kMaxActs];
+  static thread_local std::vector<__m512i> corr_tls;  // [p][m]
+  static thread_local std::vector<__m512> dq2_tls;    // [p][m]
+  corr_tls.resize(P * M);
+  dq2_tls.resize(P * M);
+  // thread_local lookups kept out of the loops: in a shared library each can be a call (int4 rows ran 2.4x slower)
+  __m512i* const corr = corr_tls.data();
+  __m512* const dq2 = dq2_tls.data();
   const __m512i bias = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
   for (int m = 0; m < M; ++m)
     for (int64_t p = 0; p < P; ++p) {
       const __m512i qv = _mm512_loadu_si512(q[m] + p * 64);
-      corr[p][m] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, qv));
-      dq2[p][m] = pair_ps(dq[m][2 * p], dq[m][2 * p + 1]);
+      corr[p * M + m] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, qv));
+      dq2[p * M + m] = pair_ps(dq[m][2 * p], dq[m][2 * p + 1]);
     }
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = w + n * K;
-    prefetch_row(row + kPrefetchRows * K, K);
+    const char* ahead = reinterpret_cast<const char*>(row) + kPrefetchBytes;
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t p = 0; p < P; ++p) {
+      _mm_prefetch(ahead + 64 * p, _MM_HINT_T0);  // one line per line read, not a burst per row
       const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(row + p * 64), bias);
       for (int m = 0; m < M; ++m) {
-        const __m512i d = _mm512_dpbusd_epi32(corr[p][m], wu, _mm512_loadu_si512(q[m] + p * 64));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), dq2[p][m], acc[m]);
+        const __m512i d = _mm512_dpbusd_epi32(corr[p * M + m], wu, _mm512_loadu_si512(q[m] + p * 64));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), dq2[p * M + m], acc[m]);
       }
     }
     for (int m = 0; m < M; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]) * s[n];
   }
 }
 
-// int4 weights (dot_int4's layout): the 32 bytes of groups 2p, 2p+1 are broadcast to both halves of a vector,
-// shifted right by 0 (low half) or 4 (high half) and masked: 128-bit lanes [g0 codes 0-15 | g1 0-15 | g0 16-31 |
-// g1 16-31]. The activations are copied once into that order, so int32 lanes 0-3 and 8-11 hold group 2p and
-// lanes 4-7 and 12-15 group 2p + 1; the scales are spread the same way. The minimum term, sum over groups of
-// minimum * xs, is computed for the M activations at once (lane m of a 256-bit vector).
-static inline __m512i unpack_int4_pair(const uint8_t* p) {
-  const __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  const __m512i shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
-  return _mm512_and_si512(_mm512_srlv_epi64(b, shift), _mm512_set1_epi8(15));
-}
-// lanes [a x4, b x4, a x4, b x4] from a vector holding a at index i, b at i + 1
-static inline __m512i pair_index(int i) {
-  return _mm512_set_epi32(i + 1, i + 1, i + 1, i + 1, i, i, i, i, i + 1, i + 1, i + 1, i + 1, i, i, i, i);
+// int4 weights (dot_int4's layout): 64 bytes of a row are four groups, their low nibbles inputs 0-15 of each
+// group and their high nibbles inputs 16-31. The activations are copied once per call into that order (per chunk
+// of four groups: 64 bytes that meet the low nibbles, 64 that meet the high ones; zeros past the row), so int32
+// lane l of a chunk's sums belongs to group 4c + l / 4. A chunk then costs two vpdpbusd, one conversion and one
+// multiply-add whose factors (group scale times activation scale) are spread to their lanes by one permute from a
+// vector of 16 groups; the minimum term takes one multiply-add per 16 groups. That is about a third of the
+// instructions per weight of two groups per vector, which made an 8B-shaped step compute-bound at 2 threads.
+// Any K that is a multiple of 32 (a masked load reads a last chunk of fewer than four groups).
+static inline __m512i quad_index(int c) {  // lanes [4c x4, 4c+1 x4, 4c+2 x4, 4c+3 x4]
+  return _mm512_set_epi32(4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 2, 4 * c + 2, 4 * c + 2, 4 * c + 2,
+                          4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c, 4 * c, 4 * c, 4 * c);
 }
 template <int M>
-static inline void int4_q8_pairs(const int8_t* const* q, const float* const* dq, const float* const* xs,
+static inline void int4_q8_quads(const int8_t* const* q, const float* const* dq, const float* const* xs,
                                  const uint8_t* w, const at::Half* sc, const at::Half* mn, int64_t K, int64_t n0,
                                  int64_t n1, float* y, int64_t ldy) {
-  const int64_t G = K / 32, P = G / 2;
-  static thread_local __m512i qp[kMaxPairs][kMaxActs];  // [p][m]: one set of lines per pair
-  static thread_local __m512 dq2[kMaxPairs][kMaxActs];
-  static thread_local float xst[2 * kMaxPairs][8];
-  __m512i idx[8];
-  for (int j = 0; j < 8; ++j) idx[j] = pair_index(2 * j);
-  for (int m = 0; m < M; ++m)
-    for (int64_t p = 0; p < P; ++p) {
-      const __m512i v = _mm512_loadu_si512(q[m] + p * 64);
-      qp[p][m] = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
-      dq2[p][m] = _mm512_permutexvar_ps(pair_index(0), _mm512_castps128_ps512(_mm_setr_ps(dq[m][2 * p],
-                                                                           dq[m][2 * p + 1], 0.f, 0.f)));
+  const int64_t G = K / 32, C = (G + 3) / 4, B = (G + 15) / 16;
+  static thread_local std::vector<int8_t> qbuf;  // [c][m][128]: the low-nibble then the high-nibble order
+  static thread_local std::vector<float> fbuf;   // [b][m][32]: 16 activation scales, then 16 group sums
+  qbuf.assign(C * M * 128, 0);
+  fbuf.assign(B * M * 32, 0.f);
+  int8_t* const qb = qbuf.data();  // (thread_local lookups kept out of the loops, as above)
+  float* const fb = fbuf.data();
+  for (int m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      int8_t* o = qb + ((g / 4) * M + m) * 128 + (g % 4) * 16;
+      std::memcpy(o, q[m] + g * 32, 16);
+      std::memcpy(o + 64, q[m] + g * 32 + 16, 16);
+      float* f = fb + ((g / 16) * M + m) * 32 + g % 16;
+      f[0] = dq[m][g];
+      f[16] = xs[m][g];
     }
-  for (int64_t g = 0; g < G; ++g)
-    for (int m = 0; m < 8; ++m) xst[g][m] = m < M ? xs[m][g] : 0.f;
+  }
+  __m512i idx[4];
+  for (int c = 0; c < 4; ++c) idx[c] = quad_index(c);
+  const __m512i low = _mm512_set1_epi8(15);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * (K / 2);
     const at::Half* srow = sc + n * G;
     const at::Half* mrow = mn + n * G;
-    prefetch_row(row + kPrefetchRows * (K / 2), K / 2);
-    prefetch_row(srow + kPrefetchRows * G, 2 * G);
-    prefetch_row(mrow + kPrefetchRows * G, 2 * G);
+    const char* ahead = reinterpret_cast<const char*>(row) + kPrefetchBytes;
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    __m256 mins = _mm256_setzero_ps();
-    for (int64_t p0 = 0; p0 < P; p0 += 8) {
-      // the fp16 scales and minimums of groups 2 p0 .. 2 p0 + 15 (a masked load never reads past the row)
-      const int64_t np = std::min<int64_t>(8, P - p0);
-      const __mmask16 mask = (__mmask16)((1u << (2 * np)) - 1);
-      const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, srow + 2 * p0));
-      alignas(64) float m16[16];
-      _mm512_store_ps(m16, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mrow + 2 * p0)));
-      for (int64_t j = 0; j < np; ++j) {
-        const int64_t p = p0 + j;
-        const __m512i wv = unpack_int4_pair(row + p * 32);
-        const __m512 s = _mm512_permutexvar_ps(idx[j], s16);
+    for (int64_t b = 0; b < B; ++b) {
+      // the row kPrefetchRows ahead, one line per chunk as the chunks are read: a burst of prefetches at the
+      // start of a row left the loop waiting on memory
+      _mm_prefetch(reinterpret_cast<const char*>(srow + kPrefetchRows * G + 16 * b), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mrow + kPrefetchRows * G + 16 * b), _MM_HINT_T0);
+      const int64_t ng = std::min<int64_t>(16, G - 16 * b);
+      const __mmask16 gmask = (__mmask16)((1u << ng) - 1);
+      const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, srow + 16 * b));
+      const __m512 m16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, mrow + 16 * b));
+      __m512 sd[M];
+      for (int m = 0; m < M; ++m) {
+        const float* f = fb + (b * M + m) * 32;
+        sd[m] = _mm512_mul_ps(s16, _mm512_loadu_ps(f));
+        acc[m] = _mm512_fmadd_ps(m16, _mm512_loadu_ps(f + 16), acc[m]);
+      }
+      const int64_t nc = (ng + 3) / 4;
+      for (int64_t j = 0; j < nc; ++j) {
+        const int64_t c = 4 * b + j, left = G - 4 * c;
+        _mm_prefetch(ahead + 64 * c, _MM_HINT_T0);
+        const __m512i v = left >= 4 ? _mm512_loadu_si512(row + 64 * c)
+                                    : _mm512_maskz_loadu_epi8((__mmask64)((1ull << (16 * left)) - 1), row + 64 * c);
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         for (int m = 0; m < M; ++m) {
-          const __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, qp[p][m]));
-          acc[m] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, dq2[p][m]), acc[m]);
+          const int8_t* qc = qb + (c * M + m) * 128;
+          __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(qc));
+          d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(qc + 64));
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(idx[j], sd[m]), acc[m]);
         }
-        mins = _mm256_fmadd_ps(_mm256_broadcast_ss(m16 + 2 * j), _mm256_loadu_ps(xst[2 * p]), mins);
-        mins = _mm256_fmadd_ps(_mm256_broadcast_ss(m16 + 2 * j + 1), _mm256_loadu_ps(xst[2 * p + 1]), mins);
       }
     }
-    alignas(32) float mt[8];
-    _mm256_store_ps(mt, mins);
-    for (int m = 0; m < M; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]) + mt[m];
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]);
   }
 }
 
 // int4 weights interleaved 16 rows at a time (`interleave_int4`): int32 lane i of every vector belongs to row i of
 // a block of 16, so a group's integer dot products are summed inside the lanes (8 vpdpbusd per group and
 // activation, each with 4 activation bytes broadcast) and each (group, activation) costs one conversion and two
-// multiply-adds for all 16 rows. Per weight that is about a third of int4_q8_pairs's instructions, which matters
+// multiply-adds for all 16 rows. Per weight that is about a third of the instructions of two groups per vector, which matters
 // once several activations make the product compute-bound (continuous batching). Per row and activation the
 // operations and their order do not depend on M. Block layout, per group of 32 inputs (kInterleavedGroupBytes):
 // four 64-byte vectors, vector c holding inputs 8c..8c+3 (low nibbles) and 8c+4..8c+7 (high) of row i at bytes
@@ -419,7 +437,8 @@ template <int M>
 static inline void int8x16_q8(const int8_t* const* q, const float* const* dq, const int8_t* w, int64_t K, int64_t N,
                               int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const int64_t G = K / 32, block_bytes = G * kInterleavedInt8GroupBytes + 64;
-  static thread_local int32_t corr[2 * kMaxPairs][kMaxActs];  // [g][m]: -128 * sum of activation m's group g
+  static thread_local int32_t corr_tls[2 * kMaxPairs][kMaxActs];  // [g][m]: -128 * sum of activation m's group g
+  int32_t(*const corr)[kMaxActs] = corr_tls;
   for (int m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       int32_t sum = 0;
@@ -518,7 +537,7 @@ static inline void dot_int4_q8(const int8_t* q, const float* dq, const float* xs
   const int64_t G = K / 32;
   int64_t n = n0;
 #ifdef CAMELID_AVX512_Q8
-  if (q8_pairs(G)) return int4_q8_pairs<1>(&q, &dq, &xs, w, sc, mn, K, n0, n1, y, 0);
+  return int4_q8_quads<1>(&q, &dq, &xs, w, sc, mn, K, n0, n1, y, 0);
 #endif
 #ifdef CAMELID_AVX2
   const __m128i low = _mm_set1_epi8(15);
@@ -586,8 +605,7 @@ static inline void dot_int4_q8_multi(int M, const int8_t* const* q, const float*
                                      int64_t n1, float* y, int64_t ldy) {
   int64_t n = n0;
 #ifdef CAMELID_AVX512_Q8
-  if (q8_pairs(K / 32))
-    return with_acts(M, [&](auto m) { int4_q8_pairs<decltype(m)::value>(q, dq, xs, w, sc, mn, K, n0, n1, y, ldy); });
+  return with_acts(M, [&](auto m) { int4_q8_quads<decltype(m)::value>(q, dq, xs, w, sc, mn, K, n0, n1, y, ldy); });
 #endif
 #ifdef CAMELID_AVX2
   const int64_t G = K / 32, n_vec = n0 + (n1 - n0) / 4 * 4;
