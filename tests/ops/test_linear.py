@@ -138,10 +138,12 @@ def test_dequantising_into_a_wrong_buffer_is_refused() -> None:
 
 
 @needs_kernels
-# 64: two groups (one 512-bit pair), 96: an odd group count (the 256-bit kernels), 576: SmolLM2's width;
-# N not a multiple of 4: the kernels' tails; 8 / 11 / 20 rows: one full group of 8 activations and the rest
-@pytest.mark.parametrize("kind,N,K", [("int8", 37, 64), ("int8", 40, 96), ("int8", 130, 576),
-                                      ("int4", 37, 64), ("int4", 40, 96), ("int4", 130, 576)])
+# 64: two groups (one 512-bit int8 pair), 96: an odd group count (int8: the 256-bit kernels), 160: four int4 groups
+# and a chunk of one, 576: SmolLM2's width, 8256: 258 groups (more than 16 KiB of int4 row); N not a multiple of 4:
+# the kernels' tails; 8 / 11 / 20 rows: one full group of 8 activations and the rest
+@pytest.mark.parametrize("kind,N,K", [("int8", 37, 64), ("int8", 40, 96), ("int8", 130, 576), ("int8", 21, 8256),
+                                      ("int4", 37, 64), ("int4", 40, 96), ("int4", 21, 160), ("int4", 130, 576),
+                                      ("int4", 21, 8256)])
 def test_prompt_rows_take_int8_activations_and_each_row_is_its_own_product(
         kind: str, N: int, K: int, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """More than MAX_GEMV_ROWS rows of int8/int4 weights with CAMELID_INT8_PROMPTS=1: int8 activations
@@ -207,7 +209,9 @@ def _q8(x: torch.Tensor) -> torch.Tensor:
 
 
 @needs_kernels
-@pytest.mark.parametrize("N,K", [(8, 64), (7, 96), (1536, 576)])  # 7: the plain-loop tail after the AVX2 rows
+# 7: the plain-loop tail after the AVX2 rows; 160 and 14336 (Llama-3-8B's down projection): int4 rows of 4 groups
+# and a masked last chunk
+@pytest.mark.parametrize("N,K", [(8, 64), (7, 96), (8, 160), (1536, 576), (9, 14336)])
 def test_int8_activation_products_match_their_definition(N: int, K: int) -> None:
     g = torch.Generator().manual_seed(K)
     x = torch.randn(K, generator=g)
