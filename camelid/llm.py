@@ -198,6 +198,7 @@ def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dt
     """Load a model (see the module docstring for the accepted sources).
 
     `quantize="int8"|"int4"` makes the linear layers weight-only quantised (C++ kernels for decode on CPU);
+    `"fp16"` stores the weights in 16 bits and computes in fp32 (half the memory; an F16 GGUF's weights exactly);
     `"fp32"` keeps fp32 weights but takes the same fused fast path. A `.safetensors` file written by
     `camelid quantize` loads quantised directly, without an fp32 copy.
 

@@ -66,7 +66,7 @@ def _measure_bandwidth(threads: int) -> float:
 
 def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int,
                   checkpoint: str | None = None) -> dict:
-    """precision: fp32-eager (the plain model), fp32 (fused + C++ decode step), int8 or int4 (loaded from a quantised
+    """precision: fp32-eager (the plain model), fp32 (fused + C++ decode step), fp16, int8 or int4 (loaded from a quantised
     checkpoint, as a user would, so peak RSS never includes an fp32 copy); a "-compile" suffix runs the decode
     steps through torch.compile and reports the one-off compile time."""
     import torch
@@ -180,7 +180,7 @@ def _time_llamacpp(gguf: str, prompt_len: int, new_tokens: int, threads: int) ->
     return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1)}
 
 
-CAMELID_PRECISIONS = ("fp32-eager", "fp32", "int8", "int4")
+CAMELID_PRECISIONS = ("fp32-eager", "fp32", "fp16", "int8", "int4")
 
 
 def _worker(spec: dict) -> None:
@@ -262,7 +262,7 @@ def _in_child(fn, specs: list[dict], folder: str) -> None:  # noqa: ANN001
 
 
 def _write_checkpoints(specs: list[dict], folder: str) -> None:
-    """int8/int4 engines load a quantised checkpoint of the random model (written here, once per mode)."""
+    """fp16/int8/int4 engines load a quantised checkpoint of the random model (written here, once per mode)."""
     import torch
 
     from camelid.config import LlamaConfig
@@ -271,7 +271,7 @@ def _write_checkpoints(specs: list[dict], folder: str) -> None:
 
     for s in specs:
         mode = s["precision"].removesuffix("-compile")
-        if s["engine"] != "camelid" or mode not in ("int8", "int4"):
+        if s["engine"] != "camelid" or mode not in ("fp16", "int8", "int4"):
             continue
         path = Path(folder) / f"{s['model']}-{mode}.safetensors"
         if not path.exists():

@@ -23,8 +23,9 @@ AdapterOpt = typer.Option(None, "--adapter", help="a LoRA adapter folder (from `
 ImageOpt = typer.Option(None, "--image", "-i", help="a picture for a vision model to look at (PNG, JPEG, ...)")
 QuantizeOpt = typer.Option(
     "fp32", "--quantize",
-    help="fp32: the same weights, fused, with camelid's C++ decode step (fastest exact path); int8 / int4: "
-         "weight-only quantised (faster, measured quality cost); none: the plain readable model",
+    help="fp32: the same weights, fused, with camelid's C++ decode step (fastest exact path); fp16: 16-bit "
+         "weights, fp32 arithmetic (half the memory); int8 / int4: weight-only quantised (faster, measured quality "
+         "cost); none: the plain readable model",
 )
 
 
@@ -32,8 +33,8 @@ def _load(model: str, quiet: bool, quantize: str, adapter: str | None = None) ->
     import camelid
     from camelid.ops import native
 
-    if quantize not in ("none", "fp32", "int8", "int4"):
-        raise CamelidError(f"--quantize {quantize!r}: choose one of none, fp32, int8, int4")
+    if quantize not in ("none", "fp32", "fp16", "int8", "int4"):
+        raise CamelidError(f"--quantize {quantize!r}: choose one of none, fp32, fp16, int8, int4")
     t0 = time.perf_counter()
     registered = model in hub.MODELS and hub.MODELS[model].kind in hub.LLM_KINDS
     # a wrong name is the one line on stderr, before anything else is said

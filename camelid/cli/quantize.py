@@ -1,4 +1,4 @@
-"""`camelid quantize SRC DST --mode int8|int4`: weight-only quantisation to a safetensors checkpoint, with the
+"""`camelid quantize SRC DST --mode int8|int4|fp16`: weight-only quantisation to a safetensors checkpoint, with the
 model's tokenizer written beside it (where `camelid.load` and `camelid generate -m DST` look for it)."""
 
 from __future__ import annotations
@@ -38,15 +38,15 @@ def quantize(
     source: str = typer.Argument(..., help="model to quantise (anything camelid.load accepts)"),
     output: Path = typer.Argument(..., help="output .safetensors file (config in its metadata); the tokenizer files "
                                             "go into the same folder"),
-    mode: str = typer.Option("int8", help="int8 (one scale per row) or int4 (groups of 32, scale + min)"),
+    mode: str = typer.Option("int8", help="int8 (one scale per row), int4 (groups of 32, scale + min) or fp16"),
 ) -> None:
     """Quantise a model's linear weights and save them, with its tokenizer beside them: `camelid generate -m
     OUTPUT` runs the file, and camelid.variants.quantized.load_quantized loads the model alone."""
     import camelid.llm
     from camelid.variants.quantized import quantize_model, save_quantized
 
-    if mode not in ("int8", "int4"):
-        raise CamelidError(f"unknown --mode {mode!r}; choose int8 or int4")
+    if mode not in ("int8", "int4", "fp16"):
+        raise CamelidError(f"unknown --mode {mode!r}; choose int8, int4 or fp16")
     if output.suffix != ".safetensors":
         raise CamelidError(f"{output}: the output must be a .safetensors file")
     path = camelid.llm.resolve(source)

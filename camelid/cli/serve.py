@@ -32,8 +32,8 @@ def build(model: str, *, quantize: str = "fp32", slots: int = 8, context: int | 
     from camelid.serve.engine import KV_DTYPES, Engine
     from camelid.serve.metrics import ServerMetrics
 
-    if quantize not in ("none", "fp32", "int8", "int4"):
-        raise CamelidError(f"--quantize {quantize!r}: choose one of none, fp32, int8, int4")
+    if quantize not in ("none", "fp32", "fp16", "int8", "int4"):
+        raise CamelidError(f"--quantize {quantize!r}: choose one of none, fp32, fp16, int8, int4")
     if kv_dtype not in KV_DTYPES:
         raise CamelidError(f"--kv-dtype {kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}")
     camelid.llm.resolve(model)  # a wrong name is the one line on stderr, before anything else is said

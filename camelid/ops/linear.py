@@ -1,5 +1,6 @@
-"""Linear layers y = x W^T with weights stored as fp32, int8 (one fp32 scale per output row) or int4 (groups of 32
-along the input, an fp16 scale and minimum per group, as llama.cpp's Q4_1; two codes per byte).
+"""Linear layers y = x W^T with weights stored as fp32, fp16 (converted to fp32 as they are read), int8 (one fp32
+scale per output row) or int4 (groups of 32 along the input, an fp16 scale and minimum per group, as llama.cpp's
+Q4_1; two codes per byte).
 
 Implementations: the references (`dequantize_reference`, then torch's GEMM); C++ GEMV kernels
 (csrc/linear.cpp) for a few activation rows, which stream each packed weight row once (decode is memory
@@ -28,7 +29,7 @@ from camelid.ops import native
 
 GROUP = 32  # int4 group size along the input dimension
 MAX_GEMV_ROWS = 8  # decode, small batches, speculative verification: each weight row is streamed from RAM once
-KINDS = ("f32", "int8", "int4")
+KINDS = ("f32", "f16", "int8", "int4")
 
 
 # -- formats ------------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def quantize_int4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def dequantize_reference(kind: str, *weight: Tensor) -> Tensor:
     """The fp32 matrix [N, K] that stored `weight` tensors of `kind` stand for."""
-    if kind == "f32":
+    if kind in ("f32", "f16"):
         return weight[0].float()
     if kind == "int8":
         qweight, scale = weight
@@ -92,6 +93,11 @@ def _gemv_f32(x: Tensor, w: Tensor) -> Tensor:
     return native.loaded().gemv_f32(x, w)
 
 
+@torch.library.custom_op("camelid::gemv_f16", mutates_args=())
+def _gemv_f16(x: Tensor, w: Tensor) -> Tensor:
+    return native.loaded().gemv_f16(x, w)
+
+
 @torch.library.custom_op("camelid::gemv_int8", mutates_args=())
 def _gemv_int8(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
     return native.loaded().gemv_int8(x, w, scale)
@@ -102,7 +108,7 @@ def _gemv_int4(x: Tensor, w: Tensor, scale: Tensor, minimum: Tensor) -> Tensor:
     return native.loaded().gemv_int4(x, w, scale, minimum)
 
 
-for _op in (_gemv_f32, _gemv_int8, _gemv_int4):
+for _op in (_gemv_f32, _gemv_f16, _gemv_int8, _gemv_int4):
     _op.register_fake(lambda x, w, *rest: x.new_empty(x.shape[0], w.shape[0]))
 
 
@@ -133,6 +139,8 @@ def _pick(kind: str, x2d: Tensor) -> tuple[str, str]:
     why = f"more than {MAX_GEMV_ROWS} rows (a prompt)"
     if kind == "f32":
         return "torch", f"{why}, fp32 weights: {_gemm_words()}"
+    if kind == "f16":
+        return "torch", f"{why}, fp16 weights: converted to fp32, then {_gemm_words()}"
     if compiling or not int8_prompts() or x2d.shape[-1] % GROUP:
         cause = ("under torch.compile" if compiling else "CAMELID_INT8_PROMPTS=1 not set" if not int8_prompts()
                  else f"in_features not a multiple of {GROUP}")
@@ -238,7 +246,7 @@ class DequantizedMatmul(torch.autograd.Function):
 
 
 def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
-    """x [..., K] @ W^T for W stored as `kind` ("f32": weight; "int8": codes, scale; "int4": packed codes,
+    """x [..., K] @ W^T for W stored as `kind` ("f32" or "f16": weight; "int8": codes, scale; "int4": packed codes,
     scale, minimum): the C++ GEMV for a few rows; for more, dequantisation and torch's GEMM, or the
     int8-activation kernel with CAMELID_INT8_PROMPTS=1 (`_pick`); in training, dequantisation and torch's GEMM
     with the matrix rebuilt for the backward pass rather than stored (DequantizedMatmul)."""
@@ -277,7 +285,7 @@ def _scratch_block(numel: int) -> Tensor:
 
 
 def _dequantized_product(x2d: Tensor, kind: str, weight: tuple[Tensor, ...]) -> Tensor:
-    """x2d @ W^T for int8/int4 W, dequantised a block of weight rows at a time, so that the fp32 copy of a
+    """x2d @ W^T for fp16/int8/int4 W, converted to fp32 a block of weight rows at a time, so that the fp32 copy of a
     large matrix (a fused gate/up, an output head) never exists whole. On the CPU in eager mode each block goes
     into this thread's scratch buffer (`_scratch_block`); the values and the GEMM are the same either way."""
     n, k = weight[0].shape[0], x2d.shape[-1]
@@ -304,7 +312,7 @@ def _dequantized_product(x2d: Tensor, kind: str, weight: tuple[Tensor, ...]) -> 
 
 
 def dequantize(kind: str, *weight: Tensor) -> Tensor:
-    """The fp32 matrix of int8/int4 weights: one parallel C++ pass on the CPU, else the reference."""
+    """The fp32 matrix of fp16/int8/int4 weights: one parallel C++ pass on the CPU, else the reference."""
     if kind != "f32" and weight[0].device.type == "cpu" and not torch.compiler.is_compiling():
         mod = native.module()
         if mod is not None:

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from camelid.model import Attention, Block, FeedForward, KVCache, Llama, RMSNorm, RotaryEmbedding
 from camelid.ops import linear, native
 from camelid.variants.fused import FastRMSNorm, FusedAttention, FusedFeedForward
-from camelid.variants.quantized import FastLinear, Int4Linear, Int8Embedding, Int8Linear
+from camelid.variants.quantized import FastLinear, Fp16Embedding, Fp16Linear, Int4Linear, Int8Embedding, Int8Linear
 
-F32, INT8, INT4 = 0, 1, 2
+F32, INT8, INT4, F16 = 0, 1, 2, 3
 
 # the LlamaConfig fields the C++ step implements (RoPE scaling is in the tables it is given); any other field
 # must keep its default
@@ -31,8 +31,9 @@ IMPLEMENTED_CONFIG = {"name", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_
                       "intermediate_size", "norm_eps", "rope_theta", "rope_scaling", "max_seq_len", "tie_embeddings",
                       "bos_token_id", "eos_token_id"}
 # the exact module types it reads (subclasses may change what runs, so they are refused too)
-KNOWN_MODULES = {Llama, nn.Embedding, Int8Embedding, nn.ModuleList, Block, RMSNorm, FastRMSNorm, FusedAttention,
-                 FusedFeedForward, nn.Linear, FastLinear, Int8Linear, Int4Linear, RotaryEmbedding, KVCache}
+KNOWN_MODULES = {Llama, nn.Embedding, Int8Embedding, Fp16Embedding, nn.ModuleList, Block, RMSNorm, FastRMSNorm,
+                 FusedAttention, FusedFeedForward, nn.Linear, FastLinear, Fp16Linear, Int8Linear, Int4Linear,
+                 RotaryEmbedding, KVCache}
 
 
 def _linear(mod: nn.Module) -> tuple[int, list[Tensor]]:
@@ -41,12 +42,16 @@ def _linear(mod: nn.Module) -> tuple[int, list[Tensor]]:
         return INT8, [mod.qweight, mod.scale]
     if type(mod) is Int4Linear:
         return INT4, [mod.qweight, mod.scale, mod.minimum]
+    if type(mod) is Fp16Linear:
+        return F16, [mod.weight]
     return F32, [mod.weight]
 
 
 def _embedding(mod: nn.Module) -> tuple[int, list[Tensor]]:
     if type(mod) is Int8Embedding:
         return INT8, [mod.table.qweight, mod.table.scale]
+    if type(mod) is Fp16Embedding:
+        return F16, [mod.table.weight]
     return F32, [mod.weight]
 
 
@@ -81,7 +86,7 @@ def refusal(model: nn.Module) -> str | None:
     for i, block in enumerate(model.layers):
         if type(block.attention) is not FusedAttention or type(block.feed_forward) is not FusedFeedForward:
             return f"layers.{i} is not fused (camelid.variants.fused.fuse or quantize_model)"
-    if type(model.tok_embeddings) not in (nn.Embedding, Int8Embedding):
+    if type(model.tok_embeddings) not in (nn.Embedding, Int8Embedding, Fp16Embedding):
         return f"tok_embeddings is a {type(model.tok_embeddings).__name__}, which the C++ decode step does not read"
     norms = [model.norm.weight] + [w for b in model.layers for w in (b.attention_norm.weight, b.ffn_norm.weight)]
     parts = [_embedding(model.tok_embeddings), _linear(model.output)]

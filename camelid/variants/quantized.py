@@ -1,5 +1,6 @@
 """Weight-only quantisation for inference, applied from outside the reference model: int8 (one scale per output
-row) and int4 (groups of 32 with an fp16 scale and minimum, like llama.cpp's Q4_1). Activations stay fp32
+row), int4 (groups of 32 with an fp16 scale and minimum, like llama.cpp's Q4_1) and fp16 (16-bit weights, fp32
+arithmetic: half of fp32's bytes to stream per token). Activations stay fp32
 (except in the one-call decode step, camelid.variants.decode_step, which by default multiplies int8/int4 weights
 with int8 activations).
 
@@ -30,7 +31,7 @@ from camelid.model import Llama, rope_inv_freq
 from camelid.ops import linear, native
 from camelid.variants.fused import fuse
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "fp16")  # the modes `save_quantized` writes
 GROUP = linear.GROUP
 
 
@@ -96,6 +97,43 @@ class Int8Embedding(nn.Module):
         return t.qweight[ids].float() * t.scale[ids].unsqueeze(-1)
 
 
+class Fp16Linear(nn.Module):
+    """y = x W^T with W stored in fp16 and every product computed in fp32 (each weight converted as it is read)."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        if weight.is_meta:  # a layout to load into: shapes only
+            w = weight.new_empty(weight.shape, dtype=torch.float16)
+        else:
+            w = weight.detach().to(torch.float16).contiguous()
+        self.register_buffer("weight", w)
+        self.out_features, self.in_features = weight.shape
+
+    def dequantize(self) -> Tensor:
+        return linear.dequantize("f16", self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear.linear(x, "f16", self.weight)
+
+
+class Fp16Embedding(nn.Module):
+    """Embedding rows in fp16, read as fp32: Fp16Linear's format, so a tied fp16 head and the embedding share one
+    matrix."""
+
+    def __init__(self, weight: Tensor | None = None, shared: Fp16Linear | None = None) -> None:
+        super().__init__()
+        if shared is not None:
+            self.__dict__["table"] = shared  # not registered: its tensor is saved once, under output.*
+        else:
+            self.table = Fp16Linear(weight)
+
+    def dequantize(self) -> Tensor:
+        return self.table.dequantize()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table.weight[ids].float()
+
+
 class FastLinear(nn.Module):
     """fp32 linear whose few-row products use camelid's streaming GEMV (torch's GEMM otherwise)."""
 
@@ -108,7 +146,7 @@ class FastLinear(nn.Module):
         return linear.linear(x, "f32", self.weight)
 
 
-LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp32": FastLinear}
+LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp16": Fp16Linear, "fp32": FastLinear}
 
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
@@ -119,18 +157,19 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
 @torch.no_grad()
 def quantize_model(model: Llama, mode: str, head: str | None = None, huge_pages: bool = True) -> Llama:
     """Fuse `model` (camelid.variants.fused.fuse), then replace every bias-free nn.Linear in place, one at a
-    time, by its weight-only quantised twin ("int8", "int4") or by the fp32 fast-GEMV linear ("fp32"); each fp32
-    weight is freed as soon as it is replaced, so peak memory is the fp32 model plus one layer. In int8/int4 mode
-    the embedding becomes int8 too (sharing the head's matrix when they are tied and the head is int8). The
+    time, by its weight-only quantised twin ("int8", "int4"), its 16-bit twin ("fp16": fp16 weights, fp32
+    arithmetic) or the fp32 fast-GEMV linear ("fp32"); each fp32 weight is freed as soon as it is replaced, so
+    peak memory is the fp32 model plus one layer. In int8/int4 mode the embedding becomes int8 too (sharing the
+    head's matrix when they are tied and the head is int8), in fp16 mode fp16 (likewise). The
     output head uses `head` (default: int8 in int4 mode, because the head's error shows directly in every logit;
     else `mode`). In int4 mode a layer whose input width is not a multiple of 32 is quantised to int8.
-    huge_pages: in fp32 mode, move the weights into transparent huge pages where the kernel allows
+    huge_pages: in fp32 and fp16 mode, move the weights into transparent huge pages where the kernel allows
     (camelid.hugepages: the memory-bound fp32 decode step streams them faster; the int8/int4 steps gained ~1%)."""
     if mode not in LINEARS:
-        raise CamelidError(f"unknown quantize mode {mode!r}; choose one of int8, int4, fp32")
+        raise CamelidError(f"unknown quantize mode {mode!r}; choose one of int8, int4, fp16, fp32")
     head = head or ("int8" if mode == "int4" else mode)
     if head not in LINEARS:
-        raise CamelidError(f"unknown head mode {head!r}; choose one of int8, int4, fp32")
+        raise CamelidError(f"unknown head mode {head!r}; choose one of int8, int4, fp16, fp32")
     native.module()  # build (or find) the kernels now, not inside the first (possibly compiled) forward
     fuse(model)  # fewer, larger GEMVs: QKV and gate+up read x once
     for path, parent, name, lin in _linears(model):
@@ -139,10 +178,13 @@ def quantize_model(model: Llama, mode: str, head: str | None = None, huge_pages:
             kind = Int8Linear  # groups of 32 do not tile this row; int8 keeps it exact enough
         setattr(parent, name, kind(lin.weight))
     emb = model.tok_embeddings
-    if mode in MODES and isinstance(emb, nn.Embedding):
+    if mode == "fp16" and isinstance(emb, nn.Embedding):
+        tied = model.config.tie_embeddings and isinstance(model.output, Fp16Linear)
+        model.tok_embeddings = Fp16Embedding(shared=model.output) if tied else Fp16Embedding(emb.weight)
+    elif mode in MODES and isinstance(emb, nn.Embedding):
         tied = model.config.tie_embeddings and isinstance(model.output, Int8Linear)
         model.tok_embeddings = Int8Embedding(shared=model.output) if tied else Int8Embedding(emb.weight)
-    if mode == "fp32" and huge_pages:
+    if mode in ("fp32", "fp16") and huge_pages:
         hugepages.move_to_huge_pages(model)
     model.quantized = mode  # type: ignore[assignment]
     return model
@@ -173,7 +215,7 @@ def _destinations(model: Llama, name: str) -> list[tuple[nn.Module, str, int]]:
     row). The fused products hold q/k/v (wqkv) and gate/up (w13) as row blocks; a tied embedding is the head."""
     if name == "tok_embeddings.weight":
         emb = model.tok_embeddings
-        found = [(emb.table if isinstance(emb, Int8Embedding) else emb, "weight", 0)]
+        found = [(emb.table if isinstance(emb, (Int8Embedding, Fp16Embedding)) else emb, "weight", 0)]
         if model.config.tie_embeddings:
             found += _destinations(model, "output.weight")
         return list({id(m): (m, a, r) for m, a, r in found}.values())
@@ -227,6 +269,11 @@ def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[
             qweight, scale = linear.quantize_int8(w.fp32(a, b))
             _materialize(module, "qweight")[row + a:row + b] = qweight
             _materialize(module, "scale")[row + a:row + b] = scale
+    elif isinstance(module, Fp16Linear) and attr == "weight":
+        step = max(1, ROWS_PER_SLICE // w.shape[1])
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            _materialize(module, "weight")[row + a:row + b] = w.fp32(a, b)  # F16 -> fp32 -> fp16: exact
     elif row == 0 and tuple(getattr(module, attr).shape) == tuple(w.shape):
         if id(w) not in whole:
             t = w.mapped()
@@ -309,7 +356,7 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CamelidError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}; the file is incomplete or "
                            "belongs to a different config")
-    if mode == "fp32":  # as quantize_model does; the file's memory maps stay as they are (no copy, no more memory)
+    if mode in ("fp32", "fp16"):  # as quantize_model does; the file's memory maps stay as they are (no copy)
         hugepages.move_to_huge_pages(model, skip=mapped)
     model.rope.inv_freq = rope_inv_freq(config)  # a non-persistent buffer: not in the file
     return model.eval()

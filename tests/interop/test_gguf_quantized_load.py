@@ -87,7 +87,7 @@ def _logits(model: Llama) -> torch.Tensor:
 @pytest.mark.parametrize(("qtype", "mode", "tied"), [
     (Q.Q8_0, "int8", False), (Q.Q8_0, "int4", True), (Q.Q4_K, "int8", True), (Q.Q6_K, "int4", False),
     (Q.F32, "fp32", True), (Q.F32, "int8", False), (Q.Q4_1, "int8", False), (Q.Q4_0, "int8", True),
-    (Q.Q8_0, "fp32", False),
+    (Q.Q8_0, "fp32", False), (Q.F16, "fp16", True), (Q.F16, "fp16", False), (Q.Q4_0, "fp16", False),
 ])
 def test_direct_load_equals_dequantise_then_quantise(tmp_path: Path, qtype: Q, mode: str, tied: bool) -> None:
     path = _write(tmp_path, qtype, tied)
@@ -99,8 +99,11 @@ def test_direct_load_equals_dequantise_then_quantise(tmp_path: Path, qtype: Q, m
     for k in theirs:
         assert mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]), k
     assert torch.equal(_logits(direct), _logits(old))
-    if tied and mode != "fp32":  # the int8 embedding reads the head's matrix, as quantize_model sets it up
+    if tied and mode != "fp32":  # the int8/fp16 embedding reads the head's matrix, as quantize_model sets it up
         assert direct.tok_embeddings.table is direct.output
+    if qtype == Q.F16:  # fp16 mode holds an F16 file's weights exactly
+        file = _file_weights(path)
+        assert torch.equal(direct.layers[0].feed_forward.w2.weight.float(), file["blk.0.ffn_down.weight"])
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

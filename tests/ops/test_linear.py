@@ -16,6 +16,8 @@ from camelid.ops import linear, native
 def _weights(kind: str, N: int, K: int, g: torch.Generator) -> list[torch.Tensor]:
     if kind == "f32":
         return [torch.randn(N, K, generator=g)]
+    if kind == "f16":
+        return [torch.randn(N, K, generator=g).half()]
     if kind == "int8":
         return [torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g), torch.rand(N, generator=g) / 100]
     return [torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g),
@@ -34,7 +36,8 @@ def _reference64(x: torch.Tensor, kind: str, w: list[torch.Tensor]) -> torch.Ten
                                         ("f32", 2, 37, 100), ("f32", 8, 64, 64), ("f32", 1, 42, 72),
                                         ("int8", 1, 96, 64), ("int8", 2, 1536, 576), ("int8", 1, 39, 72),
                                         ("int4", 1, 96, 64), ("int4", 2, 576, 1536), ("int4", 3, 43, 96),
-                                        ("int4", 7, 40, 64)])
+                                        ("int4", 7, 40, 64), ("f16", 1, 96, 64), ("f16", 1, 1536, 576),
+                                        ("f16", 3, 37, 100), ("f16", 8, 42, 72), ("f16", 1, 5, 8)])
 def test_gemv_matches_the_reference(kind: str, M: int, N: int, K: int, threads: int) -> None:
     g = torch.Generator().manual_seed(N)
     x, w = torch.randn(M, K, generator=g), _weights(kind, N, K, g)
@@ -44,7 +47,7 @@ def test_gemv_matches_the_reference(kind: str, M: int, N: int, K: int, threads: 
     torch.testing.assert_close(getattr(native.module(), f"gemv_{kind}")(x, *w), got, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["f32", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["f32", "f16", "int8", "int4"])
 def test_prompts_and_no_kernels_use_dequantisation_and_torch(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(1)
     w = _weights(kind, 40, 64, g)
@@ -173,6 +176,8 @@ def test_cpp_dequantisation_matches_the_reference() -> None:
     w4 = _weights("int4", 37, 96, g)
     torch.testing.assert_close(linear.dequantize("int4", *w4), linear.dequantize_reference("int4", *w4),
                                rtol=1e-6, atol=1e-6)
+    w16 = _weights("f16", 37, 96, g)
+    assert torch.equal(linear.dequantize("f16", *w16), w16[0].float())  # every fp16 value is an fp32 value
 
 
 def test_int4_packing_layout_and_round_trip() -> None:

@@ -44,7 +44,7 @@ CASES = [("tiny-mha", False), ("tiny-gqa", False), ("tiny-gqa", True), ("tiny-mq
 
 
 @needs_kernels
-@pytest.mark.parametrize("mode", ["fused", "fp32", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["fused", "fp32", "fp16", "int8", "int4"])
 @pytest.mark.parametrize("name,tied", CASES)
 def test_step_logits_and_greedy_tokens_match_the_torch_path(name: str, tied: bool, mode: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,7 +280,7 @@ ROW_PROMPTS = [[1, 5, 9, 42], [7, 3], [11, 12, 13, 14, 15, 16], [2]]
 
 
 @needs_kernels
-@pytest.mark.parametrize("mode", ["fused", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["fused", "fp16", "int8", "int4"])
 def test_rows_step_equals_the_per_layer_path_with_per_row_positions(mode: str) -> None:
     """One token for each of 4 sequences at different positions, each in its own cache row: the C++ step's
     logits and cache writes equal the PyTorch forward with positions [B, 1]."""
@@ -300,7 +300,8 @@ def test_rows_step_equals_the_per_layer_path_with_per_row_positions(mode: str) -
 
 
 @needs_kernels
-@pytest.mark.parametrize("mode,rows,interleave", [("fp32", 4, False), ("int8", 4, False), ("int4", 4, False),
+@pytest.mark.parametrize("mode,rows,interleave", [("fp32", 4, False), ("fp16", 4, False), ("int8", 4, False),
+                                                  ("int4", 4, False),
                                                   ("int8", 11, False), ("int4", 11, False), ("int8", 11, True),
                                                   ("int4", 11, True)])
 def test_a_rows_logits_do_not_depend_on_the_batch(mode: str, rows: int, interleave: bool) -> None:

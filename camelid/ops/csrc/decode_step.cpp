@@ -296,7 +296,7 @@ inline void attend_heads(const float* q, int64_t n, const KvRow<KvT>& c, const K
 
 Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t, std::vector<at::Tensor>& keep) {
   Linear L;
-  TORCH_CHECK(kind >= F32 && kind <= INT4, "unknown weight kind ", kind);
+  TORCH_CHECK(kind >= F32 && kind <= F16, "unknown weight kind ", kind);
   L.kind = static_cast<Kind>(kind);
   for (const auto& x : t) TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "contiguous CPU weights expected");
   keep.insert(keep.end(), t.begin(), t.end());
@@ -305,6 +305,9 @@ Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t, std::vector<a
     case F32:
       TORCH_CHECK(t.size() == 1 && t[0].scalar_type() == at::kFloat, "fp32 weight expected");
       L.K = t[0].size(1); L.w = t[0].data_ptr<float>(); break;
+    case F16:
+      TORCH_CHECK(t.size() == 1 && t[0].scalar_type() == at::kHalf, "fp16 weight expected");
+      L.K = t[0].size(1); L.w = t[0].data_ptr<at::Half>(); break;
     case INT8:
       TORCH_CHECK(t.size() == 2 && t[0].scalar_type() == at::kChar && t[1].scalar_type() == at::kFloat,
                   "int8 weight and fp32 scale expected");
@@ -411,7 +414,7 @@ int64_t DecodeStep::interleave() {
   if (!q8) return 0;  // the interleaved kernels take int8 activations
   int64_t bytes = 0;
   auto convert = [&](Linear& L) {
-    if (L.kind == F32 || L.w16 || L.K % 32 || L.K / 32 > 2 * kMaxPairs) return;
+    if ((L.kind != INT8 && L.kind != INT4) || L.w16 || L.K % 32 || L.K / 32 > 2 * kMaxPairs) return;
     at::Tensor t = L.kind == INT4 ? interleave_int4(L) : interleave_int8(L);
     bytes += t.numel();
     L.w16 = t.data_ptr();
@@ -484,6 +487,9 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
     const int64_t token = tokens[b];
     if (embed.kind == F32) {
       std::copy_n(static_cast<const float*>(embed.w) + token * D, D, x.data() + b * D);
+    } else if (embed.kind == F16) {
+      const at::Half* r = static_cast<const at::Half*>(embed.w) + token * D;
+      for (int64_t i = 0; i < D; ++i) x[b * D + i] = h2f(r[i]);
     } else {
       const int8_t* r = static_cast<const int8_t*>(embed.w) + token * D;
       for (int64_t i = 0; i < D; ++i) x[b * D + i] = (float)r[i] * embed.scale8[token];

@@ -14,7 +14,7 @@ inline void group_sums(const float* x, int64_t K, float* xs) {
   }
 }
 
-enum Kind : int64_t { F32 = 0, INT8 = 1, INT4 = 2 };
+enum Kind : int64_t { F32 = 0, INT8 = 1, INT4 = 2, F16 = 3 };
 
 // An activation vector as the kernels read it: fp32, its sums over groups of 32 (int4's minimum), and
 // optionally an int8 copy in blocks of 32 (q8: the integer dot-product kernels).
@@ -44,7 +44,7 @@ struct Act {
   }
 };
 
-// One linear layer y = W x, W [N, K], in one of the three weight formats (camelid/variants/quantized.py's layouts).
+// One linear layer y = W x, W [N, K], in one of the four weight formats (camelid/variants/quantized.py's layouts).
 struct Linear {
   Kind kind = F32;
   const void* w = nullptr;
@@ -59,6 +59,7 @@ struct Linear {
     if (n0 >= n1) return;
     switch (kind) {
       case F32: dot_f32(a.x, static_cast<const float*>(w), K, n0, n1, y); break;
+      case F16: dot_f16(a.x, static_cast<const at::Half*>(w), K, n0, n1, y); break;
       case INT8:
 #ifdef CAMELID_AVX512_Q8
         if (a.q8 && w16) return int8x16_q8<1>(&a.q, &a.dq, static_cast<const int8_t*>(w16), K, N, n0, n1, y, 0);
@@ -85,7 +86,7 @@ struct Linear {
     if (B == 1) return rows(a[0], n0, n1, y);
     // blocks of weight rows (a multiple of the kernels' 4), each multiplied by every group of kMaxActs
     // activations while it is in cache; one block when one group takes them all
-    const bool multi = kind != F32 && a[0].q8;  // (every activation of one layer has the same width)
+    const bool multi = (kind == INT8 || kind == INT4) && a[0].q8;  // (every activation of a layer has one width)
     const int64_t block = !multi ? 16 : B <= kMaxActs ? std::max<int64_t>(n1 - n0, 1) : 64;
     for (int64_t n = n0; n < n1; n += block) {
       const int64_t e = std::min(n1, n + block);

@@ -132,6 +132,60 @@ static inline void dot_f32(const float* x, const float* w, int64_t K, int64_t n0
   }
 }
 
+// ---- fp16 weights (stored 16-bit, converted and accumulated in fp32): half the bytes of fp32 to stream ----
+#if defined(CAMELID_AVX2) && defined(__AVX512F__)
+template <int R>
+static inline void dot_f16_avx512(const float* x, const at::Half* w, int64_t K, int64_t n, float* y) {
+  const uint16_t* r0 = reinterpret_cast<const uint16_t*>(w) + n * K;
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + r * K + k)));
+      a[r] = _mm512_fmadd_ps(wv, xv, a[r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+    for (int r = 0; r < R; ++r)
+      a[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, r0 + r * K + k)), xv, a[r]);
+  }
+  for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(a[r]);
+}
+#endif
+
+static inline void dot_f16(const float* x, const at::Half* w, int64_t K, int64_t n0, int64_t n1, float* y) {
+  int64_t n = n0;
+#if defined(CAMELID_AVX2) && defined(__AVX512F__)
+  for (; n + 8 <= n1; n += 8) dot_f16_avx512<8>(x, w, K, n, y);
+  for (; n + 4 <= n1; n += 4) dot_f16_avx512<4>(x, w, K, n, y);
+  for (; n < n1; ++n) dot_f16_avx512<1>(x, w, K, n, y);
+#elif defined(CAMELID_AVX2)
+  if (K % 8 == 0) {
+    for (; n < n1; ++n) {
+      const __m128i* row = reinterpret_cast<const __m128i*>(w + n * K);
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(row + k / 8)), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(row + k / 8 + 1)), _mm256_loadu_ps(x + k + 8), a1);
+      }
+      if (k < K) a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(row + k / 8)), _mm256_loadu_ps(x + k), a0);
+      y[n] = hsum(_mm256_add_ps(a0, a1));
+    }
+  }
+#endif
+  for (; n < n1; ++n) {
+    const at::Half* row = w + n * K;
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += x[k] * h2f(row[k]);
+    y[n] = acc;
+  }
+}
+
 // ---- int8, one scale per row ----
 static inline void dot_int8(const float* x, const int8_t* w, const float* s, int64_t K, int64_t n0, int64_t n1,
                             float* y) {

@@ -5,8 +5,10 @@
 
 // linear.cpp: GEMV for a few rows of activations, and whole-matrix dequantisation
 at::Tensor gemv_f32(at::Tensor x, at::Tensor w);
+at::Tensor gemv_f16(at::Tensor x, at::Tensor w);
 at::Tensor gemv_int8(at::Tensor x, at::Tensor w, at::Tensor scale);
 at::Tensor gemv_int4(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor minimum);
+at::Tensor dequant_f16(at::Tensor w, std::optional<at::Tensor> out);
 at::Tensor dequant_int8(at::Tensor w, at::Tensor scale, std::optional<at::Tensor> out);
 at::Tensor dequant_int4(at::Tensor w, at::Tensor scale, at::Tensor minimum, std::optional<at::Tensor> out);
 

@@ -55,6 +55,18 @@ at::Tensor gemv_f32(at::Tensor x, at::Tensor w) {
   return y;
 }
 
+at::Tensor gemv_f16(at::Tensor x, at::Tensor w) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kHalf, "fp32 x and fp16 w expected");
+  x = x.contiguous(); w = w.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>(); const at::Half* wp = w.data_ptr<at::Half>(); float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) dot_f16(xp + m * K, wp, K, n0, n1, yp + m * N);
+  });
+  return y;
+}
+
 at::Tensor gemv_int8(at::Tensor x, at::Tensor w, at::Tensor scale) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar, "fp32 x and int8 w expected");
   x = x.contiguous(); w = w.contiguous(); scale = scale.contiguous();
@@ -93,6 +105,18 @@ static at::Tensor dequant_output(const std::optional<at::Tensor>& out, int64_t N
   TORCH_CHECK(out->scalar_type() == at::kFloat && out->is_contiguous() && out->dim() == 2 && out->size(0) == N &&
               out->size(1) == K, "dequant: out must be a contiguous fp32 tensor of shape [", N, ", ", K, "]");
   return *out;
+}
+
+at::Tensor dequant_f16(at::Tensor w, std::optional<at::Tensor> out_) {
+  TORCH_CHECK(w.scalar_type() == at::kHalf, "fp16 w expected");
+  w = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto out = dequant_output(out_, N, K, w);
+  const at::Half* wp = w.data_ptr<at::Half>(); float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t i = n0 * K; i < n1 * K; ++i) op[i] = h2f(wp[i]);  // exact: every fp16 value is an fp32 value
+  });
+  return out;
 }
 
 at::Tensor dequant_int8(at::Tensor w, at::Tensor scale, std::optional<at::Tensor> out_) {

@@ -7,10 +7,12 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_f32", &gemv_f32);
+  m.def("gemv_f16", &gemv_f16);
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
   namespace py = pybind11;
   // out=None: a fresh tensor; else written in place and returned
+  m.def("dequant_f16", &dequant_f16, py::arg("w"), py::arg("out") = py::none());
   m.def("dequant_int8", &dequant_int8, py::arg("w"), py::arg("scale"), py::arg("out") = py::none());
   m.def("dequant_int4", &dequant_int4, py::arg("w"), py::arg("scale"), py::arg("minimum"), py::arg("out") = py::none());
   m.def("rms_norm", &rms_norm);
