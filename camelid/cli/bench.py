@@ -66,8 +66,8 @@ def _measure_bandwidth(threads: int) -> float:
 
 def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: int, threads: int,
                   checkpoint: str | None = None) -> dict:
-    """precision: fp32-eager (the plain model), fp32 (fused + C++ decode step), fp16, int8 or int4 (loaded from a quantised
-    checkpoint, as a user would, so peak RSS never includes an fp32 copy); a "-compile" suffix runs the decode
+    """precision: fp32-eager (the plain model), fp32 (fused + C++ decode step), fp16, int8 or int4 (loaded from a
+    quantised checkpoint, as a user would, so peak RSS never includes an fp32 copy); a "-compile" suffix runs the decode
     steps through torch.compile and reports the one-off compile time."""
     import torch
 

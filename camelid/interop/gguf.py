@@ -388,8 +388,9 @@ def _head_mode(reader: gguf.GGUFReader, config: LlamaConfig, quantize: str) -> s
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
               device: torch.device | str = "cpu", quantize: str | None = None) -> tuple[LlamaConfig, Llama]:
     """Read a llama/qwen2/qwen3/phi3 GGUF file into a camelid model: the reference model (dequantised to fp32,
-    or to `dtype`), or with `quantize` ("fp32", "int8", "int4") the model `quantize_model` makes, built tensor by
-    tensor without an fp32 copy (Q4_0/Q4_1 blocks become int4 as they are; F32 tensors are memory-mapped)."""
+    or to `dtype`), or with `quantize` ("fp32", "fp16", "int8", "int4") the model `quantize_model` makes, built
+    tensor by tensor without an fp32 copy (Q4_0/Q4_1 blocks become int4 and F16 tensors fp16 as they are; F32
+    tensors are memory-mapped)."""
     path = Path(path)
     reader = open_gguf(path)
     source = str(path)

@@ -58,7 +58,7 @@ def test_generate_quantize_modes(llm: camelid.LLM) -> None:
     assert r.returncode == 0 and "Paris" in r.stdout, r.stdout + r.stderr
     assert "(134.5M parameters)" in r.stderr  # the model's count, not its packed tensors'
     r = run_cli("generate", prompt, "--quantize", "int3")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "choose one of none, fp32, int8, int4" in r.stderr
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "choose one of none, fp32, fp16, int8, int4" in r.stderr
 
 
 def test_generate_errors_are_one_line() -> None:

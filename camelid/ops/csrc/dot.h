@@ -142,6 +142,10 @@ static inline void dot_f16_avx512(const float* x, const at::Half* w, int64_t K, 
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     const __m512 xv = _mm512_loadu_ps(x + k);
+    // one line 8 KiB ahead per line read (for short rows: in the rows that follow; SmolLM2's fp16 head at 1 thread
+    // 22 -> 29 GB/s)
+    if (k % 32 == 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(r0 + r * K + k) + 8192, _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
       const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + r * K + k)));
       a[r] = _mm512_fmadd_ps(wv, xv, a[r]);
