@@ -78,19 +78,28 @@ class Int4Linear(nn.Module):
         return linear.linear(x, "int4", self.qweight, self.scale, self.minimum)
 
 
-class Int8Embedding(nn.Module):
-    """Embedding rows as int8 with one scale per row: Int8Linear's format, so a tied int8 output head and the
-    embedding share one matrix (for SmolLM2 that saves the 113 MB fp32 table)."""
+class _TableEmbedding(nn.Module):
+    """An embedding whose rows are a linear layer's matrix (`TABLE`'s format): a tied head's own module, or one of
+    its own."""
 
-    def __init__(self, weight: Tensor | None = None, shared: Int8Linear | None = None) -> None:
+    TABLE: type[nn.Module]
+
+    def __init__(self, weight: Tensor | None = None, shared: nn.Module | None = None) -> None:
         super().__init__()
         if shared is not None:
             self.__dict__["table"] = shared  # not registered: its tensors are saved once, under output.*
         else:
-            self.table = Int8Linear(weight)
+            self.table = self.TABLE(weight)
 
     def dequantize(self) -> Tensor:
         return self.table.dequantize()
+
+
+class Int8Embedding(_TableEmbedding):
+    """Embedding rows as int8 with one scale per row: Int8Linear's format, so a tied int8 output head and the
+    embedding share one matrix (for SmolLM2 that saves the 113 MB fp32 table)."""
+
+    TABLE = Int8Linear
 
     def forward(self, ids: Tensor) -> Tensor:
         t = self.table
@@ -116,19 +125,11 @@ class Fp16Linear(nn.Module):
         return linear.linear(x, "f16", self.weight)
 
 
-class Fp16Embedding(nn.Module):
+class Fp16Embedding(_TableEmbedding):
     """Embedding rows in fp16, read as fp32: Fp16Linear's format, so a tied fp16 head and the embedding share one
     matrix."""
 
-    def __init__(self, weight: Tensor | None = None, shared: Fp16Linear | None = None) -> None:
-        super().__init__()
-        if shared is not None:
-            self.__dict__["table"] = shared  # not registered: its tensor is saved once, under output.*
-        else:
-            self.table = Fp16Linear(weight)
-
-    def dequantize(self) -> Tensor:
-        return self.table.dequantize()
+    TABLE = Fp16Linear
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.table.weight[ids].float()
@@ -215,7 +216,7 @@ def _destinations(model: Llama, name: str) -> list[tuple[nn.Module, str, int]]:
     row). The fused products hold q/k/v (wqkv) and gate/up (w13) as row blocks; a tied embedding is the head."""
     if name == "tok_embeddings.weight":
         emb = model.tok_embeddings
-        found = [(emb.table if isinstance(emb, (Int8Embedding, Fp16Embedding)) else emb, "weight", 0)]
+        found = [(emb.table if isinstance(emb, _TableEmbedding) else emb, "weight", 0)]
         if model.config.tie_embeddings:
             found += _destinations(model, "output.weight")
         return list({id(m): (m, a, r) for m, a, r in found}.values())

@@ -335,7 +335,7 @@ static inline void int8_q8_pairs(const int8_t* const* q, const float* const* dq,
   static thread_local std::vector<__m512> dq2_tls;    // [p][m]
   corr_tls.resize(P * M);
   dq2_tls.resize(P * M);
-  // thread_local lookups kept out of the loops: in a shared library each can be a call (int4 rows ran 2.4x slower)
+  // thread_local lookups kept out of the loops: in a shared library each can be a call (int4 rows ran ~3x slower)
   __m512i* const corr = corr_tls.data();
   __m512* const dq2 = dq2_tls.data();
   const __m512i bias = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
@@ -368,7 +368,7 @@ static inline void int8_q8_pairs(const int8_t* const* q, const float* const* dq,
 // lane l of a chunk's sums belongs to group 4c + l / 4. A chunk then costs two vpdpbusd, one conversion and one
 // multiply-add whose factors (group scale times activation scale) are spread to their lanes by one permute from a
 // vector of 16 groups; the minimum term takes one multiply-add per 16 groups. That is about a third of the
-// instructions per weight of two groups per vector, which made an 8B-shaped step compute-bound at 2 threads.
+// instructions per weight of two groups per vector (the kernel before, compute-bound on 8B-shaped rows).
 // Any K that is a multiple of 32 (a masked load reads a last chunk of fewer than four groups).
 static inline __m512i quad_index(int c) {  // lanes [4c x4, 4c+1 x4, 4c+2 x4, 4c+3 x4]
   return _mm512_set_epi32(4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 2, 4 * c + 2, 4 * c + 2, 4 * c + 2,
@@ -406,8 +406,7 @@ static inline void int4_q8_quads(const int8_t* const* q, const float* const* dq,
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < B; ++b) {
-      // the row kPrefetchRows ahead, one line per chunk as the chunks are read: a burst of prefetches at the
-      // start of a row left the loop waiting on memory
+      // the scales and minimums of the row kPrefetchRows ahead, one line per 16 groups (the codes: per chunk below)
       _mm_prefetch(reinterpret_cast<const char*>(srow + kPrefetchRows * G + 16 * b), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(mrow + kPrefetchRows * G + 16 * b), _MM_HINT_T0);
       const int64_t ng = std::min<int64_t>(16, G - 16 * b);
@@ -442,8 +441,8 @@ static inline void int4_q8_quads(const int8_t* const* q, const float* const* dq,
 // int4 weights interleaved 16 rows at a time (`interleave_int4`): int32 lane i of every vector belongs to row i of
 // a block of 16, so a group's integer dot products are summed inside the lanes (8 vpdpbusd per group and
 // activation, each with 4 activation bytes broadcast) and each (group, activation) costs one conversion and two
-// multiply-adds for all 16 rows. Per weight that is about a third of the instructions of two groups per vector, which matters
-// once several activations make the product compute-bound (continuous batching). Per row and activation the
+// multiply-adds for all 16 rows. Per weight that is about a third of the instructions of two groups per vector,
+// which matters once several activations make the product compute-bound (continuous batching). Per row and activation the
 // operations and their order do not depend on M. Block layout, per group of 32 inputs (kInterleavedGroupBytes):
 // four 64-byte vectors, vector c holding inputs 8c..8c+3 (low nibbles) and 8c+4..8c+7 (high) of row i at bytes
 // 4i..4i+3; then the 16 rows' fp16 scales, then their fp16 minimums.
