@@ -31,13 +31,15 @@ def _reference64(x: torch.Tensor, kind: str, w: list[torch.Tensor]) -> torch.Ten
 @needs_kernels
 # N not a multiple of 4 and K not a multiple of 8 exercise the plain-loop tails beside the AVX2 blocks; K = 72
 # (a multiple of 8, not of 16) the 8-float tail after dot_f32's 16-float, prefetching steps; with AVX-512, N = 37
-# and 42 the 8-row, 4-row and single-row blocks, K = 100 and 72 the masked tail
+# and 42 the 8-row, 4-row and single-row blocks, K = 100 and 72 the masked tail; fp16 rows go a whole line (32
+# weights) at a time, then a full (K = 48, 120) and a masked (100, 120) half line
 @pytest.mark.parametrize("kind,M,N,K", [("f32", 1, 96, 64), ("f32", 1, 1536, 576), ("f32", 3, 40, 96),
                                         ("f32", 2, 37, 100), ("f32", 8, 64, 64), ("f32", 1, 42, 72),
                                         ("int8", 1, 96, 64), ("int8", 2, 1536, 576), ("int8", 1, 39, 72),
                                         ("int4", 1, 96, 64), ("int4", 2, 576, 1536), ("int4", 3, 43, 96),
                                         ("int4", 7, 40, 64), ("f16", 1, 96, 64), ("f16", 1, 1536, 576),
-                                        ("f16", 3, 37, 100), ("f16", 8, 42, 72), ("f16", 1, 5, 8)])
+                                        ("f16", 3, 37, 100), ("f16", 8, 42, 72), ("f16", 1, 5, 8),
+                                        ("f16", 1, 6, 48), ("f16", 2, 41, 120)])
 def test_gemv_matches_the_reference(kind: str, M: int, N: int, K: int, threads: int) -> None:
     g = torch.Generator().manual_seed(N)
     x, w = torch.randn(M, K, generator=g), _weights(kind, N, K, g)

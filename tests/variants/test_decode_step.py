@@ -333,18 +333,19 @@ def test_grouped_attention_over_long_caches_matches_fp64_and_not_the_batch(heads
                                                                             head_dim: int,
                                                                             kv_dtype: torch.dtype) -> None:
     """SmolLM2's attention shape (9 query heads over 3 KV heads, head_dim 64) and others, at positions that take
-    the vectorised paths' blocks of 16 cached positions and their remainders: the C++ rows step against the fp64
-    PyTorch forward, and each row bit for bit the same alone (at 2 threads: one task per head) as in a batch
-    (one task per group of heads). With an fp16 cache (the serving engine's --kv-dtype fp16) both sides store
+    the vectorised paths' blocks of 16 cached positions and their remainders, in one, two and three chunks of 128
+    positions (merged after the threads have run them): the C++ rows step against the fp64 PyTorch forward, and
+    each row bit for bit the same alone (at 2 threads: one task per head) as in a batch (one task per group of
+    heads), and at 1, 2 or 3 threads. With an fp16 cache (the serving engine's --kv-dtype fp16) both sides store
     keys and values rounded to fp16 and compute in fp32 / fp64."""
     torch.manual_seed(0)
     config = LlamaConfig.from_name("tiny-gqa", dim=heads * head_dim, n_heads=heads, n_kv_heads=kv_heads,
-                                   intermediate_size=64, max_seq_len=128)
+                                   intermediate_size=64, max_seq_len=320)
     base = Llama(config).eval()
-    prompts = [[(7 * r + 3 * i) % 300 + 1 for i in range(n)] for r, n in enumerate([16, 47, 64, 95])]
-    model = _prefilled(quantize_model(copy.deepcopy(base), "fp32"), prompts, 128, kv_dtype)
+    prompts = [[(7 * r + 3 * i) % 300 + 1 for i in range(n)] for r, n in enumerate([16, 47, 160, 295])]
+    model = _prefilled(quantize_model(copy.deepcopy(base), "fp32"), prompts, 320, kv_dtype)
     alone = copy.deepcopy(model)
-    reference = _prefilled(copy.deepcopy(base).double(), prompts, 128,
+    reference = _prefilled(copy.deepcopy(base).double(), prompts, 320,
                            torch.float16 if kv_dtype == torch.float16 else None)
     step, one = decode_step(model), decode_step(alone)
     assert step is not None and one is not None
@@ -359,6 +360,10 @@ def test_grouped_attention_over_long_caches_matches_fp64_and_not_the_batch(heads
                 torch.testing.assert_close(got, want[:, -1], rtol=1e-4, atol=1e-4)  # fp64 inside, fp32 out
                 for r in rows:
                     assert torch.equal(one.rows([tokens[r]], [positions[r]], [r])[0], got[r])
+                for n in (1, 3):
+                    torch.set_num_threads(n)
+                    assert torch.equal(one.rows([tokens[3]], [positions[3]], [3])[0], got[3])
+                torch.set_num_threads(2)
                 tokens, positions = [int(t) for t in want[:, -1].argmax(-1)], [p + 1 for p in positions]
     finally:
         torch.set_num_threads(threads)

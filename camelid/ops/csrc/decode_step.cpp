@@ -73,31 +73,34 @@ struct KvRow {
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// sum_j p[j] * v_j over j <= pos (v_pos = vcur) for d = 8 * NV, the output vector kept in registers
+// sum_j p[j - j0] * v_j over j in [j0, j1) (v_pos = vcur) for d = 8 * NV, the output vector kept in registers
 template <int NV, typename KvT>
-inline void weighted_sum(const float* p, float inv, const KvRow<KvT>& c, const KvT* vcur, int64_t pos, float* o) {
+inline void weighted_sum(const float* p, float inv, const KvRow<KvT>& c, const KvT* vcur, int64_t pos, int64_t j0,
+                         int64_t j1, float* o) {
   __m256 acc[NV];
   for (int e = 0; e < NV; ++e) acc[e] = _mm256_setzero_ps();
-  for (int64_t j = 0; j <= pos; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const KvT* vj = j == pos ? vcur : c.value(j);
-    const __m256 pj = _mm256_set1_ps(p[j] * inv);
+    const __m256 pj = _mm256_set1_ps(p[j - j0] * inv);
     for (int e = 0; e < NV; ++e) acc[e] = _mm256_fmadd_ps(pj, load8(vj + 8 * e), acc[e]);
   }
   for (int e = 0; e < NV; ++e) _mm256_storeu_ps(o + 8 * e, acc[e]);
 }
 #endif
 
-// One head's attention for one new token: scores q . k_j * scale for j <= pos (k_pos = kcur: the cache row
-// of pos may not be written yet), softmax, o = sum_j p_j v_j. The scores of eight cached positions are summed
-// at once (one transposing reduction instead of eight horizontal sums).
+// One head's attention for one new token over the positions [j0, j1) of one chunk (j1 <= pos + 1): scores
+// q . k_j * scale (k_pos = kcur: the cache row of pos may not be written yet), softmax within the chunk,
+// o = sum_j p_j v_j; *m and *l get the chunk's largest score and its sum of exp(score - *m), which merge_chunks
+// needs. The scores of eight cached positions are summed at once (one transposing reduction instead of eight
+// horizontal sums).
 template <typename KvT>
-inline void attend(const float* q, const KvRow<KvT>& c, const KvT* kcur, const KvT* vcur,
-                   int64_t pos, int64_t d, float scale, float* p, float* o) {
-  int64_t j = 0;
+inline void attend(const float* q, const KvRow<KvT>& c, const KvT* kcur, const KvT* vcur, int64_t pos, int64_t j0,
+                   int64_t j1, int64_t d, float scale, float* p, float* o, float* m, float* l) {
+  int64_t j = j0;
 #ifdef CAMELID_AVX2
   if (d % 8 == 0) {
     const __m256 sv = _mm256_set1_ps(scale);
-    for (; j + 8 <= pos; j += 8) {
+    for (; j + 8 <= std::min(j1, pos); j += 8) {
       __m256 a[8];
       for (int i = 0; i < 8; ++i) {
         const KvT* k = c.key(j + i);
@@ -109,32 +112,34 @@ inline void attend(const float* q, const KvRow<KvT>& c, const KvT* kcur, const K
       const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
       const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
       const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-      _mm256_storeu_ps(p + j, _mm256_mul_ps(sums, sv));
+      _mm256_storeu_ps(p + j - j0, _mm256_mul_ps(sums, sv));
     }
   }
 #endif
-  for (; j <= pos; ++j) {
+  for (; j < j1; ++j) {
     const KvT* kj = j == pos ? kcur : c.key(j);
     float acc = 0.f;
     for (int64_t e = 0; e < d; ++e) acc += q[e] * to_f32(kj[e]);
-    p[j] = acc * scale;
+    p[j - j0] = acc * scale;
   }
+  const int64_t n = j1 - j0;
   float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i <= pos; ++i) mx = std::max(mx, p[i]);
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, p[i]);
   float sum = 0.f;
-  for (int64_t i = 0; i <= pos; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     p[i] = camelid::exp_nonpositive(p[i] - mx);
     sum += p[i];
   }
+  *m = mx; *l = sum;
   const float inv = 1.f / sum;
 #ifdef CAMELID_AVX2
-  if (d == 64) return weighted_sum<8>(p, inv, c, vcur, pos, o);
-  if (d == 128) return weighted_sum<16>(p, inv, c, vcur, pos, o);
+  if (d == 64) return weighted_sum<8>(p, inv, c, vcur, pos, j0, j1, o);
+  if (d == 128) return weighted_sum<16>(p, inv, c, vcur, pos, j0, j1, o);
 #endif
   std::fill(o, o + d, 0.f);
-  for (int64_t i = 0; i <= pos; ++i) {
+  for (int64_t i = j0; i < j1; ++i) {
     const KvT* vj = i == pos ? vcur : c.value(i);
-    const float pj = p[i] * inv;
+    const float pj = p[i - j0] * inv;
     for (int64_t e = 0; e < d; ++e) o[e] += pj * to_f32(vj[e]);
   }
 }
@@ -172,14 +177,15 @@ inline __m512 exp16_nonpositive(__m512 x) {
   return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
 }
 
-// softmax numerators of p[0, P) in place; returns 1 / their sum
-inline float softmax16(float* p, int64_t P) {
+// softmax numerators of p[0, P) in place; *m: the largest p, *l: the numerators' sum; returns 1 / *l
+inline float softmax16(float* p, int64_t P, float* m_out, float* l_out) {
   const __mmask16 tail = (__mmask16)((1u << (P % 16)) - 1);
   const int64_t P16 = P - P % 16;
   __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < P16; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(p + i));
   m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, p + P16));
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  *m_out = _mm512_reduce_max_ps(m);
+  const __m512 mx = _mm512_set1_ps(*m_out);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < P16; i += 16) {
     const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(p + i), mx));
@@ -191,25 +197,26 @@ inline float softmax16(float* p, int64_t P) {
     _mm512_mask_storeu_ps(p + P16, tail, e);
     sum = _mm512_mask_add_ps(sum, tail, sum, e);
   }
-  return 1.f / _mm512_reduce_add_ps(sum);
+  *l_out = _mm512_reduce_add_ps(sum);
+  return 1.f / *l_out;
 }
 
-// o_k = sum_j p_k[j] * inv_k * v_j over j <= pos (v_pos = vcur) for NH heads at once: each v_j is loaded once for
-// all of them. A head's sums are the same whatever NH.
+// o_k = sum_j p_k[j - j0] * inv_k * v_j over j in [j0, j1) (v_pos = vcur) for NH heads at once: each v_j is
+// loaded once for all of them. A head's sums are the same whatever NH.
 template <int NV, int NH, typename KvT>
 inline void weighted_sums16(const float* p, int64_t ldp, const float* inv, const KvRow<KvT>& c, const KvT* vcur,
-                            int64_t pos, float* o) {
+                            int64_t pos, int64_t j0, int64_t j1, float* o) {
   constexpr int64_t d = 16 * NV;
   __m512 acc[NH][NV];
   for (int h = 0; h < NH; ++h)
     for (int e = 0; e < NV; ++e) acc[h][e] = _mm512_setzero_ps();
-  for (int64_t j = 0; j <= pos; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const KvT* vj = j == pos ? vcur : c.value(j);
     prefetch_bytes<true>(c.value(j + 16), d * (int64_t)sizeof(KvT));
     __m512 v[NV];
     for (int e = 0; e < NV; ++e) v[e] = load16(vj + 16 * e);
     for (int h = 0; h < NH; ++h) {
-      const __m512 pj = _mm512_set1_ps(p[h * ldp + j] * inv[h]);
+      const __m512 pj = _mm512_set1_ps(p[h * ldp + j - j0] * inv[h]);
       for (int e = 0; e < NV; ++e) acc[h][e] = _mm512_fmadd_ps(pj, v[e], acc[h][e]);
     }
   }
@@ -217,18 +224,19 @@ inline void weighted_sums16(const float* p, int64_t ldp, const float* inv, const
     for (int e = 0; e < NV; ++e) _mm512_storeu_ps(o + h * d + 16 * e, acc[h][e]);
 }
 
-// attend() for the n query heads q [n, d] of one KV head (grouped-query attention), d = 16 * NV: each cached key
-// and value is read from memory once for the whole group, the keys 16 positions at a time (prefetching the keys
-// 32 positions ahead and the values of the same 16). Each head's arithmetic does not depend on n, so a head
-// gives the same result alone or in its group.
-// p: n rows of scratch of ldp >= pos + 1 floats.
+// attend() for the n query heads q [n, d] of one KV head (grouped-query attention), d = 16 * NV, over one chunk
+// [j0, j1) (j0 a multiple of 16): each cached key and value is read from memory once for the whole group, the
+// keys 16 positions at a time (prefetching the keys 32 positions ahead and the values of the same 16). Each
+// head's arithmetic does not depend on n, so a head gives the same result alone or in its group.
+// p: n rows of scratch of ldp >= j1 - j0 floats; m, l: n each (see attend).
 template <int NV, typename KvT>
-inline void attend_group(const float* q, int64_t n, const KvRow<KvT>& c, const KvT* kcur,
-                         const KvT* vcur, int64_t pos, float scale, float* p, int64_t ldp, float* o) {
+inline void attend_group(const float* q, int64_t n, const KvRow<KvT>& c, const KvT* kcur, const KvT* vcur,
+                         int64_t pos, int64_t j0, int64_t j1, float scale, float* p, int64_t ldp, float* o, float* m,
+                         float* l) {
   constexpr int64_t d = 16 * NV;
   const __m256 sv = _mm256_set1_ps(scale);
-  int64_t j = 0;
-  for (; j + 16 <= pos; j += 16) {
+  int64_t j = j0;
+  for (; j + 16 <= std::min(j1, pos); j += 16) {
     const KvT* kb = c.key(j);  // P is a multiple of 16: a block lies in one row
     // keys 32 positions ahead into L1; this block's values into L2, for the pass over V below
     prefetch_bytes<true>(c.key(j + 32), 16 * d * (int64_t)sizeof(KvT));
@@ -249,49 +257,67 @@ inline void attend_group(const float* q, int64_t n, const KvRow<KvT>& c, const K
         const __m256 t2 = _mm256_hadd_ps(b[4], b[5]), t3 = _mm256_hadd_ps(b[6], b[7]);
         const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
         const __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-        _mm256_storeu_ps(p + k * ldp + j + 8 * half, _mm256_mul_ps(s, sv));
+        _mm256_storeu_ps(p + k * ldp + j - j0 + 8 * half, _mm256_mul_ps(s, sv));
       }
     }
   }
-  for (; j <= pos; ++j) {  // the last < 16 cached positions and pos itself, one at a time
+  for (; j < j1; ++j) {  // the last < 16 cached positions (and pos itself), one at a time
     const KvT* kr = j == pos ? kcur : c.key(j);
     for (int64_t k = 0; k < n; ++k) {
       __m512 acc = _mm512_mul_ps(load16(kr), _mm512_loadu_ps(q + k * d));
       for (int e = 1; e < NV; ++e) acc = _mm512_fmadd_ps(load16(kr + 16 * e), _mm512_loadu_ps(q + k * d + 16 * e), acc);
-      p[k * ldp + j] = _mm512_reduce_add_ps(acc) * scale;
+      p[k * ldp + j - j0] = _mm512_reduce_add_ps(acc) * scale;
     }
   }
   float inv[8];
   constexpr int HC = NV <= 4 ? 4 : 2;  // heads per pass over V: HC * NV accumulators in registers
   for (int64_t k0 = 0; k0 < n; k0 += HC) {
     const int nh = (int)std::min<int64_t>(HC, n - k0);
-    for (int h = 0; h < nh; ++h) inv[h] = softmax16(p + (k0 + h) * ldp, pos + 1);
+    for (int h = 0; h < nh; ++h) inv[h] = softmax16(p + (k0 + h) * ldp, j1 - j0, m + k0 + h, l + k0 + h);
     const float* pk = p + k0 * ldp;
     float* ok = o + k0 * d;
     switch (nh) {
-      case 1: weighted_sums16<NV, 1, KvT>(pk, ldp, inv, c, vcur, pos, ok); break;
-      case 2: weighted_sums16<NV, 2, KvT>(pk, ldp, inv, c, vcur, pos, ok); break;
-      case 3: weighted_sums16<NV, HC >= 3 ? 3 : 1, KvT>(pk, ldp, inv, c, vcur, pos, ok); break;
-      default: weighted_sums16<NV, HC, KvT>(pk, ldp, inv, c, vcur, pos, ok); break;
+      case 1: weighted_sums16<NV, 1, KvT>(pk, ldp, inv, c, vcur, pos, j0, j1, ok); break;
+      case 2: weighted_sums16<NV, 2, KvT>(pk, ldp, inv, c, vcur, pos, j0, j1, ok); break;
+      case 3: weighted_sums16<NV, HC >= 3 ? 3 : 1, KvT>(pk, ldp, inv, c, vcur, pos, j0, j1, ok); break;
+      default: weighted_sums16<NV, HC, KvT>(pk, ldp, inv, c, vcur, pos, j0, j1, ok); break;
     }
   }
 }
 #endif
 
-// attend() for n query heads q [n, d] that share one KV head; o [n, d]; p: n rows of ldp >= pos + 1 floats
+// attend() for n query heads q [n, d] that share one KV head, over the chunk [j0, j1); o [n, d], m and l [n];
+// p: n rows of ldp >= j1 - j0 floats
 template <typename KvT>
-inline void attend_heads(const float* q, int64_t n, const KvRow<KvT>& c, const KvT* kcur,
-                         const KvT* vcur, int64_t pos, int64_t d, float scale, float* p, int64_t ldp, float* o) {
+inline void attend_heads(const float* q, int64_t n, const KvRow<KvT>& c, const KvT* kcur, const KvT* vcur,
+                         int64_t pos, int64_t j0, int64_t j1, int64_t d, float scale, float* p, int64_t ldp, float* o,
+                         float* m, float* l) {
 #ifdef CAMELID_AVX512_Q8
   switch (d) {
-    case 16: return attend_group<1>(q, n, c, kcur, vcur, pos, scale, p, ldp, o);
-    case 32: return attend_group<2>(q, n, c, kcur, vcur, pos, scale, p, ldp, o);
-    case 64: return attend_group<4>(q, n, c, kcur, vcur, pos, scale, p, ldp, o);
-    case 128: return attend_group<8>(q, n, c, kcur, vcur, pos, scale, p, ldp, o);
+    case 16: return attend_group<1>(q, n, c, kcur, vcur, pos, j0, j1, scale, p, ldp, o, m, l);
+    case 32: return attend_group<2>(q, n, c, kcur, vcur, pos, j0, j1, scale, p, ldp, o, m, l);
+    case 64: return attend_group<4>(q, n, c, kcur, vcur, pos, j0, j1, scale, p, ldp, o, m, l);
+    case 128: return attend_group<8>(q, n, c, kcur, vcur, pos, j0, j1, scale, p, ldp, o, m, l);
     default: break;
   }
 #endif
-  for (int64_t k = 0; k < n; ++k) attend(q + k * d, c, kcur, vcur, pos, d, scale, p, o + k * d);
+  for (int64_t k = 0; k < n; ++k) attend(q + k * d, c, kcur, vcur, pos, j0, j1, d, scale, p, o + k * d, m + k, l + k);
+}
+
+// One head's output from its chunks' outputs o_c (o + c * stride) and (m_c, l_c) (ml + c * ml_stride), in chunk
+// order: sum_c w_c o_c / sum_c w_c with w_c = l_c exp(m_c - max m). A single chunk is copied as it is.
+inline void merge_chunks(const float* o, int64_t stride, const float* ml, int64_t ml_stride, int64_t chunks,
+                         int64_t d, float* out) {
+  if (chunks == 1) return (void)std::copy_n(o, d, out);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, ml[c * ml_stride]);
+  float total = 0.f;
+  for (int64_t c = 0; c < chunks; ++c) total += ml[c * ml_stride + 1] * std::exp(ml[c * ml_stride] - mx);
+  std::fill(out, out + d, 0.f);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float wc = ml[c * ml_stride + 1] * std::exp(ml[c * ml_stride] - mx) / total;
+    for (int64_t e = 0; e < d; ++e) out[e] += wc * o[c * stride + e];
+  }
 }
 
 Linear make_linear(int64_t kind, const std::vector<at::Tensor>& t, std::vector<at::Tensor>& keep) {
@@ -327,6 +353,7 @@ DecodeStep::DecodeStep(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t
                        bool int8_activations)
     : D(dim), H(n_heads), KV(n_kv_heads), d(head_dim), F(ffn), eps((float)eps), q8(int8_activations) {
   TORCH_CHECK(H % KV == 0, "n_heads must be a multiple of n_kv_heads");
+  TORCH_CHECK(H / KV <= kMaxGroup, "at most ", kMaxGroup, " query heads per KV head are supported");
 }
 
 void DecodeStep::set_embedding(int64_t kind, std::vector<at::Tensor> t) {
@@ -479,8 +506,37 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
     max_pos = std::max(max_pos, positions[b]);
   }
   const int64_t W = (H + 2 * KV) * d, G = H / KV, V = head.N, row_stride = KV * S * d;
-  x.resize(B * D); qkv.resize(B * W); att.resize(B * H * d); gu.resize(B * 2 * F); hid.resize(B * F);
-  tmp.resize(B * D);
+  const int T = std::max(1, at::get_num_threads());
+  // Attention tasks: (row, KV head, chunk of kAttnChunk positions, block of hc query heads). Each cached key and
+  // value is read once per task, so whole groups of heads where there are enough tasks to keep every thread
+  // busy, single heads otherwise. The chunks (flash-decoding) let the threads share one long sequence; they
+  // and their merge depend on the row alone, so a row's logits are the same alone or in any batch, at any
+  // thread count. Tasks go to the threads in contiguous runs of about equal cost (positions x heads).
+  const int64_t max_chunks = max_pos / kAttnChunk + 1;
+  int64_t group_tasks = 0;
+  for (int64_t b = 0; b < B; ++b) group_tasks += KV * (positions[b] / kAttnChunk + 1);
+  const int64_t hc = T == 1 || group_tasks >= 4 * T ? G : 1;
+  tasks.clear();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h0 = 0; h0 < H; h0 += hc)
+      for (int64_t c = 0; c <= positions[b] / kAttnChunk; ++c) tasks.push_back({b, h0, c});
+  task_end.assign(T + 1, 0);
+  {
+    auto cost = [&](const AttnTask& k) {
+      return std::min(kAttnChunk, positions[k.b] + 1 - k.chunk * kAttnChunk) * (hc + 1);
+    };
+    int64_t total = 0, done = 0;
+    for (const auto& k : tasks) total += cost(k);
+    for (size_t i = 0; i < tasks.size(); ++i) {  // task i goes to the thread whose share holds its midpoint
+      const int64_t c = cost(tasks[i]);
+      const int th = (int)std::min<int64_t>(T - 1, (2 * done + c) * T / (2 * total));
+      task_end[th + 1] = (int64_t)i + 1;
+      done += c;
+    }
+    for (int t = 1; t <= T; ++t) task_end[t] = std::max(task_end[t], task_end[t - 1]);
+  }
+  x.resize(B * D); qkv.resize(B * W); gu.resize(B * 2 * F); hid.resize(B * F);
+  tmp.resize(B * D); part.resize(B * H * max_chunks * (d + 2));
   auto logits = at::empty({B, V}, at::TensorOptions().dtype(at::kFloat));
   float* out = logits.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {  // embedding rows (dequantised)
@@ -498,15 +554,16 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
   const float* cos_p = cos.data_ptr<float>();
   const float* sin_p = sin.data_ptr<float>();
   const float scale = 1.f / std::sqrt((float)d);
-  const int T = std::max(1, at::get_num_threads());
+  float* part_o = part.data();                       // [B, max_chunks, H, d]: each chunk's attention output
+  float* part_ml = part_o + B * H * max_chunks * d;  // [B, max_chunks, H, 2]: its largest score and its sum
 
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     // private scratch: each thread normalises the rows of x itself (B x 576 floats: cheaper than a barrier)
     const int64_t maxK = std::max({D, H * d, F}), nG = maxK / 32 + 1;
-    const int64_t ldp = (max_pos + 16) / 16 * 16;  // a row of scores per query head of a group
-    std::vector<float> xn(B * D), xs(B * nG), dq(B * nG), q(G * d), kcur(d), p(G * ldp);
+    const int64_t ldp = kAttnChunk;  // a row of scores per query head of a task
+    std::vector<float> xn(B * D), xs(B * nG), dq(B * nG), q(G * d), kcur(d), p(G * ldp), att(B * H * d);
     std::vector<at::Half> kcur16(kv16 ? d : 0), vcur16(kv16 ? d : 0);
     std::vector<int8_t> xq(B * maxK);
     std::vector<Act> a(B);
@@ -528,12 +585,9 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
       share(W, t, nt, n0, n1);
       L.wqkv.rows_batch(a.data(), B, n0, n1, qkv.data(), W);
 #pragma omp barrier
-      // tasks: (row, KV head) pairs, each the whole group of G query heads (every cached key and value read
-      // once for the group); single heads where there are too few pairs to keep every thread busy. Split evenly.
-      const int64_t hc = nt == 1 || B * KV >= 4 * nt ? G : 1, per_row = H / hc;
-      n0 = B * per_row * t / nt; n1 = B * per_row * (t + 1) / nt;
-      for (int64_t i = n0; i < n1; ++i) {
-        const int64_t b = i / per_row, h0 = (i % per_row) * hc, kvh = h0 / G, pos = positions[b];
+      for (int64_t i = task_end[t]; i < task_end[t + 1]; ++i) {
+        const int64_t b = tasks[i].b, h0 = tasks[i].h0, kvh = h0 / G, pos = positions[b];
+        const int64_t j0 = tasks[i].chunk * kAttnChunk, j1 = std::min(pos + 1, j0 + kAttnChunk);
         const float* row = qkv.data() + b * W;
         const float* c = cos_p + pos * d;
         const float* s = sin_p + pos * d;
@@ -541,19 +595,26 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
         for (int64_t k = 0; k < hc; ++k) rope(row + (h0 + k) * d, c, s, d, q.data() + k * d);
         rope(row + (H + kvh) * d, c, s, d, kcur.data());
         const float* vcur = row + (H + KV + kvh) * d;
-        // the group's first head writes the new key and value; every head reads positions < pos only
-        // from the cache, so no other thread waits on this write. Position pos is attended in the cache's
-        // precision (kc, vc), as if read back from it.
+        // the group's first head, in its last chunk, writes the new key and value; every task reads positions
+        // < pos only from the cache, so no other thread waits on this write. Position pos is attended in the
+        // cache's precision (kc, vc), as if read back from it.
         const int64_t from_row = shared[b] > 0 ? sources[b] * row_stride + kvh * S * d : at_row;
         auto run = [&](auto* K, auto* Vc, auto* kc, auto* vc) {
-          if (h0 % G == 0) {
+          if (h0 % G == 0 && j1 == pos + 1) {
             store_kv(kcur.data(), d, K + pos * d);
             store_kv(vcur, d, Vc + pos * d);
           }
           using KvT = std::remove_pointer_t<decltype(K)>;
           const KvRow<KvT> c{K, Vc, static_cast<KvT*>(L.cache_k) + from_row, static_cast<KvT*>(L.cache_v) + from_row,
                              shared[b], d};
-          attend_heads(q.data(), hc, c, kc, vc, pos, d, scale, p.data(), ldp, att.data() + (b * H + h0) * d);
+          float ml[2 * kMaxGroup];  // (m, l) per head of the task
+          const int64_t at_part = (b * max_chunks + tasks[i].chunk) * H + h0;
+          attend_heads(q.data(), hc, c, kc, vc, pos, j0, j1, d, scale, p.data(), ldp, part_o + at_part * d, ml,
+                       ml + hc);
+          for (int64_t k = 0; k < hc; ++k) {
+            part_ml[(at_part + k) * 2] = ml[k];
+            part_ml[(at_part + k) * 2 + 1] = ml[hc + k];
+          }
         };
         if (kv16) {
           store_kv(kcur.data(), d, kcur16.data());
@@ -566,6 +627,13 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
         }
       }
 #pragma omp barrier
+      // every thread merges every head's chunks into its own copy (a few thousand flops: cheaper than a barrier)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t at_part = b * max_chunks * H + h;
+          merge_chunks(part_o + at_part * d, H * d, part_ml + at_part * 2, H * 2, positions[b] / kAttnChunk + 1, d,
+                       att.data() + (b * H + h) * d);
+        }
       set_acts(att.data(), H * d, nullptr);
       share(D, t, nt, n0, n1);
       L.wo.rows_batch(a.data(), B, n0, n1, tmp.data(), D);

@@ -16,6 +16,13 @@ inline void group_sums(const float* x, int64_t K, float* xs) {
 
 enum Kind : int64_t { F32 = 0, INT8 = 1, INT4 = 2, F16 = 3 };
 
+// Attention over the cache goes in chunks of this many positions (a multiple of 16), merged afterwards.
+constexpr int64_t kAttnChunk = 128;
+constexpr int64_t kMaxGroup = 64;  // query heads per KV head
+struct AttnTask {
+  int64_t b, h0, chunk;  // row, first query head, chunk
+};
+
 // An activation vector as the kernels read it: fp32, its sums over groups of 32 (int4's minimum), and
 // optionally an int8 copy in blocks of 32 (q8: the integer dot-product kernels).
 struct Act {
@@ -160,7 +167,9 @@ class DecodeStep {
   std::vector<camelid::Layer> layers;
   std::vector<at::Tensor> keep, cache;  // keep the weights and caches alive while their pointers are held
   at::Tensor cos, sin;
-  std::vector<float> x, qkv, att, gu, hid, tmp;  // shared activations, reused across steps
+  std::vector<float> x, qkv, gu, hid, tmp, part;  // shared activations, reused across steps
+  std::vector<camelid::AttnTask> tasks;  // attention tasks; thread t runs [task_end[t], task_end[t + 1])
+  std::vector<int64_t> task_end;
 };
 
 at::Tensor gemv_q8(at::Tensor x, int64_t kind, std::vector<at::Tensor> t);

@@ -133,38 +133,41 @@ static inline void dot_f32(const float* x, const float* w, int64_t K, int64_t n0
 }
 
 // ---- fp16 weights (stored 16-bit, converted and accumulated in fp32): half the bytes of fp32 to stream ----
+// AVX-512: one whole 64-byte line (32 weights) per row per iteration, two accumulators per row, 4 rows at a time,
+// and a prefetch of the line at the same place in the next block of 4 rows. On a 2-core AMD EPYC (Zen 5), over
+// SmolLM2's 269 MB of fp16 matrices, this streamed 51.6 GB/s at 2 threads (the fp32 loop 53.3) where half lines,
+// 8 rows and a prefetch 8 KiB ahead streamed 41.2 (1.27x, per-round median of 40; 1.21x at 1 thread); without
+// the prefetch, 0.8x (benchmarks/f16_stream.cpp).
 #if defined(CAMELID_AVX2) && defined(__AVX512F__)
 template <int R>
 static inline void dot_f16_avx512(const float* x, const at::Half* w, int64_t K, int64_t n, float* y) {
   const uint16_t* r0 = reinterpret_cast<const uint16_t*>(w) + n * K;
-  __m512 a[R];
-  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  const char* next = reinterpret_cast<const char*>(r0 + R * K);  // the next block's rows (past the end: harmless)
+  __m512 a[R], b[R];
+  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    // one line 8 KiB ahead per line read (for short rows: in the rows that follow; SmolLM2's fp16 head at 1 thread
-    // 22 -> 29 GB/s)
-    if (k % 32 == 0)
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(r0 + r * K + k) + 8192, _MM_HINT_T0);
+  for (; k + 32 <= K; k += 32) {
+    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + r * K + k)));
-      a[r] = _mm512_fmadd_ps(wv, xv, a[r]);
+      _mm_prefetch(next + (r * K + k) * 2, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(r0 + r * K + k);
+      a[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(v)), x0, a[r]);
+      b[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1)), x1, b[r]);
     }
   }
-  if (k < K) {
-    const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+  for (; k < K; k += 16) {  // the last < 32 weights of each row: up to two (masked) half lines
+    const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
     const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
     for (int r = 0; r < R; ++r)
       a[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, r0 + r * K + k)), xv, a[r]);
   }
-  for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(a[r]);
+  for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
 }
 #endif
 
 static inline void dot_f16(const float* x, const at::Half* w, int64_t K, int64_t n0, int64_t n1, float* y) {
   int64_t n = n0;
 #if defined(CAMELID_AVX2) && defined(__AVX512F__)
-  for (; n + 8 <= n1; n += 8) dot_f16_avx512<8>(x, w, K, n, y);
   for (; n + 4 <= n1; n += 4) dot_f16_avx512<4>(x, w, K, n, y);
   for (; n < n1; ++n) dot_f16_avx512<1>(x, w, K, n, y);
 #elif defined(CAMELID_AVX2)
