@@ -31,8 +31,8 @@ def _reference64(x: torch.Tensor, kind: str, w: list[torch.Tensor]) -> torch.Ten
 @needs_kernels
 # N not a multiple of 4 and K not a multiple of 8 exercise the plain-loop tails beside the AVX2 blocks; K = 72
 # (a multiple of 8, not of 16) the 8-float tail after dot_f32's 16-float, prefetching steps; with AVX-512, N = 37
-# and 42 the 8-row, 4-row and single-row blocks, K = 100 and 72 the masked tail; fp16 rows go a whole line (32
-# weights) at a time, then a full (K = 48, 120) and a masked (100, 120) half line
+# and 42 the 8-row, 4-row and single-row blocks, K = 100 and 72 the masked tail; fp16 rows go two lines (64
+# weights) at a time, then half lines (K = 48, 100, 120), the last one masked (72, 100, 120)
 @pytest.mark.parametrize("kind,M,N,K", [("f32", 1, 96, 64), ("f32", 1, 1536, 576), ("f32", 3, 40, 96),
                                         ("f32", 2, 37, 100), ("f32", 8, 64, 64), ("f32", 1, 42, 72),
                                         ("int8", 1, 96, 64), ("int8", 2, 1536, 576), ("int8", 1, 39, 72),

@@ -133,43 +133,41 @@ static inline void dot_f32(const float* x, const float* w, int64_t K, int64_t n0
 }
 
 // ---- fp16 weights (stored 16-bit, converted and accumulated in fp32): half the bytes of fp32 to stream ----
-// AVX-512: one whole 64-byte line (32 weights) per row per iteration, two accumulators per row, 4 rows at a time,
-// and a prefetch of the line at the same place in the next block of 4 rows. On a 2-core AMD EPYC (Zen 5), over
-// SmolLM2's 269 MB of fp16 matrices, this streamed 51.6 GB/s at 2 threads (the fp32 loop 53.3) where half lines,
-// 8 rows and a prefetch 8 KiB ahead streamed 41.2 (1.27x, per-round median of 40; 1.21x at 1 thread); without
-// the prefetch, 0.8x (benchmarks/f16_stream.cpp).
+// AVX-512: one row at a time, two whole 64-byte lines per iteration into four accumulators, and a prefetch of
+// each line 8 KiB ahead. Rows are contiguous, so each thread reads its share of the matrix as one sequential
+// stream; interleaved reads of several short rows (SmolLM2's are 1152 bytes) left the hardware prefetchers
+// behind. On a 2-core AMD EPYC (Zen 5), over SmolLM2's 269 MB of fp16 matrices (benchmarks/f16_stream.cpp,
+// 2 threads, per-round medians of 40): 41.9 GB/s, as fast as the fp32 loop over its 538 MB (41.3), where
+// 8 rows of half lines with a prefetch 8 KiB ahead streamed 31.9 (1.30x); 4 rows of whole lines with a
+// prefetch one block ahead ~1.2x slower than this loop, and no prefetch ~1.1x slower. 1 thread: 34.1 GB/s.
 #if defined(CAMELID_AVX2) && defined(__AVX512F__)
-template <int R>
-static inline void dot_f16_avx512(const float* x, const at::Half* w, int64_t K, int64_t n, float* y) {
-  const uint16_t* r0 = reinterpret_cast<const uint16_t*>(w) + n * K;
-  const char* next = reinterpret_cast<const char*>(r0 + R * K);  // the next block's rows (past the end: harmless)
-  __m512 a[R], b[R];
-  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
+static inline void dot_f16_row_avx512(const float* x, const uint16_t* r, int64_t K, float* y) {
+  auto f16x16 = [](__m256i h) { return _mm512_cvtph_ps(h); };
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch(next + (r * K + k) * 2, _MM_HINT_T0);
-      const __m512i v = _mm512_loadu_si512(r0 + r * K + k);
-      a[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(v)), x0, a[r]);
-      b[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1)), x1, b[r]);
-    }
+  for (; k + 64 <= K; k += 64) {
+    const char* p = reinterpret_cast<const char*>(r + k);
+    _mm_prefetch(p + 8192, _MM_HINT_T0);
+    _mm_prefetch(p + 8192 + 64, _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(p), u = _mm512_loadu_si512(p + 64);
+    a0 = _mm512_fmadd_ps(f16x16(_mm512_castsi512_si256(v)), _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(f16x16(_mm512_extracti64x4_epi64(v, 1)), _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(f16x16(_mm512_castsi512_si256(u)), _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(f16x16(_mm512_extracti64x4_epi64(u, 1)), _mm512_loadu_ps(x + k + 48), a3);
   }
-  for (; k < K; k += 16) {  // the last < 32 weights of each row: up to two (masked) half lines
+  for (; k < K; k += 16) {  // the last < 64 weights: up to four (masked) half lines
     const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-    for (int r = 0; r < R; ++r)
-      a[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, r0 + r * K + k)), xv, a[r]);
+    a0 = _mm512_fmadd_ps(f16x16(_mm256_maskz_loadu_epi16(m, r + k)), _mm512_maskz_loadu_ps(m, x + k), a0);
   }
-  for (int r = 0; r < R; ++r) y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+  *y = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 #endif
 
 static inline void dot_f16(const float* x, const at::Half* w, int64_t K, int64_t n0, int64_t n1, float* y) {
   int64_t n = n0;
 #if defined(CAMELID_AVX2) && defined(__AVX512F__)
-  for (; n + 4 <= n1; n += 4) dot_f16_avx512<4>(x, w, K, n, y);
-  for (; n < n1; ++n) dot_f16_avx512<1>(x, w, K, n, y);
+  const uint16_t* w16 = reinterpret_cast<const uint16_t*>(w);
+  for (; n < n1; ++n) dot_f16_row_avx512(x, w16 + n * K, K, y + n);
 #elif defined(CAMELID_AVX2)
   if (K % 8 == 0) {
     for (; n < n1; ++n) {
