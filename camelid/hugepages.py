@@ -13,6 +13,7 @@ for those 538 MB on a busy machine. `CAMELID_HUGE_PAGES=0` keeps the weights whe
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import sys
@@ -48,6 +49,45 @@ def _mapping(nbytes: int) -> tuple[mmap.mmap, int]:
     mm.madvise(mmap.MADV_HUGEPAGE)
     start = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
     return mm, -start % HUGE_PAGE
+
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in now, in one call
+
+
+class Arena:
+    """One huge-page mapping handed out tensor by tensor, for a loader that writes weights straight into place.
+    populate=True faults the whole mapping in at once (MADV_POPULATE_WRITE), for a loader that writes every
+    tensor: 4 GiB in 0.3 s on a 2-core AMD EPYC VM, where touching it page by page took 6.3 s in 2 MiB pages and
+    9.4 s in 4 KiB ones (loading an 8 GB model spent most of its time in those faults). Without it, space nobody
+    writes costs address space, not memory."""
+
+    def __init__(self, nbytes: int, populate: bool = False) -> None:
+        self._mm, self._offset = _mapping(nbytes)
+        self._end = self._offset + nbytes
+        if populate:
+            # an older kernel refuses (OSError): then the pages fault in as they are written
+            with contextlib.suppress(OSError):
+                self._mm.madvise(MADV_POPULATE_WRITE, self._offset, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
+        self.pointers: set[int] = set()  # data pointers of the tensors handed out
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """An uninitialised tensor in the mapping (a plain torch.empty once the mapping is used up)."""
+        count = torch.Size(shape).numel()
+        size = -(-count * dtype.itemsize // ALIGN) * ALIGN
+        if count == 0 or self._offset + size > self._end:
+            return torch.empty(shape, dtype=dtype)
+        t = torch.frombuffer(self._mm, dtype=dtype, count=count, offset=self._offset).view(shape)
+        self._offset += size
+        self.pointers.add(t.data_ptr())
+        return t
+
+
+def arena_for(shapes: list[tuple[tuple[int, ...], torch.dtype]], populate: bool = False) -> Arena | None:
+    """An Arena with room for tensors of these shapes and dtypes; None where huge pages are not available or
+    CAMELID_HUGE_PAGES=0."""
+    if os.environ.get("CAMELID_HUGE_PAGES") == "0" or not available() or not shapes:
+        return None
+    return Arena(sum(-(-torch.Size(s).numel() * d.itemsize // ALIGN) * ALIGN for s, d in shapes), populate)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from camelid.formats import gguf_module, gguf_value, open_gguf
 from camelid.interop.hf import build_model, hf_state_dict, hf_to_camelid_name
 from camelid.interop.meta import from_interleaved, to_interleaved
 from camelid.model import Llama, rope_inv_freq
+from camelid.ops import native
 
 gguf = gguf_module()  # the reader's part: loading needs no more (the writer's names import the rest)
 
@@ -213,6 +214,14 @@ _Q4 = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
 MAP_AT_LEAST = 1 << 20
 
 
+def _built_kernels() -> Any:
+    """camelid's C++ kernels where they are already built for this CPU (a load never waits for a build)."""
+    mod = native.loaded()
+    if mod is None and (native.build_dir() / "ready").is_file():
+        mod = native.module()
+    return mod
+
+
 class TensorFile:
     """The tensors of one GGUF file, read with plain reads (the pages of the file never stay mapped into the
     process, so a converted tensor costs its result only) or, for F32 tensors used as stored, memory-mapped
@@ -223,9 +232,18 @@ class TensorFile:
         self.native_order = reader.byte_order == "I"
         self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed with the last tensor read
         self._map: np.ndarray | None = None
+        self._scratch = np.empty(0, dtype=np.uint8)
+        self.kernels = _built_kernels()  # decided once per file (finding the build hashes the kernels' sources)
 
-    def read(self, offset: int, size: int) -> np.ndarray:
-        out = np.empty(size, dtype=np.uint8)
+    def read(self, offset: int, size: int, scratch: bool = False) -> np.ndarray:
+        """`size` bytes at `offset`; scratch=True: into a buffer reused by the next such read (for bytes that are
+        converted at once: fresh pages for every slice of an 8 GB file cost more than reading it)."""
+        if scratch:
+            if self._scratch.size < size:
+                self._scratch = np.empty(size, dtype=np.uint8)
+            out = self._scratch[:size]
+        else:
+            out = np.empty(size, dtype=np.uint8)
         view, done = memoryview(out), 0
         while done < size:  # one read returns at most ~2 GiB
             self._file.seek(offset + done)
@@ -264,13 +282,17 @@ class GGUFTensor:
                                f"{self.qtype.name} blocks; the file is corrupt")
         self.row_bytes = width // block * size
 
-    def rows_of(self, start: int, stop: int) -> np.ndarray:
-        """Stored bytes of rows [start, stop) (of this slice) as uint8 [rows, row_bytes]."""
+    def rows_of(self, start: int, stop: int, scratch: bool = False) -> np.ndarray:
+        """Stored bytes of rows [start, stop) (of this slice) as uint8 [rows, row_bytes] (scratch: TensorFile.read)."""
         a = self.row0 + start
-        data = self.file.read(int(self.t.data_offset) + a * self.row_bytes, (stop - start) * self.row_bytes)
+        data = self.file.read(int(self.t.data_offset) + a * self.row_bytes, (stop - start) * self.row_bytes, scratch)
         return data.reshape(stop - start, self.row_bytes)
 
     def _dequantize(self, a: int, b: int) -> Tensor:
+        if self.qtype == gguf.GGMLQuantizationType.Q8_0 and len(self.shape) == 2 and self.file.native_order:
+            mod = self.file.kernels
+            if mod is not None:  # the same values as the gguf library's, in one pass
+                return mod.dequant_q8_0(torch.from_numpy(self.rows_of(a, b, scratch=True)), self.shape[1])
         try:
             return torch.from_numpy(np.asarray(gguf.quants.dequantize(self.rows_of(a, b), self.qtype), np.float32))
         except NotImplementedError:

@@ -235,11 +235,13 @@ def _destinations(model: Llama, name: str) -> list[tuple[nn.Module, str, int]]:
     return [(getattr(parent, fused), attr, row)]
 
 
-def _materialize(module: nn.Module, attr: str) -> Tensor:
-    """The module's tensor `attr`, allocated (uninitialised) on the CPU the first time it is written."""
+def _materialize(module: nn.Module, attr: str, arena: hugepages.Arena | None = None) -> Tensor:
+    """The module's tensor `attr`, allocated (uninitialised) on the CPU the first time it is written: in `arena`
+    where given, for matrices."""
     t = getattr(module, attr)
     if t.is_meta:
-        _assign(module, attr, torch.empty(t.shape, dtype=t.dtype))
+        new = arena.empty(tuple(t.shape), t.dtype) if arena is not None and t.dim() >= 2 else None
+        _assign(module, attr, new if new is not None else torch.empty(t.shape, dtype=t.dtype))
     return getattr(module, attr)
 
 
@@ -251,9 +253,11 @@ def _assign(module: nn.Module, attr: str, t: Tensor) -> None:
         setattr(module, attr, t)
 
 
-def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[int, Tensor], mapped: set[int]) -> None:
+def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[int, Tensor], mapped: set[int],
+           arena: hugepages.Arena | None = None) -> None:
     """Convert `w` into rows [row, row + len(w)) of the module's `attr` (whole: the fp32 tensor once read, so a
-    tied embedding and head share it; mapped: the data pointers of tensors taken as memory maps of the file)."""
+    tied embedding and head share it; mapped: the data pointers of tensors taken as memory maps of the file;
+    arena: where matrices written in place are allocated)."""
     n = w.shape[0]
     if isinstance(module, Int4Linear) and attr == "weight":
         parts = w.int4()
@@ -262,19 +266,19 @@ def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[
             b = min(n, a + step)
             chunk = parts if parts is not None else linear.quantize_int4(w.fp32(a, b))
             for name, part in zip(("qweight", "scale", "minimum"), chunk, strict=True):
-                _materialize(module, name)[row + a:row + b] = part
+                _materialize(module, name, arena)[row + a:row + b] = part
     elif isinstance(module, Int8Linear) and attr == "weight":
         step = max(1, ROWS_PER_SLICE // w.shape[1])
         for a in range(0, n, step):
             b = min(n, a + step)
             qweight, scale = linear.quantize_int8(w.fp32(a, b))
-            _materialize(module, "qweight")[row + a:row + b] = qweight
-            _materialize(module, "scale")[row + a:row + b] = scale
+            _materialize(module, "qweight", arena)[row + a:row + b] = qweight
+            _materialize(module, "scale", arena)[row + a:row + b] = scale
     elif isinstance(module, Fp16Linear) and attr == "weight":
         step = max(1, ROWS_PER_SLICE // w.shape[1])
         for a in range(0, n, step):
             b = min(n, a + step)
-            _materialize(module, "weight")[row + a:row + b] = w.fp32(a, b)  # F16 -> fp32 -> fp16: exact
+            _materialize(module, "weight", arena)[row + a:row + b] = w.fp32(a, b)  # F16 -> fp32 -> fp16: exact
     elif row == 0 and tuple(getattr(module, attr).shape) == tuple(w.shape):
         if id(w) not in whole:
             t = w.mapped()
@@ -283,7 +287,7 @@ def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[
             whole[id(w)] = t if t is not None else w.fp32()
         _assign(module, attr, whole[id(w)])
     else:
-        _materialize(module, attr)[row:row + n] = w.fp32()
+        _materialize(module, attr, arena)[row:row + n] = w.fp32()
 
 
 class _MetaWeights(TorchFunctionMode):
@@ -326,8 +330,12 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
     model's names), built without the fp32 model: the fused/quantised modules are laid out on the meta device,
     then each stored tensor is converted straight into its place (slices of rows at a time for int8/int4, int4
     codes taken as they are where `int4()` gives them, fp32 tensors memory-mapped where `mapped()` does).
-    Peak memory is the result plus one slice in flight."""
+    Peak memory is the result plus one slice in flight. The matrices written in place go into one huge-page
+    mapping (hugepages.Arena) where the system allows, faulted in at once where every matrix is written (not in
+    fp32 mode: an F32 file's large tensors are memory-mapped instead)."""
     model, expected = skeleton(config, mode, head)
+    matrices = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_meta and t.dim() >= 2}
+    arena = hugepages.arena_for([(tuple(t.shape), t.dtype) for t in matrices.values()], populate=mode != "fp32")
     seen = set()
     mapped: set[int] = set()
     converted = 0
@@ -340,7 +348,7 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
                                f"{list(expected[name])}; the weights and the config do not belong together")
         whole: dict[int, Tensor] = {}
         for module, attr, row in _destinations(model, name):
-            _write(module, attr, row, w, whole, mapped)
+            _write(module, attr, row, w, whole, mapped, arena)
         del whole
         # the slices' temporaries lie between the kept buffers, so their pages would stay resident; handed back
         # every TRIM_EVERY values converted (a trim walks the heap: ~2 ms, too slow after every tensor)
@@ -358,7 +366,7 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
         raise CamelidError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}; the file is incomplete or "
                            "belongs to a different config")
     if mode in ("fp32", "fp16"):  # as quantize_model does; the file's memory maps stay as they are (no copy)
-        hugepages.move_to_huge_pages(model, skip=mapped)
+        hugepages.move_to_huge_pages(model, skip=mapped | (arena.pointers if arena is not None else set()))
     model.rope.inv_freq = rope_inv_freq(config)  # a non-persistent buffer: not in the file
     return model.eval()
 

@@ -22,7 +22,7 @@ from camelid import CamelidError, Llama, LlamaConfig, hugepages
 from camelid.interop import gguf as gguf_io
 from camelid.interop.gguf import load_gguf, save_gguf
 from camelid.interop.meta import from_interleaved
-from camelid.ops import linear
+from camelid.ops import linear, native
 from camelid.variants.quantized import Int4Linear, quantize_model
 
 Q = gguf.GGMLQuantizationType
@@ -218,3 +218,33 @@ def test_missing_tensor_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(CamelidError, match=r"missing tensor\(s\) layers.1.feed_forward.w3.weight") as e:
         camelid.load(path, quantize="int4", tokenizer=False)
     assert "\n" not in str(e.value)
+
+
+def test_q8_0_rows_dequantise_as_the_gguf_library_does() -> None:
+    """The C++ Q8_0 pass the loader uses gives the gguf library's values bit for bit: random codes and scales
+    (subnormal, negative, +-inf and NaN scales included)."""
+    mod = native.module()
+    if mod is None:
+        pytest.skip(f"no C++ kernels: {native.reason()}")
+    rng = np.random.default_rng(3)
+    rows, width = 37, 160
+    blocks = rng.integers(0, 256, (rows, width // 32, 34), dtype=np.uint8)
+    scales = np.array([1e-3, -2.5, 6e-8, 65504, np.inf, -np.inf, np.nan, 0.0], np.float16)
+    blocks[:8, 0, :2] = scales.view(np.uint8).reshape(8, 2)
+    data = blocks.reshape(rows, -1)
+    want = torch.from_numpy(np.asarray(gguf.quants.dequantize(data, Q.Q8_0), np.float32))
+    got = mod.dequant_q8_0(torch.from_numpy(data), width)
+    assert got.shape == want.shape
+    assert torch.equal(got.view(torch.int32)[~want.isnan()], want.view(torch.int32)[~want.isnan()])
+    assert torch.equal(got.isnan(), want.isnan())
+
+
+@pytest.mark.skipif(not hugepages.available(), reason="transparent huge pages are off (or not Linux)")
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
+def test_loaded_matrices_are_written_into_huge_pages(tmp_path: Path, mode: str) -> None:
+    path = _write(tmp_path, Q.Q8_0)
+    model = camelid.load(path, quantize=mode, tokenizer=False).model
+    w13 = model.layers[0].feed_forward.w13
+    matrix = w13.weight if mode == "fp16" else w13.qweight
+    assert hugepages.huge_bytes(matrix) >= hugepages.HUGE_PAGE
+    assert matrix.data_ptr() % hugepages.ALIGN == 0
