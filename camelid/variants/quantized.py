@@ -331,11 +331,12 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
     then each stored tensor is converted straight into its place (slices of rows at a time for int8/int4, int4
     codes taken as they are where `int4()` gives them, fp32 tensors memory-mapped where `mapped()` does).
     Peak memory is the result plus one slice in flight. The matrices written in place go into one huge-page
-    mapping (hugepages.Arena) where the system allows, faulted in at once where every matrix is written (not in
-    fp32 mode: an F32 file's large tensors are memory-mapped instead)."""
+    mapping (hugepages.Arena), faulted in at once, where the system allows (fp32 mode instead memory-maps an F32
+    file's large tensors and moves the others to huge pages afterwards)."""
     model, expected = skeleton(config, mode, head)
     matrices = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_meta and t.dim() >= 2}
-    arena = hugepages.arena_for([(tuple(t.shape), t.dtype) for t in matrices.values()], populate=mode != "fp32")
+    arena = None if mode == "fp32" else hugepages.arena_for([(tuple(t.shape), t.dtype) for t in matrices.values()],
+                                                            populate=True)
     seen = set()
     mapped: set[int] = set()
     converted = 0
