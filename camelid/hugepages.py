@@ -55,11 +55,12 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in now, in one call
 
 
 class Arena:
-    """One huge-page mapping handed out tensor by tensor, for a loader that writes weights straight into place.
-    populate=True faults the whole mapping in at once (MADV_POPULATE_WRITE), for a loader that writes every
-    tensor: 4 GiB in 0.3 s on a 2-core AMD EPYC VM, where touching it page by page took 6.3 s in 2 MiB pages and
-    9.4 s in 4 KiB ones (loading an 8 GB model spent most of its time in those faults). Without it, space nobody
-    writes costs address space, not memory."""
+    """One huge-page mapping handed out tensor by tensor, for a loader that writes weights straight into place
+    (no second copy, as `move_to_huge_pages` makes). populate=True faults the whole mapping in at once
+    (MADV_POPULATE_WRITE), for a loader that writes every tensor: 4 GiB in 0.3 s on a 2-core AMD EPYC VM where
+    touching it page by page took 6.3 s (2 MiB pages) or 9.4 s (4 KiB), though a first 8 GiB right after a
+    large load took 15 s (the VM's host backing the memory). Without it, space nobody writes costs address space,
+    not memory."""
 
     def __init__(self, nbytes: int, populate: bool = False) -> None:
         self._mm, self._offset = _mapping(nbytes)

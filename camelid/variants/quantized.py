@@ -330,13 +330,16 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
     model's names), built without the fp32 model: the fused/quantised modules are laid out on the meta device,
     then each stored tensor is converted straight into its place (slices of rows at a time for int8/int4, int4
     codes taken as they are where `int4()` gives them, fp32 tensors memory-mapped where `mapped()` does).
-    Peak memory is the result plus one slice in flight. The matrices written in place go into one huge-page
-    mapping (hugepages.Arena), faulted in at once, where the system allows (fp32 mode instead memory-maps an F32
-    file's large tensors and moves the others to huge pages afterwards)."""
+    Peak memory is the result plus one slice in flight. In fp16 mode the matrices are written straight into one
+    huge-page mapping (hugepages.Arena), faulted in at once, where the system allows; fp32 mode memory-maps an F32
+    file's large tensors and moves the others to huge pages afterwards; int8/int4 weights stay where PyTorch puts
+    them (their steps gain ~1% from huge pages, and a mapping faulted in up front would hold the whole model
+    beside the one whole-tensor transient of an exact int4 head)."""
     model, expected = skeleton(config, mode, head)
-    matrices = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_meta and t.dim() >= 2}
-    arena = None if mode == "fp32" else hugepages.arena_for([(tuple(t.shape), t.dtype) for t in matrices.values()],
-                                                            populate=True)
+    arena = None
+    if mode == "fp16":
+        matrices = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_meta and t.dim() >= 2}
+        arena = hugepages.arena_for([(tuple(t.shape), t.dtype) for t in matrices.values()], populate=True)
     seen = set()
     mapped: set[int] = set()
     converted = 0
@@ -366,8 +369,8 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CamelidError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}; the file is incomplete or "
                            "belongs to a different config")
-    if mode in ("fp32", "fp16"):  # as quantize_model does; the file's memory maps stay as they are (no copy)
-        hugepages.move_to_huge_pages(model, skip=mapped | (arena.pointers if arena is not None else set()))
+    if mode == "fp32":  # as quantize_model does; the file's memory maps stay as they are (no copy)
+        hugepages.move_to_huge_pages(model, skip=mapped)
     model.rope.inv_freq = rope_inv_freq(config)  # a non-persistent buffer: not in the file
     return model.eval()
 
