@@ -55,21 +55,18 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault a range in now, in one call
 
 
 class Arena:
-    """One huge-page mapping handed out tensor by tensor, for a loader that writes weights straight into place
-    (no second copy, as `move_to_huge_pages` makes). populate=True faults the whole mapping in at once
-    (MADV_POPULATE_WRITE), for a loader that writes every tensor: 4 GiB in 0.3 s on a 2-core AMD EPYC VM where
-    touching it page by page took 6.3 s (2 MiB pages) or 9.4 s (4 KiB), though a first 8 GiB right after a
-    large load took 15 s (the VM's host backing the memory). Without it, space nobody writes costs address space,
-    not memory."""
+    """One huge-page mapping handed out tensor by tensor, for a loader that writes every weight straight into place
+    (no second copy, as `move_to_huge_pages` makes). The whole mapping is faulted in at once
+    (MADV_POPULATE_WRITE): 4 GiB in 0.3 s on a 2-core AMD EPYC VM where touching it page by page took 6.3 s
+    (2 MiB pages) or 9.4 s (4 KiB), though a first 8 GiB right after a large load took 15 s (the VM's host backing
+    the memory)."""
 
-    def __init__(self, nbytes: int, populate: bool = False) -> None:
+    def __init__(self, nbytes: int) -> None:
         self._mm, self._offset = _mapping(nbytes)
         self._end = self._offset + nbytes
-        if populate:
-            # an older kernel refuses (OSError): then the pages fault in as they are written
-            with contextlib.suppress(OSError):
-                self._mm.madvise(MADV_POPULATE_WRITE, self._offset, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
-        self.pointers: set[int] = set()  # data pointers of the tensors handed out
+        # an older kernel refuses (OSError): then the pages fault in as they are written
+        with contextlib.suppress(OSError):
+            self._mm.madvise(MADV_POPULATE_WRITE, self._offset, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """An uninitialised tensor in the mapping (a plain torch.empty once the mapping is used up)."""
@@ -79,16 +76,15 @@ class Arena:
             return torch.empty(shape, dtype=dtype)
         t = torch.frombuffer(self._mm, dtype=dtype, count=count, offset=self._offset).view(shape)
         self._offset += size
-        self.pointers.add(t.data_ptr())
         return t
 
 
-def arena_for(shapes: list[tuple[tuple[int, ...], torch.dtype]], populate: bool = False) -> Arena | None:
+def arena_for(shapes: list[tuple[tuple[int, ...], torch.dtype]]) -> Arena | None:
     """An Arena with room for tensors of these shapes and dtypes; None where huge pages are not available or
     CAMELID_HUGE_PAGES=0."""
     if os.environ.get("CAMELID_HUGE_PAGES") == "0" or not available() or not shapes:
         return None
-    return Arena(sum(-(-torch.Size(s).numel() * d.itemsize // ALIGN) * ALIGN for s, d in shapes), populate)
+    return Arena(sum(-(-torch.Size(s).numel() * d.itemsize // ALIGN) * ALIGN for s, d in shapes))
 
 
 @torch.no_grad()

@@ -339,7 +339,7 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
     arena = None
     if mode == "fp16":
         matrices = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_meta and t.dim() >= 2}
-        arena = hugepages.arena_for([(tuple(t.shape), t.dtype) for t in matrices.values()], populate=True)
+        arena = hugepages.arena_for([(tuple(t.shape), t.dtype) for t in matrices.values()])
     seen = set()
     mapped: set[int] = set()
     converted = 0
