@@ -124,6 +124,16 @@ def generate_tokens(
     model.setup_cache(1, cache_len)
     try:
         tokens = torch.tensor([prompt], device=device)
+        if fast is not None and fast.greedy and params.temperature == 0 and params.repetition_penalty == 1.0:
+            # greedy through the C++ step's greedy head: the same tokens, without the fp32 head's every row
+            h = model.hidden_states(tokens, torch.arange(len(prompt), device=device))[0, -1]
+            token_id = fast.head_argmax(h)
+            for i in range(max_new_tokens):
+                yield token_id
+                if token_id in stop or i == max_new_tokens - 1:
+                    return
+                token_id = fast.argmax(token_id, len(prompt) + i)
+            return
         seen = tokens
         logits = model(tokens, torch.arange(len(prompt), device=device), last_only=True)[:, -1]
         for i in range(max_new_tokens):

@@ -108,7 +108,9 @@ def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: 
         t1 = time.perf_counter()
         tok = logits[:, -1].argmax(-1, keepdim=True)
         for i in range(new_tokens - 1):
-            if fast is not None:
+            if fast is not None and fast.greedy:  # fp32 head: the greedy head, as generate_tokens
+                tok = torch.tensor([[fast.argmax(int(tok), prompt_len + i)]])
+            elif fast is not None:
                 tok = fast(int(tok), prompt_len + i)[:, -1].argmax(-1, keepdim=True)
             else:
                 tok = step(tok, torch.tensor([prompt_len + i]), last_only=True)[:, -1].argmax(-1, keepdim=True)

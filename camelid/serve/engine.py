@@ -210,7 +210,7 @@ class Engine:
         row = [[cache_view(kv[i, 0, r:r + 1], kv[i, 1, r:r + 1]) for i in L] for r in range(self.slots)]
         self._install(all_rows, model)
         model.cache_len = self.context
-        step = decode_step(model, interleave=self.interleave) if use_decode_step else None
+        step = decode_step(model, interleave=self.interleave, greedy=False) if use_decode_step else None
         return _Served(model, all_rows, row, step, root)
 
     @property

@@ -13,11 +13,14 @@ copies.
 from __future__ import annotations
 
 import dataclasses
+import os
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from camelid import heap
 from camelid.model import Attention, Block, FeedForward, KVCache, Llama, RMSNorm, RotaryEmbedding
 from camelid.ops import linear, native
 from camelid.variants.fused import FastRMSNorm, FusedAttention, FusedFeedForward
@@ -102,13 +105,63 @@ def refusal(model: nn.Module) -> str | None:
     return None
 
 
+# the greedy heads made so far, by id of the weight tensor (dropped with it; checked against the tensor itself
+# and its version counter before use)
+_GREEDY_HEADS: dict[int, tuple[weakref.ref[Tensor], int, tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+
+
+@torch.no_grad()
+def greedy_head(weight: Tensor, rows_at_once: int = 512) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """An fp32 output head [V, K] as the C++ step's greedy head reads it: int8 rows q with one fp32 scale each
+    (the largest |w| / 127); per row err, a bound on |h . w - h . (q * scale)| / ||h||_2 for every h, and
+    wq = ||q * scale||_2. err is the quantisation residual's norm (Cauchy-Schwarz) plus the rounding of the fp32
+    product h . w as the kernel sums it, at most gamma (||w|| + ||q * scale||) ||h|| with gamma = n u / (1 - n u),
+    n = K + 2, u = 2^-24, taken twice over for margin; the step adds the rounding of the int8 product,
+    2 gamma ||h|| wq (decode_step.cpp, greedy_share). Built a block of rows at a time in float64 (never an fp64
+    copy of the whole head), cached per weight tensor. A head memory-mapped from a file (an F32 GGUF's) is read
+    once here and its pages handed back as it goes (`heap.page_out`): greedy decoding then reads its fp32 rows
+    only for the candidates, a page each (`heap.read_randomly`), so the rest need not stay in memory."""
+    cached = _GREEDY_HEADS.get(id(weight))
+    if cached is not None and cached[0]() is weight and cached[1] == weight._version:
+        return cached[2]
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale, err, wq = (torch.empty(n, dtype=torch.float32) for _ in range(3))
+    nu = (k + 2) * 2.0 ** -24
+    gamma = nu / (1 - nu)
+    mapped = weight.device.type == "cpu" and heap.mapped_file(weight.data_ptr()) is not None
+    for a in range(0, n, rows_at_once):
+        w = weight[a:a + rows_at_once].to(torch.float32)
+        s = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = torch.round(w / s[:, None]).clamp_(-127, 127)
+        b = a + len(w)
+        q[a:b] = codes.to(torch.int8)
+        scale[a:b] = s
+        exact, approx = w.double(), codes.double() * s.double()[:, None]  # both exact in float64
+        approx_norm = approx.norm(dim=1)
+        bound = (approx - exact).norm(dim=1) + 2 * gamma * (exact.norm(dim=1) + approx_norm)
+        err[a:b] = (bound * (1 + 1e-3)).float()  # margins for the rounding of the bounds themselves
+        wq[a:b] = (approx_norm * (1 + 1e-3)).float()
+        if mapped:
+            heap.page_out(weight[a:b].data_ptr(), weight[a:b].nbytes)
+    if mapped:
+        heap.read_randomly(weight.data_ptr(), weight.nbytes)
+    heap.trim()  # the blocks' float64 temporaries
+    if cached is None:
+        weakref.finalize(weight, _GREEDY_HEADS.pop, id(weight), None)
+    _GREEDY_HEADS[id(weight)] = (weakref.ref(weight), weight._version, (q, scale, err, wq))
+    return q, scale, err, wq
+
+
 class DecodeStep:
     """One generated token per sequence per call through decode_step.cpp: `step(token_id, position)` -> logits
-    [1, 1, vocab] (cache row 0); `step.rows(tokens, positions, rows)` -> logits [B, vocab]."""
+    [1, 1, vocab] (cache row 0); `step.rows(tokens, positions, rows)` -> logits [B, vocab]; with a greedy head
+    (`greedy`), `step.argmax(token_id, position)` -> the next greedy token without the logits."""
 
-    def __init__(self, model: Llama, native_step: Any, interleaved_bytes: int = 0) -> None:
+    def __init__(self, model: Llama, native_step: Any, interleaved_bytes: int = 0, greedy: bool = False) -> None:
         self.model, self.native = model, native_step
         self.interleaved_bytes = interleaved_bytes  # the interleaved int8/int4 copy's size (0: none)
+        self.greedy = greedy  # a greedy head is set: argmax and head_argmax run
         self._bound: Tensor | None = None  # layer 0's cache k tensor the kernel was last bound to
 
     def __call__(self, token: int, position: int) -> Tensor:
@@ -116,6 +169,19 @@ class DecodeStep:
         if cache is None or cache.k is not self._bound:
             self._bind()
         return self.native.forward(token, position)
+
+    def argmax(self, token: int, position: int) -> int:
+        """The argmax of `self(token, position)`'s logits (the first on ties; the same step, the same cache
+        write), from the greedy head: its int8 rows and the fp32 rows of the few tokens that can win."""
+        cache = self.model.layers[0].attention.kv_cache
+        if cache is None or cache.k is not self._bound:
+            self._bind()
+        return self.native.forward_argmax(token, position)
+
+    def head_argmax(self, h: Tensor) -> int:
+        """The argmax of the fp32 head's logits of a final-norm hidden state h [dim] (a prompt's last position),
+        through the greedy head."""
+        return self.native.head_argmax(h.reshape(-1).float())
 
     def rows(self, tokens: list[int], positions: list[int], rows: list[int], sources: list[int] | None = None,
              shared: list[int] | None = None) -> Tensor:
@@ -142,8 +208,8 @@ class DecodeStep:
 
 
 @torch.no_grad()
-def decode_step(model: nn.Module, int8_activations: bool | None = None, interleave: bool = False
-                ) -> DecodeStep | None:
+def decode_step(model: nn.Module, int8_activations: bool | None = None, interleave: bool = False,
+                greedy: bool | None = None) -> DecodeStep | None:
     """A C++ decode step for `model`, or None where it cannot run (`refusal(model)`, or no kernels: then use the
     model itself).
 
@@ -156,7 +222,13 @@ def decode_step(model: nn.Module, int8_activations: bool | None = None, interlea
     interleaved (int4: 0.56 bytes per weight, int8: 1), where the kernels have AVX-512 VNNI and int8 activations
     are on. Its kernels sum each group's integer products inside the vector lanes, so a step of several sequences
     (continuous batching) needs about a third of the instructions per weight (benchmarks/README.md, "Batched
-    decode steps"). Its logits equal the plain step's up to float summation order."""
+    decode steps"). Its logits equal the plain step's up to float summation order.
+
+    greedy: for an fp32 output head, also a greedy head (`greedy_head`: an int8 copy, a quarter of the fp32
+    head's bytes), so that `DecodeStep.argmax` reads the head's fp32 rows only for the few tokens that can be
+    the largest logit: a batch-1 fp32 decode step reads every weight once, and SmolLM2-135M's head is 21% of
+    them. The tokens are the argmax of the fp32 logits (tests/variants/test_decode_step.py). Default: on,
+    unless CAMELID_GREEDY_HEAD=0."""
     if int8_activations is None:
         int8_activations = linear.int8_activations()
     if refusal(model) is not None:
@@ -172,5 +244,11 @@ def decode_step(model: nn.Module, int8_activations: bool | None = None, interlea
         att, ffn = block.attention, block.feed_forward
         lin = [_linear(m) for m in (att.wqkv, att.wo, ffn.w13, ffn.w2)]
         step.add_layer(block.attention_norm.weight, block.ffn_norm.weight, [k for k, _ in lin], [t for _, t in lin])
-    step.set_head(model.norm.weight, *_linear(model.output))
-    return DecodeStep(model, step, step.interleave() if interleave else 0)
+    head_kind, head_tensors = _linear(model.output)
+    step.set_head(model.norm.weight, head_kind, head_tensors)
+    if greedy is None:
+        greedy = os.environ.get("CAMELID_GREEDY_HEAD", "1") != "0"
+    greedy = greedy and head_kind == F32 and cfg.dim % 32 == 0
+    if greedy:
+        step.set_greedy_head(*greedy_head(head_tensors[0]))
+    return DecodeStep(model, step, step.interleave() if interleave else 0, greedy)

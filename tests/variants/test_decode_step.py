@@ -398,3 +398,66 @@ def test_a_shared_prefix_is_read_from_its_source_row(mode: str, kv_dtype: torch.
             step.rows(tokens, positions, rows, [0, 0, 0], [0, 8, 0])
         with pytest.raises(RuntimeError, match="one source row and one shared length"):
             step.rows(tokens, positions, rows, [0], [0])
+
+
+def test_the_greedy_heads_bounds_hold_for_any_hidden_state() -> None:
+    """|h . w - h . (q * scale)| <= ||h|| err for every row, in float64, on rows of very different scales, a
+    zero row and rows one ulp apart; wq is the norm of the int8 row."""
+    from camelid.variants.decode_step import greedy_head
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 96) * torch.logspace(-4, 2, 300)[:, None]
+    w[7] = 0
+    w[8] = w[9].nextafter(torch.full_like(w[9], float("inf")))
+    q, scale, err, wq = greedy_head(w, rows_at_once=64)
+    assert greedy_head(w) is not None and q.dtype == torch.int8 and q.abs().max() <= 127
+    approx = q.double() * scale.double()[:, None]
+    torch.testing.assert_close(wq.double(), approx.norm(dim=1), rtol=2e-3, atol=0)
+    h = torch.randn(500, 96, dtype=torch.float64) * torch.logspace(-3, 3, 500, dtype=torch.float64)[:, None]
+    gap = (h @ w.double().T - h @ approx.T).abs()
+    assert (gap <= h.norm(dim=1, keepdim=True) * err.double()).all()
+    assert (err >= 0).all() and (err.double() <= 0.05 * w.double().norm(dim=1)).all()  # not vacuous
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name,tied", [("tiny-gqa", False), ("tiny-llama3", True)])
+def test_the_greedy_step_is_the_argmax_of_the_full_step(name: str, tied: bool, threads: int) -> None:
+    """forward_argmax = the argmax of forward's logits, first index on ties: on peaked and on flat logits (a
+    head of tiny weights: every row a candidate), and with duplicated rows (exact ties)."""
+    torch.set_num_threads(threads)
+    try:
+        for spread in (0.15, 1e-4):
+            model = _model(name, "fp32", tied)
+            with torch.no_grad():
+                w = model.output.weight
+                w.mul_(spread / 0.15)
+                w[40:48] = w[16:24]  # exact ties between rows 16.. and 40.. (inside blocks of 8 rows)
+            step = decode_step(model, greedy=True)
+            assert step is not None and step.greedy
+            with torch.inference_mode():
+                model.setup_cache(1, 64)
+                h = model.hidden_states(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))[0, -1]
+                want = model.output(h).argmax()
+                assert step.head_argmax(h) == int(want)
+                tok = 11
+                for pos in range(len(PROMPT), len(PROMPT) + 24):
+                    full = int(step(tok, pos)[0, -1].argmax())
+                    assert step.argmax(tok, pos) == full
+                    tok = full if pos % 3 else 16  # row 16 has a twin: its logit ties with row 40's
+    finally:
+        torch.set_num_threads(2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name,tied", CASES)
+def test_greedy_generation_with_the_greedy_head_equals_the_torch_path(name: str, tied: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(name, "fp32", tied)
+    want = _plain_generate(model, PROMPT, 24, monkeypatch)
+    step = decode_step(model)  # on by default for an fp32 head
+    assert step is not None and step.greedy
+    assert generate(model, PROMPT, 24) == want
+    monkeypatch.setenv("CAMELID_GREEDY_HEAD", "0")
+    assert not decode_step(model).greedy
+    assert generate(model, PROMPT, 24) == want

@@ -479,7 +479,88 @@ void DecodeStep::bind_cache(std::vector<at::Tensor> ks, std::vector<at::Tensor> 
 
 // Logits [1, 1, vocab] of `token` at position `pos`; writes this position's keys and values into the cache.
 at::Tensor DecodeStep::forward(int64_t token, int64_t pos) {
-  return forward_rows({token}, {pos}, {0}, {}, {}).view({1, 1, -1});
+  return run({token}, {pos}, {0}, {}, {}, false).view({1, 1, -1});
+}
+
+void DecodeStep::set_greedy_head(at::Tensor q, at::Tensor scale, at::Tensor err, at::Tensor wq) {
+  TORCH_CHECK(head.kind == F32 && head.w, "the greedy head needs an fp32 output head (set_head first)");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.dim() == 2 && q.size(0) == head.N &&
+              q.size(1) == head.K, "greedy head: int8 q [vocab, dim] expected");
+  TORCH_CHECK(head.K % 32 == 0, "the greedy head needs a width that is a multiple of 32");
+  for (const auto* v : {&scale, &err, &wq})
+    TORCH_CHECK(v->scalar_type() == at::kFloat && v->is_contiguous() && v->numel() == head.N,
+                "greedy head: fp32 scale, err and wq [vocab] expected");
+  keep.insert(keep.end(), {q, scale, err, wq});
+  greedy_q = q.data_ptr<int8_t>(); greedy_scale = scale.data_ptr<float>(); greedy_err = err.data_ptr<float>();
+  greedy_wq = wq.data_ptr<float>();
+  approx.resize(head.N);
+}
+
+// The int8 head's logits of h (fp32 activations: rounding h to int8 as well doubled the bound, and on flat
+// logits, a synthetic prompt's, left 9,500 of SmolLM2's 49,152 rows as candidates instead of 165). A row's int8
+// logit and its fp32 logit differ by at most b * err[n] + c * wq[n]: b = ||h||_2 for the weights' rounding
+// (err: greedy_head), c for the float rounding of the int8 product, times wq = ||int8 row||_2. Rows whose int8
+// logit plus that bound reaches the largest int8 logit minus its bound (`lows`: each thread's largest, shared
+// through one barrier) can be the argmax; only they are computed in fp32 (dot_f32_row).
+void DecodeStep::greedy_share(const float* h, int t, int nt, float* lows) {
+  const int64_t V = head.N;
+  int64_t n0, n1;
+  share(V, t, nt, n0, n1);
+  double hh = 0.0;
+  for (int64_t k = 0; k < D; ++k) hh += (double)h[k] * h[k];
+  const double nu = (double)(D + 2) * std::ldexp(1.0, -24), gamma = nu / (1.0 - nu);
+  const double hn = std::sqrt(hh);
+  const float b = (float)(hn * (1.0 + 1e-6)), c = (float)(2.0 * gamma * hn * (1.0 + 1e-6));
+#if defined(CAMELID_AVX2) && defined(__AVX512F__)
+  if (D % 16 == 0)
+    dot_int8_avx512(h, greedy_q, greedy_scale, D, n0, n1, approx.data());
+  else
+#endif
+    dot_int8(h, greedy_q, greedy_scale, D, n0, n1, approx.data());
+  float low = -INFINITY;
+  for (int64_t n = n0; n < n1; ++n) low = std::max(low, approx[n] - (b * greedy_err[n] + c * greedy_wq[n]));
+  lows[t] = low;
+#pragma omp barrier
+  float top = -INFINITY;
+  for (int i = 0; i < nt; ++i) top = std::max(top, lows[i]);
+  std::pair<float, int64_t> mine{-INFINITY, -1};
+  const float* w = static_cast<const float*>(head.w);
+  for (int64_t n = n0; n < n1; ++n)
+    if (approx[n] + (b * greedy_err[n] + c * greedy_wq[n]) >= top) {
+      const float v = dot_f32_row(h, w, D, n);
+      if (mine.second < 0 || v > mine.first) mine = {v, n};
+    }
+  best[t] = mine;
+}
+
+int64_t DecodeStep::greedy_pick(int nt) const {
+  std::pair<float, int64_t> top{-INFINITY, -1};
+  for (int i = 0; i < nt; ++i)  // threads hold rows in order, so a tie keeps the first row, as argmax does
+    if (best[i].second >= 0 && (top.second < 0 || best[i].first > top.first)) top = best[i];
+  TORCH_CHECK(top.second >= 0, "greedy head: no candidate row (non-finite logits?)");
+  return top.second;
+}
+
+int64_t DecodeStep::forward_argmax(int64_t token, int64_t pos) {
+  TORCH_CHECK(greedy_q, "no greedy head is set (set_greedy_head)");
+  return run({token}, {pos}, {0}, {}, {}, true).item<int64_t>();
+}
+
+int64_t DecodeStep::head_argmax(at::Tensor h) {
+  TORCH_CHECK(greedy_q, "no greedy head is set (set_greedy_head)");
+  h = h.contiguous();
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.numel() == D, "fp32 h [dim] expected");
+  const int T = std::max(1, at::get_num_threads());
+  std::vector<float> lows(T);
+  best.assign(T, {-INFINITY, -1});
+  int used = 1;
+#pragma omp parallel num_threads(T)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    if (t == 0) used = nt;
+    greedy_share(h.data_ptr<float>(), t, nt, lows.data());
+  }
+  return greedy_pick(used);
 }
 
 // Logits [B, vocab]: one new token per row b, at position positions[b] of cache row rows[b] (continuous
@@ -487,6 +568,13 @@ at::Tensor DecodeStep::forward(int64_t token, int64_t pos) {
 at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int64_t> positions,
                                     std::vector<int64_t> rows, std::vector<int64_t> sources,
                                     std::vector<int64_t> shared) {
+  return run(tokens, positions, rows, std::move(sources), std::move(shared), false);
+}
+
+// forward_rows; greedy (one row, a greedy head set): the argmax [1] (int64) instead of the logits
+at::Tensor DecodeStep::run(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                           const std::vector<int64_t>& rows, std::vector<int64_t> sources,
+                           std::vector<int64_t> shared, bool greedy) {
   TORCH_CHECK(embed.w && norm && !cache.empty(), "decode step is not fully set up");
   const int64_t B = (int64_t)tokens.size();
   TORCH_CHECK(B > 0 && positions.size() == tokens.size() && rows.size() == tokens.size(),
@@ -537,8 +625,12 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
   }
   x.resize(B * D); qkv.resize(B * W); gu.resize(B * 2 * F); hid.resize(B * F);
   tmp.resize(B * D); part.resize(B * H * max_chunks * (d + 2));
-  auto logits = at::empty({B, V}, at::TensorOptions().dtype(at::kFloat));
+  greedy = greedy && greedy_q && B == 1;
+  auto logits = at::empty({greedy ? 0 : B, V}, at::TensorOptions().dtype(at::kFloat));
   float* out = logits.data_ptr<float>();
+  std::vector<float> lows(T);
+  if (greedy) best.assign(T, {-INFINITY, -1});
+  int used = 1;
   for (int64_t b = 0; b < B; ++b) {  // embedding rows (dequantised)
     const int64_t token = tokens[b];
     if (embed.kind == F32) {
@@ -662,8 +754,18 @@ at::Tensor DecodeStep::forward_rows(std::vector<int64_t> tokens, std::vector<int
 #pragma omp barrier
     }
     set_acts(x.data(), D, norm);
-    share(V, t, nt, n0, n1);
-    head.rows_batch(a.data(), B, n0, n1, out, V);
+    if (greedy) {
+      if (t == 0) used = nt;
+      greedy_share(a[0].x, t, nt, lows.data());
+    } else {
+      share(V, t, nt, n0, n1);
+      head.rows_batch(a.data(), B, n0, n1, out, V);
+    }
+  }
+  if (greedy) {
+    auto token = at::empty({1}, at::TensorOptions().dtype(at::kLong));
+    token.data_ptr<int64_t>()[0] = greedy_pick(used);
+    return token;
   }
   return logits;
 }

@@ -151,6 +151,15 @@ class DecodeStep {
                   at::Tensor sin_t);
   // Logits [1, 1, vocab] of `token` at position `pos`; writes this position's keys and values into the cache.
   at::Tensor forward(int64_t token, int64_t pos);
+  // The greedy head: an int8 copy of the fp32 head, q [V, D] with one scale per row, per row a bound err on
+  // |h . w - h . (q * scale)| / ||h||_2 and wq = ||q * scale||_2 (camelid/variants/decode_step.py: greedy_head). With it
+  // forward_argmax and head_argmax read the int8 rows, and the fp32 rows only of the tokens that can still be
+  // the largest logit: the argmax of the fp32 logits, from a quarter of the head's bytes.
+  void set_greedy_head(at::Tensor q, at::Tensor scale, at::Tensor err, at::Tensor wq);
+  // The argmax of forward(token, pos)'s logits (the first on ties), through the greedy head.
+  int64_t forward_argmax(int64_t token, int64_t pos);
+  // The argmax of the head's fp32 logits of h [D] (a final-norm hidden state), through the greedy head.
+  int64_t head_argmax(at::Tensor h);
   // Logits [B, vocab] of one token per sequence: tokens[b] at positions[b], in cache row rows[b] (distinct).
   // sources/shared (empty, or one each per token): positions [0, shared[b]) of row rows[b] hold exactly what
   // row sources[b] holds there, so attention reads them from that row (shared[b]: a multiple of 16; 0: none).
@@ -163,6 +172,10 @@ class DecodeStep {
   bool q8;  // int8 activations for int8/int4 weights
   bool kv16 = false;  // the bound KV cache holds fp16 (attention computes in fp32)
   camelid::Linear embed, head;
+  const int8_t* greedy_q = nullptr;  // set_greedy_head's tensors (kept alive in `keep`)
+  const float *greedy_scale = nullptr, *greedy_err = nullptr, *greedy_wq = nullptr;
+  std::vector<float> approx;  // the int8 head's logits
+  std::vector<std::pair<float, int64_t>> best;  // per thread: its best candidate (logit, row)
   const float* norm = nullptr;
   std::vector<camelid::Layer> layers;
   std::vector<at::Tensor> keep, cache;  // keep the weights and caches alive while their pointers are held
@@ -170,6 +183,12 @@ class DecodeStep {
   std::vector<float> x, qkv, gu, hid, tmp, part;  // shared activations, reused across steps
   std::vector<camelid::AttnTask> tasks;  // attention tasks; thread t runs [task_end[t], task_end[t + 1])
   std::vector<int64_t> task_end;
+  at::Tensor run(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                 const std::vector<int64_t>& rows, std::vector<int64_t> sources, std::vector<int64_t> shared,
+                 bool greedy);
+  // thread t of nt: its share of the greedy head for the normalised activation h (one barrier inside)
+  void greedy_share(const float* h, int t, int nt, float* lows);
+  int64_t greedy_pick(int nt) const;
 };
 
 at::Tensor gemv_q8(at::Tensor x, int64_t kind, std::vector<at::Tensor> t);

@@ -132,6 +132,34 @@ static inline void dot_f32(const float* x, const float* w, int64_t K, int64_t n0
   }
 }
 
+// Row n of dot_f32 alone, with the arithmetic dot_f32 gives a row inside a block of 4 or 8 (every row of a
+// thread's share but its last 1-3): the greedy head recomputes a few candidate rows this way, and gets the
+// logits the whole-matrix pass gives them.
+static inline float dot_f32_row(const float* x, const float* w, int64_t K, int64_t n) {
+  const float* row = w + n * K;
+  float y = 0.f;
+#if defined(CAMELID_AVX2) && defined(__AVX512F__)
+  if (f32_avx512_loop()) {
+    dot_f32_avx512<1>(x, row, K, 0, &y);
+    return y;
+  }
+#endif
+#ifdef CAMELID_AVX2
+  if (K % 8 == 0) {
+    __m256 a0 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + k), _mm256_loadu_ps(x + k), a0);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + k + 8), _mm256_loadu_ps(x + k + 8), a0);
+    }
+    if (k < K) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + k), _mm256_loadu_ps(x + k), a0);
+    return hsum(a0);
+  }
+#endif
+  for (int64_t k = 0; k < K; ++k) y += x[k] * row[k];
+  return y;
+}
+
 // ---- fp16 weights (stored 16-bit, converted and accumulated in fp32): half the bytes of fp32 to stream ----
 // AVX-512: one row at a time, two whole 64-byte lines per iteration into four accumulators, and a prefetch of
 // each line 8 KiB ahead. Rows are contiguous, so each thread reads its share of the matrix as one sequential
@@ -219,6 +247,32 @@ static inline void dot_int8(const float* x, const int8_t* w, const float* s, int
     y[n] = acc * s[n];
   }
 }
+
+#if defined(CAMELID_AVX2) && defined(__AVX512F__)
+// dot_int8 with 512-bit vectors (K % 16 == 0), for the greedy head's int8 logits of fp32 activations: 256 bits at
+// a time the loop is bound by its int8 -> fp32 conversions, not by memory.
+static inline void dot_int8_avx512(const float* x, const int8_t* w, const float* s, int64_t K, int64_t n0,
+                                   int64_t n1, float* y) {
+  auto codes = [](const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  };
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* r = w + n * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + k);
+      a0 = _mm512_fmadd_ps(codes(r + k), xv, a0);
+      a1 = _mm512_fmadd_ps(codes(r + K + k), xv, a1);
+      a2 = _mm512_fmadd_ps(codes(r + 2 * K + k), xv, a2);
+      a3 = _mm512_fmadd_ps(codes(r + 3 * K + k), xv, a3);
+    }
+    y[n] = _mm512_reduce_add_ps(a0) * s[n]; y[n + 1] = _mm512_reduce_add_ps(a1) * s[n + 1];
+    y[n + 2] = _mm512_reduce_add_ps(a2) * s[n + 2]; y[n + 3] = _mm512_reduce_add_ps(a3) * s[n + 3];
+  }
+  if (n < n1) dot_int8(x, w, s, K, n, n1, y);
+}
+#endif
 
 // ---- int4: w uint8 [N, K/2]; in each group of 32 weights byte j holds weight j (low nibble) and weight
 // j + 16 (high nibble); weight = q * scale + minimum, scale/minimum fp16 [N, K/32]. xs[g] = sum of x over
