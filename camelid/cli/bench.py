@@ -115,6 +115,12 @@ def _time_camelid(model_name: str, precision: str, prompt_len: int, new_tokens: 
             else:
                 tok = step(tok, torch.tensor([prompt_len + i]), last_only=True)[:, -1].argmax(-1, keepdim=True)
         t2 = time.perf_counter()
+    if fast is not None and base == "fp32":  # what a step reads: the layers, and the head (its int8 copy if greedy)
+        head = model.output.weight
+        layers = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if not n.startswith(("tok_embeddings.", "output.")))
+        extra["read_gb_per_token"] = (layers + (head.shape[0] * (head.shape[1] + 12) if fast.greedy
+                                                else head.numel() * 4)) / 1e9
     return {"prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": (new_tokens - 1) / (t2 - t1), **extra}
 
 
@@ -323,10 +329,13 @@ def _report(model: str, prompt_len: int, new_tokens: int, threads: int, rounds: 
 
     read = statistics.median(bandwidth)
     weight_gb = LlamaConfig.from_name(model).num_params() * 4 / 1e9  # fp32: every weight read once per token
-    streamed = {k: v["decode_tok_s"] * weight_gb for k, v in rows.items()
-                if k.split()[-1].split("-")[0] in ("fp32", "F32")}
+    # bytes per token: camelid's step reports its own (its greedy head reads an int8 copy of the head)
+    per_token = {k: v.get("read_gb_per_token", weight_gb) for k, v in rows.items()
+                 if k.split()[-1].split("-")[0] in ("fp32", "F32")}
+    streamed = {k: rows[k]["decode_tok_s"] * gb for k, gb in per_token.items()}
     print(f"memory read bandwidth: {read:.1f} GB/s (median of {len(bandwidth)}, {threads} threads); fp32 decode "
-          "streams " + ", ".join(f"{k} {gb:.1f} GB/s ({gb / read:.0%})" for k, gb in streamed.items()))
+          "streams " + ", ".join(f"{k} {streamed[k]:.1f} GB/s ({streamed[k] / read:.0%}, {gb * 1e3:.0f} MB a token)"
+                                 for k, gb in per_token.items()))
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: specs[0][k] for k in ("model", "prompt_len", "new_tokens", "threads")} | {"rounds": rounds}
     body = json.dumps({"settings": settings, "medians": rows, "runs": results,
