@@ -497,8 +497,8 @@ void DecodeStep::set_greedy_head(at::Tensor q, at::Tensor scale, at::Tensor err,
 }
 
 // The int8 head's logits of h (fp32 activations: rounding h to int8 as well doubled the bound, and on flat
-// logits, a synthetic prompt's, left 9,500 of SmolLM2's 49,152 rows as candidates instead of 165). A row's int8
-// logit and its fp32 logit differ by at most b * err[n] + c * wq[n]: b = ||h||_2 for the weights' rounding
+// logits, a synthetic prompt's, left 9,500 of SmolLM2's 49,152 rows as candidates instead of about 170). A row's
+// int8 logit and its fp32 logit differ by at most b * err[n] + c * wq[n]: b = ||h||_2 for the weights' rounding
 // (err: greedy_head), c for the float rounding of the int8 product, times wq = ||int8 row||_2. Rows whose int8
 // logit plus that bound reaches the largest int8 logit minus its bound (`lows`: each thread's largest, shared
 // through one barrier) can be the argmax; only they are computed in fp32 (dot_f32_row).
