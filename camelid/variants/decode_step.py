@@ -165,17 +165,13 @@ class DecodeStep:
         self._bound: Tensor | None = None  # layer 0's cache k tensor the kernel was last bound to
 
     def __call__(self, token: int, position: int) -> Tensor:
-        cache = self.model.layers[0].attention.kv_cache
-        if cache is None or cache.k is not self._bound:
-            self._bind()
+        self._bind()
         return self.native.forward(token, position)
 
     def argmax(self, token: int, position: int) -> int:
         """The argmax of `self(token, position)`'s logits (the first on ties; the same step, the same cache
         write), from the greedy head: its int8 rows and the fp32 rows of the few tokens that can win."""
-        cache = self.model.layers[0].attention.kv_cache
-        if cache is None or cache.k is not self._bound:
-            self._bind()
+        self._bind()
         return self.native.forward_argmax(token, position)
 
     def head_argmax(self, h: Tensor) -> int:
@@ -191,14 +187,16 @@ class DecodeStep:
         [0, shared[b]) of row rows[b] hold exactly the keys and values of row sources[b] there (a prompt prefix
         both took from the prefix cache), so attention reads them once for every row that shares them;
         shared[b] a multiple of 16, 0 for none."""
-        cache = self.model.layers[0].attention.kv_cache
-        if cache is None or cache.k is not self._bound:
-            self._bind()
+        self._bind()
         return self.native.forward_rows(tokens, positions, rows, sources or [], shared or [])
 
     def _bind(self) -> None:
-        """Point the kernel at the model's current KV cache (setup_cache makes new tensors every generation)."""
+        """Point the kernel at the model's current KV cache (setup_cache makes new tensors every generation),
+        unless it already points there."""
         m = self.model
+        cache = m.layers[0].attention.kv_cache
+        if cache is not None and cache.k is self._bound:
+            return
         caches = [b.attention.kv_cache for b in m.layers]
         if any(c is None for c in caches):
             raise RuntimeError("no KV cache is set up; call model.setup_cache() first")
