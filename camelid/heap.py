@@ -6,21 +6,24 @@ that converts a model tensor after tensor frees a slice's temporaries between th
 pages pile up (tens of MiB for a 135M-parameter model) unless they are handed back. `trim()` hands them back
 on glibc and does nothing on other C libraries (musl, macOS, Windows), whose allocators have no such call.
 
-The other way round, `keep_freed_buffers()` (called when a model's first KV cache is made: inference from then
-on) keeps freed buffers of up to 32 MiB in the heap for the next allocations. By default glibc gives each buffer
-above a threshold its own mapping and unmaps it when freed, so a prompt's activations, a few MiB per layer, were
-mapped and faulted in page by page again at every layer: a 512-token int8 prefill of SmolLM2 loaded from a
-`camelid quantize` file ran at 650-830 tok/s, and at 930-1030 with the buffers kept (2 threads, AMD EPYC). Not
-earlier: while a model is built or converted, tensors freed one by one would stay in the heap until `trim()` and
-raise the peak. `CAMELID_KEEP_FREED_BUFFERS=0` leaves malloc's defaults.
+The other way round, `keep_freed_buffers()` (called when a load ends and when a model's first KV cache is made:
+inference from then on) keeps freed buffers of up to 32 MiB in the heap for the next allocations. By default glibc
+gives each buffer above a threshold its own mapping and unmaps it when freed, so a prompt's activations, a few MiB
+per layer, were mapped and faulted in page by page again at every layer: a 512-token int8 prefill of SmolLM2
+loaded from a `camelid quantize` file ran at 650-830 tok/s, and at 930-1030 with the buffers kept (2 threads, AMD
+EPYC). Not during a load: `loading()` pins glibc's threshold at its default while a model is read and converted,
+because tensors freed one by one would stay in the heap and raise the peak. `CAMELID_KEEP_FREED_BUFFERS=0` leaves
+malloc's defaults.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,20 +52,72 @@ def trim() -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 MMAP_THRESHOLD = 32 << 20  # glibc's largest: buffers up to this size come from the heap
 TRIM_THRESHOLD = 256 << 20  # free memory at the heap's top kept before free() hands it back (trim() still does)
+LOADING_MMAP_THRESHOLD = 128 << 10  # glibc's default: while loading, every larger buffer is a mapping of its own
+
+_lock = threading.Lock()
+_loads = 0  # `loading()` blocks open
+_kept: bool | None = None  # keep_freed_buffers' answer once given
 
 
 @lru_cache(maxsize=1)
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's mallopt, or None: another C library, or CAMELID_KEEP_FREED_BUFFERS=0 (malloc's defaults left alone)."""
+    if os.environ.get("CAMELID_KEEP_FREED_BUFFERS", "1") == "0" or _malloc_trim() is None:
+        return None
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
 def keep_freed_buffers() -> bool:
     """Have glibc serve buffers of up to MMAP_THRESHOLD from its heap and keep up to TRIM_THRESHOLD of freed memory
     at the heap's top, instead of a mapping per large buffer that is unmapped when freed; True if set. Nothing on
-    other C libraries, or with CAMELID_KEEP_FREED_BUFFERS=0."""
-    if os.environ.get("CAMELID_KEEP_FREED_BUFFERS", "1") == "0" or _malloc_trim() is None:
-        return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    other C libraries, or with CAMELID_KEEP_FREED_BUFFERS=0; inside `loading()`, set when the load ends."""
+    global _kept
+    with _lock:
+        if _loads:
+            return False
+        if _kept is None:
+            mallopt = _mallopt()
+            _kept = (mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+                     and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+        return _kept
+
+
+def freed_buffers_kept() -> bool:
+    """Whether keep_freed_buffers' settings are in force."""
+    return bool(_kept) and not _loads
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """While a model is read and converted: glibc's mmap threshold pinned at its default, 128 KiB, so that every
+    larger buffer the loader frees is unmapped at once. Left alone, glibc raises the threshold to the size of
+    each mapped buffer freed (up to 32 MiB), and later buffers of that size come from the heap, where their pages
+    stay between the buffers that are kept: loading SmolLM2 from an F32 GGUF peaked at 771 MiB instead of 514,
+    and from F16 a prompt later peaked 7-9 MiB higher. When the outermost block ends, keep_freed_buffers'
+    settings follow (glibc has no way back to its own dynamic threshold). Nested blocks and threads share one
+    count. Nothing on other C libraries, or with CAMELID_KEEP_FREED_BUFFERS=0."""
+    global _loads, _kept
+    mallopt = _mallopt()
     if mallopt is None:
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        yield
+        return
+    with _lock:
+        if _loads == 0:
+            mallopt(M_MMAP_THRESHOLD, LOADING_MMAP_THRESHOLD)
+        _loads += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _loads -= 1
+            last = _loads == 0
+            if last:
+                _kept = None
+        if last:
+            keep_freed_buffers()
 
 
 MADV_RANDOM, MADV_PAGEOUT = 1, 21  # Linux (MADV_PAGEOUT: 5.4+)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from camelid import checksums, hub
+from camelid import checksums, heap, hub
 from camelid.config import LlamaConfig
 from camelid.errors import CamelidError
 from camelid.formats import Format, detect
@@ -192,6 +192,7 @@ def verify_folder(path: Path, fmt: Format) -> None:
                                f"{path / checksums.MANIFEST} to load the folder unchecked")
 
 
+@heap.loading()
 def load(source: str | os.PathLike = "smollm2-135m-instruct", *, dtype: torch.dtype | None = None,
          device: str | torch.device = "cpu", tokenizer: bool = True, quantize: str | None = None,
          adapter: str | os.PathLike | None = None, merge_adapter: bool = True) -> LLM:

@@ -14,9 +14,9 @@ PROBE = """
 import torch
 from camelid import heap
 from camelid.model import KVCache
-before = heap.keep_freed_buffers.cache_info().currsize
+before = int(heap.freed_buffers_kept())
 KVCache(1, 2, 8, 4, torch.float32)
-print(before, heap.keep_freed_buffers())
+print(before, heap.freed_buffers_kept())
 """
 
 
@@ -35,6 +35,56 @@ def test_freed_buffers_are_kept_from_the_first_kv_cache_on() -> None:
 @glibc
 def test_keeping_freed_buffers_can_be_turned_off() -> None:
     assert _probe(CAMELID_KEEP_FREED_BUFFERS="0") == "0 False"
+
+
+LOADING_PROBE = """
+import ctypes
+import torch
+from camelid import heap
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def own_mapping(nbytes):  # whether a buffer of nbytes gets a mapping of its own (not heap memory)
+    before = libc.mallinfo2().hblks
+    t = torch.empty(nbytes // 4)
+    mapped = libc.mallinfo2().hblks > before
+    del t
+    return int(mapped)
+
+def free_a_large_buffer():  # glibc raises its mmap threshold to the size of a mapped buffer freed
+    t = torch.empty((8 << 20) // 4)
+    del t
+
+free_a_large_buffer()
+seen = [own_mapping(1 << 20)]
+with heap.loading():
+    with heap.loading():
+        free_a_large_buffer()
+        seen.append(own_mapping(1 << 20))
+    seen.append(own_mapping(1 << 20))
+    seen.append(int(heap.freed_buffers_kept()))
+seen.append(own_mapping(1 << 20))
+seen.append(own_mapping(16 << 20))
+seen.append(int(heap.freed_buffers_kept()))
+print(*seen)
+"""
+
+
+@pytest.mark.skipif(heap._malloc_trim() is None or not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"),
+                    reason="glibc 2.33+ (mallinfo2)")
+def test_while_loading_every_large_buffer_is_its_own_mapping() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
+    out = subprocess.run([sys.executable, "-c", LOADING_PROBE], capture_output=True, text=True, check=True,
+                         env={**env, "CAMELID_KEEP_FREED_BUFFERS": "1"}).stdout.split()
+    # glibc's own behaviour first: after an 8 MiB buffer was freed, 1 MiB comes from the heap; inside (nested)
+    # loading() blocks, a mapping of its own even after a freed 8 MiB buffer; after the outermost block, the
+    # inference settings: 1 MiB and 16 MiB from the heap
+    assert out == ["0", "1", "1", "0", "0", "0", "1"]
 
 
 def _rss_file_mib() -> float:

@@ -12,7 +12,7 @@ biases) or qwen3 (q/k norms).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +233,7 @@ class TensorFile:
         self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed with the last tensor read
         self._map: np.ndarray | None = None
         self._scratch = np.empty(0, dtype=np.uint8)
+        self._fp32 = torch.empty(0)  # the reused fp32 rows of `GGUFTensor.fp32(..., scratch=True)`
         self.kernels = _built_kernels()  # decided once per file (finding the build hashes the kernels' sources)
 
     def read(self, offset: int, size: int, scratch: bool = False) -> np.ndarray:
@@ -253,6 +254,12 @@ class TensorFile:
                                    "re-download or re-convert it")
             done += n
         return out
+
+    def fp32_scratch(self, rows: int, cols: int) -> Tensor:
+        """An fp32 [rows, cols] buffer reused by the next call (its pages faulted in once per file, not per slice)."""
+        if self._fp32.numel() < rows * cols:
+            self._fp32 = torch.empty(rows * cols)
+        return self._fp32[:rows * cols].view(rows, cols)
 
     def mapped(self, offset: int, count: int) -> np.ndarray:
         if self._map is None:
@@ -288,29 +295,39 @@ class GGUFTensor:
         data = self.file.read(int(self.t.data_offset) + a * self.row_bytes, (stop - start) * self.row_bytes, scratch)
         return data.reshape(stop - start, self.row_bytes)
 
-    def _dequantize(self, a: int, b: int) -> Tensor:
+    def _dequantize(self, a: int, b: int, scratch: bool = False) -> Tensor:
         if self.qtype == gguf.GGMLQuantizationType.Q8_0 and len(self.shape) == 2 and self.file.native_order:
             mod = self.file.kernels
             if mod is not None:  # the same values as the gguf library's, in one pass
-                return mod.dequant_q8_0(torch.from_numpy(self.rows_of(a, b, scratch=True)), self.shape[1])
+                out = self.file.fp32_scratch(b - a, self.shape[1]) if scratch else None
+                return mod.dequant_q8_0(torch.from_numpy(self.rows_of(a, b, scratch=True)), self.shape[1], out=out)
         try:
             return torch.from_numpy(np.asarray(gguf.quants.dequantize(self.rows_of(a, b), self.qtype), np.float32))
         except NotImplementedError:
             raise _unknown_type(self.t, self.file.source) from None
 
-    def fp32(self, start: int = 0, stop: int | None = None) -> Tensor:
-        if len(self.shape) == 1:  # a vector (a norm, a bias) is one stored row
-            w = self._dequantize(0, 1).reshape(self.shape)
-            return w if self.heads is None else from_interleaved(w, self.heads)
+    def _rows(self, start: int, stop: int | None, read: Callable[[int, int], Tensor]) -> Tensor:
+        """Rows [start, stop) through `read(a, b)` of stored rows, whole heads read and put back in order."""
         stop = self.shape[0] if stop is None else stop
         a, b = start, stop
         if self.heads is not None:  # whole heads, so that their rows can be put back in order
             per = self.full_rows // self.heads
             a, b = a // per * per, -(-b // per) * per
-        w = self._dequantize(a, b)
+        w = read(a, b)
         if self.heads is not None:
             w = from_interleaved(w, (b - a) // (self.full_rows // self.heads))[start - a:stop - a]
         return w if w.is_contiguous() else w.contiguous()
+
+    def fp32(self, start: int = 0, stop: int | None = None, scratch: bool = False) -> Tensor:
+        if len(self.shape) == 1:  # a vector (a norm, a bias) is one stored row
+            w = self._dequantize(0, 1).reshape(self.shape)
+            return w if self.heads is None else from_interleaved(w, self.heads)
+        return self._rows(start, stop, lambda a, b: self._dequantize(a, b, scratch))
+
+    def f16(self, start: int = 0, stop: int | None = None) -> Tensor | None:
+        if self.qtype != gguf.GGMLQuantizationType.F16 or len(self.shape) != 2 or not self.file.native_order:
+            return None
+        return self._rows(start, stop, lambda a, b: torch.from_numpy(self.rows_of(a, b, scratch=True).view(np.float16)))
 
     def mapped(self) -> Tensor | None:
         if self.qtype != gguf.GGMLQuantizationType.F32 or self.heads is not None or not self.file.native_order:

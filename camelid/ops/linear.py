@@ -40,6 +40,15 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+def quantize_int8_(weight: Tensor, qweight: Tensor, scale: Tensor) -> None:
+    """`quantize_int8` of the fp32 `weight` [N, K] into `qweight` [N, K] and `scale` [N], the same values, with
+    `weight` overwritten instead of temporaries of its size (a loader converts slice after slice)."""
+    lo, hi = torch.aminmax(weight, dim=1)
+    torch.div(torch.maximum(hi, lo.neg_()), 127, out=scale)  # max |w| per row
+    scale.clamp_(min=1e-12)
+    qweight.copy_(weight.div_(scale[:, None]).round_().clamp_(-127, 127))
+
+
 def pack_int4(codes: Tensor) -> Tensor:
     """uint8 codes 0..15 [N, K] -> uint8 [N, K/2]: in each group of 32, byte j = code j | code j+16 << 4."""
     N, K = codes.shape

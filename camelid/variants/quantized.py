@@ -197,8 +197,11 @@ class StoredWeight(Protocol):
 
     shape: tuple[int, ...]
 
-    def fp32(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """Rows [start, stop) as a new fp32 tensor."""
+    def fp32(self, start: int = 0, stop: int | None = None, scratch: bool = False) -> Tensor:
+        """Rows [start, stop) as a new fp32 tensor (scratch=True: possibly a buffer the next such call reuses)."""
+
+    def f16(self, start: int = 0, stop: int | None = None) -> Tensor | None:
+        """Rows [start, stop) as stored fp16 (possibly a buffer the next read reuses), when the file stores fp16."""
 
     def mapped(self) -> Tensor | None:
         """The whole fp32 tensor without a copy (a copy-on-write memory map), when the file stores it so."""
@@ -207,7 +210,7 @@ class StoredWeight(Protocol):
         """The whole tensor in Int4Linear's format (packed codes, scale, minimum), when that is exact."""
 
 
-ROWS_PER_SLICE = 1 << 18  # values quantised at a time (1 MiB of fp32, ~5x that in temporaries while converting)
+ROWS_PER_SLICE = 1 << 18  # values converted at a time (1 MiB of fp32)
 TRIM_EVERY = 1 << 22  # values converted between two heap.trim() calls
 
 
@@ -264,21 +267,21 @@ def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[
         step = n if parts is not None else max(1, ROWS_PER_SLICE // w.shape[1])
         for a in range(0, n, step):
             b = min(n, a + step)
-            chunk = parts if parts is not None else linear.quantize_int4(w.fp32(a, b))
+            chunk = parts if parts is not None else linear.quantize_int4(w.fp32(a, b, scratch=True))
             for name, part in zip(("qweight", "scale", "minimum"), chunk, strict=True):
                 _materialize(module, name, arena)[row + a:row + b] = part
     elif isinstance(module, Int8Linear) and attr == "weight":
         step = max(1, ROWS_PER_SLICE // w.shape[1])
         for a in range(0, n, step):
             b = min(n, a + step)
-            qweight, scale = linear.quantize_int8(w.fp32(a, b))
-            _materialize(module, "qweight", arena)[row + a:row + b] = qweight
-            _materialize(module, "scale", arena)[row + a:row + b] = scale
+            qweight, scale = (_materialize(module, part, arena)[row + a:row + b] for part in ("qweight", "scale"))
+            linear.quantize_int8_(w.fp32(a, b, scratch=True), qweight, scale)
     elif isinstance(module, Fp16Linear) and attr == "weight":
         step = max(1, ROWS_PER_SLICE // w.shape[1])
         for a in range(0, n, step):
             b = min(n, a + step)
-            _materialize(module, "weight", arena)[row + a:row + b] = w.fp32(a, b)  # F16 -> fp32 -> fp16: exact
+            rows = w.f16(a, b)  # F16 rows as stored; other types through fp32
+            _materialize(module, "weight", arena)[row + a:row + b] = rows if rows is not None else w.fp32(a, b, True)
     elif row == 0 and tuple(getattr(module, attr).shape) == tuple(w.shape):
         if id(w) not in whole:
             t = w.mapped()
@@ -324,6 +327,7 @@ def skeleton(config: LlamaConfig, mode: str, head: str | None = None) -> tuple[L
 
 
 @torch.no_grad()
+@heap.loading()
 def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, StoredWeight]], source: str,
                 head: str | None = None) -> Llama:
     """`quantize_model(model, mode, head)` of the model whose tensors `weights` streams (under the reference
@@ -400,6 +404,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 @torch.no_grad()
+@heap.loading()
 def load_quantized(path: str | Path) -> Llama:
     """Build the model described in a file written by `save_quantized`/`camelid quantize` and load its
     quantised weights. The model is built on the meta device, so no fp32 copy is ever allocated: peak

@@ -23,6 +23,7 @@ from camelid.interop import gguf as gguf_io
 from camelid.interop.gguf import load_gguf, save_gguf
 from camelid.interop.meta import from_interleaved
 from camelid.ops import linear, native
+from camelid.variants import quantized
 from camelid.variants.quantized import Int4Linear, quantize_model
 
 Q = gguf.GGMLQuantizationType
@@ -104,6 +105,20 @@ def test_direct_load_equals_dequantise_then_quantise(tmp_path: Path, qtype: Q, m
     if qtype == Q.F16:  # fp16 mode holds an F16 file's weights exactly
         file = _file_weights(path)
         assert torch.equal(direct.layers[0].feed_forward.w2.weight.float(), file["blk.0.ffn_down.weight"])
+
+
+@pytest.mark.parametrize(("qtype", "mode"), [(Q.Q8_0, "int8"), (Q.F16, "fp16"), (Q.Q6_K, "int4")])
+def test_slices_through_reused_buffers_give_the_same_model(tmp_path: Path, qtype: Q, mode: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # a few rows per slice (and q/k slices that cut through heads): every slice read through the file's reused
+    # buffers, each consumed before the next read
+    path = _write(tmp_path, qtype)
+    old = _old_path(path, mode)
+    monkeypatch.setattr(quantized, "ROWS_PER_SLICE", 3 * CONFIG.dim)
+    direct = camelid.load(path, quantize=mode, tokenizer=False).model
+    mine, theirs = direct.state_dict(), old.state_dict()
+    for k in theirs:
+        assert torch.equal(mine[k], theirs[k]), k
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -206,6 +206,19 @@ def test_quantisation_formats_reproduce_their_weights() -> None:
         linear.quantize_int4(torch.randn(4, 40))
 
 
+def test_int8_quantisation_in_place_gives_the_same_codes() -> None:
+    # the loader's form: the fp32 rows overwritten, codes and scales written into slices of the model's tensors
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 64, generator=g) * torch.logspace(-8, 4, 40)[:, None]
+    w[3] = 0  # a zero row: the smallest scale
+    w[5, 7] = -1e5  # a row whose largest magnitude is negative
+    q8, s8 = linear.quantize_int8(w)
+    qweight, scale = torch.zeros(50, 64, dtype=torch.int8), torch.zeros(50)
+    linear.quantize_int8_(w.clone(), qweight[5:45], scale[5:45])
+    assert torch.equal(qweight[5:45], q8) and torch.equal(scale[5:45], s8)
+    assert not qweight[:5].any() and not scale[45:].any()
+
+
 def _q8(x: torch.Tensor) -> torch.Tensor:
     """x rounded to int8 in blocks of 32 with one scale each (the decode step's int8 activations)."""
     g = x.reshape(-1, 32)

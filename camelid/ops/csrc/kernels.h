@@ -11,7 +11,7 @@ at::Tensor gemv_int4(at::Tensor x, at::Tensor w, at::Tensor scale, at::Tensor mi
 at::Tensor dequant_f16(at::Tensor w, std::optional<at::Tensor> out);
 at::Tensor dequant_int8(at::Tensor w, at::Tensor scale, std::optional<at::Tensor> out);
 at::Tensor dequant_int4(at::Tensor w, at::Tensor scale, at::Tensor minimum, std::optional<at::Tensor> out);
-at::Tensor dequant_q8_0(at::Tensor blocks, int64_t K);
+at::Tensor dequant_q8_0(at::Tensor blocks, int64_t K, std::optional<at::Tensor> out);
 
 // rmsnorm.cpp
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);

@@ -178,12 +178,12 @@ at::Tensor dequant_int4(at::Tensor w, at::Tensor scale, at::Tensor minimum, std:
 // -> fp32 [N, K]: the one fp32 product per weight that the gguf library's numpy code computes, in one parallel
 // pass instead of a dozen array operations (loading a Llama-3-8B-shaped Q8_0 file as int8 spent most of its time
 // there).
-at::Tensor dequant_q8_0(at::Tensor blocks, int64_t K) {
+at::Tensor dequant_q8_0(at::Tensor blocks, int64_t K, std::optional<at::Tensor> out_) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && K % 32 == 0 && blocks.size(1) == K / 32 * 34,
               "Q8_0 blocks: uint8 [N, K / 32 * 34] expected");
   blocks = blocks.contiguous();
   const int64_t N = blocks.size(0), G = K / 32;
-  auto out = at::empty({N, K}, blocks.options().dtype(at::kFloat));
+  auto out = dequant_output(out_, N, K, blocks);
   const uint8_t* bp = blocks.data_ptr<uint8_t>(); float* op = out.data_ptr<float>();
   at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)

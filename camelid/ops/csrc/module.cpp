@@ -15,7 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_f16", &dequant_f16, py::arg("w"), py::arg("out") = py::none());
   m.def("dequant_int8", &dequant_int8, py::arg("w"), py::arg("scale"), py::arg("out") = py::none());
   m.def("dequant_int4", &dequant_int4, py::arg("w"), py::arg("scale"), py::arg("minimum"), py::arg("out") = py::none());
-  m.def("dequant_q8_0", &dequant_q8_0);
+  m.def("dequant_q8_0", &dequant_q8_0, py::arg("blocks"), py::arg("K"), py::arg("out") = py::none());
   m.def("rms_norm", &rms_norm);
   m.def("rms_norm_forward", &rms_norm_forward);
   m.def("rms_norm_backward", &rms_norm_backward);
