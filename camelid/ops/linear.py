@@ -276,9 +276,10 @@ def linear(x: Tensor, kind: str, *weight: Tensor) -> Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-# weight values a prompt's product dequantises at a time (16 MiB of fp32): each of SmolLM2's layer matrices in one
-# block, no copy of partial outputs (int8 prefill 1.05-1.18x CPU time against 4 MiB blocks, benchmarks/README.md)
-DEQUANTIZE_AT_ONCE = 1 << 22
+# weight values a prompt's product dequantises at a time (4 MiB of fp32): a 512-token prefill of SmolLM2 takes the
+# same CPU time as with 16 MiB blocks at fp16, int8 and int4 (within 1%), and the peak is 2-3 MiB lower
+# (benchmarks/README.md, "Prompt products")
+DEQUANTIZE_AT_ONCE = 1 << 20
 _scratch = threading.local()  # per thread: the fp32 buffer `_dequantized_product` dequantises each block into
 
 
