@@ -11,6 +11,7 @@ biases) or qwen3 (q/k norms).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -233,7 +234,7 @@ class TensorFile:
         self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed with the last tensor read
         self._map: np.ndarray | None = None
         self._scratch = np.empty(0, dtype=np.uint8)
-        self._fp32 = torch.empty(0)  # the reused fp32 rows of `GGUFTensor.fp32(..., scratch=True)`
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}  # see `buffer`
         self.kernels = _built_kernels()  # decided once per file (finding the build hashes the kernels' sources)
 
     def read(self, offset: int, size: int, scratch: bool = False) -> np.ndarray:
@@ -255,11 +256,14 @@ class TensorFile:
             done += n
         return out
 
-    def fp32_scratch(self, rows: int, cols: int) -> Tensor:
-        """An fp32 [rows, cols] buffer reused by the next call (its pages faulted in once per file, not per slice)."""
-        if self._fp32.numel() < rows * cols:
-            self._fp32 = torch.empty(rows * cols)
-        return self._fp32[:rows * cols].view(rows, cols)
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """A `dtype` buffer of `shape` reused by the next call with the same name and dtype: its pages are faulted
+        in once per file, not once per slice."""
+        n = math.prod(shape)
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[name, dtype] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
 
     def mapped(self, offset: int, count: int) -> np.ndarray:
         if self._map is None:
@@ -299,15 +303,16 @@ class GGUFTensor:
         if self.qtype == gguf.GGMLQuantizationType.Q8_0 and len(self.shape) == 2 and self.file.native_order:
             mod = self.file.kernels
             if mod is not None:  # the same values as the gguf library's, in one pass
-                out = self.file.fp32_scratch(b - a, self.shape[1]) if scratch else None
+                out = self.file.buffer("dequantised", (b - a, self.shape[1]), torch.float32) if scratch else None
                 return mod.dequant_q8_0(torch.from_numpy(self.rows_of(a, b, scratch=True)), self.shape[1], out=out)
         try:
             return torch.from_numpy(np.asarray(gguf.quants.dequantize(self.rows_of(a, b), self.qtype), np.float32))
         except NotImplementedError:
             raise _unknown_type(self.t, self.file.source) from None
 
-    def _rows(self, start: int, stop: int | None, read: Callable[[int, int], Tensor]) -> Tensor:
-        """Rows [start, stop) through `read(a, b)` of stored rows, whole heads read and put back in order."""
+    def _rows(self, start: int, stop: int | None, read: Callable[[int, int], Tensor], scratch: bool) -> Tensor:
+        """Rows [start, stop) through `read(a, b)` of stored rows, whole heads read and put back in order (into a
+        reused buffer with `scratch`)."""
         stop = self.shape[0] if stop is None else stop
         a, b = start, stop
         if self.heads is not None:  # whole heads, so that their rows can be put back in order
@@ -315,19 +320,20 @@ class GGUFTensor:
             a, b = a // per * per, -(-b // per) * per
         w = read(a, b)
         if self.heads is not None:
-            w = from_interleaved(w, (b - a) // (self.full_rows // self.heads))[start - a:stop - a]
+            out = self.file.buffer("ordered", tuple(w.shape), w.dtype) if scratch else None
+            w = from_interleaved(w, (b - a) // (self.full_rows // self.heads), out)[start - a:stop - a]
         return w if w.is_contiguous() else w.contiguous()
 
     def fp32(self, start: int = 0, stop: int | None = None, scratch: bool = False) -> Tensor:
         if len(self.shape) == 1:  # a vector (a norm, a bias) is one stored row
             w = self._dequantize(0, 1).reshape(self.shape)
             return w if self.heads is None else from_interleaved(w, self.heads)
-        return self._rows(start, stop, lambda a, b: self._dequantize(a, b, scratch))
+        return self._rows(start, stop, lambda a, b: self._dequantize(a, b, scratch), scratch)
 
     def f16(self, start: int = 0, stop: int | None = None) -> Tensor | None:
         if self.qtype != gguf.GGMLQuantizationType.F16 or len(self.shape) != 2 or not self.file.native_order:
             return None
-        return self._rows(start, stop, lambda a, b: torch.from_numpy(self.rows_of(a, b, scratch=True).view(np.float16)))
+        return self._rows(start, stop, lambda a, b: torch.from_numpy(self.rows_of(a, b, True).view(np.float16)), True)
 
     def mapped(self) -> Tensor | None:
         if self.qtype != gguf.GGMLQuantizationType.F32 or self.heads is not None or not self.file.native_order:

@@ -48,10 +48,14 @@ def to_interleaved(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def from_interleaved(w: Tensor, n_heads: int) -> Tensor:
-    """Inverse of `to_interleaved`: Meta/llama.cpp q/k rows -> HF layout."""
+def from_interleaved(w: Tensor, n_heads: int, out: Tensor | None = None) -> Tensor:
+    """Inverse of `to_interleaved`: Meta/llama.cpp q/k rows -> HF layout (written into `out` if given)."""
     rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    v = w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2)
+    if out is None:
+        return v.reshape(w.shape)
+    out.view(v.shape).copy_(v)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
