@@ -213,6 +213,7 @@ _Q4 = (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1)
 # smaller F32 tensors (norms, biases) are copied: a mapped one costs the kernel's fault-around of file pages
 # (64 KiB of resident memory for a 2 KiB norm, 4 MiB for SmolLM2's 61 norms)
 MAP_AT_LEAST = 1 << 20
+INT4_BYTES_AT_ONCE = 1 << 20  # Q4_0/Q4_1 bytes taken into int4 at a time
 
 
 def _built_kernels() -> Any:
@@ -344,27 +345,35 @@ class GGUFTensor:
         data = self.file.mapped(int(self.t.data_offset) + self.row0 * self.row_bytes, count)
         return torch.from_numpy(data).view(self.shape)
 
-    def int4(self) -> tuple[Tensor, Tensor, Tensor] | None:
+    def int4(self, out: tuple[Tensor, Tensor, Tensor]) -> bool:
         """Q4_1 blocks are (fp16 scale d, fp16 minimum m, 16 bytes of codes: byte j = code j | code j+16 << 4),
-        weight = q d + m: Int4Linear's format exactly. Q4_0 is the same with m = -8 d (exact in fp16)."""
+        weight = q d + m: Int4Linear's format exactly. Q4_0 is the same with m = -8 d (exact in fp16). Written into
+        `out` (packed codes [N, K/2], scale and minimum [N, K/32]) a slice of rows at a time from the reused read
+        buffer; False, with `out` partly written, where that is not exact."""
         if self.qtype not in _Q4 or len(self.shape) != 2 or not self.file.native_order:
-            return None
+            return False
         n, k = self.shape
-        blocks = self.rows_of(0, n).reshape(n, k // 32, -1)
-        scale = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
-        if self.qtype == gguf.GGMLQuantizationType.Q4_1:
-            minimum = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
-            codes = blocks[..., 4:]
-        else:
-            with np.errstate(over="ignore"):
-                minimum = scale * np.float16(-8)
-            if not np.isfinite(minimum).all():  # |d| > 8188: re-quantise from the values instead
-                return None
-            codes = blocks[..., 2:]
-        parts = [torch.from_numpy(np.ascontiguousarray(x)) for x in (codes.reshape(n, k // 2), scale, minimum)]
-        if self.heads is not None:
-            parts = [from_interleaved(p, self.heads).contiguous() for p in parts]
-        return parts[0], parts[1], parts[2]
+        per = self.full_rows // self.heads if self.heads is not None else 1  # slices of whole heads
+        step = max(per, INT4_BYTES_AT_ONCE // self.row_bytes // per * per)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            blocks = self.rows_of(a, b, scratch=True).reshape(b - a, k // 32, -1)
+            scale = blocks[..., 0:2].view(np.float16)[..., 0]
+            if self.qtype == gguf.GGMLQuantizationType.Q4_1:
+                minimum, codes = blocks[..., 2:4].view(np.float16)[..., 0], blocks[..., 4:]
+            else:
+                with np.errstate(over="ignore"):
+                    minimum = scale * np.float16(-8)
+                if not np.isfinite(minimum).all():  # |d| > 8188: re-quantise from the values instead
+                    return False
+                codes = blocks[..., 2:]
+            for part, dest in zip((codes, scale, minimum), out, strict=True):
+                rows = dest[a:b].view(part.shape)
+                if self.heads is None:
+                    rows.copy_(torch.from_numpy(part))
+                else:
+                    from_interleaved(torch.from_numpy(part), (b - a) // per, out=rows)
+        return True
 
 
 def _stored_tensors(reader: gguf.GGUFReader, config: LlamaConfig, source: str) -> Iterator[tuple[str, GGUFTensor]]:

@@ -206,8 +206,9 @@ class StoredWeight(Protocol):
     def mapped(self) -> Tensor | None:
         """The whole fp32 tensor without a copy (a copy-on-write memory map), when the file stores it so."""
 
-    def int4(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The whole tensor in Int4Linear's format (packed codes, scale, minimum), when that is exact."""
+    def int4(self, out: tuple[Tensor, Tensor, Tensor]) -> bool:
+        """The tensor written into `out` in Int4Linear's format (packed codes, scale, minimum) when that is exact;
+        else False (`out` possibly partly written)."""
 
 
 ROWS_PER_SLICE = 1 << 18  # values converted at a time (1 MiB of fp32)
@@ -263,13 +264,13 @@ def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[
     arena: where matrices written in place are allocated)."""
     n = w.shape[0]
     if isinstance(module, Int4Linear) and attr == "weight":
-        parts = w.int4()
-        step = n if parts is not None else max(1, ROWS_PER_SLICE // w.shape[1])
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            chunk = parts if parts is not None else linear.quantize_int4(w.fp32(a, b, scratch=True))
-            for name, part in zip(("qweight", "scale", "minimum"), chunk, strict=True):
-                _materialize(module, name, arena)[row + a:row + b] = part
+        dest = tuple(_materialize(module, part, arena)[row:row + n] for part in ("qweight", "scale", "minimum"))
+        if not w.int4(dest):  # the file's blocks are not int4 as they are: quantise the values
+            step = max(1, ROWS_PER_SLICE // w.shape[1])
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                for rows, part in zip(dest, linear.quantize_int4(w.fp32(a, b, scratch=True)), strict=True):
+                    rows[a:b] = part
     elif isinstance(module, Int8Linear) and attr == "weight":
         step = max(1, ROWS_PER_SLICE // w.shape[1])
         for a in range(0, n, step):
@@ -333,7 +334,7 @@ def load_stored(config: LlamaConfig, mode: str, weights: Iterable[tuple[str, Sto
     """`quantize_model(model, mode, head)` of the model whose tensors `weights` streams (under the reference
     model's names), built without the fp32 model: the fused/quantised modules are laid out on the meta device,
     then each stored tensor is converted straight into its place (slices of rows at a time for int8/int4, int4
-    codes taken as they are where `int4()` gives them, fp32 tensors memory-mapped where `mapped()` does).
+    codes taken as they are where `int4()` can, fp32 tensors memory-mapped where `mapped()` does).
     Peak memory is the result plus one slice in flight. In fp16 mode the matrices are written straight into one
     huge-page mapping (hugepages.Arena), faulted in at once, where the system allows; fp32 mode memory-maps an F32
     file's large tensors and moves the others to huge pages afterwards; int8/int4 weights stay where PyTorch puts

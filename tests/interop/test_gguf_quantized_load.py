@@ -54,11 +54,12 @@ def _random_kquant(shape: tuple[int, ...], qtype: Q, rng: np.random.Generator) -
     return data.reshape(rows, -1)
 
 
-def _write(tmp_path: Path, qtype: Q, tied: bool = False, seed: int = 0) -> Path:
-    """A tiny random model as a GGUF whose 2-D tensors are all of `qtype` (1-D ones F32, as llama.cpp writes)."""
+def _write(tmp_path: Path, qtype: Q, tied: bool = False, seed: int = 0, model: Llama | None = None) -> Path:
+    """A tiny random model (or `model`) as a GGUF whose 2-D tensors are all of `qtype` (1-D ones F32, as llama.cpp
+    writes)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = Llama(CONFIG.replace(tie_embeddings=tied)).eval()
+    model = model if model is not None else Llama(CONFIG.replace(tie_embeddings=tied)).eval()
 
     def encode(name: str, w: np.ndarray, _: str) -> tuple[np.ndarray, Q]:
         if w.ndim == 1 or qtype == Q.F32:
@@ -107,18 +108,40 @@ def test_direct_load_equals_dequantise_then_quantise(tmp_path: Path, qtype: Q, m
         assert torch.equal(direct.layers[0].feed_forward.w2.weight.float(), file["blk.0.ffn_down.weight"])
 
 
-@pytest.mark.parametrize(("qtype", "mode"), [(Q.Q8_0, "int8"), (Q.F16, "fp16"), (Q.Q6_K, "int4")])
+@pytest.mark.parametrize(("qtype", "mode"), [(Q.Q8_0, "int8"), (Q.F16, "fp16"), (Q.Q6_K, "int4"), (Q.Q4_1, "int4"),
+                                           (Q.Q4_0, "int4")])
 def test_slices_through_reused_buffers_give_the_same_model(tmp_path: Path, qtype: Q, mode: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    # a few rows per slice (and q/k slices that cut through heads): every slice read through the file's reused
-    # buffers, each consumed before the next read
+    # a few rows per slice (and q/k slices that cut through heads or hold one head): every slice read through
+    # the file's reused buffers, each consumed before the next read
     path = _write(tmp_path, qtype)
-    old = _old_path(path, mode)
+    whole = camelid.load(path, quantize=mode, tokenizer=False).model.state_dict()
     monkeypatch.setattr(quantized, "ROWS_PER_SLICE", 3 * CONFIG.dim)
-    direct = camelid.load(path, quantize=mode, tokenizer=False).model
-    mine, theirs = direct.state_dict(), old.state_dict()
-    for k in theirs:
-        assert torch.equal(mine[k], theirs[k]), k
+    monkeypatch.setattr(gguf_io, "INT4_BYTES_AT_ONCE", 1)
+    sliced = camelid.load(path, quantize=mode, tokenizer=False).model.state_dict()
+    for k in whole:
+        assert torch.equal(sliced[k], whole[k]), k
+
+
+def test_q4_0_scales_past_fp16_minimums_are_quantised_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Q4_0's minimum is -8 d: for |d| > 8188 that is no fp16, so the tensor is quantised from its values instead,
+    # also when the first slices were already taken as they are
+    torch.manual_seed(0)
+    model = Llama(CONFIG).eval()
+    with torch.no_grad():
+        w2 = model.layers[0].feed_forward.w2.weight  # its last row's outer groups: d up to -2.5e4 (fp16 holds it)
+        w2[-1] = torch.linspace(-2e5, 2e5, w2.shape[1])
+    path = _write(tmp_path, Q.Q4_0, model=model)
+    monkeypatch.setattr(gguf_io, "INT4_BYTES_AT_ONCE", 1)
+    direct = camelid.load(path, quantize="int4", tokenizer=False).model
+    old = _old_path(path, "int4", head="int4")
+    w2, want = direct.layers[0].feed_forward.w2, old.layers[0].feed_forward.w2
+    for part in ("qweight", "scale", "minimum"):
+        assert torch.equal(getattr(w2, part), getattr(want, part)), part
+    w1 = direct.layers[0].feed_forward.w13  # other tensors stay the file's blocks
+    file = _file_weights(path)
+    got = linear.dequantize_reference("int4", w1.qweight, w1.scale, w1.minimum)
+    assert torch.equal(got, torch.cat([file["blk.0.ffn_gate.weight"], file["blk.0.ffn_up.weight"]]))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
