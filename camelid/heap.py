@@ -57,12 +57,13 @@ LOADING_MMAP_THRESHOLD = 128 << 10  # glibc's default: while loading, every larg
 _lock = threading.Lock()
 _loads = 0  # `loading()` blocks open
 _kept: bool | None = None  # keep_freed_buffers' answer once given
+_returning: int | None = None  # the threshold return_freed_buffers() set: it stays in force
 
 
 @lru_cache(maxsize=1)
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's mallopt, or None: another C library, or CAMELID_KEEP_FREED_BUFFERS=0 (malloc's defaults left alone)."""
-    if os.environ.get("CAMELID_KEEP_FREED_BUFFERS", "1") == "0" or _malloc_trim() is None:
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's mallopt, or None on another C library."""
+    if _malloc_trim() is None:
         return None
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
@@ -70,13 +71,20 @@ def _mallopt() -> Callable[[int, int], int] | None:
     return mallopt
 
 
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's mallopt for camelid's own settings, or None: another C library, or CAMELID_KEEP_FREED_BUFFERS=0
+    (malloc's defaults left alone)."""
+    return None if os.environ.get("CAMELID_KEEP_FREED_BUFFERS", "1") == "0" else _glibc_mallopt()
+
+
 def keep_freed_buffers() -> bool:
     """Have glibc serve buffers of up to MMAP_THRESHOLD from its heap and keep up to TRIM_THRESHOLD of freed memory
     at the heap's top, instead of a mapping per large buffer that is unmapped when freed; True if set. Nothing on
-    other C libraries, or with CAMELID_KEEP_FREED_BUFFERS=0; inside `loading()`, set when the load ends."""
+    other C libraries, with CAMELID_KEEP_FREED_BUFFERS=0 or after `return_freed_buffers`; inside `loading()`, set
+    when the load ends."""
     global _kept
     with _lock:
-        if _loads:
+        if _loads or _returning is not None:
             return False
         if _kept is None:
             mallopt = _mallopt()
@@ -87,7 +95,22 @@ def keep_freed_buffers() -> bool:
 
 def freed_buffers_kept() -> bool:
     """Whether keep_freed_buffers' settings are in force."""
-    return bool(_kept) and not _loads
+    return bool(_kept) and not _loads and _returning is None
+
+
+def return_freed_buffers(threshold: int = LOADING_MMAP_THRESHOLD) -> bool:
+    """For the rest of the process, every buffer over `threshold` bytes its own mapping, unmapped when freed (a
+    fixed threshold also stops glibc raising it as large buffers are freed, which would leave freed activations
+    in its heap); `keep_freed_buffers` and the end of a load leave it so. Fewer resident pages, more page faults:
+    for training that puts memory before speed (FinetuneConfig.return_freed_memory). True if set; nothing on
+    other C libraries."""
+    global _returning, _kept
+    mallopt = _glibc_mallopt()
+    with _lock:
+        if mallopt is None or not mallopt(M_MMAP_THRESHOLD, threshold):
+            return False
+        _returning, _kept = threshold, None
+        return True
 
 
 @contextlib.contextmanager
@@ -95,10 +118,11 @@ def loading() -> Iterator[None]:
     """While a model is read and converted: glibc's mmap threshold pinned at its default, 128 KiB, so that every
     larger buffer the loader frees is unmapped at once. Left alone, glibc raises the threshold to the size of
     each mapped buffer freed (up to 32 MiB), and later buffers of that size come from the heap, where their pages
-    stay between the buffers that are kept: loading SmolLM2 from an F32 GGUF peaked at 771 MiB instead of 514,
-    and from F16 a prompt later peaked 7-9 MiB higher. When the outermost block ends, keep_freed_buffers'
-    settings follow (glibc has no way back to its own dynamic threshold). Nested blocks and threads share one
-    count. Nothing on other C libraries, or with CAMELID_KEEP_FREED_BUFFERS=0."""
+    stay between the buffers that are kept: loading SmolLM2 from an F32 GGUF peaked at 771 MiB instead of 514
+    (benchmarks/README.md, "Peak memory from a GGUF file"). When the outermost block ends, keep_freed_buffers'
+    settings follow (glibc has no way back to its own dynamic threshold), or return_freed_buffers' where it was
+    asked for. Nested blocks and threads share one count. Nothing on other C libraries, or with
+    CAMELID_KEEP_FREED_BUFFERS=0."""
     global _loads, _kept
     mallopt = _mallopt()
     if mallopt is None:
@@ -116,6 +140,8 @@ def loading() -> Iterator[None]:
             last = _loads == 0
             if last:
                 _kept = None
+                if _returning is not None:
+                    mallopt(M_MMAP_THRESHOLD, _returning)
         if last:
             keep_freed_buffers()
 

@@ -87,6 +87,32 @@ def test_while_loading_every_large_buffer_is_its_own_mapping() -> None:
     assert out == ["0", "1", "1", "0", "0", "0", "1"]
 
 
+RETURNING_PROBE = LOADING_PROBE.split("free_a_large_buffer()\nseen")[0] + """
+from camelid.model import KVCache
+seen = [int(heap.return_freed_buffers())]
+with heap.loading():
+    pass
+free_a_large_buffer()
+seen.append(own_mapping(1 << 20))
+KVCache(1, 2, 8, 4, torch.float32)
+free_a_large_buffer()
+seen.append(own_mapping(1 << 20))
+seen.append(int(heap.freed_buffers_kept()))
+print(*seen)
+"""
+
+
+@pytest.mark.skipif(heap._malloc_trim() is None or not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"),
+                    reason="glibc 2.33+ (mallinfo2)")
+def test_returning_freed_buffers_outlasts_loads_and_kv_caches() -> None:
+    # training that asked for every large buffer to be unmapped when freed (FinetuneConfig.return_freed_memory)
+    # keeps that through the model's load and any KV cache made later
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", RETURNING_PROBE], capture_output=True, text=True, check=True,
+                         env=env).stdout.split()
+    assert out == ["1", "1", "1", "0"]
+
+
 def _rss_file_mib() -> float:
     for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115
         if line.startswith("RssFile:"):

@@ -121,15 +121,11 @@ def release_freed_memory() -> None:
 
 def own_pages_for_large_tensors(threshold: int = 128 << 10) -> bool:
     """glibc only (else False): every allocation over `threshold` bytes is mmapped and unmapped when freed, for
-    the rest of the process (mallopt M_MMAP_THRESHOLD, which also stops glibc raising the threshold as large
-    blocks are freed, the adjustment that leaves freed activations in the heap). Fewer resident pages, more page
-    faults: FinetuneConfig.return_freed_memory."""
-    import ctypes
+    the rest of the process, loads included (`camelid.heap.return_freed_buffers`). Fewer resident pages, more
+    page faults: FinetuneConfig.return_freed_memory."""
+    from camelid import heap
 
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    return heap.return_freed_buffers(threshold)
 
 
 class SFT:
