@@ -37,80 +37,61 @@ def test_keeping_freed_buffers_can_be_turned_off() -> None:
     assert _probe(CAMELID_KEEP_FREED_BUFFERS="0") == "0 False"
 
 
-LOADING_PROBE = """
-import ctypes
-import torch
-from camelid import heap
+class _Mallopt:
+    """A stand-in for glibc's mallopt that records its calls."""
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
 
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
+    def __call__(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
 
-def own_mapping(nbytes):  # whether a buffer of nbytes gets a mapping of its own (not heap memory)
-    before = libc.mallinfo2().hblks
-    t = torch.empty(nbytes // 4)
-    mapped = libc.mallinfo2().hblks > before
-    del t
-    return int(mapped)
 
-def free_a_large_buffer():  # glibc raises its mmap threshold to the size of a mapped buffer freed
-    t = torch.empty((8 << 20) // 4)
-    del t
+@pytest.fixture
+def mallopt(monkeypatch: pytest.MonkeyPatch) -> _Mallopt:
+    """heap's settings from a fresh process, glibc's mallopt recorded instead of called."""
+    recorder = _Mallopt()
+    monkeypatch.setattr(heap, "_glibc_mallopt", lambda: recorder)
+    monkeypatch.setattr(heap, "_loads", 0)
+    monkeypatch.setattr(heap, "_kept", None)
+    monkeypatch.setattr(heap, "_returning", None)
+    monkeypatch.setenv("CAMELID_KEEP_FREED_BUFFERS", "1")
+    return recorder
 
-free_a_large_buffer()
-seen = [own_mapping(1 << 20)]
-with heap.loading():
+
+PIN = (heap.M_MMAP_THRESHOLD, 128 << 10)  # glibc's default threshold, pinned
+KEEP = [(heap.M_MMAP_THRESHOLD, 32 << 20), (heap.M_TRIM_THRESHOLD, 256 << 20)]  # inference
+
+
+def test_a_load_pins_the_threshold_then_leaves_the_inference_settings(mallopt: _Mallopt) -> None:
     with heap.loading():
-        free_a_large_buffer()
-        seen.append(own_mapping(1 << 20))
-    seen.append(own_mapping(1 << 20))
-    seen.append(int(heap.freed_buffers_kept()))
-seen.append(own_mapping(1 << 20))
-seen.append(own_mapping(16 << 20))
-seen.append(int(heap.freed_buffers_kept()))
-print(*seen)
-"""
+        with heap.loading():  # nested: one pin
+            assert not heap.keep_freed_buffers()  # a KV cache made inside a load: deferred
+        assert mallopt.calls == [PIN] and not heap.freed_buffers_kept()
+    assert mallopt.calls == [PIN, *KEEP] and heap.freed_buffers_kept()
+    assert heap.keep_freed_buffers() and mallopt.calls == [PIN, *KEEP]  # set once
+    with heap.loading():  # a second model: pinned again, and the inference settings after it
+        pass
+    assert mallopt.calls == [PIN, *KEEP, PIN, *KEEP]
 
 
-@pytest.mark.skipif(heap._malloc_trim() is None or not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"),
-                    reason="glibc 2.33+ (mallinfo2)")
-def test_while_loading_every_large_buffer_is_its_own_mapping() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
-    out = subprocess.run([sys.executable, "-c", LOADING_PROBE], capture_output=True, text=True, check=True,
-                         env={**env, "CAMELID_KEEP_FREED_BUFFERS": "1"}).stdout.split()
-    # glibc's own behaviour first: after an 8 MiB buffer was freed, 1 MiB comes from the heap; inside (nested)
-    # loading() blocks, a mapping of its own even after a freed 8 MiB buffer; after the outermost block, the
-    # inference settings: 1 MiB and 16 MiB from the heap
-    assert out == ["0", "1", "1", "0", "0", "0", "1"]
-
-
-RETURNING_PROBE = LOADING_PROBE.split("free_a_large_buffer()\nseen")[0] + """
-from camelid.model import KVCache
-seen = [int(heap.return_freed_buffers())]
-with heap.loading():
-    pass
-free_a_large_buffer()
-seen.append(own_mapping(1 << 20))
-KVCache(1, 2, 8, 4, torch.float32)
-free_a_large_buffer()
-seen.append(own_mapping(1 << 20))
-seen.append(int(heap.freed_buffers_kept()))
-print(*seen)
-"""
-
-
-@pytest.mark.skipif(heap._malloc_trim() is None or not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"),
-                    reason="glibc 2.33+ (mallinfo2)")
-def test_returning_freed_buffers_outlasts_loads_and_kv_caches() -> None:
+def test_returning_freed_buffers_outlasts_loads_and_kv_caches(mallopt: _Mallopt) -> None:
     # training that asked for every large buffer to be unmapped when freed (FinetuneConfig.return_freed_memory)
     # keeps that through the model's load and any KV cache made later
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", RETURNING_PROBE], capture_output=True, text=True, check=True,
-                         env=env).stdout.split()
-    assert out == ["1", "1", "1", "0"]
+    assert heap.return_freed_buffers(256 << 10)
+    with heap.loading():
+        pass
+    assert not heap.keep_freed_buffers() and not heap.freed_buffers_kept()
+    threshold = heap.M_MMAP_THRESHOLD
+    assert mallopt.calls == [(threshold, 256 << 10), PIN, (threshold, 256 << 10)]
+
+
+def test_loading_leaves_malloc_alone_when_turned_off(mallopt: _Mallopt, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMELID_KEEP_FREED_BUFFERS", "0")
+    with heap.loading():
+        pass
+    assert not heap.keep_freed_buffers() and mallopt.calls == []
 
 
 def _rss_file_mib() -> float:
