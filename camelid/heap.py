@@ -6,8 +6,8 @@ that converts a model tensor after tensor frees a slice's temporaries between th
 pages pile up (tens of MiB for a 135M-parameter model) unless they are handed back. `trim()` hands them back
 on glibc and does nothing on other C libraries (musl, macOS, Windows), whose allocators have no such call.
 
-The other way round, `keep_freed_buffers()` (called when a load ends and when a model's first KV cache is made:
-inference from then on) keeps freed buffers of up to 32 MiB in the heap for the next allocations. By default glibc
+The other way round, `keep_freed_buffers()` (called when a model's first KV cache is made: inference from then
+on) keeps freed buffers of up to 32 MiB in the heap for the next allocations. By default glibc
 gives each buffer above a threshold its own mapping and unmaps it when freed, so a prompt's activations, a few MiB
 per layer, were mapped and faulted in page by page again at every layer: a 512-token int8 prefill of SmolLM2
 loaded from a `camelid quantize` file ran at 650-830 tok/s, and at 930-1030 with the buffers kept (2 threads, AMD
@@ -119,11 +119,12 @@ def loading() -> Iterator[None]:
     larger buffer the loader frees is unmapped at once. Left alone, glibc raises the threshold to the size of
     each mapped buffer freed (up to 32 MiB), and later buffers of that size come from the heap, where their pages
     stay between the buffers that are kept: loading SmolLM2 from an F32 GGUF peaked at 771 MiB instead of 514
-    (benchmarks/README.md, "Peak memory from a GGUF file"). When the outermost block ends, keep_freed_buffers'
-    settings follow (glibc has no way back to its own dynamic threshold), or return_freed_buffers' where it was
-    asked for. Nested blocks and threads share one count. Nothing on other C libraries, or with
-    CAMELID_KEEP_FREED_BUFFERS=0."""
-    global _loads, _kept
+    (benchmarks/README.md, "Peak memory from a GGUF file"). glibc has no way back to its own dynamic threshold, so
+    when the outermost block ends the settings are: return_freed_buffers' where it was asked for,
+    keep_freed_buffers' where they were in force, else the threshold glibc's own reaches after a load (32 MiB;
+    free memory at the heap's top kept up to twice that). Nested blocks and threads share one count. Nothing on
+    other C libraries, or with CAMELID_KEEP_FREED_BUFFERS=0."""
+    global _loads
     mallopt = _mallopt()
     if mallopt is None:
         yield
@@ -137,13 +138,15 @@ def loading() -> Iterator[None]:
     finally:
         with _lock:
             _loads -= 1
-            last = _loads == 0
-            if last:
-                _kept = None
+            if _loads == 0:
                 if _returning is not None:
                     mallopt(M_MMAP_THRESHOLD, _returning)
-        if last:
-            keep_freed_buffers()
+                elif _kept:  # an inference process loading another model
+                    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+                else:  # where glibc's own threshold ends up after a load (training from here keeps its defaults)
+                    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                    mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
 
 
 MADV_RANDOM, MADV_PAGEOUT = 1, 21  # Linux (MADV_PAGEOUT: 5.4+)
