@@ -55,8 +55,8 @@ def mark(name: str) -> None:
 mode, sets, n_pairs, steps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 cfg = load_finetune_config(sys.argv[5], sets)
 if sys.argv[6] == "glibc-default":  # for comparison: glibc's adaptive mmap threshold
-    import camelid.finetune.dpo as D
-    D.own_pages_for_large_tensors = lambda: False
+    from camelid import heap
+    heap.return_freed_buffers = lambda threshold=0: False
 mark("import")
 probe = DPO(cfg, torch.device("cpu"))
 data = PreferenceData(probe.data.train[:n_pairs], probe.data.val[:max(1, n_pairs // 4)], probe.data.notes)
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--modes", default="one,loop,phases")
     parser.add_argument("--malloc", choices=["camelid", "glibc-default"], default="camelid",
-                        help="camelid: a fixed mmap threshold (camelid.finetune.objective.own_pages_for_large_tensors)")
+                        help="camelid: a fixed mmap threshold (camelid.heap.return_freed_buffers)")
     args = parser.parse_args()
     out = Path("/tmp/camelid-dpo-memory")
     sets = [*args.set, f"out={out}", f"max_steps={args.steps}", "epochs=0", "eval_interval=0",

@@ -88,9 +88,13 @@ def keep_freed_buffers() -> bool:
             return False
         if _kept is None:
             mallopt = _mallopt()
-            _kept = (mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-                     and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+            _kept = mallopt is not None and _thresholds(mallopt, MMAP_THRESHOLD, TRIM_THRESHOLD)
         return _kept
+
+
+def _thresholds(mallopt: Callable[[int, int], int], mmap: int, trim: int) -> bool:
+    """glibc's mmap and trim thresholds set; True if both took."""
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
 
 
 def freed_buffers_kept() -> bool:
@@ -141,12 +145,8 @@ def loading() -> Iterator[None]:
             if _loads == 0:
                 if _returning is not None:
                     mallopt(M_MMAP_THRESHOLD, _returning)
-                elif _kept:  # an inference process loading another model
-                    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-                else:  # where glibc's own threshold ends up after a load (training from here keeps its defaults)
-                    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                    mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
+                else:  # an inference process's settings, else where glibc's own threshold ends up after a load
+                    _thresholds(mallopt, MMAP_THRESHOLD, TRIM_THRESHOLD if _kept else 2 * MMAP_THRESHOLD)
 
 
 MADV_RANDOM, MADV_PAGEOUT = 1, 21  # Linux (MADV_PAGEOUT: 5.4+)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from camelid import heap
 from camelid.errors import CamelidError
 from camelid.fileio import atomic_write
 from camelid.finetune.config import FinetuneConfig
@@ -41,7 +42,6 @@ from camelid.finetune.objective import (
     HeadAt,
     load_tokenizer,
     load_training_model,
-    own_pages_for_large_tensors,
     release_freed_memory,
 )
 from camelid.finetune.preference import Pair, PreferenceData, load_preference_data
@@ -184,7 +184,7 @@ class DPO:
             # size, and glibc's default (serving large blocks from a heap it cannot shrink past one in use) grew a
             # LoRA-DPO process by ~150 MB a step (benchmarks/dpo_memory.py); mapped pages cost ~1.5x CPU per step,
             # so with checkpointing (memory before speed anyway) or when asked
-            own_pages_for_large_tensors()
+            heap.return_freed_buffers()
         self.tokenizer = load_tokenizer(cfg.model)
         tok = self.tokenizer
         self.data = data or load_preference_data(cfg, tok)

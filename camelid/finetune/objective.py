@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from camelid import heap
 from camelid.errors import CamelidError
 from camelid.finetune.config import FinetuneConfig
 from camelid.finetune.data import (
@@ -119,15 +120,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def own_pages_for_large_tensors(threshold: int = 128 << 10) -> bool:
-    """glibc only (else False): every allocation over `threshold` bytes is mmapped and unmapped when freed, for
-    the rest of the process, loads included (`camelid.heap.return_freed_buffers`). Fewer resident pages, more
-    page faults: FinetuneConfig.return_freed_memory."""
-    from camelid import heap
-
-    return heap.return_freed_buffers(threshold)
-
-
 class SFT:
     """Supervised fine-tuning on chat / instruction / text examples; see the module docstring."""
 
@@ -162,7 +154,7 @@ class SFT:
 
         cfg = self.cfg
         if cfg.return_freed_memory:
-            own_pages_for_large_tensors()
+            heap.return_freed_buffers()
         model = load_training_model(cfg.model, cfg.quantize)
         if cfg.block_size > model.config.max_seq_len:
             raise CamelidError(f"block_size {cfg.block_size} exceeds the base model's context window "

@@ -35,14 +35,16 @@ KINDS = ("f32", "f16", "int8", "int4")
 # -- formats ------------------------------------------------------------------------------------------------
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """fp weight [N, K] -> (int8 codes [N, K], fp32 scale [N]): symmetric, one scale per output row."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    w = weight.detach().float().clone()
+    qweight = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = w.new_empty(w.shape[0])
+    quantize_int8_(w, qweight, scale)
+    return qweight, scale
 
 
 def quantize_int8_(weight: Tensor, qweight: Tensor, scale: Tensor) -> None:
-    """`quantize_int8` of the fp32 `weight` [N, K] into `qweight` [N, K] and `scale` [N], the same values, with
-    `weight` overwritten instead of temporaries of its size (a loader converts slice after slice)."""
+    """`quantize_int8` of the fp32 `weight` [N, K] into `qweight` [N, K] and `scale` [N], with `weight`
+    overwritten instead of temporaries of its size (a loader converts slice after slice)."""
     # max |w| per row from the largest and the smallest (torch.aminmax is ~10x slower than the two reductions)
     torch.div(torch.maximum(weight.amax(1), weight.amin(1).neg_()), 127, out=scale)
     scale.clamp_(min=1e-12)

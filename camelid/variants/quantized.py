@@ -282,7 +282,9 @@ def _write(module: nn.Module, attr: str, row: int, w: StoredWeight, whole: dict[
         for a in range(0, n, step):
             b = min(n, a + step)
             rows = w.f16(a, b)  # F16 rows as stored; other types through fp32
-            _materialize(module, "weight", arena)[row + a:row + b] = rows if rows is not None else w.fp32(a, b, True)
+            if rows is None:
+                rows = w.fp32(a, b, scratch=True)
+            _materialize(module, "weight", arena)[row + a:row + b] = rows
     elif row == 0 and tuple(getattr(module, attr).shape) == tuple(w.shape):
         if id(w) not in whole:
             t = w.mapped()

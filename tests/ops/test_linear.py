@@ -212,7 +212,10 @@ def test_int8_quantisation_in_place_gives_the_same_codes() -> None:
     w = torch.randn(40, 64, generator=g) * torch.logspace(-8, 4, 40)[:, None]
     w[3] = 0  # a zero row: the smallest scale
     w[5, 7] = -1e5  # a row whose largest magnitude is negative
-    q8, s8 = linear.quantize_int8(w)
+    # symmetric per row: the scale max |w| / 127 (at least 1e-12), codes w / scale rounded to nearest even
+    s8 = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q8 = torch.round(w / s8[:, None]).clamp(-127, 127).to(torch.int8)
+    assert all(torch.equal(a, b) for a, b in zip(linear.quantize_int8(w), (q8, s8), strict=True))
     qweight, scale = torch.zeros(50, 64, dtype=torch.int8), torch.zeros(50)
     linear.quantize_int8_(w.clone(), qweight[5:45], scale[5:45])
     assert torch.equal(qweight[5:45], q8) and torch.equal(scale[5:45], s8)
